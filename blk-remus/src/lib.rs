@@ -1,0 +1,1 @@
+//! Disk replication with per-epoch commit (the block-remus backend).

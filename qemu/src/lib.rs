@@ -1,0 +1,1 @@
+//! Drives one QEMU process for continuous checkpointing.

@@ -1,0 +1,1 @@
+//! Network egress buffering for output commit.

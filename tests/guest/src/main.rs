@@ -1,0 +1,2 @@
+//! Guest workload (placeholder).
+fn main() {}

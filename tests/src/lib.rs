@@ -1,0 +1,1 @@
+//! Test support: network topologies in namespaces, guest images, the kernel harness.
