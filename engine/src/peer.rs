@@ -1,0 +1,739 @@
+//! The authenticated, encrypted channel between the two agents.
+//!
+//! The replication stream carries the whole of a VM's memory and its disk writes, so it must
+//! never travel in the clear and must never be accepted from a host that is not the
+//! configured peer. Both agents hold the same pre-shared key (the policy's `psk_file`); the
+//! channel runs the Noise protocol `NNpsk0_25519_AESGCM_SHA256` (via the `snow` crate, not by
+//! hand): ephemeral Diffie-Hellman for forward secrecy, the PSK mixed in before the first
+//! message so that a peer without the key cannot produce or read a single message.
+//!
+//! Handshake (initiator = the side that connects):
+//! 1. initiator → responder: Noise message 1, payload = the initiator's [`Hello`];
+//! 2. responder → initiator: Noise message 2, payload = the responder's [`Hello`];
+//! 3. initiator → responder: the first transport frame, payload = the literal `CONFIRM`.
+//!
+//! Step 3 exists because message 1 alone can be replayed by an eavesdropper; only a peer
+//! that holds the PSK can produce a transport frame under the fresh session keys, so the
+//! responder treats the channel as authenticated only after it decrypted that frame. Both
+//! hellos name the node, the domain and the protocol version, and are also bound into the
+//! handshake's prologue context: a peer for another domain is refused, not mixed up.
+//!
+//! After the handshake, bytes travel in frames: `u16 big-endian ciphertext length`, then the
+//! ciphertext (payload ≤ [`MAX_PAYLOAD`] bytes + 16-byte tag). Each direction numbers its
+//! frames from 0 (the Noise nonce), so a dropped, reordered or replayed frame fails
+//! authentication and closes the channel.
+
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use snow::{HandshakeState, StatelessTransportState};
+use std::sync::Arc;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The Noise protocol name. AES-GCM because every host that runs VMs has AES-NI.
+const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
+/// Largest Noise message (the protocol's limit).
+const MAX_MESSAGE: usize = 65535;
+/// AEAD tag appended to every encrypted payload.
+const TAG_LEN: usize = 16;
+/// Largest plaintext carried by one frame.
+pub const MAX_PAYLOAD: usize = MAX_MESSAGE - TAG_LEN;
+/// Version of the channel protocol, checked in the hellos.
+pub const CHANNEL_VERSION: u32 = 1;
+/// Literal payload of the initiator's first transport frame.
+const CONFIRM: &[u8] = b"CONFIRM";
+/// A pre-shared key file must hold at least this many bytes.
+pub const MIN_PSK_FILE_LEN: usize = 32;
+
+/// Errors of the peer channel. Every message names the peer address where it is known.
+#[derive(Debug, Error)]
+pub enum PeerError {
+    /// The PSK file could not be read.
+    #[error("peer key {path}: cannot read: {source}")]
+    KeyRead { path: String, source: io::Error },
+    /// The PSK file is too short to be a key.
+    #[error("peer key {path}: {len} bytes, at least {MIN_PSK_FILE_LEN} are required")]
+    KeyTooShort { path: String, len: usize },
+    /// I/O on the underlying connection failed.
+    #[error("peer {peer}: {op}: {source}")]
+    Io {
+        peer: String,
+        op: &'static str,
+        source: io::Error,
+    },
+    /// The other side does not hold our pre-shared key (or the bytes were tampered with).
+    #[error("peer {peer}: authentication failed during {stage}: the peer does not hold this node's pre-shared key, or the data was altered")]
+    Unauthenticated { peer: String, stage: &'static str },
+    /// The hello did not parse or does not match what this side expects.
+    #[error("peer {peer}: refused: {reason}")]
+    Refused { peer: String, reason: String },
+    /// A frame violates the framing rules.
+    #[error("peer {peer}: malformed frame: {reason}")]
+    Malformed { peer: String, reason: String },
+    /// The handshake did not complete in time.
+    #[error("peer {peer}: handshake timed out after {0:?}", timeout)]
+    HandshakeTimeout { peer: String, timeout: Duration },
+    /// The Noise library refused an operation (should not happen with valid parameters).
+    #[error("peer {peer}: noise: {source}")]
+    Noise { peer: String, source: snow::Error },
+    /// The peer closed the connection.
+    #[error("peer {peer}: connection closed")]
+    Closed { peer: String },
+}
+
+/// A 32-byte pre-shared key, derived from the key file with SHA-256 so that any file of at
+/// least 32 random bytes (e.g. `head -c 64 /dev/urandom`) is a valid key.
+#[derive(Clone)]
+pub struct PreSharedKey([u8; 32]);
+
+impl std::fmt::Debug for PreSharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreSharedKey(..)")
+    }
+}
+
+impl PreSharedKey {
+    /// Reads and derives the key from a file.
+    ///
+    /// # Errors
+    /// [`PeerError::KeyRead`] if unreadable, [`PeerError::KeyTooShort`] under 32 bytes.
+    pub fn from_file(path: &Path) -> Result<Self, PeerError> {
+        let raw = std::fs::read(path).map_err(|source| PeerError::KeyRead {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_bytes(&raw).ok_or(PeerError::KeyTooShort {
+            path: path.display().to_string(),
+            len: raw.len(),
+        })
+    }
+
+    /// Derives the key from raw key material; `None` if shorter than 32 bytes.
+    pub fn from_bytes(raw: &[u8]) -> Option<Self> {
+        use sha2::Digest;
+        if raw.len() < MIN_PSK_FILE_LEN {
+            return None;
+        }
+        let mut h = sha2::Sha256::new();
+        h.update(b"remus-agent peer key v1\0");
+        h.update(raw);
+        Some(Self(h.finalize().into()))
+    }
+}
+
+/// What each side says about itself in the handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Channel protocol version ([`CHANNEL_VERSION`]).
+    pub version: u32,
+    /// The sender's node name (from its policy).
+    pub node: String,
+    /// The domain this channel replicates.
+    pub domain: String,
+    /// What the channel is for (e.g. "replication", "control").
+    pub purpose: String,
+}
+
+/// Who the accepting side is, and what it requires of the connecting side's hello.
+#[derive(Clone, Debug)]
+pub struct Expect {
+    /// This node's name (sent in the answering hello).
+    pub local_node: String,
+    /// What the listener serves ("replication", "control"); the hello must say the same.
+    pub purpose: String,
+    /// The configured peer's node name.
+    pub peer_node: String,
+    /// Domains this side serves; `None` accepts any (the daemon dispatches by domain).
+    pub domains: Option<Vec<String>>,
+}
+
+/// An authenticated channel, split into halves that can live in separate tasks.
+pub struct SecureChannel<R, W> {
+    /// Receives and decrypts frames.
+    pub reader: SecureReader<R>,
+    /// Encrypts and sends frames.
+    pub writer: SecureWriter<W>,
+    /// The other side's hello (who it is, for which domain).
+    pub remote: Hello,
+}
+
+/// The receiving half.
+pub struct SecureReader<R> {
+    io: R,
+    transport: Arc<StatelessTransportState>,
+    nonce: u64,
+    peer: String,
+    cipher: Vec<u8>,
+}
+
+/// The sending half.
+pub struct SecureWriter<W> {
+    io: W,
+    transport: Arc<StatelessTransportState>,
+    nonce: u64,
+    peer: String,
+    frame: Vec<u8>,
+}
+
+fn handshake_state(
+    psk: &PreSharedKey,
+    initiator: bool,
+    peer: &str,
+) -> Result<HandshakeState, PeerError> {
+    let noise = |source| PeerError::Noise {
+        peer: peer.to_string(),
+        source,
+    };
+    let params: snow::params::NoiseParams = NOISE_PARAMS.parse().map_err(noise)?;
+    let b = snow::Builder::new(params).psk(0, &psk.0).map_err(noise)?;
+    let b = b.prologue(b"remus-agent peer channel").map_err(noise)?;
+    if initiator {
+        b.build_initiator().map_err(noise)
+    } else {
+        b.build_responder().map_err(noise)
+    }
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    msg: &[u8],
+    peer: &str,
+) -> Result<(), PeerError> {
+    let len = u16::try_from(msg.len()).map_err(|_| PeerError::Malformed {
+        peer: peer.to_string(),
+        reason: format!("outgoing frame of {} bytes exceeds 65535", msg.len()),
+    })?;
+    let mut buf = Vec::with_capacity(2 + msg.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(msg);
+    io.write_all(&buf).await.map_err(|source| PeerError::Io {
+        peer: peer.to_string(),
+        op: "write",
+        source,
+    })?;
+    io.flush().await.map_err(|source| PeerError::Io {
+        peer: peer.to_string(),
+        op: "flush",
+        source,
+    })
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    peer: &str,
+) -> Result<(), PeerError> {
+    let mut len = [0u8; 2];
+    match io.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(PeerError::Closed {
+                peer: peer.to_string(),
+            })
+        }
+        Err(source) => {
+            return Err(PeerError::Io {
+                peer: peer.to_string(),
+                op: "read frame length",
+                source,
+            })
+        }
+    }
+    let len = u16::from_be_bytes(len) as usize;
+    if len < TAG_LEN {
+        return Err(PeerError::Malformed {
+            peer: peer.to_string(),
+            reason: format!("frame of {len} bytes is shorter than the {TAG_LEN}-byte tag"),
+        });
+    }
+    buf.resize(len, 0);
+    io.read_exact(buf).await.map(|_| ()).map_err(|source| {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            PeerError::Malformed {
+                peer: peer.to_string(),
+                reason: format!("connection closed inside a {len}-byte frame"),
+            }
+        } else {
+            PeerError::Io {
+                peer: peer.to_string(),
+                op: "read frame",
+                source,
+            }
+        }
+    })
+}
+
+fn parse_hello(payload: &[u8], peer: &str) -> Result<Hello, PeerError> {
+    let hello: Hello = serde_json::from_slice(payload).map_err(|e| PeerError::Refused {
+        peer: peer.to_string(),
+        reason: format!("hello is not valid: {e}"),
+    })?;
+    if hello.version != CHANNEL_VERSION {
+        return Err(PeerError::Refused {
+            peer: peer.to_string(),
+            reason: format!(
+                "channel protocol version {} is not supported (this agent speaks {CHANNEL_VERSION})",
+                hello.version
+            ),
+        });
+    }
+    Ok(hello)
+}
+
+fn into_transport(
+    hs: HandshakeState,
+    peer: &str,
+) -> Result<Arc<StatelessTransportState>, PeerError> {
+    hs.into_stateless_transport_mode()
+        .map(Arc::new)
+        .map_err(|source| PeerError::Noise {
+            peer: peer.to_string(),
+            source,
+        })
+}
+
+/// Runs the initiator's side of the handshake on a connected stream.
+///
+/// `peer` names the remote end in errors and logs (usually its address).
+///
+/// # Errors
+/// [`PeerError::Unauthenticated`] when the responder does not hold our key,
+/// [`PeerError::Refused`] when its hello is not the expected peer or domain,
+/// [`PeerError::HandshakeTimeout`], I/O errors.
+pub async fn connect<R, W>(
+    mut reader: R,
+    mut writer: W,
+    psk: &PreSharedKey,
+    hello: &Hello,
+    expect_peer_node: &str,
+    peer: &str,
+    timeout: Duration,
+) -> Result<SecureChannel<R, W>, PeerError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let fut = async {
+        let mut hs = handshake_state(psk, true, peer)?;
+        let mut msg = vec![0u8; MAX_MESSAGE];
+        let payload = serde_json::to_vec(hello).expect("hello serialises");
+        let n = hs
+            .write_message(&payload, &mut msg)
+            .map_err(|source| PeerError::Noise {
+                peer: peer.to_string(),
+                source,
+            })?;
+        write_frame(&mut writer, &msg[..n], peer).await?;
+
+        let mut frame = Vec::new();
+        read_frame(&mut reader, &mut frame, peer).await?;
+        let mut payload = vec![0u8; MAX_MESSAGE];
+        let n = hs
+            .read_message(&frame, &mut payload)
+            .map_err(|_| PeerError::Unauthenticated {
+                peer: peer.to_string(),
+                stage: "handshake message 2",
+            })?;
+        let remote = parse_hello(&payload[..n], peer)?;
+        if remote.node != expect_peer_node {
+            return Err(PeerError::Refused {
+                peer: peer.to_string(),
+                reason: format!(
+                    "it is node {:?}, the policy names {:?} as the peer",
+                    remote.node, expect_peer_node
+                ),
+            });
+        }
+        if remote.domain != hello.domain {
+            return Err(PeerError::Refused {
+                peer: peer.to_string(),
+                reason: format!(
+                    "it answered for domain {:?}, this channel is for {:?}",
+                    remote.domain, hello.domain
+                ),
+            });
+        }
+        let transport = into_transport(hs, peer)?;
+        let mut w = SecureWriter {
+            io: writer,
+            transport: transport.clone(),
+            nonce: 0,
+            peer: peer.to_string(),
+            frame: Vec::new(),
+        };
+        w.send(CONFIRM).await?;
+        w.flush().await?;
+        let r = SecureReader {
+            io: reader,
+            transport,
+            nonce: 0,
+            peer: peer.to_string(),
+            cipher: Vec::new(),
+        };
+        Ok(SecureChannel {
+            reader: r,
+            writer: w,
+            remote,
+        })
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| PeerError::HandshakeTimeout {
+            peer: peer.to_string(),
+            timeout,
+        })?
+}
+
+/// Runs the responder's side of the handshake on an accepted stream.
+///
+/// `make_hello` builds this side's hello from the initiator's (so the daemon can answer for
+/// the domain that was asked for).
+///
+/// # Errors
+/// As [`connect`]; an unauthenticated peer is reported as [`PeerError::Unauthenticated`]
+/// before any of this side's data is sent to it.
+pub async fn accept<R, W>(
+    mut reader: R,
+    mut writer: W,
+    psk: &PreSharedKey,
+    expect: &Expect,
+    peer: &str,
+    timeout: Duration,
+) -> Result<SecureChannel<R, W>, PeerError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let fut = async {
+        let mut hs = handshake_state(psk, false, peer)?;
+        let mut frame = Vec::new();
+        read_frame(&mut reader, &mut frame, peer).await?;
+        let mut payload = vec![0u8; MAX_MESSAGE];
+        let n = hs
+            .read_message(&frame, &mut payload)
+            .map_err(|_| PeerError::Unauthenticated {
+                peer: peer.to_string(),
+                stage: "handshake message 1",
+            })?;
+        let remote = parse_hello(&payload[..n], peer)?;
+        if remote.node != expect.peer_node {
+            return Err(PeerError::Refused {
+                peer: peer.to_string(),
+                reason: format!(
+                    "it is node {:?}, the policy names {:?} as the peer",
+                    remote.node, expect.peer_node
+                ),
+            });
+        }
+        if let Some(domains) = &expect.domains {
+            if !domains.contains(&remote.domain) {
+                return Err(PeerError::Refused {
+                    peer: peer.to_string(),
+                    reason: format!("domain {:?} is not protected on this node", remote.domain),
+                });
+            }
+        }
+        let (node, purpose) = (expect.local_node.as_str(), expect.purpose.as_str());
+        if remote.purpose != purpose {
+            return Err(PeerError::Refused {
+                peer: peer.to_string(),
+                reason: format!(
+                    "channel purpose {:?}, this listener serves {:?}",
+                    remote.purpose, purpose
+                ),
+            });
+        }
+        let hello = Hello {
+            version: CHANNEL_VERSION,
+            node: node.to_string(),
+            domain: remote.domain.clone(),
+            purpose: purpose.to_string(),
+        };
+        let out = serde_json::to_vec(&hello).expect("hello serialises");
+        let mut msg = vec![0u8; MAX_MESSAGE];
+        let n = hs
+            .write_message(&out, &mut msg)
+            .map_err(|source| PeerError::Noise {
+                peer: peer.to_string(),
+                source,
+            })?;
+        write_frame(&mut writer, &msg[..n], peer).await?;
+        let transport = into_transport(hs, peer)?;
+        let mut r = SecureReader {
+            io: reader,
+            transport: transport.clone(),
+            nonce: 0,
+            peer: peer.to_string(),
+            cipher: Vec::new(),
+        };
+        let mut first = Vec::new();
+        match r.recv(&mut first).await {
+            Ok(()) if first == CONFIRM => {}
+            Ok(()) => {
+                return Err(PeerError::Refused {
+                    peer: peer.to_string(),
+                    reason: "first transport frame is not the handshake confirmation".into(),
+                })
+            }
+            Err(PeerError::Malformed { .. }) | Err(PeerError::Unauthenticated { .. }) => {
+                return Err(PeerError::Unauthenticated {
+                    peer: peer.to_string(),
+                    stage: "handshake confirmation",
+                })
+            }
+            Err(e) => return Err(e),
+        }
+        let w = SecureWriter {
+            io: writer,
+            transport,
+            nonce: 0,
+            peer: peer.to_string(),
+            frame: Vec::new(),
+        };
+        Ok(SecureChannel {
+            reader: r,
+            writer: w,
+            remote,
+        })
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| PeerError::HandshakeTimeout {
+            peer: peer.to_string(),
+            timeout,
+        })?
+}
+
+impl<W: AsyncWrite + Unpin> SecureWriter<W> {
+    /// Encrypts and queues `data`, split into as many frames as needed. Frames are buffered
+    /// until [`flush`](Self::flush) or until the buffer holds a few frames.
+    ///
+    /// # Errors
+    /// I/O errors of the connection.
+    pub async fn send(&mut self, mut data: &[u8]) -> Result<(), PeerError> {
+        while !data.is_empty() {
+            let n = data.len().min(MAX_PAYLOAD);
+            self.seal(&data[..n])?;
+            data = &data[n..];
+            if self.frame.len() >= 4 * MAX_MESSAGE {
+                self.write_out().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every queued frame to the connection.
+    ///
+    /// # Errors
+    /// I/O errors of the connection.
+    pub async fn flush(&mut self) -> Result<(), PeerError> {
+        self.write_out().await?;
+        self.io.flush().await.map_err(|source| PeerError::Io {
+            peer: self.peer.clone(),
+            op: "flush",
+            source,
+        })
+    }
+
+    /// Closes the sending direction.
+    ///
+    /// # Errors
+    /// I/O errors of the connection.
+    pub async fn shutdown(&mut self) -> Result<(), PeerError> {
+        self.flush().await?;
+        self.io.shutdown().await.map_err(|source| PeerError::Io {
+            peer: self.peer.clone(),
+            op: "shutdown",
+            source,
+        })
+    }
+
+    fn seal(&mut self, plain: &[u8]) -> Result<(), PeerError> {
+        let start = self.frame.len();
+        self.frame.resize(start + 2 + plain.len() + TAG_LEN, 0);
+        let n = self
+            .transport
+            .write_message(self.nonce, plain, &mut self.frame[start + 2..])
+            .map_err(|source| PeerError::Noise {
+                peer: self.peer.clone(),
+                source,
+            })?;
+        self.nonce += 1;
+        debug_assert_eq!(n, plain.len() + TAG_LEN);
+        self.frame[start..start + 2].copy_from_slice(&(n as u16).to_be_bytes());
+        self.frame.truncate(start + 2 + n);
+        Ok(())
+    }
+
+    async fn write_out(&mut self) -> Result<(), PeerError> {
+        if self.frame.is_empty() {
+            return Ok(());
+        }
+        self.io
+            .write_all(&self.frame)
+            .await
+            .map_err(|source| PeerError::Io {
+                peer: self.peer.clone(),
+                op: "write",
+                source,
+            })?;
+        self.frame.clear();
+        Ok(())
+    }
+}
+
+impl<R: AsyncRead + Unpin> SecureReader<R> {
+    /// Receives one frame and replaces `out` with its plaintext.
+    ///
+    /// # Errors
+    /// [`PeerError::Closed`] at a clean end of stream between frames,
+    /// [`PeerError::Unauthenticated`] when a frame fails authentication (tampering, replay,
+    /// reordering), [`PeerError::Malformed`] for impossible lengths.
+    pub async fn recv(&mut self, out: &mut Vec<u8>) -> Result<(), PeerError> {
+        read_frame(&mut self.io, &mut self.cipher, &self.peer).await?;
+        out.resize(self.cipher.len(), 0);
+        let n = self
+            .transport
+            .read_message(self.nonce, &self.cipher, out)
+            .map_err(|_| PeerError::Unauthenticated {
+                peer: self.peer.clone(),
+                stage: "transport frame",
+            })?;
+        self.nonce += 1;
+        out.truncate(n);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> PreSharedKey {
+        PreSharedKey::from_bytes(&[b; 40]).unwrap()
+    }
+
+    fn hello(node: &str) -> Hello {
+        Hello {
+            version: CHANNEL_VERSION,
+            node: node.into(),
+            domain: "vm1".into(),
+            purpose: "replication".into(),
+        }
+    }
+
+    fn expect() -> Expect {
+        Expect {
+            local_node: "bak".into(),
+            purpose: "replication".into(),
+            peer_node: "pri".into(),
+            domains: Some(vec!["vm1".into()]),
+        }
+    }
+
+    async fn pair(
+        ki: PreSharedKey,
+        kr: PreSharedKey,
+        hi: Hello,
+    ) -> (
+        Result<SecureChannel<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>, PeerError>,
+        Result<SecureChannel<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>, PeerError>,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let t = Duration::from_secs(5);
+        let ex = expect();
+        tokio::join!(
+            connect(ar, aw, &ki, &hi, "bak", "test-responder", t),
+            accept(br, bw, &kr, &ex, "test-initiator", t)
+        )
+    }
+
+    #[tokio::test]
+    async fn same_key_carries_data_both_ways() {
+        let (i, r) = pair(key(1), key(1), hello("pri")).await;
+        let (mut i, mut r) = (i.unwrap(), r.unwrap());
+        assert_eq!(r.remote.node, "pri");
+        assert_eq!(i.remote.node, "bak");
+        let big: Vec<u8> = (0..200_000u32).map(|x| x as u8).collect();
+        i.writer.send(&big).await.unwrap();
+        i.writer.flush().await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = Vec::new();
+        while got.len() < big.len() {
+            r.reader.recv(&mut chunk).await.unwrap();
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, big);
+        r.writer.send(b"ack").await.unwrap();
+        r.writer.flush().await.unwrap();
+        i.reader.recv(&mut chunk).await.unwrap();
+        assert_eq!(chunk, b"ack");
+    }
+
+    #[tokio::test]
+    async fn wrong_key_is_refused_as_unauthenticated() {
+        let (i, r) = pair(key(1), key(2), hello("pri")).await;
+        assert!(
+            matches!(r, Err(PeerError::Unauthenticated { .. })),
+            "{:?}",
+            r.err()
+        );
+        assert!(i.is_err());
+    }
+
+    #[tokio::test]
+    async fn wrong_node_is_refused() {
+        let (_i, r) = pair(key(1), key(1), hello("intruder")).await;
+        let err = r.err().expect("must refuse");
+        assert!(err.to_string().contains("intruder"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn tampered_frame_fails_authentication() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let t = Duration::from_secs(5);
+        let (k, h, ex) = (key(1), hello("pri"), expect());
+        let (i, r) = tokio::join!(
+            connect(ar, aw, &k, &h, "bak", "r", t),
+            accept(br, bw, &k, &ex, "i", t)
+        );
+        let (mut i, mut r) = (i.unwrap(), r.unwrap());
+        // Seal a frame, flip one ciphertext bit, and write it raw.
+        i.writer.seal(b"hello world").unwrap();
+        let last = i.writer.frame.len() - 1;
+        i.writer.frame[last] ^= 1;
+        i.writer.flush().await.unwrap();
+        let mut out = Vec::new();
+        let err = r.reader.recv(&mut out).await.unwrap_err();
+        assert!(matches!(err, PeerError::Unauthenticated { .. }), "{err}");
+    }
+
+    #[test]
+    fn short_key_material_is_rejected() {
+        assert!(PreSharedKey::from_bytes(&[7; 31]).is_none());
+        assert!(PreSharedKey::from_bytes(&[7; 32]).is_some());
+    }
+
+    #[tokio::test]
+    async fn garbage_instead_of_handshake_is_an_error_not_a_panic() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (br, bw) = tokio::io::split(b);
+        let (_ar, mut aw) = tokio::io::split(a);
+        aw.write_all(&[0, 20]).await.unwrap();
+        aw.write_all(&[0xAB; 20]).await.unwrap();
+        let (k, ex) = (key(1), expect());
+        let r = accept(br, bw, &k, &ex, "x", Duration::from_secs(2)).await;
+        assert!(
+            matches!(r, Err(PeerError::Unauthenticated { .. })),
+            "{:?}",
+            r.err()
+        );
+    }
+}

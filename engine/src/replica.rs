@@ -1,0 +1,645 @@
+//! The backup's copy of the VM: replica RAM, device state, and which checkpoint they hold.
+//!
+//! Invariant: whenever the metadata says `Committed(k)`, the replica RAM file and the device
+//! state file are exactly checkpoint k, and an activation may start from them. A checkpoint
+//! is applied in three durable steps, so that a kill of the agent at any instant leaves
+//! either checkpoint k-1 or a redo-able checkpoint k behind, never a torn mixture:
+//!
+//! 1. **stage**: the verified pages and device state of k are written to `staging` (a
+//!    checksummed file, written to a temporary name and renamed), then the metadata becomes
+//!    `Applying(k)`;
+//! 2. **apply**: pages are copied into the replica RAM, the device state file replaced; the
+//!    caller commits the disk writes of k;
+//! 3. the metadata becomes `Committed(k)` and `staging` is removed.
+//!
+//! On open, `Applying(k)` means step 2 may be partial: it is redone from `staging` (copying
+//! the same pages again is idempotent). The first checkpoint of a protection session is
+//! different: there is no previous checkpoint to protect, so its pages are written straight
+//! into the replica RAM while the metadata says `Syncing`, and `Committed(0)` is written only
+//! when the first checkpoint is complete.
+//!
+//! All files live in one directory next to the replica RAM (by default under /dev/shm), so a
+//! reboot of the backup host loses them together and never leaves metadata describing RAM
+//! that is gone.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Guest page size.
+pub const PAGE: usize = 4096;
+const STAGING_MAGIC: &[u8; 8] = b"RMSTAGE1";
+const META_VERSION: u32 = 1;
+
+/// Errors of the replica store; each names the file and the operation.
+#[derive(Debug, Error)]
+pub enum ReplicaError {
+    /// A file operation failed.
+    #[error("replica {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
+    /// The metadata file does not parse or belongs to another domain/size.
+    #[error("replica {path}: metadata unusable: {reason}")]
+    BadMeta { path: PathBuf, reason: String },
+    /// The staging file is torn or corrupt.
+    #[error("replica {path}: staging file corrupt: {reason}")]
+    BadStaging { path: PathBuf, reason: String },
+    /// A page lies outside guest RAM.
+    #[error("replica: page frame {pfn} is beyond guest RAM of {ram_size} bytes")]
+    PageOutOfRange { pfn: u64, ram_size: u64 },
+    /// An operation needs a committed checkpoint and there is none.
+    #[error("replica of {domain}: no committed checkpoint ({state})")]
+    NotCommitted { domain: String, state: String },
+    /// Checkpoints must be applied in order.
+    #[error("replica of {domain}: checkpoint {got} cannot follow {state}")]
+    OutOfOrder {
+        domain: String,
+        got: u64,
+        state: String,
+    },
+}
+
+/// Where the replica stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", content = "epoch", rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// No usable checkpoint: nothing was ever received, or the first one is incomplete.
+    Empty,
+    /// The first checkpoint of a session is being written straight into the replica.
+    Syncing,
+    /// Checkpoint k is staged and being applied (redo on open).
+    Applying(u64),
+    /// Checkpoint k is complete and activatable.
+    Committed(u64),
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaState::Empty => f.write_str("empty"),
+            ReplicaState::Syncing => f.write_str("first checkpoint in progress"),
+            ReplicaState::Applying(k) => write!(f, "applying checkpoint {k}"),
+            ReplicaState::Committed(k) => write!(f, "committed checkpoint {k}"),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    version: u32,
+    domain: String,
+    ram_size: u64,
+    session: u64,
+    #[serde(flatten)]
+    state: ReplicaState,
+}
+
+/// Pages of one checkpoint held in memory until the checkpoint is verified complete.
+#[derive(Debug, Default)]
+pub struct StagedPages {
+    pfns: Vec<u64>,
+    data: Vec<u8>,
+    index: std::collections::HashMap<u64, usize>,
+}
+
+impl StagedPages {
+    /// Adds or replaces the page `pfn`.
+    pub fn put(&mut self, pfn: u64, page: &[u8]) {
+        debug_assert_eq!(page.len(), PAGE);
+        match self.index.get(&pfn) {
+            Some(&i) => self.data[i * PAGE..(i + 1) * PAGE].copy_from_slice(page),
+            None => {
+                self.index.insert(pfn, self.pfns.len());
+                self.pfns.push(pfn);
+                self.data.extend_from_slice(page);
+            }
+        }
+    }
+
+    /// The staged copy of `pfn`, if this checkpoint carried it.
+    pub fn get(&self, pfn: u64) -> Option<&[u8]> {
+        self.index
+            .get(&pfn)
+            .map(|&i| &self.data[i * PAGE..(i + 1) * PAGE])
+    }
+
+    /// Number of distinct pages staged.
+    pub fn len(&self) -> usize {
+        self.pfns.len()
+    }
+
+    /// True when no page is staged.
+    pub fn is_empty(&self) -> bool {
+        self.pfns.is_empty()
+    }
+
+    /// Drops everything (a discarded checkpoint).
+    pub fn clear(&mut self) {
+        self.pfns.clear();
+        self.data.clear();
+        self.index.clear();
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.pfns
+            .iter()
+            .enumerate()
+            .map(move |(i, &p)| (p, &self.data[i * PAGE..(i + 1) * PAGE]))
+    }
+}
+
+/// What an activation needs from the replica.
+#[derive(Debug, Clone)]
+pub struct ActivationInputs {
+    /// The checkpoint the replica holds.
+    pub epoch: u64,
+    /// The replica RAM file QEMU must be started on.
+    pub ram_path: PathBuf,
+    /// Guest RAM size in bytes.
+    pub ram_size: u64,
+    /// The saved device state of that checkpoint.
+    pub device_state: Vec<u8>,
+}
+
+/// The backup's replica of one domain.
+pub struct ReplicaStore {
+    domain: String,
+    dir: PathBuf,
+    ram_size: u64,
+    ram: MmapMut,
+    meta: Meta,
+}
+
+impl std::fmt::Debug for ReplicaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaStore")
+            .field("domain", &self.domain)
+            .field("dir", &self.dir)
+            .field("state", &self.meta.state)
+            .finish()
+    }
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> ReplicaError + 'a {
+    move |source| ReplicaError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReplicaError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp, "create"))?;
+    f.write_all(bytes).map_err(io_err(&tmp, "write"))?;
+    f.sync_all().map_err(io_err(&tmp, "fsync"))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+impl ReplicaStore {
+    /// Opens (creating if needed) the replica of `domain` in `dir`, with guest RAM of
+    /// `ram_size` bytes, and finishes an interrupted apply if there is one.
+    ///
+    /// # Errors
+    /// File errors; metadata of another domain or RAM size; a corrupt staging file while
+    /// the metadata says a checkpoint is being applied.
+    pub fn open(domain: &str, dir: &Path, ram_size: u64) -> Result<Self, ReplicaError> {
+        fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
+        let ram_path = dir.join("ram");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&ram_path)
+            .map_err(io_err(&ram_path, "open"))?;
+        let len = file.metadata().map_err(io_err(&ram_path, "stat"))?.len();
+        let meta_path = dir.join("checkpoint.json");
+        let meta = match fs::read(&meta_path) {
+            Ok(bytes) => {
+                let m: Meta =
+                    serde_json::from_slice(&bytes).map_err(|e| ReplicaError::BadMeta {
+                        path: meta_path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if m.domain != domain || m.ram_size != ram_size || m.version != META_VERSION {
+                    return Err(ReplicaError::BadMeta {
+                        path: meta_path,
+                        reason: format!(
+                            "describes domain {:?} with {} bytes of RAM (format {}), expected {:?} with {} bytes",
+                            m.domain, m.ram_size, m.version, domain, ram_size
+                        ),
+                    });
+                }
+                if len != ram_size {
+                    // The RAM file was lost or replaced: whatever the metadata says, there is
+                    // no usable checkpoint.
+                    Meta {
+                        state: ReplicaState::Empty,
+                        ..m
+                    }
+                } else {
+                    m
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Meta {
+                version: META_VERSION,
+                domain: domain.to_string(),
+                ram_size,
+                session: 0,
+                state: ReplicaState::Empty,
+            },
+            Err(e) => return Err(io_err(&meta_path, "read")(e)),
+        };
+        if len != ram_size {
+            file.set_len(ram_size)
+                .map_err(io_err(&ram_path, "resize"))?;
+        }
+        // SAFETY: the file is at least `ram_size` bytes (set above) and stays open for the
+        // mapping's lifetime (memmap2 keeps its own handle). The replica RAM file is private
+        // to this agent while it is the backup: QEMU maps it only after activation, when the
+        // store has stopped writing (see `activation_inputs`), so no other process mutates
+        // it underneath this mapping.
+        let ram = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(&ram_path, "mmap"))?;
+        let mut store = Self {
+            domain: domain.to_string(),
+            dir: dir.to_path_buf(),
+            ram_size,
+            ram,
+            meta,
+        };
+        store.write_meta()?;
+        if let ReplicaState::Applying(k) = store.meta.state {
+            tracing::warn!(
+                domain,
+                epoch = k,
+                "finishing a checkpoint apply interrupted by a restart"
+            );
+            let (pages, dev) = store.read_staging(k)?;
+            store.apply_pages(&pages)?;
+            write_atomic(&store.dir.join("devstate"), &dev)?;
+        }
+        Ok(store)
+    }
+
+    /// Where the replica stands.
+    pub fn state(&self) -> ReplicaState {
+        self.meta.state
+    }
+
+    /// The session (stream id) of the checkpoints the replica holds.
+    pub fn session(&self) -> u64 {
+        self.meta.session
+    }
+
+    /// Guest RAM size.
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
+    }
+
+    /// The replica RAM as of the last committed checkpoint (or the partial first one): the
+    /// reference for XOR-delta pages.
+    pub fn ram(&self) -> &[u8] {
+        &self.ram
+    }
+
+    /// Path of the replica RAM file.
+    pub fn ram_path(&self) -> PathBuf {
+        self.dir.join("ram")
+    }
+
+    /// Starts the first checkpoint of a new protection session: the replica is unusable
+    /// until [`commit_first`](Self::commit_first).
+    ///
+    /// # Errors
+    /// Metadata write failures.
+    pub fn begin_first(&mut self, session: u64) -> Result<(), ReplicaError> {
+        self.meta.session = session;
+        self.meta.state = ReplicaState::Syncing;
+        self.write_meta()
+    }
+
+    /// Writes one page of the first checkpoint straight into the replica RAM.
+    ///
+    /// # Errors
+    /// [`ReplicaError::PageOutOfRange`].
+    pub fn write_first_page(&mut self, pfn: u64, page: &[u8]) -> Result<(), ReplicaError> {
+        let off = self.page_offset(pfn)?;
+        self.ram[off..off + PAGE].copy_from_slice(page);
+        Ok(())
+    }
+
+    /// Completes the first checkpoint: its device state is stored and the replica becomes
+    /// `Committed(epoch)`.
+    ///
+    /// # Errors
+    /// File errors; out of order if no first checkpoint was begun.
+    pub fn commit_first(&mut self, epoch: u64, device_state: &[u8]) -> Result<(), ReplicaError> {
+        if self.meta.state != ReplicaState::Syncing {
+            return Err(ReplicaError::OutOfOrder {
+                domain: self.domain.clone(),
+                got: epoch,
+                state: self.meta.state.to_string(),
+            });
+        }
+        self.ram
+            .flush()
+            .map_err(io_err(&self.ram_path(), "msync"))?;
+        write_atomic(&self.dir.join("devstate"), device_state)?;
+        self.meta.state = ReplicaState::Committed(epoch);
+        self.write_meta()
+    }
+
+    /// Step 1 and 2 of applying checkpoint `epoch`: stage it durably, then copy it into the
+    /// replica. The caller then commits the disk writes and calls
+    /// [`mark_committed`](Self::mark_committed).
+    ///
+    /// # Errors
+    /// File errors, pages out of range, or a checkpoint that does not follow the committed one.
+    pub fn stage_and_apply(
+        &mut self,
+        epoch: u64,
+        pages: &StagedPages,
+        device_state: &[u8],
+    ) -> Result<(), ReplicaError> {
+        match self.meta.state {
+            ReplicaState::Committed(prev) if epoch > prev => {}
+            other => {
+                return Err(ReplicaError::OutOfOrder {
+                    domain: self.domain.clone(),
+                    got: epoch,
+                    state: other.to_string(),
+                })
+            }
+        }
+        for (pfn, _) in pages.iter() {
+            self.page_offset(pfn)?;
+        }
+        self.write_staging(epoch, pages, device_state)?;
+        self.meta.state = ReplicaState::Applying(epoch);
+        self.write_meta()?;
+        self.apply_pages(pages)?;
+        write_atomic(&self.dir.join("devstate"), device_state)
+    }
+
+    /// Step 3: checkpoint `epoch` is complete (its disk writes committed too).
+    ///
+    /// # Errors
+    /// Metadata write failures; out of order if `epoch` is not the one being applied.
+    pub fn mark_committed(&mut self, epoch: u64) -> Result<(), ReplicaError> {
+        if self.meta.state != ReplicaState::Applying(epoch) {
+            return Err(ReplicaError::OutOfOrder {
+                domain: self.domain.clone(),
+                got: epoch,
+                state: self.meta.state.to_string(),
+            });
+        }
+        self.meta.state = ReplicaState::Committed(epoch);
+        self.write_meta()?;
+        let _ = fs::remove_file(self.dir.join("staging"));
+        Ok(())
+    }
+
+    /// The epoch being applied if an apply was interrupted and redone at open (the caller
+    /// must then commit that epoch's disk writes and mark it committed).
+    pub fn pending_apply(&self) -> Option<u64> {
+        match self.meta.state {
+            ReplicaState::Applying(k) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// What an activation needs; only for a committed replica.
+    ///
+    /// # Errors
+    /// [`ReplicaError::NotCommitted`]; device-state read errors.
+    pub fn activation_inputs(&self) -> Result<ActivationInputs, ReplicaError> {
+        let ReplicaState::Committed(epoch) = self.meta.state else {
+            return Err(ReplicaError::NotCommitted {
+                domain: self.domain.clone(),
+                state: self.meta.state.to_string(),
+            });
+        };
+        let path = self.dir.join("devstate");
+        let device_state = fs::read(&path).map_err(io_err(&path, "read"))?;
+        Ok(ActivationInputs {
+            epoch,
+            ram_path: self.ram_path(),
+            ram_size: self.ram_size,
+            device_state,
+        })
+    }
+
+    fn page_offset(&self, pfn: u64) -> Result<usize, ReplicaError> {
+        let end = pfn
+            .checked_mul(PAGE as u64)
+            .and_then(|o| o.checked_add(PAGE as u64))
+            .filter(|&e| e <= self.ram_size)
+            .ok_or(ReplicaError::PageOutOfRange {
+                pfn,
+                ram_size: self.ram_size,
+            })?;
+        Ok((end as usize) - PAGE)
+    }
+
+    fn apply_pages(&mut self, pages: &StagedPages) -> Result<(), ReplicaError> {
+        for (pfn, data) in pages.iter() {
+            let off = self.page_offset(pfn)?;
+            self.ram[off..off + PAGE].copy_from_slice(data);
+        }
+        self.ram
+            .flush()
+            .map_err(io_err(&self.dir.join("ram"), "msync"))
+    }
+
+    fn write_meta(&self) -> Result<(), ReplicaError> {
+        let bytes = serde_json::to_vec_pretty(&self.meta).expect("metadata serialises");
+        write_atomic(&self.dir.join("checkpoint.json"), &bytes)
+    }
+
+    fn write_staging(
+        &self,
+        epoch: u64,
+        pages: &StagedPages,
+        dev: &[u8],
+    ) -> Result<(), ReplicaError> {
+        let mut buf = Vec::with_capacity(40 + pages.len() * (8 + PAGE) + dev.len());
+        buf.extend_from_slice(STAGING_MAGIC);
+        buf.extend_from_slice(&epoch.to_le_bytes());
+        buf.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+        buf.extend_from_slice(&(dev.len() as u64).to_le_bytes());
+        for (pfn, _) in pages.iter() {
+            buf.extend_from_slice(&pfn.to_le_bytes());
+        }
+        for (_, data) in pages.iter() {
+            buf.extend_from_slice(data);
+        }
+        buf.extend_from_slice(dev);
+        let crc = crc32c::crc32c(&buf);
+        buf.extend_from_slice(&crc.to_le_bytes());
+        write_atomic(&self.dir.join("staging"), &buf)
+    }
+
+    fn read_staging(&self, epoch: u64) -> Result<(StagedPages, Vec<u8>), ReplicaError> {
+        let path = self.dir.join("staging");
+        let bad = |reason: String| ReplicaError::BadStaging {
+            path: path.clone(),
+            reason,
+        };
+        let mut buf = Vec::new();
+        File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut buf))
+            .map_err(io_err(&path, "read"))?;
+        if buf.len() < 36 || &buf[..8] != STAGING_MAGIC {
+            return Err(bad("bad magic or too short".into()));
+        }
+        let (body, crc) = buf.split_at(buf.len() - 4);
+        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let u = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
+        let (e, count, dev_len) = (u(8), u(16) as usize, u(24) as usize);
+        if e != epoch {
+            return Err(bad(format!("holds epoch {e}, metadata says {epoch}")));
+        }
+        let expect = count
+            .checked_mul(8 + PAGE)
+            .and_then(|n| n.checked_add(32 + dev_len))
+            .ok_or_else(|| bad("sizes overflow".into()))?;
+        if expect != body.len() {
+            return Err(bad(format!(
+                "{} bytes, header implies {expect}",
+                body.len()
+            )));
+        }
+        let mut pages = StagedPages::default();
+        let pages_at = 32 + count * 8;
+        for i in 0..count {
+            let pfn = u(32 + i * 8);
+            pages.put(pfn, &body[pages_at + i * PAGE..pages_at + (i + 1) * PAGE]);
+        }
+        Ok((pages, body[pages_at + count * PAGE..].to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(b: u8) -> Vec<u8> {
+        vec![b; PAGE]
+    }
+
+    #[test]
+    fn first_checkpoint_then_incremental_then_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = ReplicaStore::open("vm", dir.path(), 16 * PAGE as u64).unwrap();
+        assert_eq!(r.state(), ReplicaState::Empty);
+        assert!(r.activation_inputs().is_err());
+        r.begin_first(7).unwrap();
+        r.write_first_page(3, &page(3)).unwrap();
+        r.commit_first(0, b"dev0").unwrap();
+        let mut staged = StagedPages::default();
+        staged.put(3, &page(0x33));
+        staged.put(15, &page(0xff));
+        r.stage_and_apply(1, &staged, b"dev1").unwrap();
+        assert_eq!(r.state(), ReplicaState::Applying(1));
+        r.mark_committed(1).unwrap();
+        drop(r);
+        let r = ReplicaStore::open("vm", dir.path(), 16 * PAGE as u64).unwrap();
+        let a = r.activation_inputs().unwrap();
+        assert_eq!((a.epoch, a.device_state.as_slice()), (1, &b"dev1"[..]));
+        assert_eq!(&r.ram()[3 * PAGE..4 * PAGE], &page(0x33)[..]);
+        assert_eq!(&r.ram()[15 * PAGE..16 * PAGE], &page(0xff)[..]);
+        assert_eq!(r.session(), 7);
+    }
+
+    #[test]
+    fn interrupted_apply_is_redone_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
+        r.begin_first(1).unwrap();
+        r.commit_first(0, b"dev0").unwrap();
+        let mut staged = StagedPages::default();
+        staged.put(2, &page(9));
+        r.stage_and_apply(1, &staged, b"dev1").unwrap();
+        // Simulate a kill in the middle of the apply: the page copy was lost.
+        r.ram[2 * PAGE..3 * PAGE].fill(0);
+        fs::write(dir.path().join("devstate"), b"dev0").unwrap();
+        drop(r);
+        let mut r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
+        assert_eq!(r.pending_apply(), Some(1));
+        assert_eq!(&r.ram()[2 * PAGE..3 * PAGE], &page(9)[..]);
+        r.mark_committed(1).unwrap();
+        assert_eq!(r.activation_inputs().unwrap().device_state, b"dev1");
+    }
+
+    #[test]
+    fn a_torn_first_checkpoint_is_not_activatable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
+        r.begin_first(1).unwrap();
+        r.write_first_page(1, &page(1)).unwrap();
+        drop(r);
+        let r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
+        assert_eq!(r.state(), ReplicaState::Syncing);
+        let e = r.activation_inputs().unwrap_err().to_string();
+        assert!(e.contains("no committed checkpoint"), "{e}");
+    }
+
+    #[test]
+    fn checks_order_range_and_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
+        assert!(matches!(
+            r.stage_and_apply(1, &StagedPages::default(), b""),
+            Err(ReplicaError::OutOfOrder { .. })
+        ));
+        r.begin_first(1).unwrap();
+        assert!(matches!(
+            r.write_first_page(8, &page(0)),
+            Err(ReplicaError::PageOutOfRange { pfn: 8, .. })
+        ));
+        assert!(matches!(
+            r.write_first_page(u64::MAX, &page(0)),
+            Err(ReplicaError::PageOutOfRange { .. })
+        ));
+        r.commit_first(0, b"").unwrap();
+        drop(r);
+        let e = ReplicaStore::open("other", dir.path(), 8 * PAGE as u64).unwrap_err();
+        assert!(e.to_string().contains("describes domain \"vm\""), "{e}");
+    }
+
+    #[test]
+    fn corrupt_staging_is_reported_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
+        r.begin_first(1).unwrap();
+        r.commit_first(0, b"").unwrap();
+        let mut staged = StagedPages::default();
+        staged.put(1, &page(5));
+        r.stage_and_apply(1, &staged, b"d").unwrap();
+        drop(r);
+        let p = dir.path().join("staging");
+        let mut b = fs::read(&p).unwrap();
+        b[100] ^= 0xff;
+        fs::write(&p, b).unwrap();
+        let e = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap_err();
+        assert!(e.to_string().contains("checksum mismatch"), "{e}");
+    }
+}
