@@ -1,0 +1,423 @@
+//! The soft-dirty tracker: reads the kernel's per-page soft-dirty bits for QEMU's mapping of
+//! the RAM file instead of comparing all of RAM.
+//!
+//! One collect, with the VM stopped throughout (the [`VmStopped`] token):
+//! 1. re-read QEMU's `maps`: if its mapping of the RAM file changed, compare everything once
+//!    (a new mapping starts all-dirty, and pages may have moved);
+//! 2. read the pagemap entries of every mapped page (positioned reads in batches) and mark
+//!    as candidates the pages with bit 55 set, plus pages that were present at the last
+//!    collect and are absent now (their entry was zapped, which drops the bit: a cheap partial
+//!    guard, not a substitute for the preconditions);
+//! 3. clear the bits (`clear_refs` = 4);
+//! 4. compare each candidate with the shadow and synchronise the ones that differ, in
+//!    parallel over disjoint page ranges.
+//!
+//! Order matters: reading then clearing is not atomic, which is why the VM must be stopped
+//! across both; copying after the clear means a store that slipped in anyway would be marked
+//! again for the next epoch rather than lost.
+//!
+//! The first collect after attaching or [`DirtyTracker::rearm`] compares all of RAM (the
+//! shadow's history is unknown, and QEMU's mapping reports every page dirty until its first
+//! clear anyway).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use crate::compare::sync_pages;
+use crate::dirty_set::{DirtySet, Segment};
+use crate::page::{page_bytes, page_count, sync_page, Capture, Pfn, PAGE_SIZE};
+use crate::pagemap::{ClearRefs, Pagemap, PM_PRESENT, PM_SOFT_DIRTY};
+use crate::pool::ScanPool;
+use crate::procfs::{FileId, RamMapping};
+use crate::tracker::{CollectStats, DirtyTracker, TrackerError, TrackerKind, VmStopped};
+
+/// Pagemap entries read per `pread` (512 KiB of entries = 256 MiB of RAM).
+const PAGEMAP_BATCH: usize = 64 * 1024;
+/// Fewest candidate pages per parallel copy job.
+const MIN_COPY_CHUNK: usize = 32;
+
+/// Where the tracker is in its cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// The next collect compares all of RAM and then starts trusting the dirty log.
+    NeedsFullScan,
+    /// The dirty log has been cleared at the last collect and is trusted.
+    Tracking,
+}
+
+/// A fixed-size bitmap over page indices.
+#[derive(Debug, Default)]
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    fn reset(&mut self, bits: usize) {
+        self.0.clear();
+        self.0.resize(bits.div_ceil(64), 0);
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn get(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+    fn assign(&mut self, i: usize, v: bool) {
+        if v {
+            self.set(i)
+        } else {
+            self.0[i / 64] &= !(1 << (i % 64));
+        }
+    }
+    fn ones(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, &bits)| {
+            let mut b = bits;
+            std::iter::from_fn(move || {
+                (b != 0).then(|| {
+                    let t = b.trailing_zeros() as usize;
+                    b &= b - 1;
+                    w * 64 + t
+                })
+            })
+        })
+    }
+}
+
+/// Finds dirty pages from QEMU's soft-dirty bits.
+#[derive(Debug)]
+pub struct SoftDirtyTracker {
+    /// QEMU's pid: whose page tables hold the bits.
+    pid: i32,
+    /// The RAM file, by device and inode.
+    file: FileId,
+    /// Bytes of guest RAM; every collect must be given images of this size.
+    ram_len: usize,
+    /// QEMU's current mapping of the file, re-checked every collect.
+    mapping: RamMapping,
+    /// Kept open so the stop window performs no `open`.
+    pagemap: Pagemap,
+    /// Kept open for the same reason.
+    clear_refs: ClearRefs,
+    /// Threads for the full scan and the copies.
+    pool: Arc<ScanPool>,
+    state: State,
+    /// Reused buffers: entries of one batch and their bytes.
+    entries: Vec<u64>,
+    scratch: Vec<u8>,
+    /// Candidate file pages of this collect.
+    candidates: Bitmap,
+    /// Which mapped pages (concatenated over the segments) were present at the last collect.
+    present: Bitmap,
+    /// Whether `present` describes the current mapping.
+    present_valid: bool,
+    /// Sorted candidate list, reused.
+    candidate_list: Vec<Pfn>,
+}
+
+impl SoftDirtyTracker {
+    /// Attaches to QEMU process `pid` whose guest RAM is the `ram_len`-byte file `ram_path`.
+    /// Check [`crate::preconditions::check`] first: attaching only verifies that the dirty log
+    /// is accessible.
+    pub fn attach(
+        pid: i32,
+        ram_path: &std::path::Path,
+        ram_len: usize,
+        pool: Arc<ScanPool>,
+    ) -> Result<Self, TrackerError> {
+        let file = FileId::of(ram_path)?;
+        let mapping = RamMapping::of_process(pid, &file, ram_len as u64)?;
+        let pagemap = Pagemap::open(pid)?;
+        let clear_refs = ClearRefs::open(pid)?;
+        info!(pid, ram = %ram_path.display(), ram_len, segments = mapping.segments.len(), "soft-dirty tracker attached");
+        Ok(SoftDirtyTracker {
+            pid,
+            file,
+            ram_len,
+            mapping,
+            pagemap,
+            clear_refs,
+            pool,
+            state: State::NeedsFullScan,
+            entries: Vec::new(),
+            scratch: Vec::new(),
+            candidates: Bitmap::default(),
+            present: Bitmap::default(),
+            present_valid: false,
+            candidate_list: Vec::new(),
+        })
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn full_scan(
+        &mut self,
+        live: &[u8],
+        shadow: &mut [u8],
+        out: &mut DirtySet,
+    ) -> Result<CollectStats, TrackerError> {
+        // Clear first: from here on QEMU's stores set bits again, and the compare below sees
+        // everything stored before.
+        self.clear_refs.clear_soft_dirty()?;
+        let totals = sync_pages(&self.pool, 0, live, shadow, out);
+        self.present_valid = false;
+        self.state = State::Tracking;
+        let pages = page_count(live.len()) as u64;
+        Ok(CollectStats {
+            pages_scanned: pages,
+            pages_candidate: pages,
+            pages_dirty: totals.dirty,
+            bytes_copied: totals.bytes,
+            full_scan: true,
+            elapsed: Default::default(),
+        })
+    }
+
+    /// Marks candidate pages from the pagemap; returns the number of entries read.
+    fn read_dirty_log(&mut self) -> Result<u64, TrackerError> {
+        let total_pages = page_count(self.ram_len);
+        let mapped: usize = self
+            .mapping
+            .segments
+            .iter()
+            .map(|s| (s.len / PAGE_SIZE as u64) as usize)
+            .sum();
+        self.candidates.reset(total_pages);
+        if !self.present_valid {
+            self.present.reset(mapped);
+        }
+        let mut scanned = 0u64;
+        let mut flat = 0usize; // index of the page in the concatenated segments
+        for seg in &self.mapping.segments {
+            let seg_pages = (seg.len / PAGE_SIZE as u64) as usize;
+            let first_pfn = (seg.file_offset / PAGE_SIZE as u64) as usize;
+            let mut done = 0;
+            while done < seg_pages {
+                let n = (seg_pages - done).min(PAGEMAP_BATCH);
+                self.entries.resize(n, 0);
+                let vaddr = seg.vaddr + (done * PAGE_SIZE) as u64;
+                self.pagemap
+                    .read(vaddr, &mut self.entries, &mut self.scratch)?;
+                for (j, &e) in self.entries.iter().enumerate() {
+                    let pfn = first_pfn + done + j;
+                    let present = e & PM_PRESENT != 0;
+                    let zapped = self.present_valid && !present && self.present.get(flat + j);
+                    if pfn < total_pages && (e & PM_SOFT_DIRTY != 0 || zapped) {
+                        self.candidates.set(pfn);
+                    }
+                    self.present.assign(flat + j, present);
+                }
+                scanned += n as u64;
+                done += n;
+                flat += n;
+            }
+        }
+        self.present_valid = true;
+        Ok(scanned)
+    }
+
+    /// Re-reads QEMU's mapping; returns whether it changed since the last collect.
+    fn refresh_mapping(&mut self) -> Result<bool, TrackerError> {
+        let now = RamMapping::of_process(self.pid, &self.file, self.ram_len as u64)?;
+        if now == self.mapping {
+            return Ok(false);
+        }
+        warn!(
+            pid = self.pid,
+            "QEMU's mapping of guest RAM changed: comparing all of RAM this epoch"
+        );
+        self.mapping = now;
+        self.present_valid = false;
+        Ok(true)
+    }
+}
+
+impl DirtyTracker for SoftDirtyTracker {
+    fn kind(&self) -> TrackerKind {
+        TrackerKind::SoftDirty
+    }
+
+    fn rearm(&mut self) {
+        self.state = State::NeedsFullScan;
+    }
+
+    fn collect(
+        &mut self,
+        _stopped: &VmStopped,
+        live: &[u8],
+        shadow: &mut [u8],
+        out: &mut DirtySet,
+    ) -> Result<CollectStats, TrackerError> {
+        if live.len() != shadow.len() {
+            return Err(TrackerError::LengthMismatch {
+                live: live.len(),
+                shadow: shadow.len(),
+            });
+        }
+        if live.len() != self.ram_len {
+            return Err(TrackerError::SizeChanged {
+                attached: self.ram_len,
+                got: live.len(),
+            });
+        }
+        let started = Instant::now();
+        // Any failure below leaves the log in an unknown state: start over with a full scan.
+        let previous = self.state;
+        self.state = State::NeedsFullScan;
+        let remapped = self.refresh_mapping()?;
+        let mut stats = if previous == State::NeedsFullScan || remapped {
+            self.full_scan(live, shadow, out)?
+        } else {
+            let scanned = self.read_dirty_log()?;
+            self.clear_refs.clear_soft_dirty()?;
+            self.candidate_list.clear();
+            self.candidate_list
+                .extend(self.candidates.ones().map(|p| p as Pfn));
+            let (dirty, bytes) =
+                copy_candidates(&self.pool, &self.candidate_list, live, shadow, out);
+            self.state = State::Tracking;
+            CollectStats {
+                pages_scanned: scanned,
+                pages_candidate: self.candidate_list.len() as u64,
+                pages_dirty: dirty,
+                bytes_copied: bytes,
+                full_scan: false,
+                elapsed: Default::default(),
+            }
+        };
+        stats.elapsed = started.elapsed();
+        debug!(
+            tracker = "soft-dirty",
+            pid = self.pid,
+            scanned = stats.pages_scanned,
+            candidates = stats.pages_candidate,
+            dirty = stats.pages_dirty,
+            full = stats.full_scan,
+            elapsed_us = stats.elapsed.as_micros() as u64,
+            "collect"
+        );
+        Ok(stats)
+    }
+}
+
+/// Compares and synchronises the sorted `candidates`, in parallel over disjoint page ranges.
+/// Returns (pages that differed, bytes copied).
+fn copy_candidates(
+    pool: &ScanPool,
+    candidates: &[Pfn],
+    live: &[u8],
+    shadow: &mut [u8],
+    out: &mut DirtySet,
+) -> (u64, u64) {
+    if candidates.is_empty() {
+        return (0, 0);
+    }
+    let len = live.len();
+    let chunk = (candidates.len() / (pool.threads() * 4)).max(MIN_COPY_CHUNK);
+    let n = candidates.len().div_ceil(chunk);
+    let capture = out.capture();
+    let segments = out.add_segments(n);
+    let mut items: Vec<CopyJob<'_>> = Vec::with_capacity(n);
+    let mut rest: &mut [u8] = shadow;
+    let mut consumed = 0usize;
+    for (pfns, seg) in candidates.chunks(chunk).zip(segments.iter_mut()) {
+        let start = page_bytes(pfns[0], len).start;
+        let end = page_bytes(pfns[pfns.len() - 1], len).end;
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - consumed);
+        let (mine, tail) = tail.split_at_mut(end - start);
+        rest = tail;
+        consumed = end;
+        items.push(CopyJob {
+            pfns,
+            start,
+            live: &live[start..end],
+            shadow: mine,
+            seg,
+        });
+    }
+    let results = pool.map(items, |job| copy_chunk(job, len, capture));
+    results
+        .into_iter()
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// One parallel unit of [`copy_candidates`]: a run of candidates and the byte range of the
+/// images that holds them.
+struct CopyJob<'a> {
+    /// Sorted candidate pages, all within the range.
+    pfns: &'a [Pfn],
+    /// Offset of the range in the images.
+    start: usize,
+    live: &'a [u8],
+    shadow: &'a mut [u8],
+    seg: &'a mut Segment,
+}
+
+fn copy_chunk(job: CopyJob<'_>, len: usize, capture: Capture) -> (u64, u64) {
+    let CopyJob {
+        pfns,
+        start,
+        live,
+        shadow,
+        seg,
+    } = job;
+    let (mut dirty, mut bytes) = (0, 0);
+    for &pfn in pfns {
+        let r = page_bytes(pfn, len);
+        let (a, b) = (r.start - start, r.end - start);
+        if sync_page(&live[a..b], &mut shadow[a..b], capture, &mut seg.pages) {
+            seg.pfns.push(pfn);
+            dirty += 1;
+            bytes += (b - a) as u64;
+        }
+    }
+    (dirty, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_ones_in_order() {
+        let mut b = Bitmap::default();
+        b.reset(200);
+        for i in [0, 63, 64, 130, 199] {
+            b.set(i);
+        }
+        b.assign(130, false);
+        assert_eq!(b.ones().collect::<Vec<_>>(), vec![0, 63, 64, 199]);
+        assert!(b.get(199) && !b.get(1));
+    }
+
+    #[test]
+    fn copy_candidates_syncs_only_listed_changed_pages() {
+        let pool = ScanPool::new(3).unwrap();
+        let len = 300 * PAGE_SIZE + 100; // partial last page
+        let base: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let mut live = base.clone();
+        // Pages 3, 150, 300 (partial) change; 7 is listed but unchanged; 200 changes but is
+        // not listed (a miss: must stay stale, proving only candidates are touched).
+        for p in [3usize, 150, 200] {
+            live[p * PAGE_SIZE + 5] ^= 0xff;
+        }
+        live[300 * PAGE_SIZE + 99] ^= 1;
+        let candidates: Vec<Pfn> = (0..300)
+            .step_by(1)
+            .filter(|p| p % 7 == 3 || *p == 150)
+            .chain([300])
+            .collect();
+        let mut shadow = base.clone();
+        let mut out = DirtySet::new(Capture::XorDelta);
+        let (dirty, bytes) = copy_candidates(&pool, &candidates, &live, &mut shadow, &mut out);
+        assert_eq!(out.pfns().collect::<Vec<_>>(), vec![3, 150, 300]);
+        assert_eq!(dirty, 3);
+        assert_eq!(bytes, 2 * PAGE_SIZE as u64 + 100);
+        let r = page_bytes(200, len);
+        assert_ne!(shadow[r.clone()], live[r], "unlisted page untouched");
+        let r = page_bytes(300, len);
+        assert_eq!(shadow[r.clone()], live[r]);
+    }
+}
