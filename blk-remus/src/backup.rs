@@ -1,0 +1,577 @@
+//! The backup's disk: hold each epoch's writes until the checkpoint commits, then apply them
+//! atomically to the replica.
+//!
+//! [`BackupStore::receive`] takes [`DiskEvent`]s in stream order and buffers them per epoch:
+//! in memory while the backlog is under [`BackupConfig::memory_limit`], then in a spill file per
+//! epoch (`spill-<epoch>.log` in the state directory, same framing as the WAL). A `Barrier(k)`
+//! closes epoch k after checking its write and byte counts. [`BackupStore::commit`] moves the
+//! closed epochs ≤ k through the write-ahead log ([`crate::wal`]) into the replica; it is
+//! durable (and may be acknowledged) once the WAL's commit record is synced, and the replica is
+//! always at a committed epoch boundary after a crash and [`BackupStore::open`]'s replay.
+//!
+//! Uncommitted epochs are not durable state: spill files left by a previous process are
+//! deleted at open (the primary resyncs from its dirty bitmap after any link loss), and
+//! [`BackupStore::discard_uncommitted`] drops them on failover. [`BackupStore::activate`] turns
+//! the replica into a servable backend — refused while a sync is incomplete, because then the
+//! replica is not an image the VM ever had.
+//!
+//! Concurrency: receiving and committing use separate locks, so events of epoch k+1 keep
+//! arriving while epoch k is being committed.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info};
+
+use crate::backend::{BackendError, BlockBackend, FileBackend};
+use crate::event::{DiskEvent, Epoch, WriteKind};
+use crate::wal::{Record, RecordReader, Wal, WalError};
+
+/// Errors of the backup store.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The WAL failed.
+    #[error("backup disk: {0}")]
+    Wal(#[from] WalError),
+    /// The replica failed.
+    #[error("backup disk: replica: {0}")]
+    Replica(#[from] BackendError),
+    /// A spill file failed.
+    #[error("backup disk: spill file {path}: {op}: {source}")]
+    Spill {
+        /// The spill file.
+        path: PathBuf,
+        /// What failed.
+        op: &'static str,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state directory could not be prepared.
+    #[error("backup disk: state dir {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An event breaks the stream's rules (wrong epoch order, out of range, bad counts).
+    #[error("backup disk: event for epoch {epoch}: {reason}")]
+    InvalidEvent {
+        /// The event's epoch.
+        epoch: Epoch,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `commit(k)` was asked for an epoch whose barrier has not arrived.
+    #[error("backup disk: commit of epoch {requested}: epochs are complete only up to {complete}")]
+    NotComplete {
+        /// Epoch asked for.
+        requested: Epoch,
+        /// Highest epoch whose barrier arrived.
+        complete: Epoch,
+    },
+    /// `activate` while the replica is mid-sync.
+    #[error("backup disk: cannot activate: replica is inconsistent (sync not committed)")]
+    Inconsistent,
+}
+
+/// Configuration of the backup side.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// Holds `wal.log` and spill files (`/var/lib/remus/<domain>/disk`).
+    pub state_dir: PathBuf,
+    /// The replica raw image (must exist with the primary's size).
+    pub replica: PathBuf,
+    /// Payload bytes of uncommitted epochs kept in memory before spilling to files.
+    pub memory_limit: u64,
+    /// Rewind the WAL (after syncing the replica) once it holds this many bytes.
+    pub wal_reset_bytes: u64,
+    /// Test hook: sleep this long after applying each record, so a crash test can kill the
+    /// process in the middle of an apply. `None` in production.
+    pub apply_delay: Option<Duration>,
+}
+
+impl BackupConfig {
+    /// Defaults: 256 MiB in memory, WAL rewound past 256 MiB.
+    pub fn new(state_dir: impl Into<PathBuf>, replica: impl Into<PathBuf>) -> Self {
+        BackupConfig {
+            state_dir: state_dir.into(),
+            replica: replica.into(),
+            memory_limit: 256 << 20,
+            wal_reset_bytes: 256 << 20,
+            apply_delay: None,
+        }
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitReport {
+    /// The epoch now committed.
+    pub epoch: Epoch,
+    /// Epochs committed by this call.
+    pub epochs: u64,
+    /// Write records applied.
+    pub writes: u64,
+    /// Data payload bytes applied.
+    pub bytes: u64,
+    /// Time until the WAL commit record was durable (the acknowledgement point).
+    pub durable_after: Duration,
+    /// Total time including the apply.
+    pub total: Duration,
+}
+
+/// A snapshot of the backup's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupStatus {
+    /// Last committed epoch (0: the base image).
+    pub committed: Epoch,
+    /// Highest epoch whose barrier has arrived.
+    pub complete: Epoch,
+    /// Uncommitted epochs held (complete or receiving).
+    pub backlog_epochs: u64,
+    /// Uncommitted payload bytes held.
+    pub backlog_bytes: u64,
+    /// Of those, bytes in spill files.
+    pub spilled_bytes: u64,
+    /// Whether the replica is a consistent image (no sync in progress).
+    pub consistent: bool,
+}
+
+/// One uncommitted epoch: records in memory, then (once spilling started) in its file.
+#[derive(Debug, Default)]
+struct EpochBuf {
+    mem: Vec<Record>,
+    spill: Option<(File, PathBuf)>,
+    /// Encoded bytes waiting to be appended to the spill file.
+    spill_buf: Vec<u8>,
+    writes: u64,
+    bytes: u64,
+    spilled: u64,
+    complete: bool,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    epochs: BTreeMap<Epoch, EpochBuf>,
+    mem_bytes: u64,
+    /// Highest epoch closed by a barrier.
+    complete: Epoch,
+}
+
+#[derive(Debug)]
+struct Committer {
+    wal: Wal,
+    replica: FileBackend,
+    consistent: bool,
+}
+
+/// The backup's replica and its uncommitted epochs. See the module documentation.
+#[derive(Debug)]
+pub struct BackupStore {
+    cfg: BackupConfig,
+    size: u64,
+    pending: Mutex<Pending>,
+    committer: Mutex<Committer>,
+    /// Mirrors the committer's last committed epoch so `receive` can check without waiting.
+    committed: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn apply(replica: &FileBackend, rec: &Record, consistent: &mut bool) -> Result<(), BackendError> {
+    match rec {
+        Record::Write { offset, kind, .. } => match kind {
+            WriteKind::Data(b) => replica.write_at(*offset, b.clone(), false),
+            WriteKind::Zeroes { len } => replica.write_zeroes(*offset, *len, false, true),
+            WriteKind::Trim { len } => replica.trim(*offset, *len, false),
+        },
+        Record::SyncBegin { .. } => {
+            *consistent = false;
+            Ok(())
+        }
+        Record::SyncEnd { .. } => {
+            *consistent = true;
+            Ok(())
+        }
+        Record::Commit { .. } => Ok(()),
+    }
+}
+
+impl BackupStore {
+    /// Opens the store: replays the WAL into the replica (finishing any interrupted commit),
+    /// and deletes stale spill files.
+    ///
+    /// # Errors
+    /// [`BackupError`] on I/O failures or a WAL that belongs to another disk.
+    pub fn open(cfg: BackupConfig) -> Result<Self, BackupError> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| BackupError::StateDir {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        if let Ok(rd) = std::fs::read_dir(&cfg.state_dir) {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("spill-") && name.ends_with(".log") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let replica = FileBackend::open(&cfg.replica, false)?;
+        let size = replica.size();
+        let (mut wal, records) = Wal::open(&cfg.state_dir.join("wal.log"), size)?;
+        let mut st = wal.state();
+        let mut consistent = st.consistent;
+        if !records.is_empty() {
+            for rec in &records {
+                apply(&replica, rec, &mut consistent)?;
+                if let Record::Commit { epoch } = rec {
+                    st.committed = *epoch;
+                }
+            }
+            replica.flush()?;
+            info!(
+                records = records.len(),
+                committed = st.committed,
+                "backup disk: WAL replayed"
+            );
+        }
+        wal.reset(st.committed, consistent)?;
+        Ok(BackupStore {
+            size,
+            pending: Mutex::new(Pending {
+                complete: st.committed,
+                ..Default::default()
+            }),
+            committed: AtomicU64::new(st.committed),
+            committer: Mutex::new(Committer {
+                wal,
+                replica,
+                consistent,
+            }),
+            cfg,
+        })
+    }
+
+    /// Size of the replica.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Last committed epoch.
+    pub fn committed(&self) -> Epoch {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// Takes one event, in stream order.
+    ///
+    /// # Errors
+    /// [`BackupError::InvalidEvent`] when it breaks the stream's rules (the engine should drop
+    /// the connection); [`BackupError::Spill`] when spilling fails.
+    pub fn receive(&self, ev: DiskEvent) -> Result<(), BackupError> {
+        let epoch = ev.epoch();
+        let invalid = |reason: String| BackupError::InvalidEvent { epoch, reason };
+        let mut p = lock(&self.pending);
+        if epoch <= p.complete {
+            return Err(invalid(format!(
+                "epoch already closed (complete up to {})",
+                p.complete
+            )));
+        }
+        if let Some((&last, buf)) = p.epochs.iter().next_back() {
+            if epoch < last {
+                return Err(invalid(format!("epoch goes backwards after {last}")));
+            }
+            if epoch > last && !buf.complete {
+                return Err(invalid(format!(
+                    "epoch {last} was never closed by a barrier"
+                )));
+            }
+        }
+        let rec = match ev {
+            DiskEvent::Barrier { writes, bytes, .. } => {
+                let buf = p.epochs.entry(epoch).or_default();
+                if buf.writes != writes || buf.bytes != bytes {
+                    return Err(invalid(format!(
+                        "barrier announces {writes} writes / {bytes} bytes, received {} / {}",
+                        buf.writes, buf.bytes
+                    )));
+                }
+                buf.complete = true;
+                Self::flush_spill(buf)?;
+                p.complete = epoch;
+                debug!(epoch, writes, bytes, "backup disk: epoch complete");
+                return Ok(());
+            }
+            DiskEvent::Write { offset, kind, .. } => {
+                let len = kind.len();
+                if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.size) {
+                    return Err(invalid(format!(
+                        "write of {len} bytes at {offset} outside replica of {} bytes",
+                        self.size
+                    )));
+                }
+                Record::Write {
+                    epoch,
+                    offset,
+                    kind,
+                }
+            }
+            DiskEvent::SyncBegin { full, .. } => Record::SyncBegin { epoch, full },
+            DiskEvent::SyncEnd { .. } => Record::SyncEnd { epoch },
+        };
+        let payload = rec.payload_len();
+        let fits = p.mem_bytes + payload <= self.cfg.memory_limit;
+        let buf = p.epochs.entry(epoch).or_default();
+        if matches!(rec, Record::Write { .. }) {
+            buf.writes += 1;
+            buf.bytes += payload;
+        }
+        // Once an epoch spills, all its later records follow it into the file, so the
+        // order "memory records, then file records" is the arrival order.
+        if buf.spill.is_none() && fits {
+            buf.mem.push(rec);
+            p.mem_bytes += payload;
+            return Ok(());
+        }
+        if buf.spill.is_none() {
+            let path = self.cfg.state_dir.join(format!("spill-{epoch}.log"));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(|source| BackupError::Spill {
+                    path: path.clone(),
+                    op: "create",
+                    source,
+                })?;
+            buf.spill = Some((f, path));
+        }
+        buf.spilled += payload;
+        rec.encode(0, &mut buf.spill_buf);
+        if buf.spill_buf.len() >= 1 << 20 {
+            Self::flush_spill(buf)?;
+        }
+        Ok(())
+    }
+
+    fn flush_spill(buf: &mut EpochBuf) -> Result<(), BackupError> {
+        use std::io::Write;
+        if let Some((f, path)) = &mut buf.spill {
+            if !buf.spill_buf.is_empty() {
+                f.write_all(&buf.spill_buf)
+                    .map_err(|source| BackupError::Spill {
+                        path: path.clone(),
+                        op: "append",
+                        source,
+                    })?;
+                buf.spill_buf.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits every complete epoch ≤ k: WAL, then replica. Returns once epoch k is durable
+    /// and applied; `on_durable(k)` is called as soon as it is durable (the acknowledgement
+    /// point), before the apply. Blocking: call from a blocking thread.
+    ///
+    /// # Errors
+    /// [`BackupError::NotComplete`] when epoch k's barrier has not arrived; I/O errors (after
+    /// which the store should be reopened, which replays the WAL).
+    pub fn commit_with(
+        &self,
+        k: Epoch,
+        on_durable: impl FnOnce(Epoch),
+    ) -> Result<CommitReport, BackupError> {
+        let t0 = Instant::now();
+        let mut c = lock(&self.committer);
+        let committed = self.committed();
+        if k <= committed {
+            on_durable(committed);
+            return Ok(CommitReport {
+                epoch: committed,
+                epochs: 0,
+                writes: 0,
+                bytes: 0,
+                durable_after: t0.elapsed(),
+                total: t0.elapsed(),
+            });
+        }
+        let taken: Vec<(Epoch, EpochBuf)> = {
+            let mut p = lock(&self.pending);
+            if p.complete < k {
+                return Err(BackupError::NotComplete {
+                    requested: k,
+                    complete: p.complete,
+                });
+            }
+            let later = p.epochs.split_off(&(k + 1));
+            let taken: Vec<_> = std::mem::replace(&mut p.epochs, later)
+                .into_iter()
+                .collect();
+            for (_, b) in &taken {
+                p.mem_bytes -= b.bytes - b.spilled;
+            }
+            taken
+        };
+        let mut report = CommitReport {
+            epoch: k,
+            epochs: taken.len() as u64,
+            writes: 0,
+            bytes: 0,
+            durable_after: Duration::ZERO,
+            total: Duration::ZERO,
+        };
+        // (1) WAL.
+        for (_, b) in &taken {
+            Self::for_each_record(b, |rec| c.wal.append(rec).map_err(BackupError::from))?;
+            report.writes += b.writes;
+            report.bytes += b.bytes;
+        }
+        c.wal.append(&Record::Commit { epoch: k })?;
+        c.wal.sync()?;
+        self.committed.store(k, Ordering::Release);
+        report.durable_after = t0.elapsed();
+        on_durable(k);
+        // (2) Apply.
+        let delay = self.cfg.apply_delay;
+        let Committer {
+            replica,
+            consistent,
+            wal,
+        } = &mut *c;
+        for (_, b) in &taken {
+            Self::for_each_record(b, |rec| {
+                apply(replica, rec, consistent)?;
+                if let Some(d) = delay {
+                    std::thread::sleep(d);
+                }
+                Ok(())
+            })?;
+            if let Some((_, path)) = &b.spill {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        // (3) Rewind the log when it is large.
+        if wal.len() >= self.cfg.wal_reset_bytes {
+            replica.flush()?;
+            wal.reset(k, *consistent)?;
+        }
+        report.total = t0.elapsed();
+        debug!(?report, "backup disk: committed");
+        Ok(report)
+    }
+
+    /// [`BackupStore::commit_with`] without a durability callback.
+    ///
+    /// # Errors
+    /// As `commit_with`.
+    pub fn commit(&self, k: Epoch) -> Result<CommitReport, BackupError> {
+        self.commit_with(k, |_| {})
+    }
+
+    /// [`BackupStore::commit`] on the blocking pool.
+    ///
+    /// # Errors
+    /// As `commit`.
+    pub async fn commit_async(self: &Arc<Self>, k: Epoch) -> Result<CommitReport, BackupError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.commit(k))
+            .await
+            .expect("commit task panicked")
+    }
+
+    fn for_each_record(
+        b: &EpochBuf,
+        mut f: impl FnMut(&Record) -> Result<(), BackupError>,
+    ) -> Result<(), BackupError> {
+        for rec in &b.mem {
+            f(rec)?;
+        }
+        if let Some((file, path)) = &b.spill {
+            let io = |op| {
+                let path = path.clone();
+                move |source| BackupError::Spill { path, op, source }
+            };
+            let mut file = file.try_clone().map_err(io("clone"))?;
+            file.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
+            let mut rd = RecordReader::new(BufReader::with_capacity(1 << 20, file), 0);
+            while let Some((rec, _)) = rd.next_record().map_err(io("read"))? {
+                f(&rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every uncommitted epoch (failover: the primary is gone, its last incomplete or
+    /// unacknowledged epochs must never reach the replica). Returns the epochs dropped.
+    pub fn discard_uncommitted(&self) -> u64 {
+        let mut p = lock(&self.pending);
+        let n = p.epochs.len() as u64;
+        for (_, b) in std::mem::take(&mut p.epochs) {
+            if let Some((_, path)) = b.spill {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        p.mem_bytes = 0;
+        p.complete = self.committed();
+        info!(epochs = n, "backup disk: uncommitted epochs discarded");
+        n
+    }
+
+    /// Turns the replica into a servable backend at the last committed epoch: drops
+    /// uncommitted epochs, makes the replica durable and the WAL empty.
+    ///
+    /// # Errors
+    /// [`BackupError::Inconsistent`] while a sync is incomplete; I/O errors.
+    pub fn activate(self) -> Result<FileBackend, BackupError> {
+        self.discard_uncommitted();
+        let committed = self.committed();
+        let Committer {
+            replica,
+            mut wal,
+            consistent,
+        } = self
+            .committer
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        if !consistent {
+            return Err(BackupError::Inconsistent);
+        }
+        replica.flush()?;
+        wal.reset(committed, consistent)?;
+        info!(committed, "backup disk: activated");
+        Ok(replica)
+    }
+
+    /// Current state.
+    pub fn status(&self) -> BackupStatus {
+        let consistent = lock(&self.committer).consistent;
+        let p = lock(&self.pending);
+        BackupStatus {
+            committed: self.committed(),
+            complete: p.complete,
+            backlog_epochs: p.epochs.len() as u64,
+            backlog_bytes: p.epochs.values().map(|b| b.bytes).sum(),
+            spilled_bytes: p.epochs.values().map(|b| b.spilled).sum(),
+            consistent,
+        }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+}
