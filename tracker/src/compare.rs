@@ -15,7 +15,7 @@ use std::time::Instant;
 use tracing::debug;
 
 use crate::dirty_set::{DirtySet, Segment};
-use crate::page::{page_count, sync_page, Capture, Pfn, PAGE_SIZE};
+use crate::page::{page_bytes, page_count, sync_page, Capture, Pfn, PAGE_SIZE};
 use crate::pool::ScanPool;
 use crate::tracker::{CollectStats, DirtyTracker, TrackerError, TrackerKind, VmStopped};
 
@@ -26,11 +26,25 @@ const MIN_CHUNK_PAGES: usize = 256;
 /// Chunks per thread aimed for on large images (dynamic load balancing).
 const CHUNKS_PER_THREAD: usize = 8;
 
-/// Totals of a [`sync_pages`] call.
+/// Fewest listed pages per parallel job of [`sync_listed`].
+const MIN_LISTED_CHUNK: usize = 32;
+
+/// Totals of a synchronisation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct SyncTotals {
-    pub(crate) dirty: u64,
-    pub(crate) bytes: u64,
+pub struct SyncTotals {
+    /// Pages that differed (and were copied).
+    pub dirty: u64,
+    /// Bytes copied into the shadow.
+    pub bytes: u64,
+}
+
+impl SyncTotals {
+    fn add(self, other: SyncTotals) -> SyncTotals {
+        SyncTotals {
+            dirty: self.dirty + other.dirty,
+            bytes: self.bytes + other.bytes,
+        }
+    }
 }
 
 /// Compares and synchronises the pages of `live`/`shadow` (equal lengths; page `i` of the
@@ -66,10 +80,107 @@ pub(crate) fn sync_pages(
     });
     per_chunk
         .into_iter()
-        .fold(SyncTotals::default(), |a, b| SyncTotals {
-            dirty: a.dirty + b.dirty,
-            bytes: a.bytes + b.bytes,
-        })
+        .fold(SyncTotals::default(), SyncTotals::add)
+}
+
+/// Compares and synchronises only the listed pages (strictly ascending, each below the
+/// image's page count), in parallel over disjoint page ranges, appending those that differ to
+/// `out`. This is the soft-dirty tracker's copy stage; the engine may also use it for pages it
+/// knows changed (e.g. resending after a NACK).
+///
+/// # Errors
+/// Mismatched image sizes, or a list that is not strictly ascending or names a page beyond
+/// the image.
+pub fn sync_listed(
+    pool: &ScanPool,
+    pfns: &[Pfn],
+    live: &[u8],
+    shadow: &mut [u8],
+    out: &mut DirtySet,
+) -> Result<SyncTotals, TrackerError> {
+    if live.len() != shadow.len() {
+        return Err(TrackerError::LengthMismatch {
+            live: live.len(),
+            shadow: shadow.len(),
+        });
+    }
+    let len = live.len();
+    let pages = page_count(len) as Pfn;
+    if let Some(i) = (1..pfns.len()).find(|&i| pfns[i] <= pfns[i - 1]) {
+        return Err(TrackerError::BadPageList {
+            problem: format!(
+                "entry {i} ({}) does not ascend from {}",
+                pfns[i],
+                pfns[i - 1]
+            ),
+        });
+    }
+    if let Some(&last) = pfns.last().filter(|&&p| p >= pages) {
+        return Err(TrackerError::BadPageList {
+            problem: format!("page {last} is beyond the {pages}-page image"),
+        });
+    }
+    if pfns.is_empty() {
+        return Ok(SyncTotals::default());
+    }
+    let chunk = (pfns.len() / (pool.threads() * CHUNKS_PER_THREAD)).max(MIN_LISTED_CHUNK);
+    let n = pfns.len().div_ceil(chunk);
+    let capture = out.capture();
+    let segments = out.add_segments(n);
+    let mut items: Vec<ListedJob<'_>> = Vec::with_capacity(n);
+    // Carve the shadow into the disjoint byte ranges the runs of pages occupy.
+    let mut rest: &mut [u8] = shadow;
+    let mut consumed = 0usize;
+    for (run, seg) in pfns.chunks(chunk).zip(segments.iter_mut()) {
+        let start = page_bytes(run[0], len).start;
+        let end = page_bytes(run[run.len() - 1], len).end;
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - consumed);
+        let (mine, tail) = tail.split_at_mut(end - start);
+        rest = tail;
+        consumed = end;
+        items.push(ListedJob {
+            pfns: run,
+            start,
+            live: &live[start..end],
+            shadow: mine,
+            seg,
+        });
+    }
+    let results = pool.map(items, |job| sync_listed_run(job, len, capture));
+    Ok(results
+        .into_iter()
+        .fold(SyncTotals::default(), SyncTotals::add))
+}
+
+/// One parallel unit of [`sync_listed`]: a run of listed pages and the byte range of the
+/// images that holds them.
+struct ListedJob<'a> {
+    /// Ascending pages, all within the range.
+    pfns: &'a [Pfn],
+    /// Offset of the range in the images.
+    start: usize,
+    live: &'a [u8],
+    shadow: &'a mut [u8],
+    seg: &'a mut Segment,
+}
+
+fn sync_listed_run(job: ListedJob<'_>, len: usize, capture: Capture) -> SyncTotals {
+    let mut totals = SyncTotals::default();
+    for &pfn in job.pfns {
+        let r = page_bytes(pfn, len);
+        let (a, b) = (r.start - job.start, r.end - job.start);
+        if sync_page(
+            &job.live[a..b],
+            &mut job.shadow[a..b],
+            capture,
+            &mut job.seg.pages,
+        ) {
+            job.seg.pfns.push(pfn);
+            totals.dirty += 1;
+            totals.bytes += (b - a) as u64;
+        }
+    }
+    totals
 }
 
 fn sync_chunk(
@@ -253,6 +364,65 @@ mod tests {
                 shadow: 8192
             }
         ));
+    }
+
+    #[test]
+    fn sync_listed_syncs_only_listed_changed_pages() {
+        let pool = ScanPool::new(3).unwrap();
+        let len = 300 * PAGE_SIZE + 100; // partial last page
+        let base: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let mut live = base.clone();
+        // Pages 3, 150, 300 (partial) change and are listed; the other listed pages are
+        // unchanged; 200 changes but is not listed (a miss: it must stay stale, proving only
+        // listed pages are touched).
+        for p in [3usize, 150, 200] {
+            live[p * PAGE_SIZE + 5] ^= 0xff;
+        }
+        live[300 * PAGE_SIZE + 99] ^= 1;
+        let listed: Vec<Pfn> = (0..300)
+            .filter(|p| p % 7 == 3 || *p == 150)
+            .chain([300])
+            .collect();
+        let mut shadow = base.clone();
+        let mut out = DirtySet::new(Capture::XorDelta);
+        let totals = sync_listed(&pool, &listed, &live, &mut shadow, &mut out).unwrap();
+        assert_eq!(out.pfns().collect::<Vec<_>>(), vec![3, 150, 300]);
+        assert_eq!(
+            totals,
+            SyncTotals {
+                dirty: 3,
+                bytes: 2 * PAGE_SIZE as u64 + 100
+            }
+        );
+        let r = page_bytes(200, len);
+        assert_ne!(shadow[r.clone()], live[r], "unlisted page untouched");
+        let r = page_bytes(300, len);
+        assert_eq!(shadow[r.clone()], live[r]);
+    }
+
+    #[test]
+    fn sync_listed_rejects_bad_lists_table() {
+        let pool = ScanPool::new(1).unwrap();
+        let live = vec![1u8; 4 * PAGE_SIZE];
+        // (list, message fragment)
+        let cases: &[(&[Pfn], &str)] = &[
+            (&[1, 1], "does not ascend"),
+            (&[2, 1], "does not ascend"),
+            (&[0, 4], "beyond the 4-page image"),
+        ];
+        for (list, want) in cases {
+            let mut shadow = vec![0u8; live.len()];
+            let err = sync_listed(
+                &pool,
+                list,
+                &live,
+                &mut shadow,
+                &mut DirtySet::new(Capture::PfnsOnly),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(want), "{list:?}: {err}");
+            assert!(shadow.iter().all(|&b| b == 0), "nothing touched on error");
+        }
     }
 
     proptest! {

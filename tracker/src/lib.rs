@@ -38,7 +38,7 @@ pub mod tracker;
 
 pub use audit::{AuditConfig, AuditReport, AuditStats, ReplicaAudit};
 pub use auto::{select, SelectError, Selection, TrackerChoice};
-pub use compare::CompareTracker;
+pub use compare::{sync_listed, CompareTracker, SyncTotals};
 pub use dirty_set::{DirtyPage, DirtySet};
 pub use page::{page_count, Capture, Pfn, PAGE_SIZE};
 pub use pool::{PoolError, ScanPool};

@@ -25,9 +25,9 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use crate::compare::sync_pages;
-use crate::dirty_set::{DirtySet, Segment};
-use crate::page::{page_bytes, page_count, sync_page, Capture, Pfn, PAGE_SIZE};
+use crate::compare::{sync_listed, sync_pages};
+use crate::dirty_set::DirtySet;
+use crate::page::{page_count, Pfn, PAGE_SIZE};
 use crate::pagemap::{ClearRefs, Pagemap, PM_PRESENT, PM_SOFT_DIRTY};
 use crate::pool::ScanPool;
 use crate::procfs::{FileId, RamMapping};
@@ -35,8 +35,6 @@ use crate::tracker::{CollectStats, DirtyTracker, TrackerError, TrackerKind, VmSt
 
 /// Pagemap entries read per `pread` (512 KiB of entries = 256 MiB of RAM).
 const PAGEMAP_BATCH: usize = 64 * 1024;
-/// Fewest candidate pages per parallel copy job.
-const MIN_COPY_CHUNK: usize = 32;
 
 /// Where the tracker is in its cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,14 +273,14 @@ impl DirtyTracker for SoftDirtyTracker {
             self.candidate_list.clear();
             self.candidate_list
                 .extend(self.candidates.ones().map(|p| p as Pfn));
-            let (dirty, bytes) =
-                copy_candidates(&self.pool, &self.candidate_list, live, shadow, out);
+            // Ascending and in range by construction (bitmap order, pfn < total pages).
+            let totals = sync_listed(&self.pool, &self.candidate_list, live, shadow, out)?;
             self.state = State::Tracking;
             CollectStats {
                 pages_scanned: scanned,
                 pages_candidate: self.candidate_list.len() as u64,
-                pages_dirty: dirty,
-                bytes_copied: bytes,
+                pages_dirty: totals.dirty,
+                bytes_copied: totals.bytes,
                 full_scan: false,
                 elapsed: Default::default(),
             }
@@ -302,80 +300,6 @@ impl DirtyTracker for SoftDirtyTracker {
     }
 }
 
-/// Compares and synchronises the sorted `candidates`, in parallel over disjoint page ranges.
-/// Returns (pages that differed, bytes copied).
-fn copy_candidates(
-    pool: &ScanPool,
-    candidates: &[Pfn],
-    live: &[u8],
-    shadow: &mut [u8],
-    out: &mut DirtySet,
-) -> (u64, u64) {
-    if candidates.is_empty() {
-        return (0, 0);
-    }
-    let len = live.len();
-    let chunk = (candidates.len() / (pool.threads() * 4)).max(MIN_COPY_CHUNK);
-    let n = candidates.len().div_ceil(chunk);
-    let capture = out.capture();
-    let segments = out.add_segments(n);
-    let mut items: Vec<CopyJob<'_>> = Vec::with_capacity(n);
-    let mut rest: &mut [u8] = shadow;
-    let mut consumed = 0usize;
-    for (pfns, seg) in candidates.chunks(chunk).zip(segments.iter_mut()) {
-        let start = page_bytes(pfns[0], len).start;
-        let end = page_bytes(pfns[pfns.len() - 1], len).end;
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - consumed);
-        let (mine, tail) = tail.split_at_mut(end - start);
-        rest = tail;
-        consumed = end;
-        items.push(CopyJob {
-            pfns,
-            start,
-            live: &live[start..end],
-            shadow: mine,
-            seg,
-        });
-    }
-    let results = pool.map(items, |job| copy_chunk(job, len, capture));
-    results
-        .into_iter()
-        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-}
-
-/// One parallel unit of [`copy_candidates`]: a run of candidates and the byte range of the
-/// images that holds them.
-struct CopyJob<'a> {
-    /// Sorted candidate pages, all within the range.
-    pfns: &'a [Pfn],
-    /// Offset of the range in the images.
-    start: usize,
-    live: &'a [u8],
-    shadow: &'a mut [u8],
-    seg: &'a mut Segment,
-}
-
-fn copy_chunk(job: CopyJob<'_>, len: usize, capture: Capture) -> (u64, u64) {
-    let CopyJob {
-        pfns,
-        start,
-        live,
-        shadow,
-        seg,
-    } = job;
-    let (mut dirty, mut bytes) = (0, 0);
-    for &pfn in pfns {
-        let r = page_bytes(pfn, len);
-        let (a, b) = (r.start - start, r.end - start);
-        if sync_page(&live[a..b], &mut shadow[a..b], capture, &mut seg.pages) {
-            seg.pfns.push(pfn);
-            dirty += 1;
-            bytes += (b - a) as u64;
-        }
-    }
-    (dirty, bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,34 +314,5 @@ mod tests {
         b.assign(130, false);
         assert_eq!(b.ones().collect::<Vec<_>>(), vec![0, 63, 64, 199]);
         assert!(b.get(199) && !b.get(1));
-    }
-
-    #[test]
-    fn copy_candidates_syncs_only_listed_changed_pages() {
-        let pool = ScanPool::new(3).unwrap();
-        let len = 300 * PAGE_SIZE + 100; // partial last page
-        let base: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
-        let mut live = base.clone();
-        // Pages 3, 150, 300 (partial) change; 7 is listed but unchanged; 200 changes but is
-        // not listed (a miss: must stay stale, proving only candidates are touched).
-        for p in [3usize, 150, 200] {
-            live[p * PAGE_SIZE + 5] ^= 0xff;
-        }
-        live[300 * PAGE_SIZE + 99] ^= 1;
-        let candidates: Vec<Pfn> = (0..300)
-            .step_by(1)
-            .filter(|p| p % 7 == 3 || *p == 150)
-            .chain([300])
-            .collect();
-        let mut shadow = base.clone();
-        let mut out = DirtySet::new(Capture::XorDelta);
-        let (dirty, bytes) = copy_candidates(&pool, &candidates, &live, &mut shadow, &mut out);
-        assert_eq!(out.pfns().collect::<Vec<_>>(), vec![3, 150, 300]);
-        assert_eq!(dirty, 3);
-        assert_eq!(bytes, 2 * PAGE_SIZE as u64 + 100);
-        let r = page_bytes(200, len);
-        assert_ne!(shadow[r.clone()], live[r], "unlisted page untouched");
-        let r = page_bytes(300, len);
-        assert_eq!(shadow[r.clone()], live[r]);
     }
 }

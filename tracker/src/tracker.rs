@@ -96,6 +96,9 @@ pub enum TrackerError {
         "tracker: collect: RAM is {got} bytes but the tracker was attached to {attached} bytes"
     )]
     SizeChanged { attached: usize, got: usize },
+    /// A caller-supplied page list is unusable.
+    #[error("tracker: sync of listed pages: {problem}")]
+    BadPageList { problem: String },
     /// The kernel's dirty log could not be read or cleared.
     #[error(transparent)]
     Pagemap(#[from] crate::pagemap::PagemapError),
