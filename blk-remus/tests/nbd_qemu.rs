@@ -72,7 +72,10 @@ async fn qemu_io_commands_reach_the_image() {
     }
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     ok(&srv.qemu_io("disk", &cmds).await);
-    assert_eq!(read_range(&img, 1048576 + 31 * 4096, 4096), vec![0x3f; 4096]);
+    assert_eq!(
+        read_range(&img, 1048576 + 31 * 4096, 4096),
+        vec![0x3f; 4096]
+    );
 
     // Out of range: qemu-io reports an error and exits non-zero; the image is untouched.
     let before = std::fs::read(&img).unwrap();
@@ -99,7 +102,9 @@ async fn read_only_export_refuses_writes() {
     FileBackend::create(&img, SIZE).unwrap();
     let backend: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(&img, true).unwrap());
     let srv = Server::start(dir.path(), vec![("ro", backend)]).await;
-    ok(&srv.qemu_io_flags("ro", &["-r"], &["read -P 0 0 4096"]).await);
+    ok(&srv
+        .qemu_io_flags("ro", &["-r"], &["read -P 0 0 4096"])
+        .await);
     // Opened read-write, qemu's NBD client refuses because we advertise READ_ONLY.
     let out = srv.qemu_io("ro", &["write 0 4096"]).await;
     assert!(!out.status.success());
@@ -109,7 +114,14 @@ async fn read_only_export_refuses_writes() {
     assert_eq!(flags & TFLAG_SEND_TRIM, 0);
     let e = raw_request(&mut s, CMD_WRITE, 0, 0, 1, Some(&[1])).await;
     assert_eq!(e, libc::EPERM as u32);
-    assert_eq!(std::fs::read(&img).unwrap().iter().filter(|&&b| b != 0).count(), 0);
+    assert_eq!(
+        std::fs::read(&img)
+            .unwrap()
+            .iter()
+            .filter(|&&b| b != 0)
+            .count(),
+        0
+    );
     srv.stop().await;
 }
 
@@ -121,12 +133,19 @@ async fn raw_client_errors_and_malformed_requests() {
     let srv = Server::start(dir.path(), vec![("d", backend)]).await;
     let (mut s, size, flags) = raw_connect(&srv.socket, "d").await;
     assert_eq!(size, SIZE);
-    for f in [TFLAG_HAS_FLAGS, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_TRIM,
-              TFLAG_SEND_WRITE_ZEROES, TFLAG_CAN_MULTI_CONN] {
+    for f in [
+        TFLAG_HAS_FLAGS,
+        TFLAG_SEND_FLUSH,
+        TFLAG_SEND_FUA,
+        TFLAG_SEND_TRIM,
+        TFLAG_SEND_WRITE_ZEROES,
+        TFLAG_CAN_MULTI_CONN,
+    ] {
         assert_ne!(flags & f, 0, "flag {f:#x} missing from {flags:#x}");
     }
     // Table: (cmd, flags, offset, len, payload, expected errno).
-    let cases: Vec<(u16, u16, u64, u32, Option<Vec<u8>>, i32)> = vec![
+    type Case = (u16, u16, u64, u32, Option<Vec<u8>>, i32);
+    let cases: Vec<Case> = vec![
         (CMD_WRITE, 0, SIZE - 1, 2, Some(vec![1, 2]), libc::ENOSPC),
         (CMD_WRITE_ZEROES, 0, SIZE, 1, None, libc::ENOSPC),
         (CMD_TRIM, 0, u64::MAX - 1, 4096, None, libc::ENOSPC),
@@ -143,7 +162,13 @@ async fn raw_client_errors_and_malformed_requests() {
     }
     assert_eq!(read_range(&img, SIZE - 1, 1), vec![7]);
     // An oversize write closes the connection.
-    let req = Request { flags: 0, cmd: CMD_WRITE, cookie: 9, offset: 0, len: MAX_PAYLOAD + 1 };
+    let req = Request {
+        flags: 0,
+        cmd: CMD_WRITE,
+        cookie: 9,
+        offset: 0,
+        len: MAX_PAYLOAD + 1,
+    };
     s.write_all(&req.encode()).await.unwrap();
     let mut rest = Vec::new();
     let n = s.read_to_end(&mut rest).await.unwrap_or(0);
@@ -158,7 +183,9 @@ async fn raw_client_errors_and_malformed_requests() {
     let mut c = tokio::net::UnixStream::connect(&srv.socket).await.unwrap();
     let mut g = [0u8; 18];
     c.read_exact(&mut g).await.unwrap();
-    c.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await.unwrap();
+    c.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .await
+        .unwrap();
     send_go(&mut c, "nope").await;
     let (kind, _) = read_opt_reply(&mut c).await;
     assert_eq!(kind, REP_ERR_UNKNOWN);
@@ -199,7 +226,9 @@ async fn raw_connect(sock: &std::path::Path, name: &str) -> (tokio::net::UnixStr
     let mut g = [0u8; 18];
     c.read_exact(&mut g).await.unwrap();
     assert_eq!(&g[0..8], b"NBDMAGIC");
-    c.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await.unwrap();
+    c.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .await
+        .unwrap();
     send_go(&mut c, name).await;
     let (mut size, mut flags) = (0, 0);
     loop {
@@ -229,14 +258,23 @@ async fn raw_request(
     len: u32,
     payload: Option<&[u8]>,
 ) -> u32 {
-    let req = Request { flags, cmd, cookie: 0xc0ffee, offset, len };
+    let req = Request {
+        flags,
+        cmd,
+        cookie: 0xc0ffee,
+        offset,
+        len,
+    };
     c.write_all(&req.encode()).await.unwrap();
     if let Some(p) = payload {
         c.write_all(p).await.unwrap();
     }
     let mut r = [0u8; 16];
     c.read_exact(&mut r).await.unwrap();
-    assert_eq!(u32::from_be_bytes(r[0..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
+    assert_eq!(
+        u32::from_be_bytes(r[0..4].try_into().unwrap()),
+        SIMPLE_REPLY_MAGIC
+    );
     assert_eq!(u64::from_be_bytes(r[8..16].try_into().unwrap()), 0xc0ffee);
     let errno = u32::from_be_bytes(r[4..8].try_into().unwrap());
     if errno == 0 && cmd == CMD_READ {

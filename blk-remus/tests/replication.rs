@@ -6,9 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use blk_remus::{
-    BackupConfig, BackupStore, BlockBackend, FileBackend, Primary, PrimaryConfig,
-};
+use blk_remus::{BackupConfig, BackupStore, BlockBackend, FileBackend, Primary, PrimaryConfig};
 use common::*;
 
 const SIZE: u64 = 8 << 20;
@@ -29,17 +27,31 @@ async fn run(memory_limit: u64) {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     primary.connect(Arc::new(tx));
     let pumping = pump(backup.clone(), rx);
-    let srv = Server::start(dir.path(), vec![("vm", primary.clone() as Arc<dyn BlockBackend>)]).await;
+    let srv = Server::start(
+        dir.path(),
+        vec![("vm", primary.clone() as Arc<dyn BlockBackend>)],
+    )
+    .await;
 
     // Epoch 1: data, zeroes and a discard.
     ok(&srv
-        .qemu_io("vm", &["write -P 0x01 0 1M", "write -P 0x02 2M 64k", "write -z 4096 4096", "discard 2M 4096"])
+        .qemu_io(
+            "vm",
+            &[
+                "write -P 0x01 0 1M",
+                "write -P 0x02 2M 64k",
+                "write -z 4096 4096",
+                "discard 2M 4096",
+            ],
+        )
         .await);
     let b1 = primary.barrier_async(1).await.unwrap();
     assert!(b1.forwarded && b1.writes == 4, "{b1:?}");
     let epoch1 = std::fs::read(&pimg).unwrap();
     // Epoch 2 overwrites part of epoch 1 and writes new regions.
-    ok(&srv.qemu_io("vm", &["write -P 0x03 512k 1M", "write -f -P 0x04 6M 128k"]).await);
+    ok(&srv
+        .qemu_io("vm", &["write -P 0x03 512k 1M", "write -f -P 0x04 6M 128k"])
+        .await);
     primary.barrier_async(2).await.unwrap();
     let epoch2 = std::fs::read(&pimg).unwrap();
     // Epoch 3 stays uncommitted.
@@ -47,24 +59,43 @@ async fn run(memory_limit: u64) {
 
     wait_complete(&backup, 2).await;
     let st = backup.status();
-    assert_eq!((st.committed, st.complete, st.backlog_epochs), (0, 2, 3), "{st:?}");
+    assert_eq!(
+        (st.committed, st.complete, st.backlog_epochs),
+        (0, 2, 3),
+        "{st:?}"
+    );
     if memory_limit < (1 << 20) {
-        assert!(st.spilled_bytes > 0, "expected spilling with limit {memory_limit}: {st:?}");
+        assert!(
+            st.spilled_bytes > 0,
+            "expected spilling with limit {memory_limit}: {st:?}"
+        );
     }
     let r1 = backup.commit_async(1).await.unwrap();
     assert_eq!((r1.epoch, r1.epochs, r1.writes), (1, 1, 4));
     // Byte-level: the replica is exactly epoch 1; epoch 2's writes have not reached it.
-    assert!(std::fs::read(&rimg).unwrap() == epoch1, "replica differs from epoch 1 image");
+    assert!(
+        std::fs::read(&rimg).unwrap() == epoch1,
+        "replica differs from epoch 1 image"
+    );
     assert_eq!(read_range(&rimg, 6 << 20, 16), vec![0; 16]);
     backup.commit_async(2).await.unwrap();
-    assert!(std::fs::read(&rimg).unwrap() == epoch2, "replica differs from epoch 2 image");
-    assert!(!images_equal(&pimg, &rimg), "epoch 3 must not be on the replica yet");
+    assert!(
+        std::fs::read(&rimg).unwrap() == epoch2,
+        "replica differs from epoch 2 image"
+    );
+    assert!(
+        !images_equal(&pimg, &rimg),
+        "epoch 3 must not be on the replica yet"
+    );
     primary.acknowledged(2);
 
     primary.barrier_async(3).await.unwrap();
     wait_complete(&backup, 3).await;
     backup.commit_async(3).await.unwrap();
-    assert!(images_equal(&pimg, &rimg), "after commit(3) the replica equals the primary");
+    assert!(
+        images_equal(&pimg, &rimg),
+        "after commit(3) the replica equals the primary"
+    );
 
     // Epoch 4 is lost in the failover: discard, activate, and serve the replica.
     ok(&srv.qemu_io("vm", &["write -P 0x06 0 64k"]).await);
@@ -76,8 +107,21 @@ async fn run(memory_limit: u64) {
     let backup = Arc::try_unwrap(backup).expect("sole owner");
     assert_eq!(backup.discard_uncommitted(), 1);
     let replica = backup.activate().unwrap();
-    let srv = Server::start(dir.path(), vec![("vm", Arc::new(replica) as Arc<dyn BlockBackend>)]).await;
-    ok(&srv.qemu_io("vm", &["read -P 0x05 0 4M", "read -P 0x04 6M 128k", "write -P 0x07 0 4096"]).await);
+    let srv = Server::start(
+        dir.path(),
+        vec![("vm", Arc::new(replica) as Arc<dyn BlockBackend>)],
+    )
+    .await;
+    ok(&srv
+        .qemu_io(
+            "vm",
+            &[
+                "read -P 0x05 0 4M",
+                "read -P 0x04 6M 128k",
+                "write -P 0x07 0 4096",
+            ],
+        )
+        .await);
     assert_eq!(read_range(&rimg, 0, 4096), vec![0x07; 4096]);
     srv.stop().await;
 }
@@ -108,23 +152,41 @@ async fn reopen_keeps_committed_epoch() {
         kind: WriteKind::Data(bytes::Bytes::from(vec![byte; 4096])),
     };
     b.receive(w(1, 0, 9)).unwrap();
-    b.receive(DiskEvent::Barrier { epoch: 1, writes: 1, bytes: 4096 }).unwrap();
+    b.receive(DiskEvent::Barrier {
+        epoch: 1,
+        writes: 1,
+        bytes: 4096,
+    })
+    .unwrap();
     b.receive(w(2, 0, 8)).unwrap();
     // Table of invalid events and why.
     let bad = [
         (w(1, 0, 1), "epoch already closed"),
-        (DiskEvent::Barrier { epoch: 2, writes: 5, bytes: 4096 }, "barrier count mismatch"),
+        (
+            DiskEvent::Barrier {
+                epoch: 2,
+                writes: 5,
+                bytes: 4096,
+            },
+            "barrier count mismatch",
+        ),
         (w(3, 0, 1), "epoch 2 never closed"),
         (w(2, SIZE - 1, 1), "out of range"),
     ];
     for (ev, why) in bad {
         assert!(b.receive(ev).is_err(), "{why}");
     }
-    assert!(matches!(b.commit(2), Err(blk_remus::BackupError::NotComplete { .. })));
+    assert!(matches!(
+        b.commit(2),
+        Err(blk_remus::BackupError::NotComplete { .. })
+    ));
     b.commit(1).unwrap();
     drop(b);
     let b = BackupStore::open(cfg).unwrap();
     let st = b.status();
-    assert_eq!((st.committed, st.backlog_epochs, st.consistent), (1, 0, true));
+    assert_eq!(
+        (st.committed, st.backlog_epochs, st.consistent),
+        (1, 0, true)
+    );
     assert_eq!(read_range(&rimg, 0, 4096), vec![9; 4096]);
 }

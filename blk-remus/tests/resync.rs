@@ -28,12 +28,20 @@ async fn full_sync_then_outage_then_dirty_resync() {
     {
         let f = FileBackend::create(&pimg, SIZE).unwrap();
         for i in 0..64u64 {
-            f.write_at(i * (1 << 20) + 4096 * i, Bytes::from(vec![i as u8 + 1; 100_000]), false)
-                .unwrap();
+            f.write_at(
+                i * (1 << 20) + 4096 * i,
+                Bytes::from(vec![i as u8 + 1; 100_000]),
+                false,
+            )
+            .unwrap();
         }
     }
     FileBackend::create(&rimg, SIZE).unwrap();
-    let pcfg = PrimaryConfig { bitmap_path: Some(bm.clone()), granularity: GRAN, first_epoch: 1 };
+    let pcfg = PrimaryConfig {
+        bitmap_path: Some(bm.clone()),
+        granularity: GRAN,
+        first_epoch: 1,
+    };
     let local = Arc::new(FileBackend::open(&pimg, false).unwrap());
     let primary = Arc::new(Primary::new(local, &pcfg).unwrap());
     let bcfg = BackupConfig::new(dir.path().join("state"), &rimg);
@@ -41,7 +49,11 @@ async fn full_sync_then_outage_then_dirty_resync() {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     primary.connect(Arc::new(tx));
     let pumping = pump(backup.clone(), rx);
-    let srv = Server::start(dir.path(), vec![("vm", primary.clone() as Arc<dyn BlockBackend>)]).await;
+    let srv = Server::start(
+        dir.path(),
+        vec![("vm", primary.clone() as Arc<dyn BlockBackend>)],
+    )
+    .await;
 
     // Full sync with the guest writing at the same time (overlapping the regions copied).
     let (ptx, prx) = tokio::sync::watch::channel(SyncProgress::default());
@@ -56,18 +68,26 @@ async fn full_sync_then_outage_then_dirty_resync() {
     let p = *prx.borrow();
     assert_eq!((p.total_bytes, p.done_bytes), (SIZE, SIZE));
     assert_eq!(report.chunks, SIZE / GRAN);
-    assert!(report.bytes_zero > SIZE / 2, "zero regions should be skipped: {report:?}");
+    assert!(
+        report.bytes_zero > SIZE / 2,
+        "zero regions should be skipped: {report:?}"
+    );
     assert!(report.bytes_copied >= 64 * 100_000, "{report:?}");
     println!("full sync: {report:?}");
     primary.barrier_async(1).await.unwrap();
     wait_complete(&backup, 1).await;
     backup.commit_async(1).await.unwrap();
     assert!(backup.status().consistent);
-    assert!(images_equal(&pimg, &rimg), "replica differs after full sync + concurrent writes");
+    assert!(
+        images_equal(&pimg, &rimg),
+        "replica differs after full sync + concurrent writes"
+    );
     primary.acknowledged(1);
 
     // Epoch 2: one write reaches the backup's backlog but is never acknowledged.
-    ok(&srv.qemu_io("vm", &[&format!("write -P 0x33 {} 4096", 300 * GRAN)]).await);
+    ok(&srv
+        .qemu_io("vm", &[&format!("write -P 0x33 {} 4096", 300 * GRAN)])
+        .await);
     // Outage: the engine declares the backup lost; the forwarder is dropped, which ends the
     // pump. The unacknowledged chunk 300 must join the dirty set.
     primary.disconnect().unwrap();
@@ -79,7 +99,10 @@ async fn full_sync_then_outage_then_dirty_resync() {
         (80 * GRAN - 10, 20),       // spans chunks 79 and 80
         (200 * GRAN + 5, 3 * GRAN), // chunks 200..=203
     ];
-    let cmds: Vec<String> = writes.iter().map(|(o, l)| format!("write -P 0x5a {o} {l}")).collect();
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|(o, l)| format!("write -P 0x5a {o} {l}"))
+        .collect();
     let mut cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     cmds.push("flush");
     ok(&srv.qemu_io("vm", &cmds).await);
@@ -92,7 +115,16 @@ async fn full_sync_then_outage_then_dirty_resync() {
     // Agent restart: the bitmap comes back from its file.
     drop(primary);
     let local = Arc::new(FileBackend::open(&pimg, false).unwrap());
-    let primary = Arc::new(Primary::new(local, &PrimaryConfig { first_epoch: 3, ..pcfg }).unwrap());
+    let primary = Arc::new(
+        Primary::new(
+            local,
+            &PrimaryConfig {
+                first_epoch: 3,
+                ..pcfg
+            },
+        )
+        .unwrap(),
+    );
     assert_eq!(primary.status().dirty_chunks, 9);
 
     // The backup restarts too, at committed epoch 1; the resync brings it up to date.
@@ -107,7 +139,11 @@ async fn full_sync_then_outage_then_dirty_resync() {
     println!("resync: {report:?}");
     assert_eq!(report.regions, 5, "{report:?}");
     assert_eq!(report.chunks, 9, "{report:?}");
-    assert_eq!(report.bytes_copied + report.bytes_zero, 9 * GRAN, "{report:?}");
+    assert_eq!(
+        report.bytes_copied + report.bytes_zero,
+        9 * GRAN,
+        "{report:?}"
+    );
     assert!(!images_equal(&pimg, &rimg));
     primary.barrier_async(3).await.unwrap();
     wait_complete(&backup, 3).await;

@@ -16,7 +16,10 @@ pub fn require_tool(name: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);
-    assert!(found, "{name} not found in PATH: install qemu-utils (scripts/install-deps.sh)");
+    assert!(
+        found,
+        "{name} not found in PATH: install qemu-utils (scripts/install-deps.sh)"
+    );
 }
 
 /// A running NBD server; stops (and removes its socket) on drop.
@@ -49,7 +52,11 @@ impl Server {
                 .await
                 .expect("nbd server");
         });
-        Server { socket, stop: Some(tx), task: Some(task) }
+        Server {
+            socket,
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub fn url(&self, export: &str) -> String {
@@ -96,8 +103,15 @@ impl Drop for Server {
 pub fn ok(out: &Output) -> String {
     let so = String::from_utf8_lossy(&out.stdout).into_owned();
     let se = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "qemu-io failed: {:?}\nstdout: {so}\nstderr: {se}", out.status);
-    assert!(!so.contains("failed"), "qemu-io reported a failure:\n{so}\n{se}");
+    assert!(
+        out.status.success(),
+        "qemu-io failed: {:?}\nstdout: {so}\nstderr: {se}",
+        out.status
+    );
+    assert!(
+        !so.contains("failed"),
+        "qemu-io reported a failure:\n{so}\n{se}"
+    );
     so
 }
 
@@ -142,7 +156,10 @@ pub async fn wait_complete(backup: &BackupStore, k: u64) {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("epoch {k} never completed at the backup: {:?}", backup.status());
+    panic!(
+        "epoch {k} never completed at the backup: {:?}",
+        backup.status()
+    );
 }
 
 /// Reads a byte range of a file.
