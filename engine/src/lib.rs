@@ -8,6 +8,11 @@
 //! traits in [`ports`], so the logic is testable; the daemon plugs in the real QEMU driver,
 //! `sch-plug` and `blk-remus`.
 
+pub mod backup;
+pub mod metrics;
 pub mod peer;
 pub mod ports;
+pub mod primary;
 pub mod replica;
+pub mod session;
+pub mod wire;

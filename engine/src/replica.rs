@@ -329,6 +329,22 @@ impl ReplicaStore {
     /// # Errors
     /// Metadata write failures.
     pub fn begin_first(&mut self, session: u64) -> Result<(), ReplicaError> {
+        // The primary's shadow starts all zero and never sends a page that is still zero, so
+        // the replica must start all zero too: drop whatever an earlier session left.
+        self.meta.state = ReplicaState::Empty;
+        self.write_meta()?;
+        let path = self.ram_path();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path, "open"))?;
+        file.set_len(0).map_err(io_err(&path, "truncate"))?;
+        file.set_len(self.ram_size)
+            .map_err(io_err(&path, "resize"))?;
+        // SAFETY: as in `open`: the file has `ram_size` bytes and no other process maps it
+        // while this store is the backup's replica.
+        self.ram = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(&path, "mmap"))?;
         self.meta.session = session;
         self.meta.state = ReplicaState::Syncing;
         self.write_meta()

@@ -1,0 +1,500 @@
+//! The backup's receiver: stage each checkpoint, prove it complete, apply it, acknowledge.
+//!
+//! ```text
+//! Receiving(k): records verified one by one (CRC by the decoder, order/counts/digest by
+//!   the epoch verifier); pages staged in memory, disk writes held per epoch by the disk
+//! CHECKPOINT_END(k) proved complete, DISK_BARRIER(k) matched
+//!   --> replica: stage durably, apply (see `replica`) --> disk: commit writes ≤ k
+//!   --> replica: Committed(k) --> ACK(k)
+//! ```
+//!
+//! The ACK is the last step, so it is sent only when the invariant holds: the backup holds
+//! all of checkpoint k and every disk write tagged ≤ k durably. A checkpoint that breaks a
+//! rule (digest, counts, order, a page that does not decode) is refused with a NACK naming
+//! the reason and discarded whole; the replica stays at the previous checkpoint, which
+//! remains activatable. The first checkpoint of a session is written straight into the
+//! replica RAM (there is nothing older to protect) and becomes activatable only at its END.
+
+use remus_stream::{
+    Encoder, FlatMemory, Nack, NackReason, PageReference, Record, StreamHeader, StreamKind,
+    PAGE_SIZE,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::peer::SecureWriter;
+use crate::ports::{DiskOpHeld, DiskWriteHeld, PortError, ReplicaDisk};
+use crate::replica::{ReplicaError, ReplicaState, ReplicaStore, StagedPages};
+use crate::wire::{RecordReader, WireError};
+
+/// Longest NACK text the stream format allows (`docs/stream-format.md`, CHECKPOINT_NACK).
+const MAX_NACK_MESSAGE: usize = 4096;
+
+/// Why the receiver stopped.
+#[derive(Debug, Error)]
+pub enum BackupError {
+    /// The stream or channel failed (the primary may be gone).
+    #[error("domain {domain}: replication stream: {source}")]
+    Wire { domain: String, source: WireError },
+    /// A checkpoint was refused; the replica keeps the previous one.
+    #[error("domain {domain}: checkpoint {epoch} refused ({reason}): {message}")]
+    Refused {
+        domain: String,
+        epoch: u64,
+        reason: NackReason,
+        message: String,
+    },
+    /// The replica store failed.
+    #[error("domain {domain}: {source}")]
+    Replica {
+        domain: String,
+        source: ReplicaError,
+    },
+    /// The replica disk failed.
+    #[error("domain {domain}: {source}")]
+    Disk { domain: String, source: PortError },
+}
+
+/// How a replication session ended without error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupExit {
+    /// The primary sent END: protection was stopped on purpose.
+    Ended {
+        /// The last committed checkpoint.
+        committed: Option<u64>,
+    },
+}
+
+/// What the daemon and `remusctl status` see of a receiver.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupStatus {
+    /// The replica's state.
+    pub replica: ReplicaState,
+    /// The checkpoint being received.
+    pub receiving: Option<u64>,
+    /// Checkpoints committed in this session.
+    pub committed_count: u64,
+    /// Checkpoints refused in this session.
+    pub refused_count: u64,
+}
+
+/// Sends the backup's replies (ACK/NACK) on the reply stream.
+pub struct ReplyWriter<W> {
+    writer: SecureWriter<W>,
+    encoder: Encoder,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
+    /// Starts the reply stream; its header repeats the replication session id.
+    ///
+    /// # Errors
+    /// Channel failures; names too long for the header.
+    pub async fn start(
+        mut writer: SecureWriter<W>,
+        node: &str,
+        domain: &str,
+        session_id: u64,
+    ) -> Result<Self, WireError> {
+        let mut encoder = Encoder::new();
+        let mut buf = Vec::new();
+        let header = StreamHeader {
+            kind: StreamKind::Reply,
+            session_id,
+            node: node.to_string(),
+            domain: domain.to_string(),
+        };
+        encoder
+            .header(&mut buf, &header)
+            .map_err(|e| WireError::Encode {
+                what: "reply stream header".into(),
+                reason: e.to_string(),
+            })?;
+        writer.send(&buf).await?;
+        writer.flush().await?;
+        buf.clear();
+        Ok(Self {
+            writer,
+            encoder,
+            buf,
+        })
+    }
+
+    /// Sends one record and flushes.
+    ///
+    /// # Errors
+    /// Channel failures.
+    pub async fn send(&mut self, record: Record) -> Result<(), WireError> {
+        self.buf.clear();
+        self.encoder
+            .record(&mut self.buf, &record)
+            .map_err(|e| WireError::Encode {
+                what: format!("{:?}", record.record_type()),
+                reason: e.to_string(),
+            })?;
+        self.writer.send(&self.buf).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+}
+
+/// The receiver for one replication session.
+pub struct Backup<R, W> {
+    domain: String,
+    reader: RecordReader<R>,
+    replies: ReplyWriter<W>,
+    replica: ReplicaStore,
+    disk: Box<dyn ReplicaDisk>,
+    /// Pages of the checkpoint being received (not the first one, which goes straight in).
+    staged: StagedPages,
+    /// Device state of the checkpoint being received, assembled from its chunks.
+    device: Vec<u8>,
+    /// The checkpoint being received, and whether it is the session's first.
+    receiving: Option<(u64, bool)>,
+    /// Whether this session has begun its first checkpoint.
+    session_started: bool,
+    /// The latest domain configuration received (JSON).
+    config: Option<String>,
+    status: watch::Sender<BackupStatus>,
+    scratch: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
+    /// A receiver over an authenticated channel whose replication header was already read
+    /// by `reader` or will be read first.
+    pub fn new(
+        domain: &str,
+        reader: RecordReader<R>,
+        replies: ReplyWriter<W>,
+        replica: ReplicaStore,
+        disk: Box<dyn ReplicaDisk>,
+    ) -> (Self, watch::Receiver<BackupStatus>) {
+        let (tx, rx) = watch::channel(BackupStatus {
+            replica: replica.state(),
+            receiving: None,
+            committed_count: 0,
+            refused_count: 0,
+        });
+        (
+            Self {
+                domain: domain.to_string(),
+                reader,
+                replies,
+                replica,
+                disk,
+                staged: StagedPages::default(),
+                device: Vec::new(),
+                receiving: None,
+                session_started: false,
+                config: None,
+                status: tx,
+                scratch: Vec::new(),
+            },
+            rx,
+        )
+    }
+
+    /// The latest domain configuration the primary sent.
+    pub fn config(&self) -> Option<&str> {
+        self.config.as_deref()
+    }
+
+    /// Gives the replica back (for activation after the session ended).
+    pub fn into_replica(self) -> (ReplicaStore, Box<dyn ReplicaDisk>) {
+        (self.replica, self.disk)
+    }
+
+    /// The replica.
+    pub fn replica(&self) -> &ReplicaStore {
+        &self.replica
+    }
+
+    /// Receives until the primary ends the session or the stream fails. On any error the
+    /// checkpoint being received is discarded and the replica keeps the last committed one.
+    ///
+    /// # Errors
+    /// See [`BackupError`]; a refused checkpoint is NACKed before the error is returned.
+    pub async fn run(&mut self) -> Result<BackupExit, BackupError> {
+        let r = self.receive().await;
+        if r.is_err() {
+            self.discard_partial();
+        }
+        r
+    }
+
+    fn discard_partial(&mut self) {
+        if let Some((epoch, _)) = self.receiving.take() {
+            warn!(domain = %self.domain, epoch, "discarding an incomplete checkpoint");
+        }
+        self.staged.clear();
+        self.device.clear();
+    }
+
+    fn committed(&self) -> Option<u64> {
+        match self.replica.state() {
+            ReplicaState::Committed(k) => Some(k),
+            _ => None,
+        }
+    }
+
+    async fn receive(&mut self) -> Result<BackupExit, BackupError> {
+        loop {
+            let received = match self.reader.next().await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    return Err(self.wire(WireError::SenderGone(
+                        "the primary closed the stream after END".into(),
+                    )))
+                }
+                Err(e) => {
+                    if let (WireError::Decode { .. }, Some((epoch, _))) = (&e, self.receiving) {
+                        self.nack(epoch, NackReason::Protocol, e.to_string()).await;
+                    }
+                    return Err(self.wire(e));
+                }
+            };
+            let epoch_of = received.record.epoch();
+            let summary = match received.verdict {
+                Ok(s) => s,
+                Err(e) => {
+                    let epoch = epoch_of.unwrap_or(0);
+                    return Err(self.refuse(epoch, e.nack_reason(), e.to_string()).await);
+                }
+            };
+            match received.record {
+                Record::End => {
+                    info!(domain = %self.domain, "primary ended the replication session");
+                    return Ok(BackupExit::Ended {
+                        committed: self.committed(),
+                    });
+                }
+                Record::DomainConfig(c) => self.config = Some(c.json),
+                Record::CheckpointBegin { epoch } => self.begin(epoch).await?,
+                Record::PageData(pd) => {
+                    let (epoch, first) = self.expect_receiving(pd.epoch).await?;
+                    let n = pd.pfns.len();
+                    self.scratch.resize(n * PAGE_SIZE, 0);
+                    let decoded = if first {
+                        let mut r = FlatMemory(self.replica.ram());
+                        pd.decode_into(&mut self.scratch, &mut r)
+                    } else {
+                        let mut r = StagedOrReplica {
+                            staged: &self.staged,
+                            replica: FlatMemory(self.replica.ram()),
+                        };
+                        pd.decode_into(&mut self.scratch, &mut r)
+                    };
+                    if let Err(e) = decoded {
+                        let msg = format!("PAGE_DATA at offset {}: {e}", received.offset);
+                        return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
+                    }
+                    for (i, &pfn) in pd.pfns.iter().enumerate() {
+                        let page = &self.scratch[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+                        if first {
+                            if let Err(e) = self.replica.write_first_page(pfn, page) {
+                                return Err(self
+                                    .refuse(epoch, NackReason::Protocol, e.to_string())
+                                    .await);
+                            }
+                        } else if pfn
+                            .checked_mul(PAGE_SIZE as u64)
+                            .is_none_or(|o| o >= self.replica.ram_size())
+                        {
+                            let msg = format!("page frame {pfn} is beyond guest RAM");
+                            return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
+                        } else {
+                            self.staged.put(pfn, page);
+                        }
+                    }
+                }
+                Record::DeviceState(ds) => {
+                    self.expect_receiving(ds.epoch).await?;
+                    if ds.offset == 0 {
+                        self.device.clear();
+                        self.device.reserve(ds.total_len.min(64 << 20) as usize);
+                    }
+                    self.device.extend_from_slice(&ds.data);
+                }
+                Record::DiskWrite(w) => {
+                    let op = match w.op {
+                        remus_stream::DiskOp::Data(d) => DiskOpHeld::Data(d),
+                        remus_stream::DiskOp::Zeroes(n) => DiskOpHeld::Zeroes(n.into()),
+                        remus_stream::DiskOp::Trim(n) => DiskOpHeld::Trim(n.into()),
+                    };
+                    let held = DiskWriteHeld {
+                        disk: w.disk.into(),
+                        epoch: w.epoch,
+                        offset: w.offset,
+                        op,
+                    };
+                    if let Err(e) = self.disk.hold(held).await {
+                        return Err(self
+                            .refuse(w.epoch, NackReason::Storage, e.to_string())
+                            .await);
+                    }
+                }
+                Record::DiskBarrier(b) => {
+                    if let Err(e) = self.disk.barrier(b.epoch, b.writes, b.data_bytes).await {
+                        return Err(self
+                            .refuse(b.epoch, NackReason::CountMismatch, e.to_string())
+                            .await);
+                    }
+                }
+                Record::CheckpointEnd(end) => {
+                    let Some(summary) = summary else {
+                        let msg = "CHECKPOINT_END was not proved complete".to_string();
+                        return Err(self.refuse(end.epoch, NackReason::Protocol, msg).await);
+                    };
+                    debug!(domain = %self.domain, epoch = end.epoch, ?summary, "checkpoint complete");
+                    self.commit(end.epoch).await?;
+                }
+                Record::Control(_) | Record::Unknown { .. } => {}
+                Record::CheckpointAck { .. } | Record::CheckpointNack(_) => {
+                    // The stream decoder refuses reply records in a replication stream.
+                }
+            }
+        }
+    }
+
+    async fn begin(&mut self, epoch: u64) -> Result<(), BackupError> {
+        let first = !self.session_started;
+        if first {
+            if epoch != 0 {
+                let msg = format!("a session must start with checkpoint 0, got {epoch}");
+                return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
+            }
+            let session = self.reader.header().map_or(0, |h| h.session_id);
+            self.replica
+                .begin_first(session)
+                .map_err(|source| BackupError::Replica {
+                    domain: self.domain.clone(),
+                    source,
+                })?;
+            self.session_started = true;
+        }
+        self.staged.clear();
+        self.device.clear();
+        self.receiving = Some((epoch, first));
+        self.status.send_modify(|s| s.receiving = Some(epoch));
+        Ok(())
+    }
+
+    async fn expect_receiving(&mut self, epoch: u64) -> Result<(u64, bool), BackupError> {
+        match self.receiving {
+            Some((e, first)) if e == epoch => Ok((e, first)),
+            other => {
+                let msg = format!(
+                    "record of checkpoint {epoch} while receiving {:?}",
+                    other.map(|o| o.0)
+                );
+                Err(self.refuse(epoch, NackReason::Protocol, msg).await)
+            }
+        }
+    }
+
+    async fn commit(&mut self, epoch: u64) -> Result<(), BackupError> {
+        let Some((receiving, first)) = self.receiving else {
+            let msg = format!("CHECKPOINT_END({epoch}) without CHECKPOINT_BEGIN");
+            return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
+        };
+        if receiving != epoch {
+            let msg = format!("CHECKPOINT_END({epoch}) while receiving {receiving}");
+            return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
+        }
+        let replica_err = |source| BackupError::Replica {
+            domain: self.domain.clone(),
+            source,
+        };
+        if first {
+            if let Err(e) = self.disk.commit(epoch).await {
+                return Err(self.refuse(epoch, NackReason::Storage, e.to_string()).await);
+            }
+            self.replica
+                .commit_first(epoch, &self.device)
+                .map_err(replica_err)?;
+        } else {
+            self.replica
+                .stage_and_apply(epoch, &self.staged, &self.device)
+                .map_err(replica_err)?;
+            if let Err(e) = self.disk.commit(epoch).await {
+                return Err(self.refuse(epoch, NackReason::Storage, e.to_string()).await);
+            }
+            self.replica
+                .mark_committed(epoch)
+                .map_err(|source| BackupError::Replica {
+                    domain: self.domain.clone(),
+                    source,
+                })?;
+        }
+        self.staged.clear();
+        self.device.clear();
+        self.receiving = None;
+        let state = self.replica.state();
+        self.status.send_modify(|s| {
+            s.replica = state;
+            s.receiving = None;
+            s.committed_count += 1;
+        });
+        self.replies
+            .send(Record::CheckpointAck { epoch })
+            .await
+            .map_err(|e| self.wire(e))?;
+        debug!(domain = %self.domain, epoch, "checkpoint committed and acknowledged");
+        Ok(())
+    }
+
+    async fn nack(&mut self, epoch: u64, reason: NackReason, message: String) {
+        let mut message = message;
+        if message.len() > MAX_NACK_MESSAGE {
+            let mut cut = MAX_NACK_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let nack = Record::CheckpointNack(Nack {
+            epoch,
+            reason,
+            message,
+        });
+        if let Err(e) = self.replies.send(nack).await {
+            warn!(domain = %self.domain, epoch, error = %e, "could not send NACK");
+        }
+        self.status.send_modify(|s| s.refused_count += 1);
+    }
+
+    async fn refuse(&mut self, epoch: u64, reason: NackReason, message: String) -> BackupError {
+        warn!(domain = %self.domain, epoch, %reason, %message, "refusing checkpoint");
+        self.nack(epoch, reason, message.clone()).await;
+        self.discard_partial();
+        BackupError::Refused {
+            domain: self.domain.clone(),
+            epoch,
+            reason,
+            message,
+        }
+    }
+
+    fn wire(&self, source: WireError) -> BackupError {
+        BackupError::Wire {
+            domain: self.domain.clone(),
+            source,
+        }
+    }
+}
+
+/// XOR references for an incremental checkpoint: a page staged earlier in the same
+/// checkpoint, else the replica's committed copy.
+struct StagedOrReplica<'a> {
+    staged: &'a StagedPages,
+    replica: FlatMemory<'a>,
+}
+
+impl<'a> PageReference<'a> for StagedOrReplica<'a> {
+    fn page(&mut self, pfn: u64) -> Option<&'a [u8]> {
+        self.staged.get(pfn).or_else(|| self.replica.page(pfn))
+    }
+}

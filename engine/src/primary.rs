@@ -1,0 +1,806 @@
+//! The primary's epoch loop: checkpoint the running VM at a fixed period and release each
+//! epoch's network output only when the backup has acknowledged it.
+//!
+//! One epoch, as an explicit sequence of [`EpochPhase`]s:
+//!
+//! ```text
+//! Running(k) --timer--> [AwaitingAck: the buffer holds max_closed_epochs() closed epochs]
+//!   --> ClosingOutput(k) --> Stopping --> Capturing --> DiskBarrier --> SavingDevice
+//!   --> Resuming  = Running(k+1): the VM runs again (speculative execution)
+//!   --> Transmitting(k): encode and queue the checkpoint while the VM runs
+//!   ... ACK(k) arrives (any time) --> release the output of k
+//! ```
+//!
+//! The period is measured from epoch start, so the interval is a true fixed period and not
+//! interval + checkpoint time (Xen Remus's drift). A late ACK delays the next boundary; the
+//! wait is reported as `ack_wait`. An ACK that does not come within `ack_timeout`, a NACK,
+//! or a failed connection ends the loop with [`PrimaryExit::BackupLost`]: the caller decides
+//! (release output and run unprotected if it may, per the failover policy).
+//!
+//! The first checkpoint is preceded by live pre-copy rounds: RAM is compared with a zeroed
+//! shadow while the VM runs (zero pages are never sent), so the pause of checkpoint 0 only
+//! covers what changed during the last round. Pre-copy always uses a compare tracker: it is
+//! the only method that stays correct while the guest writes (a torn copy differs from live
+//! RAM and is sent again by the next round or by the stopped collect).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use remus_stream::{EncodingChoice, PageEncoding, Record, MAX_BATCH_PAGES, PAGE_SIZE};
+use remus_tracker::{Capture, CompareTracker, DirtySet, DirtyTracker, ScanPool, VmStopped};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::metrics::{EpochReport, EpochSummary, EpochWindow};
+use crate::ports::{DiskBarrier, OutputBuffer, PortError, VmControl};
+use crate::wire::{Outgoing, StreamSender};
+
+/// Read access to the live guest RAM (the agent's mapping of QEMU's shared RAM file).
+pub trait GuestMemory: Send + Sync {
+    /// All of guest RAM.
+    fn bytes(&self) -> &[u8];
+}
+
+impl GuestMemory for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// How pages are encoded on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Raw pages (zero pages still elided).
+    None,
+    /// LZ4 per batch.
+    Lz4,
+    /// XOR against the previous checkpoint's copy, then LZ4 (best for small changes).
+    XorLz4,
+}
+
+impl Compression {
+    fn choice(self) -> EncodingChoice {
+        match self {
+            Compression::None => EncodingChoice::Fixed(PageEncoding::Raw),
+            Compression::Lz4 => EncodingChoice::Auto { xor: false },
+            Compression::XorLz4 => EncodingChoice::Auto { xor: true },
+        }
+    }
+
+    fn capture(self) -> Capture {
+        match self {
+            Compression::XorLz4 => Capture::OldPage,
+            _ => Capture::PfnsOnly,
+        }
+    }
+}
+
+/// Settings of one domain's primary loop.
+#[derive(Clone, Debug)]
+pub struct PrimaryConfig {
+    /// Domain name, for logs.
+    pub domain: String,
+    /// Checkpoint period, measured from epoch start.
+    pub interval: Duration,
+    /// How long an ACK may take before the backup is declared lost.
+    pub ack_timeout: Duration,
+    /// Page encoding.
+    pub compression: Compression,
+    /// Most live pre-copy rounds before the first checkpoint.
+    pub precopy_max_rounds: u32,
+    /// Pre-copy stops early once a round finds at most this many changed pages.
+    pub precopy_done_pages: u64,
+    /// Most checkpoints in flight (unacknowledged) at once, on top of the output buffer's
+    /// own limit.
+    pub max_in_flight: usize,
+}
+
+impl PrimaryConfig {
+    /// Defaults for a domain: 200 ms epochs, XOR+LZ4, up to 5 pre-copy rounds.
+    pub fn new(domain: &str) -> Self {
+        Self {
+            domain: domain.to_string(),
+            interval: Duration::from_millis(200),
+            ack_timeout: Duration::from_secs(2),
+            compression: Compression::XorLz4,
+            precopy_max_rounds: 5,
+            precopy_done_pages: 256,
+            max_in_flight: 2,
+        }
+    }
+}
+
+/// Where the epoch loop is now (reported through [`PrimaryStatus`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum EpochPhase {
+    /// Not started.
+    Idle,
+    /// Live pre-copy before the first checkpoint.
+    PreCopy {
+        /// Round number, from 1.
+        round: u32,
+    },
+    /// The VM runs in epoch `epoch`.
+    Running {
+        /// The running epoch.
+        epoch: u64,
+    },
+    /// At a boundary, waiting for an ACK before the output buffer can close another epoch.
+    AwaitingAck {
+        /// The epoch whose ACK is awaited.
+        epoch: u64,
+    },
+    /// Closing the network output of `epoch`.
+    ClosingOutput {
+        /// The epoch being checkpointed.
+        epoch: u64,
+    },
+    /// Pausing the VM.
+    Stopping {
+        /// The epoch being checkpointed.
+        epoch: u64,
+    },
+    /// Copying dirty pages.
+    Capturing {
+        /// The epoch being checkpointed.
+        epoch: u64,
+    },
+    /// Waiting for the disk barrier.
+    DiskBarrier {
+        /// The epoch being checkpointed.
+        epoch: u64,
+    },
+    /// Saving device state.
+    SavingDevice {
+        /// The epoch being checkpointed.
+        epoch: u64,
+    },
+    /// Resuming the VM.
+    Resuming {
+        /// The epoch being checkpointed.
+        epoch: u64,
+    },
+    /// Encoding and queueing checkpoint `epoch` while the VM runs.
+    Transmitting {
+        /// The epoch being sent.
+        epoch: u64,
+    },
+    /// The loop ended.
+    Ended,
+}
+
+/// What the daemon and `remusctl status` see of a primary loop.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrimaryStatus {
+    /// Current phase.
+    pub phase: EpochPhase,
+    /// Last checkpoint the backup acknowledged.
+    pub last_acked: Option<u64>,
+    /// Checkpoints sent and not yet acknowledged.
+    pub in_flight: usize,
+    /// The latest epoch's costs.
+    pub last: Option<EpochReport>,
+    /// Rolling summaries.
+    pub summary: EpochSummary,
+    /// Pre-copy rounds run before the first checkpoint, and pages each sent.
+    pub precopy_pages: Vec<u64>,
+}
+
+/// A reply from the backup, as the primary's reader task delivers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The backup holds checkpoint `epoch` durably.
+    Ack(u64),
+    /// The backup refused checkpoint `epoch`.
+    Nack {
+        /// The refused checkpoint.
+        epoch: u64,
+        /// Why, as the backup said it.
+        reason: String,
+    },
+    /// The reply channel failed.
+    Lost(String),
+}
+
+/// Why the loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrimaryExit {
+    /// Shutdown was requested; every sent checkpoint was acknowledged or abandoned.
+    Shutdown {
+        /// Last acknowledged checkpoint.
+        last_acked: Option<u64>,
+    },
+    /// The backup stopped acknowledging: protection is lost. Output of unacknowledged
+    /// epochs is still held.
+    BackupLost {
+        /// What happened.
+        reason: String,
+        /// Last acknowledged checkpoint.
+        last_acked: Option<u64>,
+    },
+}
+
+/// Errors that end the loop other than losing the backup: the VM or a host facility failed.
+#[derive(Debug, Error)]
+pub enum PrimaryError {
+    /// A side effect failed.
+    #[error("domain {domain}: epoch {epoch}: {source}")]
+    Port {
+        domain: String,
+        epoch: u64,
+        source: PortError,
+    },
+    /// The tracker failed.
+    #[error("domain {domain}: epoch {epoch}: {source}")]
+    Tracker {
+        domain: String,
+        epoch: u64,
+        source: remus_tracker::TrackerError,
+    },
+    /// Guest RAM and the shadow disagree in size (the VM was reconfigured underneath).
+    #[error("domain {domain}: guest RAM is {live} bytes, the shadow {shadow}")]
+    RamSize {
+        domain: String,
+        live: usize,
+        shadow: usize,
+    },
+}
+
+struct InFlight {
+    epoch: u64,
+    closed_at: Instant,
+    resumed_at: Instant,
+    report: EpochReport,
+    sent: Option<oneshot::Receiver<crate::wire::SentStats>>,
+}
+
+/// The primary side of one protected domain.
+pub struct Primary {
+    cfg: PrimaryConfig,
+    vm: Box<dyn VmControl>,
+    net: Box<dyn OutputBuffer>,
+    disk: Box<dyn DiskBarrier>,
+    memory: Arc<dyn GuestMemory>,
+    /// The method that finds dirty pages while the VM is stopped.
+    tracker: Option<Box<dyn DirtyTracker>>,
+    /// Pre-copy's compare tracker (see the module doc for why it is always compare).
+    precopy: Option<CompareTracker>,
+    /// Guest RAM as of the last checkpoint: the compare baseline, and the source of each
+    /// checkpoint's new page contents while the VM runs on.
+    shadow: Option<Vec<u8>>,
+    /// The last collect's dirty pages (buffers reused across epochs).
+    dirty: Option<DirtySet>,
+    out: StreamSender,
+    replies: mpsc::Receiver<Reply>,
+    status: watch::Sender<PrimaryStatus>,
+    shutdown: watch::Receiver<bool>,
+    in_flight: VecDeque<InFlight>,
+    window: EpochWindow,
+    last_acked: Option<u64>,
+    precopy_pages: Vec<u64>,
+}
+
+/// Handles the caller keeps: status and shutdown.
+pub struct PrimaryHandle {
+    /// Latest status.
+    pub status: watch::Receiver<PrimaryStatus>,
+    /// Send `true` to stop the loop at the next boundary.
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Everything a primary loop is built from.
+pub struct PrimaryParts {
+    /// The VM.
+    pub vm: Box<dyn VmControl>,
+    /// The network egress buffer.
+    pub net: Box<dyn OutputBuffer>,
+    /// The disk replication barrier.
+    pub disk: Box<dyn DiskBarrier>,
+    /// Live guest RAM.
+    pub memory: Arc<dyn GuestMemory>,
+    /// The dirty-page tracker for stopped collects.
+    pub tracker: Box<dyn DirtyTracker>,
+    /// Threads for page scanning (shared with the tracker).
+    pub pool: Arc<ScanPool>,
+    /// The stream to the backup.
+    pub out: StreamSender,
+    /// Replies from the backup.
+    pub replies: mpsc::Receiver<Reply>,
+}
+
+impl Primary {
+    /// Builds the loop; nothing runs until [`run`](Self::run).
+    pub fn new(cfg: PrimaryConfig, parts: PrimaryParts) -> (Self, PrimaryHandle) {
+        let len = parts.memory.bytes().len();
+        let (status_tx, status_rx) = watch::channel(PrimaryStatus {
+            phase: EpochPhase::Idle,
+            last_acked: None,
+            in_flight: 0,
+            last: None,
+            summary: EpochSummary::default(),
+            precopy_pages: Vec::new(),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let capture = cfg.compression.capture();
+        let p = Self {
+            vm: parts.vm,
+            net: parts.net,
+            disk: parts.disk,
+            memory: parts.memory,
+            tracker: Some(parts.tracker),
+            precopy: Some(CompareTracker::new(parts.pool)),
+            shadow: Some(vec![0u8; len]),
+            dirty: Some(DirtySet::new(capture)),
+            out: parts.out,
+            replies: parts.replies,
+            status: status_tx,
+            shutdown: stop_rx,
+            in_flight: VecDeque::new(),
+            window: EpochWindow::default(),
+            last_acked: None,
+            precopy_pages: Vec::new(),
+            cfg,
+        };
+        (
+            p,
+            PrimaryHandle {
+                status: status_rx,
+                shutdown: stop_tx,
+            },
+        )
+    }
+
+    fn set_phase(&self, phase: EpochPhase) {
+        self.status.send_modify(|s| {
+            s.phase = phase;
+            s.in_flight = self.in_flight.len();
+            s.last_acked = self.last_acked;
+        });
+    }
+
+    fn port(&self, epoch: u64) -> impl FnOnce(PortError) -> PrimaryError + '_ {
+        move |source| PrimaryError::Port {
+            domain: self.cfg.domain.clone(),
+            epoch,
+            source,
+        }
+    }
+
+    /// Runs pre-copy, the first checkpoint, then one checkpoint per interval until shutdown
+    /// or until the backup is lost.
+    ///
+    /// # Errors
+    /// A failure of the VM, the output buffer, the disk or the tracker. Losing the backup is
+    /// not an error but an [`PrimaryExit`].
+    pub async fn run(mut self) -> Result<PrimaryExit, PrimaryError> {
+        let domain = self.cfg.domain.clone();
+        let exit = self
+            .run_inner()
+            .instrument(info_span!("primary", domain = %domain))
+            .await;
+        self.set_phase(EpochPhase::Ended);
+        exit
+    }
+
+    async fn run_inner(&mut self) -> Result<PrimaryExit, PrimaryError> {
+        if let Err(reason) = self.precopy().await {
+            return Ok(self.lost(reason));
+        }
+        let mut epoch = 0u64;
+        loop {
+            let started = Instant::now();
+            let ack_wait = match self.make_room(epoch).await {
+                Ok(Some(w)) => w,
+                Ok(None) => {
+                    return Ok(PrimaryExit::Shutdown {
+                        last_acked: self.last_acked,
+                    })
+                }
+                Err(reason) => return Ok(self.lost(reason)),
+            };
+            if let Err(reason) = self
+                .checkpoint(epoch, ack_wait)
+                .instrument(info_span!("epoch", epoch))
+                .await?
+            {
+                return Ok(self.lost(reason));
+            }
+            epoch += 1;
+            self.set_phase(EpochPhase::Running { epoch });
+            match self.wait_until(started + self.cfg.interval).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(self.finish().await),
+                Err(reason) => return Ok(self.lost(reason)),
+            }
+        }
+    }
+
+    fn lost(&self, reason: String) -> PrimaryExit {
+        warn!(domain = %self.cfg.domain, %reason, last_acked = ?self.last_acked, "backup lost");
+        PrimaryExit::BackupLost {
+            reason,
+            last_acked: self.last_acked,
+        }
+    }
+
+    /// Graceful end: wait (bounded) for the checkpoints in flight, then say END.
+    async fn finish(&mut self) -> PrimaryExit {
+        let deadline = Instant::now() + self.cfg.ack_timeout;
+        while !self.in_flight.is_empty() && Instant::now() < deadline {
+            if self.wait_reply(deadline).await.is_err() {
+                break;
+            }
+        }
+        let _ = self.out.send(Outgoing::Record(Record::End)).await;
+        PrimaryExit::Shutdown {
+            last_acked: self.last_acked,
+        }
+    }
+
+    /// Live pre-copy rounds, sending pages of checkpoint 0 while the VM runs.
+    async fn precopy(&mut self) -> Result<(), String> {
+        self.send(Outgoing::Record(Record::CheckpointBegin { epoch: 0 }))
+            .await?;
+        for round in 1..=self.cfg.precopy_max_rounds {
+            self.set_phase(EpochPhase::PreCopy { round });
+            let mut tracker = self.precopy.take().expect("precopy tracker present");
+            let mut shadow = self.shadow.take().expect("shadow present");
+            let mut dirty = self.dirty.take().expect("dirty set present");
+            let memory = self.memory.clone();
+            let (tracker, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
+                dirty.clear();
+                // SAFETY-free lie, documented in the module doc: the VM runs, but a compare
+                // tracker stays correct because the stopped collect of checkpoint 0 compares
+                // again.
+                let token = VmStopped::caller_asserts_vm_stopped();
+                let r = tracker.collect(&token, memory.bytes(), &mut shadow, &mut dirty);
+                (tracker, shadow, dirty, r)
+            })
+            .await
+            .expect("pre-copy scan thread panicked");
+            self.precopy = Some(tracker);
+            self.shadow = Some(shadow);
+            self.dirty = Some(dirty);
+            let stats = res.map_err(|e| format!("pre-copy round {round}: {e}"))?;
+            self.precopy_pages.push(stats.pages_dirty);
+            debug!(round, pages = stats.pages_dirty, "pre-copy round");
+            self.transmit_pages(0).await?;
+            if stats.pages_dirty <= self.cfg.precopy_done_pages {
+                break;
+            }
+        }
+        let pages = self.precopy_pages.clone();
+        self.status.send_modify(|s| s.precopy_pages = pages);
+        Ok(())
+    }
+
+    /// Waits until the output buffer and the in-flight limit allow closing another epoch.
+    /// Returns the time waited, or `None` on shutdown.
+    async fn make_room(&mut self, epoch: u64) -> Result<Option<Duration>, String> {
+        let start = Instant::now();
+        let limit = self
+            .net
+            .max_closed_epochs()
+            .min(self.cfg.max_in_flight)
+            .max(1);
+        while self.in_flight.len() >= limit {
+            let oldest = self.in_flight.front().map_or(epoch, |f| f.epoch);
+            self.set_phase(EpochPhase::AwaitingAck { epoch: oldest });
+            let deadline =
+                self.in_flight.front().expect("non-empty").resumed_at + self.cfg.ack_timeout;
+            if *self.shutdown.borrow() {
+                return Ok(None);
+            }
+            self.wait_reply(deadline).await?;
+        }
+        Ok(Some(start.elapsed()))
+    }
+
+    /// Processes replies until `boundary`. Returns `false` on shutdown.
+    async fn wait_until(&mut self, boundary: Instant) -> Result<bool, String> {
+        loop {
+            if *self.shutdown.borrow() {
+                return Ok(false);
+            }
+            let now = Instant::now();
+            if now >= boundary {
+                return Ok(true);
+            }
+            let deadline = match self.in_flight.front() {
+                Some(f) => boundary.min(f.resumed_at + self.cfg.ack_timeout),
+                None => boundary,
+            };
+            if self.in_flight.is_empty() {
+                let mut stop = self.shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                    _ = stop.changed() => {}
+                    r = self.replies.recv() => self.handle_reply(r).await?,
+                }
+            } else {
+                self.wait_reply(deadline).await?;
+            }
+        }
+    }
+
+    /// Waits for one reply or `deadline`; an overdue ACK is an error.
+    async fn wait_reply(&mut self, deadline: Instant) -> Result<(), String> {
+        let mut stop = self.shutdown.clone();
+        tokio::select! {
+            r = self.replies.recv() => self.handle_reply(r).await,
+            _ = stop.changed() => Ok(()),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                match self.in_flight.front() {
+                    Some(f) if f.resumed_at.elapsed() >= self.cfg.ack_timeout => Err(format!(
+                        "no acknowledgement of checkpoint {} within {:?}",
+                        f.epoch, self.cfg.ack_timeout
+                    )),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn handle_reply(&mut self, reply: Option<Reply>) -> Result<(), String> {
+        match reply {
+            None => Err(self
+                .out
+                .failure()
+                .unwrap_or_else(|| "the backup's reply channel closed".into())),
+            Some(Reply::Lost(reason)) => Err(reason),
+            Some(Reply::Nack { epoch, reason }) => {
+                Err(format!("the backup refused checkpoint {epoch}: {reason}"))
+            }
+            Some(Reply::Ack(epoch)) => {
+                let Some(front) = self.in_flight.front() else {
+                    return Err(format!(
+                        "the backup acknowledged checkpoint {epoch}, but none is in flight"
+                    ));
+                };
+                if front.epoch != epoch {
+                    return Err(format!(
+                        "the backup acknowledged checkpoint {epoch}, expected {}",
+                        front.epoch
+                    ));
+                }
+                let mut f = self.in_flight.pop_front().expect("checked");
+                self.net
+                    .release(epoch)
+                    .await
+                    .map_err(|e| format!("releasing the output of epoch {epoch}: {e}"))?;
+                let now = Instant::now();
+                f.report.output_commit_delay = now - f.closed_at;
+                f.report.ack_latency = now - f.resumed_at;
+                if let Some(rx) = f.sent.take() {
+                    if let Ok(s) = rx.await {
+                        f.report.page_bytes_raw = s.page_bytes_raw;
+                        f.report.page_bytes_encoded = s.page_bytes_encoded;
+                    }
+                }
+                self.last_acked = Some(epoch);
+                info!(
+                    epoch,
+                    pause_us = f.report.pause.as_micros() as u64,
+                    dirty = f.report.dirty_pages,
+                    sent_bytes = f.report.page_bytes_encoded,
+                    ack_us = f.report.ack_latency.as_micros() as u64,
+                    held_us = f.report.output_commit_delay.as_micros() as u64,
+                    "checkpoint acknowledged, output released"
+                );
+                self.window.push(f.report.clone());
+                let summary = self.window.summary();
+                let last = f.report;
+                self.status.send_modify(|s| {
+                    s.last = Some(last);
+                    s.summary = summary;
+                    s.last_acked = Some(epoch);
+                });
+                Ok(())
+            }
+        }
+    }
+
+    async fn send(&mut self, item: Outgoing) -> Result<(), String> {
+        self.out.send(item).await.map_err(|e| e.to_string())
+    }
+
+    /// Takes checkpoint `epoch`. The outer error is fatal (VM, buffer, disk, tracker); the
+    /// inner one means the backup was lost.
+    async fn checkpoint(
+        &mut self,
+        epoch: u64,
+        ack_wait: Duration,
+    ) -> Result<Result<(), String>, PrimaryError> {
+        let mut report = EpochReport {
+            epoch,
+            ack_wait,
+            ..Default::default()
+        };
+        self.set_phase(EpochPhase::ClosingOutput { epoch });
+        let closed_at = Instant::now();
+        self.net
+            .close_epoch(epoch)
+            .await
+            .map_err(self.port(epoch))?;
+
+        self.set_phase(EpochPhase::Stopping { epoch });
+        let stopping_at = Instant::now();
+        self.vm.stop().await.map_err(self.port(epoch))?;
+        report.stop = stopping_at.elapsed();
+
+        self.set_phase(EpochPhase::Capturing { epoch });
+        let t = Instant::now();
+        let stats = self.collect(epoch).await?;
+        report.capture = t.elapsed();
+        report.dirty_pages = stats.pages_dirty;
+
+        self.set_phase(EpochPhase::DiskBarrier { epoch });
+        let t = Instant::now();
+        self.disk.barrier(epoch).await.map_err(self.port(epoch))?;
+        report.disk_barrier = t.elapsed();
+
+        self.set_phase(EpochPhase::SavingDevice { epoch });
+        let t = Instant::now();
+        let device = self
+            .vm
+            .save_device_state()
+            .await
+            .map_err(self.port(epoch))?;
+        report.device_save = t.elapsed();
+        report.device_bytes = device.len() as u64;
+
+        self.set_phase(EpochPhase::Resuming { epoch });
+        let t = Instant::now();
+        self.vm.cont().await.map_err(self.port(epoch))?;
+        let resumed_at = Instant::now();
+        report.resume = resumed_at - t;
+        report.pause = resumed_at - stopping_at;
+
+        self.set_phase(EpochPhase::Transmitting { epoch });
+        let t = Instant::now();
+        let sent = async {
+            if epoch > 0 {
+                self.send(Outgoing::Record(Record::CheckpointBegin { epoch }))
+                    .await?;
+            }
+            self.transmit_pages(epoch).await?;
+            self.send(Outgoing::DeviceState {
+                epoch,
+                blob: Arc::new(device),
+            })
+            .await?;
+            self.send(Outgoing::DiskBarrier(epoch)).await?;
+            let (tx, rx) = oneshot::channel();
+            self.send(Outgoing::CheckpointEnd {
+                epoch,
+                done: Some(tx),
+            })
+            .await?;
+            Ok::<_, String>(rx)
+        }
+        .await;
+        report.transmit = t.elapsed();
+        let rx = match sent {
+            Ok(rx) => rx,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        self.in_flight.push_back(InFlight {
+            epoch,
+            closed_at,
+            resumed_at,
+            report,
+            sent: Some(rx),
+        });
+        Ok(Ok(()))
+    }
+
+    /// The stopped collect, on a blocking thread (the tracker splits it across cores).
+    async fn collect(&mut self, epoch: u64) -> Result<remus_tracker::CollectStats, PrimaryError> {
+        let mut tracker = self.tracker.take().expect("tracker present");
+        let mut shadow = self.shadow.take().expect("shadow present");
+        let mut dirty = self.dirty.take().expect("dirty set present");
+        let memory = self.memory.clone();
+        let (tracker, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
+            dirty.clear();
+            // The VM was stopped by the caller (`checkpoint`) and is resumed only after this
+            // returns.
+            let token = VmStopped::caller_asserts_vm_stopped();
+            let live = memory.bytes();
+            let r = if live.len() != shadow.len() {
+                Err(None)
+            } else {
+                tracker
+                    .collect(&token, live, &mut shadow, &mut dirty)
+                    .map_err(Some)
+            };
+            (tracker, shadow, dirty, r)
+        })
+        .await
+        .expect("collect thread panicked");
+        let lens = (self.memory.bytes().len(), shadow.len());
+        self.tracker = Some(tracker);
+        self.shadow = Some(shadow);
+        self.dirty = Some(dirty);
+        res.map_err(|e| match e {
+            Some(source) => PrimaryError::Tracker {
+                domain: self.cfg.domain.clone(),
+                epoch,
+                source,
+            },
+            None => PrimaryError::RamSize {
+                domain: self.cfg.domain.clone(),
+                live: lens.0,
+                shadow: lens.1,
+            },
+        })
+    }
+
+    /// Queues the pages of the last collect as `PAGE_DATA` batches of `epoch`.
+    async fn transmit_pages(&mut self, epoch: u64) -> Result<(), String> {
+        let shadow = self.shadow.take().expect("shadow present");
+        let dirty = self.dirty.take().expect("dirty set present");
+        let choice = self.cfg.compression.choice();
+        let (shadow, dirty, batches) = tokio::task::spawn_blocking(move || {
+            let batches = build_batches(epoch, &shadow, &dirty, choice);
+            (shadow, dirty, batches)
+        })
+        .await
+        .expect("batch thread panicked");
+        self.shadow = Some(shadow);
+        self.dirty = Some(dirty);
+        for b in batches {
+            self.send(b).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Groups dirty pages into `PAGE_DATA` batches: new contents from the shadow, old contents
+/// from the dirty set's captures (for XOR-delta).
+fn build_batches(
+    epoch: u64,
+    shadow: &[u8],
+    dirty: &DirtySet,
+    choice: EncodingChoice,
+) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    let mut pfns = Vec::with_capacity(MAX_BATCH_PAGES);
+    let mut new = Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE);
+    let mut old: Option<Vec<u8>> = (dirty.capture() == Capture::OldPage)
+        .then(|| Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE));
+    let mut last: Option<u64> = None;
+    let mut flush = |pfns: &mut Vec<u64>, new: &mut Vec<u8>, old: &mut Option<Vec<u8>>| {
+        if pfns.is_empty() {
+            return;
+        }
+        out.push(Outgoing::Pages {
+            epoch,
+            pfns: std::mem::take(pfns),
+            new: std::mem::take(new),
+            old: old.as_mut().map(std::mem::take),
+            choice,
+        });
+    };
+    for page in dirty.iter() {
+        // A batch needs strictly ascending pfns; an audit segment may restart the order.
+        if pfns.len() == MAX_BATCH_PAGES || last.is_some_and(|l| page.pfn <= l) {
+            flush(&mut pfns, &mut new, &mut old);
+        }
+        let start = page.pfn as usize * PAGE_SIZE;
+        let end = (start + PAGE_SIZE).min(shadow.len());
+        new.extend_from_slice(&shadow[start..end]);
+        new.resize(new.len() + (PAGE_SIZE - (end - start)), 0);
+        if let (Some(old), Some(c)) = (old.as_mut(), page.captured) {
+            old.extend_from_slice(c);
+        }
+        pfns.push(page.pfn);
+        last = Some(page.pfn);
+    }
+    flush(&mut pfns, &mut new, &mut old);
+    out
+}

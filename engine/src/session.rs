@@ -1,0 +1,186 @@
+//! Setting up one replication session between the two agents: connect or accept, run the
+//! peer-channel handshake, exchange stream headers, and hand the engine its ends.
+
+use std::time::Duration;
+
+use remus_stream::{Record, StreamHeader, StreamKind};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::backup::ReplyWriter;
+use crate::peer::{self, Expect, Hello, PreSharedKey, CHANNEL_VERSION};
+use crate::primary::Reply;
+use crate::wire::{spawn_sender, RecordReader, StreamSender, WireError};
+
+/// Who is talking to whom about what.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// This node's name.
+    pub node: String,
+    /// The peer node's name (from the policy).
+    pub peer_node: String,
+    /// The replicated domain.
+    pub domain: String,
+}
+
+/// The primary's ends of a session.
+pub struct PrimarySession {
+    /// Queue of outgoing records.
+    pub sender: StreamSender,
+    /// The I/O task writing them (its error says why the connection failed).
+    pub io: tokio::task::JoinHandle<Result<(), WireError>>,
+    /// Replies from the backup.
+    pub replies: mpsc::Receiver<Reply>,
+    /// The random id of this session.
+    pub session_id: u64,
+}
+
+/// Connects to the backup at `addr` and starts a replication session.
+///
+/// # Errors
+/// Connection, authentication and header errors.
+pub async fn open_primary(
+    addr: &str,
+    psk: &PreSharedKey,
+    id: &Identity,
+    timeout: Duration,
+) -> Result<PrimarySession, WireError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            WireError::SenderGone(format!(
+                "connecting to the backup at {addr}: timed out after {timeout:?}"
+            ))
+        })?
+        .map_err(|e| WireError::SenderGone(format!("connecting to the backup at {addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let hello = Hello {
+        version: CHANNEL_VERSION,
+        node: id.node.clone(),
+        domain: id.domain.clone(),
+        purpose: "replication".into(),
+    };
+    let ch = peer::connect(r, w, psk, &hello, &id.peer_node, addr, timeout).await?;
+    let session_id = rand::random::<u64>();
+    let header = StreamHeader {
+        kind: StreamKind::Replication,
+        session_id,
+        node: id.node.clone(),
+        domain: id.domain.clone(),
+    };
+    let (sender, io) = spawn_sender(header, ch.writer)?;
+    let mut reader = RecordReader::new(ch.reader, StreamKind::Reply, false, addr);
+    let (tx, replies) = mpsc::channel(64);
+    tokio::spawn(async move {
+        match reader.read_header().await {
+            Ok(h) if h.session_id != session_id => {
+                let _ = tx
+                    .send(Reply::Lost(format!(
+                        "the backup answered for session {:#x}, this is {session_id:#x}",
+                        h.session_id
+                    )))
+                    .await;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = tx.send(Reply::Lost(e.to_string())).await;
+                return;
+            }
+        }
+        loop {
+            let reply = match reader.next().await {
+                Ok(Some(r)) => match r.record {
+                    Record::CheckpointAck { epoch } => Reply::Ack(epoch),
+                    Record::CheckpointNack(n) => Reply::Nack {
+                        epoch: n.epoch,
+                        reason: format!("{}: {}", n.reason, n.message),
+                    },
+                    Record::End => Reply::Lost("the backup ended the session".into()),
+                    other => {
+                        warn!(record = ?other.record_type(), "ignoring an unexpected reply record");
+                        continue;
+                    }
+                },
+                Ok(None) => Reply::Lost("the backup closed the session".into()),
+                Err(e) => Reply::Lost(format!("reply stream: {e}")),
+            };
+            let last = matches!(reply, Reply::Lost(_));
+            if tx.send(reply).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    Ok(PrimarySession {
+        sender,
+        io,
+        replies,
+        session_id,
+    })
+}
+
+/// The backup's ends of a session.
+pub struct BackupSession {
+    /// The replication stream (header already read).
+    pub reader: RecordReader<OwnedReadHalf>,
+    /// The reply stream (header already sent).
+    pub replies: ReplyWriter<OwnedWriteHalf>,
+    /// The primary's hello.
+    pub remote: Hello,
+    /// The replication header.
+    pub header: StreamHeader,
+}
+
+/// Runs the responder's handshake on an accepted connection and exchanges headers.
+///
+/// # Errors
+/// Authentication failures (an unauthenticated peer is refused before it sees any of our
+/// data), a replication header for another domain, I/O errors.
+pub async fn accept_backup(
+    stream: TcpStream,
+    psk: &PreSharedKey,
+    node: &str,
+    peer_node: &str,
+    domains: Option<Vec<String>>,
+    timeout: Duration,
+) -> Result<BackupSession, WireError> {
+    let addr = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown peer".into());
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let expect = Expect {
+        local_node: node.to_string(),
+        purpose: "replication".into(),
+        peer_node: peer_node.to_string(),
+        domains,
+    };
+    let ch = peer::accept(r, w, psk, &expect, &addr, timeout).await?;
+    let mut reader = RecordReader::new(ch.reader, StreamKind::Replication, true, &addr);
+    let header = tokio::time::timeout(timeout, reader.read_header())
+        .await
+        .map_err(|_| WireError::Header {
+            peer: addr.clone(),
+            reason: format!("no stream header within {timeout:?}"),
+        })??;
+    if header.domain != ch.remote.domain || header.node != ch.remote.node {
+        return Err(WireError::Header {
+            peer: addr,
+            reason: format!(
+                "stream header names node {:?} domain {:?}, the handshake said {:?} {:?}",
+                header.node, header.domain, ch.remote.node, ch.remote.domain
+            ),
+        });
+    }
+    let replies = ReplyWriter::start(ch.writer, node, &header.domain, header.session_id).await?;
+    Ok(BackupSession {
+        reader,
+        replies,
+        remote: ch.remote,
+        header,
+    })
+}

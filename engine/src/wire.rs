@@ -1,0 +1,419 @@
+//! Moving records between the engine and the peer channel.
+//!
+//! Sending is split in two so that CPU work never stalls I/O and the other way round:
+//! - an **encoder thread** owns the stream [`Encoder`] (which numbers records, keeps each
+//!   epoch's counts and digest, and compresses pages) and turns [`Outgoing`] items into
+//!   bytes;
+//! - an **I/O task** writes those bytes to the encrypted channel.
+//!
+//! Both queues are bounded, so a slow backup slows the producer instead of growing memory.
+//! One encoder serves every producer (checkpoints and disk writes), which is what makes a
+//! `DISK_BARRIER(k)` or `CHECKPOINT_END(k)` count exactly the records of epoch k that precede
+//! it in the stream.
+//!
+//! Receiving is a [`RecordReader`]: decrypted frames are fed to the incremental
+//! [`Decoder`], which never holds more than one record; on the backup each record is also
+//! checked by the [`EpochVerifier`] before the engine sees it.
+
+use std::sync::Arc;
+
+use remus_stream::{
+    DecodeError, Decoder, DecoderConfig, Encoder, EncodingChoice, EpochError, EpochSummary,
+    EpochVerifier, Item, PageEncoding, Record, StreamHeader, StreamKind, PAGE_SIZE,
+};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::peer::{PeerError, SecureReader, SecureWriter};
+
+/// Device state is sent in chunks of this size, so no record is huge.
+pub const DEVICE_STATE_CHUNK: usize = 1 << 20;
+/// Encoded bytes accumulated before they are handed to the I/O task.
+const FLUSH_BYTES: usize = 1 << 20;
+
+/// Errors moving records.
+#[derive(Debug, Error)]
+pub enum WireError {
+    /// The channel failed.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// The peer sent bytes that are not a valid stream.
+    #[error("stream from {peer}: {source}")]
+    Decode { peer: String, source: DecodeError },
+    /// The stream's header does not belong here.
+    #[error("stream from {peer}: {reason}")]
+    Header { peer: String, reason: String },
+    /// A record could not be encoded (a bug: the engine built an invalid record).
+    #[error("encoding {what}: {reason}")]
+    Encode { what: String, reason: String },
+    /// The sender's threads are gone (the connection failed earlier).
+    #[error("replication sender stopped: {0}")]
+    SenderGone(String),
+}
+
+/// One thing to send, in stream order.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A record sent as is (CHECKPOINT_BEGIN, DOMAIN_CONFIG, DISK_WRITE, END, ACK …).
+    Record(Record),
+    /// A batch of pages to encode: `new` holds one page per pfn (ascending), `old` the
+    /// previous copy of each for XOR-delta encoding.
+    Pages {
+        /// Epoch of the checkpoint.
+        epoch: u64,
+        /// Page frame numbers, strictly ascending, 1..=1024.
+        pfns: Vec<u64>,
+        /// New contents, `pfns.len() * 4096` bytes.
+        new: Vec<u8>,
+        /// Previous contents, same layout, when XOR-delta is allowed.
+        old: Option<Vec<u8>>,
+        /// How to encode.
+        choice: EncodingChoice,
+    },
+    /// The device state of a checkpoint, sent in chunks.
+    DeviceState {
+        /// Epoch of the checkpoint.
+        epoch: u64,
+        /// The saved state.
+        blob: Arc<Vec<u8>>,
+    },
+    /// `DISK_BARRIER(epoch)` with the encoder's own counts of the epoch's disk writes.
+    DiskBarrier(u64),
+    /// `CHECKPOINT_END(epoch)` with the encoder's counts and digest; the reply carries what
+    /// the epoch cost on the wire.
+    CheckpointEnd {
+        /// The checkpoint being closed.
+        epoch: u64,
+        /// Gets the epoch's encoded sizes once the END is encoded.
+        done: Option<oneshot::Sender<SentStats>>,
+    },
+}
+
+/// What one checkpoint took on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SentStats {
+    /// Page bytes before encoding.
+    pub page_bytes_raw: u64,
+    /// Page bytes in the stream (record bodies), after encoding.
+    pub page_bytes_encoded: u64,
+    /// Pages by encoding: raw, zero, lz4, xor+lz4.
+    pub pages_by_encoding: [u64; 4],
+}
+
+/// The producing end of a replication stream.
+#[derive(Clone, Debug)]
+pub struct StreamSender {
+    tx: mpsc::Sender<Outgoing>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl StreamSender {
+    /// Queues one item; waits while the queue is full.
+    ///
+    /// # Errors
+    /// [`WireError::SenderGone`] with the cause when the connection has failed.
+    pub async fn send(&self, item: Outgoing) -> Result<(), WireError> {
+        self.tx.send(item).await.map_err(|_| self.gone())
+    }
+
+    /// The reason the sender stopped, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("failure lock").clone()
+    }
+
+    fn gone(&self) -> WireError {
+        WireError::SenderGone(
+            self.failure()
+                .unwrap_or_else(|| "the connection was closed".into()),
+        )
+    }
+
+    /// True once the sending side has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Starts the encoder thread and the I/O task for one stream; the header is sent first.
+/// Dropping every [`StreamSender`] flushes and ends both.
+///
+/// # Errors
+/// The header cannot be encoded (names too long).
+pub fn spawn_sender<W>(
+    header: StreamHeader,
+    mut writer: SecureWriter<W>,
+) -> Result<(StreamSender, tokio::task::JoinHandle<Result<(), WireError>>), WireError>
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(256);
+    let (btx, mut brx) = mpsc::channel::<Vec<u8>>(16);
+    let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+    let mut encoder = Encoder::new();
+    let mut first = Vec::new();
+    encoder
+        .header(&mut first, &header)
+        .map_err(|e| WireError::Encode {
+            what: "stream header".into(),
+            reason: e.to_string(),
+        })?;
+    let fail = failure.clone();
+    std::thread::Builder::new()
+        .name(format!("remus-enc-{}", header.domain))
+        .spawn(move || {
+            let mut buf = first;
+            let mut stats = SentStats::default();
+            while let Some(item) = rx.blocking_recv() {
+                if let Err(e) = encode_item(&mut encoder, &mut buf, item, &mut stats) {
+                    *fail.lock().expect("failure lock") = Some(e.to_string());
+                    tracing::error!(error = %e, "replication encoder stopped");
+                    return;
+                }
+                if (buf.len() >= FLUSH_BYTES || rx.is_empty())
+                    && btx.blocking_send(std::mem::take(&mut buf)).is_err()
+                {
+                    return;
+                }
+            }
+            if !buf.is_empty() {
+                let _ = btx.blocking_send(buf);
+            }
+        })
+        .map_err(|e| WireError::SenderGone(format!("cannot start encoder thread: {e}")))?;
+    let fail = failure.clone();
+    let io = tokio::spawn(async move {
+        let result: Result<(), WireError> = async {
+            while let Some(bytes) = brx.recv().await {
+                writer.send(&bytes).await?;
+                if brx.is_empty() {
+                    writer.flush().await?;
+                }
+            }
+            writer.shutdown().await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = &result {
+            let mut f = fail.lock().expect("failure lock");
+            if f.is_none() {
+                *f = Some(e.to_string());
+            }
+        }
+        result
+    });
+    Ok((StreamSender { tx, failure }, io))
+}
+
+fn encode_item(
+    enc: &mut Encoder,
+    buf: &mut Vec<u8>,
+    item: Outgoing,
+    stats: &mut SentStats,
+) -> Result<(), WireError> {
+    let err = |what: String| {
+        move |e: remus_stream::EncodeError| WireError::Encode {
+            what,
+            reason: e.to_string(),
+        }
+    };
+    match item {
+        Outgoing::Record(r) => {
+            let what = format!("{:?} record", r.record_type());
+            enc.record(buf, &r).map_err(err(what))?;
+        }
+        Outgoing::Pages {
+            epoch,
+            pfns,
+            new,
+            old,
+            choice,
+        } => {
+            let before = buf.len();
+            let encoding = match &old {
+                Some(old) => {
+                    let mut reference = |pfn: u64| {
+                        pfns.binary_search(&pfn)
+                            .ok()
+                            .map(|i| &old[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+                    };
+                    enc.page_data(buf, epoch, &pfns, &new, choice, &mut reference)
+                }
+                None => enc.page_data(
+                    buf,
+                    epoch,
+                    &pfns,
+                    &new,
+                    choice,
+                    &mut remus_stream::NoReference,
+                ),
+            }
+            .map_err(err(format!("PAGE_DATA of epoch {epoch}")))?;
+            stats.page_bytes_raw += new.len() as u64;
+            stats.page_bytes_encoded += (buf.len() - before) as u64;
+            let slot = match encoding {
+                PageEncoding::Raw => 0,
+                PageEncoding::Zero => 1,
+                PageEncoding::Lz4 => 2,
+                PageEncoding::XorLz4 => 3,
+            };
+            stats.pages_by_encoding[slot] += pfns.len() as u64;
+        }
+        Outgoing::DeviceState { epoch, blob } => {
+            enc.device_state(buf, epoch, &blob, DEVICE_STATE_CHUNK)
+                .map_err(err(format!("DEVICE_STATE of epoch {epoch}")))?;
+        }
+        Outgoing::DiskBarrier(epoch) => {
+            enc.disk_barrier(buf, epoch)
+                .map_err(err(format!("DISK_BARRIER of epoch {epoch}")))?;
+        }
+        Outgoing::CheckpointEnd { epoch, done } => {
+            enc.checkpoint_end(buf, epoch)
+                .map_err(err(format!("CHECKPOINT_END of epoch {epoch}")))?;
+            let s = std::mem::take(stats);
+            if let Some(done) = done {
+                let _ = done.send(s);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One record as received.
+#[derive(Debug)]
+pub struct Received {
+    /// Stream offset of the record (for error messages).
+    pub offset: u64,
+    /// The record.
+    pub record: Record,
+    /// The verifier's verdict, when the reader verifies epochs: `Ok(Some(summary))` on a
+    /// `CHECKPOINT_END` that proves its checkpoint complete, an error when a rule broke.
+    pub verdict: Result<Option<EpochSummary>, EpochError>,
+}
+
+/// Reads records from an encrypted channel.
+pub struct RecordReader<R> {
+    reader: SecureReader<R>,
+    decoder: Decoder,
+    verifier: Option<EpochVerifier>,
+    chunk: Vec<u8>,
+    pos: usize,
+    header: Option<StreamHeader>,
+    expect_kind: StreamKind,
+    peer: String,
+}
+
+impl<R: AsyncRead + Unpin> RecordReader<R> {
+    /// A reader expecting a stream of `kind`; `verify` enables the epoch verifier (the
+    /// backup verifies the replication stream).
+    pub fn new(reader: SecureReader<R>, kind: StreamKind, verify: bool, peer: &str) -> Self {
+        Self {
+            reader,
+            decoder: Decoder::new(DecoderConfig::default()),
+            verifier: verify.then(EpochVerifier::default),
+            chunk: Vec::new(),
+            pos: 0,
+            header: None,
+            expect_kind: kind,
+            peer: peer.to_string(),
+        }
+    }
+
+    /// The stream's header, once read.
+    pub fn header(&self) -> Option<&StreamHeader> {
+        self.header.as_ref()
+    }
+
+    /// Reads until the stream header has arrived and returns it.
+    ///
+    /// # Errors
+    /// As [`next`](Self::next).
+    pub async fn read_header(&mut self) -> Result<StreamHeader, WireError> {
+        loop {
+            if let Some(h) = &self.header {
+                return Ok(h.clone());
+            }
+            if self.pos < self.chunk.len() {
+                let mut input = &self.chunk[self.pos..];
+                let before = input.len();
+                let item = self.decoder.decode_frame(&mut input);
+                self.pos += before - input.len();
+                match item.map_err(|source| WireError::Decode {
+                    peer: self.peer.clone(),
+                    source,
+                })? {
+                    Some(Item::Header(h)) => {
+                        let h = h.clone();
+                        self.accept_header(h)?;
+                    }
+                    Some(Item::Record(_)) => {
+                        return Err(WireError::Header {
+                            peer: self.peer.clone(),
+                            reason: "a record arrived before the stream header".into(),
+                        })
+                    }
+                    None => {}
+                }
+                continue;
+            }
+            self.reader.recv(&mut self.chunk).await?;
+            self.pos = 0;
+        }
+    }
+
+    fn accept_header(&mut self, h: StreamHeader) -> Result<(), WireError> {
+        if h.kind != self.expect_kind {
+            return Err(WireError::Header {
+                peer: self.peer.clone(),
+                reason: format!(
+                    "a {} stream arrived where a {} stream was expected",
+                    h.kind.as_str(),
+                    self.expect_kind.as_str()
+                ),
+            });
+        }
+        self.header = Some(h);
+        Ok(())
+    }
+
+    /// The next record; `Ok(None)` when the peer closed the channel after `END`.
+    ///
+    /// # Errors
+    /// Channel failures, malformed streams, a header of the wrong kind.
+    pub async fn next(&mut self) -> Result<Option<Received>, WireError> {
+        loop {
+            while self.pos < self.chunk.len() {
+                let mut input = &self.chunk[self.pos..];
+                let before = input.len();
+                let item = self.decoder.decode_frame(&mut input);
+                self.pos += before - input.len();
+                match item.map_err(|source| WireError::Decode {
+                    peer: self.peer.clone(),
+                    source,
+                })? {
+                    Some(Item::Header(h)) => {
+                        let h = h.clone();
+                        self.accept_header(h)?;
+                    }
+                    Some(Item::Record(frame)) => {
+                        let verdict = match &mut self.verifier {
+                            Some(v) => v.observe(&frame.record, frame.crc),
+                            None => Ok(None),
+                        };
+                        return Ok(Some(Received {
+                            offset: frame.offset,
+                            record: frame.record.to_owned_record(),
+                            verdict,
+                        }));
+                    }
+                    None => {}
+                }
+            }
+            match self.reader.recv(&mut self.chunk).await {
+                Ok(()) => self.pos = 0,
+                Err(PeerError::Closed { .. }) if self.decoder.is_ended() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}

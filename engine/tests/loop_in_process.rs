@@ -1,0 +1,300 @@
+//! The epoch loop against in-process stand-ins for the VM and the network buffer, over a
+//! real encrypted TCP session and a real replica store.
+//!
+//! The "guest" is a thread writing into a shared file mapping while the stand-in VM is
+//! running; the stand-in's device state is the guest's counter at the moment of `stop`. So a
+//! checkpoint is consistent exactly when the replica's device state equals the counter the
+//! replica RAM holds. The output buffer stand-in checks the output-commit invariant itself:
+//! it refuses to release epoch k unless the backup's replica has committed k.
+//! (The same loop against a real QEMU guest is in `tests/` at the workspace root.)
+
+use std::fs::OpenOptions;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use memmap2::MmapMut;
+use remus_engine::backup::{Backup, BackupStatus};
+use remus_engine::peer::PreSharedKey;
+use remus_engine::ports::{NoDisk, OutputBuffer, PortError, VmControl};
+use remus_engine::primary::{
+    Compression, GuestMemory, Primary, PrimaryConfig, PrimaryExit, PrimaryParts,
+};
+use remus_engine::replica::{ReplicaState, ReplicaStore};
+use remus_engine::session::{accept_backup, open_primary, Identity};
+use remus_tracker::{CompareTracker, ScanPool};
+use tokio::net::TcpListener;
+
+const PAGES: usize = 2048;
+const PAGE: usize = 4096;
+
+/// Shared RAM: the engine reads it through one mapping, the guest thread writes through
+/// another.
+struct Ram {
+    map: MmapMut,
+}
+
+impl GuestMemory for Ram {
+    fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+fn map(path: &std::path::Path) -> MmapMut {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    f.set_len((PAGES * PAGE) as u64).unwrap();
+    // SAFETY: test-only shared mapping of a file this test owns; concurrent writes by the
+    // guest thread are the point of the test and are only read as bytes.
+    unsafe { MmapMut::map_mut(&f).unwrap() }
+}
+
+/// The guest: while running, bump a counter (page 0) and scribble on pseudo-random pages.
+struct Guest {
+    running: Arc<AtomicBool>,
+    parked: Arc<AtomicBool>,
+    counter: Arc<AtomicU64>,
+}
+
+fn spawn_guest(mut mem: MmapMut, stop: Arc<AtomicBool>) -> Guest {
+    let running = Arc::new(AtomicBool::new(true));
+    let parked = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(0));
+    let (r, p, c) = (running.clone(), parked.clone(), counter.clone());
+    std::thread::spawn(move || {
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        while !stop.load(Ordering::SeqCst) {
+            if !r.load(Ordering::SeqCst) {
+                p.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            p.store(false, Ordering::SeqCst);
+            let n = c.load(Ordering::SeqCst) + 1;
+            // The counter lives in guest RAM (page 0), written before it is published.
+            mem[0..8].copy_from_slice(&n.to_le_bytes());
+            c.store(n, Ordering::SeqCst);
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let page = 1 + (x as usize % (PAGES - 1));
+                let off = page * PAGE + (x as usize >> 20) % (PAGE - 8);
+                mem[off..off + 8].copy_from_slice(&n.to_le_bytes());
+            }
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    });
+    Guest {
+        running,
+        parked,
+        counter,
+    }
+}
+
+/// (epoch, RAM at that checkpoint) for the last few checkpoints.
+type Snapshots = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+struct FakeVm {
+    guest: Arc<Guest>,
+    /// The engine's view of RAM, to record what each checkpoint must reproduce.
+    ram: Arc<Ram>,
+    /// (epoch, RAM at that checkpoint) for the last few checkpoints.
+    snapshots: Snapshots,
+    saves: u64,
+}
+
+#[async_trait]
+impl VmControl for FakeVm {
+    async fn stop(&mut self) -> Result<(), PortError> {
+        self.guest.running.store(false, Ordering::SeqCst);
+        while !self.guest.parked.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        Ok(())
+    }
+    async fn cont(&mut self) -> Result<(), PortError> {
+        self.guest.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn save_device_state(&mut self) -> Result<Vec<u8>, PortError> {
+        let mut snaps = self.snapshots.lock().unwrap();
+        snaps.push((self.saves, self.ram.bytes().to_vec()));
+        if snaps.len() > 4 {
+            snaps.remove(0);
+        }
+        self.saves += 1;
+        Ok(self
+            .guest
+            .counter
+            .load(Ordering::SeqCst)
+            .to_le_bytes()
+            .to_vec())
+    }
+}
+
+/// Checks output commit: epoch k may be released only once the backup committed k.
+struct CheckedBuffer {
+    committed: tokio::sync::watch::Receiver<Option<tokio::sync::watch::Receiver<BackupStatus>>>,
+    closed: Vec<u64>,
+    released: Arc<Mutex<Vec<u64>>>,
+}
+
+#[async_trait]
+impl OutputBuffer for CheckedBuffer {
+    fn max_closed_epochs(&self) -> usize {
+        1
+    }
+    async fn close_epoch(&mut self, epoch: u64) -> Result<(), PortError> {
+        assert!(
+            self.closed.len() == self.released.lock().unwrap().len(),
+            "epoch {epoch} closed while an earlier one is unreleased (plug depth 1)"
+        );
+        self.closed.push(epoch);
+        Ok(())
+    }
+    async fn release(&mut self, epoch: u64) -> Result<(), PortError> {
+        let committed = match &*self.committed.borrow() {
+            Some(status) => match status.borrow().replica {
+                ReplicaState::Committed(k) => Some(k),
+                _ => None,
+            },
+            None => None,
+        };
+        assert!(
+            committed.is_some_and(|c| c >= epoch),
+            "released epoch {epoch} but the backup has committed only {committed:?}"
+        );
+        self.released.lock().unwrap().push(epoch);
+        Ok(())
+    }
+    async fn release_all(&mut self) -> Result<(), PortError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_are_consistent_and_output_waits_for_the_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let ram_path = dir.path().join("guest.ram");
+    let engine_view = Arc::new(Ram {
+        map: map(&ram_path),
+    });
+    let snapshots = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = Arc::new(spawn_guest(map(&ram_path), stop.clone()));
+
+    let psk = PreSharedKey::from_bytes(&[42; 48]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (status_tx, committed) = tokio::sync::watch::channel(None);
+
+    let replica_dir = dir.path().join("replica");
+    let (psk_b, rdir) = (psk.clone(), replica_dir.clone());
+    let backup = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.unwrap();
+        let s = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let replica = ReplicaStore::open("vm", &rdir, (PAGES * PAGE) as u64).unwrap();
+        let (mut b, status) = Backup::new("vm", s.reader, s.replies, replica, Box::new(NoDisk));
+        status_tx.send(Some(status)).unwrap();
+        let exit = b.run().await;
+        (exit, b.into_replica().0)
+    });
+
+    let id = Identity {
+        node: "pri".into(),
+        peer_node: "bak".into(),
+        domain: "vm".into(),
+    };
+    let session = open_primary(&addr, &psk, &id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let pool = Arc::new(ScanPool::new(2).unwrap());
+    let released = Arc::new(Mutex::new(Vec::new()));
+    let mut cfg = PrimaryConfig::new("vm");
+    cfg.interval = Duration::from_millis(40);
+    cfg.compression = Compression::XorLz4;
+    let (primary, handle) = Primary::new(
+        cfg,
+        PrimaryParts {
+            vm: Box::new(FakeVm {
+                guest: guest.clone(),
+                ram: engine_view.clone(),
+                snapshots: snapshots.clone(),
+                saves: 0,
+            }),
+            net: Box::new(CheckedBuffer {
+                committed: committed.clone(),
+                closed: Vec::new(),
+                released: released.clone(),
+            }),
+            disk: Box::new(NoDisk),
+            memory: engine_view.clone(),
+            tracker: Box::new(CompareTracker::new(pool.clone())),
+            pool,
+            out: session.sender,
+            replies: session.replies,
+        },
+    );
+    let run = tokio::spawn(primary.run());
+    let mut status = handle.status.clone();
+    // Wait for 30 acknowledged checkpoints.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            status.changed().await.unwrap();
+            if status.borrow().last_acked.is_some_and(|k| k >= 30) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("30 checkpoints within 60 s");
+    handle.shutdown.send(true).unwrap();
+    let exit = run.await.unwrap().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        matches!(exit, PrimaryExit::Shutdown { last_acked: Some(k) } if k >= 30),
+        "{exit:?}"
+    );
+
+    let (bexit, replica) = backup.await.unwrap();
+    bexit.expect("backup ends cleanly on END");
+    let a = replica.activation_inputs().unwrap();
+    let dev_counter = u64::from_le_bytes(a.device_state[..8].try_into().unwrap());
+    let ram_counter = u64::from_le_bytes(replica.ram()[0..8].try_into().unwrap());
+    assert_eq!(
+        dev_counter, ram_counter,
+        "replica RAM and device state come from different instants"
+    );
+    assert!(ram_counter > 0, "the guest ran");
+    let snaps = snapshots.lock().unwrap();
+    let (_, expected) = snaps
+        .iter()
+        .find(|(e, _)| *e == a.epoch)
+        .expect("snapshot of the committed checkpoint kept");
+    let differing = (0..PAGES)
+        .filter(|p| replica.ram()[p * PAGE..(p + 1) * PAGE] != expected[p * PAGE..(p + 1) * PAGE])
+        .count();
+    assert_eq!(
+        differing, 0,
+        "replica RAM differs from the primary at checkpoint {}",
+        a.epoch
+    );
+    let released = released.lock().unwrap().clone();
+    assert_eq!(
+        released,
+        (0..=a.epoch).collect::<Vec<_>>(),
+        "every epoch released once, in order"
+    );
+    let s = handle.status.borrow().clone();
+    assert!(s.summary.pause.p50_us > 0);
+    assert!(!s.precopy_pages.is_empty());
+}
