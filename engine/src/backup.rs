@@ -362,8 +362,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
     async fn begin(&mut self, epoch: u64) -> Result<(), BackupError> {
         let first = !self.session_started;
         if first {
-            if epoch != 0 {
-                let msg = format!("a session must start with checkpoint 0, got {epoch}");
+            if epoch != crate::primary::FIRST_EPOCH {
+                let msg = format!(
+                    "a session must start with checkpoint {}, got {epoch}",
+                    crate::primary::FIRST_EPOCH
+                );
                 return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
             }
             let session = self.reader.header().map_or(0, |h| h.session_id);

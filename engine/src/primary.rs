@@ -18,7 +18,7 @@
 //! (release output and run unprotected if it may, per the failover policy).
 //!
 //! The first checkpoint is preceded by live pre-copy rounds: RAM is compared with a zeroed
-//! shadow while the VM runs (zero pages are never sent), so the pause of checkpoint 0 only
+//! shadow while the VM runs (zero pages are never sent), so the pause of the first checkpoint only
 //! covers what changed during the last round. Pre-copy always uses a compare tracker: it is
 //! the only method that stays correct while the guest writes (a torn copy differs from live
 //! RAM and is sent again by the next round or by the stopped collect).
@@ -37,6 +37,10 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::metrics::{EpochReport, EpochSummary, EpochWindow};
 use crate::ports::{DiskBarrier, OutputBuffer, PortError, VmControl};
 use crate::wire::{Outgoing, StreamSender};
+
+/// The epoch of a session's first checkpoint. Epoch 0 names the state both sides start from
+/// (an empty replica RAM, the base disk image), as in `blk-remus`.
+pub const FIRST_EPOCH: u64 = 1;
 
 /// Read access to the live guest RAM (the agent's mapping of QEMU's shared RAM file).
 pub trait GuestMemory: Send + Sync {
@@ -283,6 +287,7 @@ pub struct Primary {
     window: EpochWindow,
     last_acked: Option<u64>,
     precopy_pages: Vec<u64>,
+    initial_sync: Option<oneshot::Receiver<Result<(), String>>>,
 }
 
 /// Handles the caller keeps: status and shutdown.
@@ -311,6 +316,10 @@ pub struct PrimaryParts {
     pub out: StreamSender,
     /// Replies from the backup.
     pub replies: mpsc::Receiver<Reply>,
+    /// Completes when the initial disk synchronisation has handed every region to the
+    /// stream; pre-copy goes on until then, so the first checkpoint commits memory and disk
+    /// together. `None` when there is nothing to wait for.
+    pub initial_sync: Option<oneshot::Receiver<Result<(), String>>>,
 }
 
 impl Primary {
@@ -344,6 +353,7 @@ impl Primary {
             window: EpochWindow::default(),
             last_acked: None,
             precopy_pages: Vec::new(),
+            initial_sync: parts.initial_sync,
             cfg,
         };
         (
@@ -391,7 +401,7 @@ impl Primary {
         if let Err(reason) = self.precopy().await {
             return Ok(self.lost(reason));
         }
-        let mut epoch = 0u64;
+        let mut epoch = FIRST_EPOCH;
         loop {
             let started = Instant::now();
             let ack_wait = match self.make_room(epoch).await {
@@ -442,41 +452,69 @@ impl Primary {
         }
     }
 
-    /// Live pre-copy rounds, sending pages of checkpoint 0 while the VM runs.
+    /// Live pre-copy rounds, sending pages of the first checkpoint while the VM runs.
     async fn precopy(&mut self) -> Result<(), String> {
-        self.send(Outgoing::Record(Record::CheckpointBegin { epoch: 0 }))
-            .await?;
+        self.send(Outgoing::Record(Record::CheckpointBegin {
+            epoch: FIRST_EPOCH,
+        }))
+        .await?;
         for round in 1..=self.cfg.precopy_max_rounds {
             self.set_phase(EpochPhase::PreCopy { round });
-            let mut tracker = self.precopy.take().expect("precopy tracker present");
-            let mut shadow = self.shadow.take().expect("shadow present");
-            let mut dirty = self.dirty.take().expect("dirty set present");
-            let memory = self.memory.clone();
-            let (tracker, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
-                dirty.clear();
-                // SAFETY-free lie, documented in the module doc: the VM runs, but a compare
-                // tracker stays correct because the stopped collect of checkpoint 0 compares
-                // again.
-                let token = VmStopped::caller_asserts_vm_stopped();
-                let r = tracker.collect(&token, memory.bytes(), &mut shadow, &mut dirty);
-                (tracker, shadow, dirty, r)
-            })
-            .await
-            .expect("pre-copy scan thread panicked");
-            self.precopy = Some(tracker);
-            self.shadow = Some(shadow);
-            self.dirty = Some(dirty);
-            let stats = res.map_err(|e| format!("pre-copy round {round}: {e}"))?;
-            self.precopy_pages.push(stats.pages_dirty);
-            debug!(round, pages = stats.pages_dirty, "pre-copy round");
-            self.transmit_pages(0).await?;
-            if stats.pages_dirty <= self.cfg.precopy_done_pages {
+            let dirty_pages = self.precopy_round(round).await?;
+            self.precopy_pages.push(dirty_pages);
+            self.transmit_pages(FIRST_EPOCH).await?;
+            if dirty_pages <= self.cfg.precopy_done_pages {
                 break;
+            }
+        }
+        // The disk must be in the stream before the first checkpoint closes; keep the
+        // memory copy fresh (one compare round per interval) while it is not.
+        if let Some(mut rx) = self.initial_sync.take() {
+            let mut round = self.precopy_pages.len() as u32;
+            loop {
+                let next = tokio::time::sleep(self.cfg.interval);
+                tokio::select! {
+                    r = &mut rx => {
+                        r.map_err(|_| "initial disk sync was abandoned".to_string())??;
+                        break;
+                    }
+                    _ = next => {}
+                }
+                round += 1;
+                self.set_phase(EpochPhase::PreCopy { round });
+                let stats = self.precopy_round(round).await?;
+                self.precopy_pages.push(stats);
+                self.transmit_pages(FIRST_EPOCH).await?;
             }
         }
         let pages = self.precopy_pages.clone();
         self.status.send_modify(|s| s.precopy_pages = pages);
         Ok(())
+    }
+
+    /// One live compare round; returns the pages found changed (now in the dirty set).
+    async fn precopy_round(&mut self, round: u32) -> Result<u64, String> {
+        let mut tracker = self.precopy.take().expect("precopy tracker present");
+        let mut shadow = self.shadow.take().expect("shadow present");
+        let mut dirty = self.dirty.take().expect("dirty set present");
+        let memory = self.memory.clone();
+        let (tracker, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
+            dirty.clear();
+            // Not true (the VM runs), and documented in the module doc: a compare tracker
+            // stays correct because the stopped collect of the first checkpoint compares
+            // all of RAM again.
+            let token = VmStopped::caller_asserts_vm_stopped();
+            let r = tracker.collect(&token, memory.bytes(), &mut shadow, &mut dirty);
+            (tracker, shadow, dirty, r)
+        })
+        .await
+        .expect("pre-copy scan thread panicked");
+        self.precopy = Some(tracker);
+        self.shadow = Some(shadow);
+        self.dirty = Some(dirty);
+        let stats = res.map_err(|e| format!("pre-copy round {round}: {e}"))?;
+        debug!(round, pages = stats.pages_dirty, "pre-copy round");
+        Ok(stats.pages_dirty)
     }
 
     /// Waits until the output buffer and the in-flight limit allow closing another epoch.
@@ -664,7 +702,7 @@ impl Primary {
         self.set_phase(EpochPhase::Transmitting { epoch });
         let t = Instant::now();
         let sent = async {
-            if epoch > 0 {
+            if epoch > FIRST_EPOCH {
                 self.send(Outgoing::Record(Record::CheckpointBegin { epoch }))
                     .await?;
             }

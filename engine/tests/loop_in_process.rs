@@ -125,7 +125,7 @@ impl VmControl for FakeVm {
     }
     async fn save_device_state(&mut self) -> Result<Vec<u8>, PortError> {
         let mut snaps = self.snapshots.lock().unwrap();
-        snaps.push((self.saves, self.ram.bytes().to_vec()));
+        snaps.push((self.saves + 1, self.ram.bytes().to_vec()));
         if snaps.len() > 4 {
             snaps.remove(0);
         }
@@ -242,6 +242,7 @@ async fn checkpoints_are_consistent_and_output_waits_for_the_ack() {
             pool,
             out: session.sender,
             replies: session.replies,
+            initial_sync: None,
         },
     );
     let run = tokio::spawn(primary.run());
@@ -291,7 +292,7 @@ async fn checkpoints_are_consistent_and_output_waits_for_the_ack() {
     let released = released.lock().unwrap().clone();
     assert_eq!(
         released,
-        (0..=a.epoch).collect::<Vec<_>>(),
+        (1..=a.epoch).collect::<Vec<_>>(),
         "every epoch released once, in order"
     );
     let s = handle.status.borrow().clone();
