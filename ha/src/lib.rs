@@ -1,0 +1,1 @@
+//! High availability: failure detection, leases, fencing, roles.
