@@ -1,0 +1,477 @@
+//! Protection policies: the `remus.toml` schema, its defaults and its validation.
+//!
+//! A configuration is loaded in three passes, each reporting *all* the problems it finds
+//! with file, line and column:
+//! 1. TOML syntax (the parser recovers and reports every syntax error);
+//! 2. shape: each top-level table and each `[[domain]]` is deserialised on its own with
+//!    unknown keys denied, so one typo per section is reported, not only the first in the
+//!    file;
+//! 3. meaning: addresses, ranges, cross-references, uniqueness, combinations.
+//!
+//! Only a configuration with no error becomes a [`Config`]; its [`Config::warnings`] list
+//! what was accepted but weakens protection (fencing disabled, output buffering off), and
+//! the daemon must log them at startup. Every key and default is documented in
+//! `docs/configuration.md`; the two must change together.
+//!
+//! Safety rule behind the defaults: anything omitted gets the protective choice; anything
+//! that removes protection (no fencing, no output buffering) must be written explicitly.
+
+mod diag;
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use diag::{Diagnostic, Severity};
+
+/// Where the daemon and `remusctl` look for the configuration by default.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/remus/remus.toml";
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    /// This host.
+    pub node: NodeConfig,
+    /// The other host of the pair.
+    pub peer: PeerConfig,
+    /// Failure detection timing.
+    pub heartbeat: HeartbeatConfig,
+    /// How the two agents authenticate each other.
+    pub auth: AuthConfig,
+    /// Optional third-host arbiter.
+    pub witness: Option<WitnessConfig>,
+    /// Optional Prometheus endpoint.
+    pub metrics: Option<MetricsConfig>,
+    /// Protected domains.
+    pub domains: Vec<DomainConfig>,
+    /// Accepted but protection-weakening settings; log them at startup.
+    #[serde(skip)]
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// `[node]`: this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeConfig {
+    /// Name of this node, as the peer's `[peer] name` spells it.
+    pub name: String,
+    /// Address the replication/control channel listens on.
+    pub listen: SocketAddr,
+    /// Unix socket `remusctl` talks to.
+    pub control_socket: PathBuf,
+    /// Persistent state: replica images, WAL, role state.
+    pub state_dir: PathBuf,
+    /// Runtime files: QMP/NBD sockets, guest RAM files.
+    pub run_dir: PathBuf,
+}
+
+/// `[peer]`: the other host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerConfig {
+    /// The peer's `[node] name`.
+    pub name: String,
+    /// The peer's replication/control address.
+    pub address: SocketAddr,
+    /// Heartbeat links; the peer is considered lost only when every link is silent.
+    pub links: Vec<HeartbeatLink>,
+}
+
+/// One heartbeat path (a NIC pair), from `[[peer.link]]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct HeartbeatLink {
+    /// Local address the heartbeat socket binds to.
+    pub local: SocketAddr,
+    /// The peer's heartbeat address on the same link.
+    pub remote: SocketAddr,
+}
+
+/// `[heartbeat]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct HeartbeatConfig {
+    /// Time between heartbeats on each link.
+    pub interval: Duration,
+    /// Silence on all links after which the peer is declared lost (> 2 × interval).
+    pub timeout: Duration,
+}
+
+/// `[auth] mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// Pre-shared key.
+    Psk,
+    /// Mutual TLS.
+    Tls,
+}
+
+/// `[auth]`: there is deliberately no "off".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum AuthConfig {
+    /// Pre-shared key read from a file (at least 32 bytes).
+    Psk {
+        /// Key file.
+        key_file: PathBuf,
+    },
+    /// Mutual TLS.
+    Tls {
+        /// This node's certificate chain (PEM).
+        cert: PathBuf,
+        /// Its private key (PEM).
+        key: PathBuf,
+        /// CA that signed the peer's certificate (PEM).
+        ca: PathBuf,
+    },
+}
+
+/// Smallest pre-shared key accepted, in bytes.
+pub const MIN_PSK_BYTES: u64 = 32;
+
+/// `[witness]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct WitnessConfig {
+    /// Address of `remus-witness`.
+    pub address: SocketAddr,
+    /// Lease length granted per domain.
+    pub lease: Duration,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MetricsConfig {
+    /// Prometheus exporter listen address.
+    pub listen: SocketAddr,
+}
+
+/// `failover`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failover {
+    /// The backup activates on its own once the primary is lost and fenced.
+    Automatic,
+    /// The backup waits for an operator.
+    Manual,
+}
+
+/// `compression`: page encoding used for checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Raw pages (zero pages still elided).
+    None,
+    /// LZ4 per batch.
+    Lz4,
+    /// XOR against the previous checkpoint's copy, then LZ4.
+    XorLz4,
+}
+
+/// `tracker`: how dirty guest pages are found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tracker {
+    /// Soft-dirty when the kernel supports it, else compare.
+    Auto,
+    /// Compare every page with the last checkpoint's copy.
+    Compare,
+    /// Kernel soft-dirty bits.
+    SoftDirty,
+}
+
+/// `[domain.qemu] accel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// Emulation (slow; tests).
+    Tcg,
+}
+
+/// `[[domain.disk]] format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFormat {
+    /// Raw image.
+    Raw,
+}
+
+/// `[domain.netbuf] backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetbufBackend {
+    /// `plug` when the kernel has sch_plug, else `relay`.
+    Auto,
+    /// Kernel plug qdisc.
+    Plug,
+    /// User-space relay between QEMU and the tap.
+    Relay,
+}
+
+/// `[domain.fencing] mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FencingMode {
+    /// Run a command that powers off / isolates the peer.
+    Command,
+    /// Win the witness lease.
+    Witness,
+    /// No fencing (unsafe; must be explicit).
+    None,
+}
+
+/// How a backup makes sure the old primary is gone before it activates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum FencingPolicy {
+    /// Run `argv`; success is exit status 0 within `timeout`, tried `retries + 1` times.
+    Command {
+        /// Program and arguments (`argv[0]` absolute).
+        argv: Vec<String>,
+        /// Limit per attempt.
+        timeout: Duration,
+        /// Extra attempts after a failure.
+        retries: u32,
+    },
+    /// Acquire the domain's lease from the witness.
+    Witness,
+    /// Nothing: only safe when the operator decides (manual failover) or accepts the risk.
+    None,
+}
+
+/// `[[domain]]`: one protected VM.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DomainConfig {
+    /// Unique name (`[a-z0-9_-]`, ≤ 32 chars): used in paths and stream headers.
+    pub name: String,
+    /// Time between checkpoints (the epoch length).
+    pub checkpoint_interval: Duration,
+    /// Who decides to activate the backup.
+    pub failover: Failover,
+    /// Page encoding of checkpoints.
+    pub compression: Compression,
+    /// Dirty page tracker.
+    pub tracker: Tracker,
+    /// How to start the VM.
+    pub qemu: QemuConfig,
+    /// Network interfaces (all buffered).
+    pub nics: Vec<NicConfig>,
+    /// Disks (all replicated).
+    pub disks: Vec<DiskConfig>,
+    /// Output buffering.
+    pub netbuf: NetbufConfig,
+    /// Fencing before activation.
+    pub fencing: FencingPolicy,
+}
+
+/// `[domain.qemu]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QemuConfig {
+    /// QEMU binary: a name looked up in `PATH`, or an absolute path.
+    pub binary: String,
+    /// Machine type.
+    pub machine: String,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// What to boot.
+    pub boot: Boot,
+    /// Extra arguments appended verbatim (may not define disks, NICs or migration).
+    pub extra_args: Vec<String>,
+}
+
+/// Boot source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Boot {
+    /// Direct kernel boot.
+    Kernel {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Optional initramfs.
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: String,
+    },
+    /// Boot from one of the domain's disks.
+    Disk {
+        /// `id` of a `[[domain.disk]]`.
+        disk_id: String,
+    },
+}
+
+/// A MAC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `[[domain.nic]]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NicConfig {
+    /// Device id inside QEMU (unique in the domain).
+    pub id: String,
+    /// Guest MAC (unicast, unique across domains).
+    pub mac: MacAddr,
+    /// Host bridge the VM's tap joins.
+    pub bridge: String,
+}
+
+/// `[[domain.disk]]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiskConfig {
+    /// Device id inside QEMU (unique in the domain); its position is the disk index in
+    /// `DISK_WRITE` records.
+    pub id: String,
+    /// Image the primary runs from.
+    pub image: PathBuf,
+    /// Replica the backup maintains.
+    pub replica: PathBuf,
+    /// Image format.
+    pub format: DiskFormat,
+}
+
+/// `[domain.netbuf]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NetbufConfig {
+    /// Buffering mechanism.
+    pub backend: NetbufBackend,
+    /// Most bytes held per epoch before the guest's packets are dropped.
+    pub limit_bytes: u64,
+    /// False only with `unsafe_no_output_buffering = true`: a failover may then expose
+    /// output the backup never saw.
+    pub output_buffering: bool,
+}
+
+/// A configuration that failed to load: every error, and the warnings found meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors {
+    /// Problems that make the configuration unusable (at least one).
+    pub errors: Vec<Diagnostic>,
+    /// Problems that would only have been warnings.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    ///
+    /// # Errors
+    /// The file cannot be read or has problems; all of them are reported.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let origin = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::from_str(&text, &origin),
+            Err(e) => Err(ConfigErrors {
+                errors: vec![Diagnostic {
+                    severity: Severity::Error,
+                    origin,
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read configuration: {e}"),
+                }],
+                warnings: Vec::new(),
+            }),
+        }
+    }
+
+    /// Validates configuration `text`; `origin` names it in diagnostics (usually the path).
+    ///
+    /// # Errors
+    /// Every syntax, shape and meaning problem found.
+    #[allow(clippy::should_implement_trait)]
+    pub fn from_str(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
+        validate::validate(text, origin)
+    }
+
+    /// The domain called `name`.
+    pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
+        self.domains.iter().find(|d| d.name == name)
+    }
+
+    /// Checks what the text alone cannot: that referenced files exist and the key file is
+    /// long enough. Run by the daemon at startup and by `remusctl config check --files`.
+    pub fn check_files(&self, origin: &str) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        let mut problem = |message: String| {
+            out.push(Diagnostic {
+                severity: Severity::Error,
+                origin: origin.to_owned(),
+                line: 0,
+                column: 0,
+                message,
+            })
+        };
+        let need = |what: &str, path: &Path| match std::fs::metadata(path) {
+            Ok(_) => None,
+            Err(e) => Some(format!("{what} {}: {e}", path.display())),
+        };
+        let mut files: Vec<(String, &Path)> = Vec::new();
+        match &self.auth {
+            AuthConfig::Psk { key_file } => match std::fs::metadata(key_file) {
+                Ok(m) if m.len() < MIN_PSK_BYTES => problem(format!(
+                    "auth.psk_file {}: {} bytes, need at least {MIN_PSK_BYTES}",
+                    key_file.display(),
+                    m.len()
+                )),
+                Ok(_) => {}
+                Err(e) => problem(format!("auth.psk_file {}: {e}", key_file.display())),
+            },
+            AuthConfig::Tls { cert, key, ca } => {
+                files.push(("auth.cert".into(), cert));
+                files.push(("auth.key".into(), key));
+                files.push(("auth.ca".into(), ca));
+            }
+        }
+        for d in &self.domains {
+            if let Boot::Kernel { kernel, initrd, .. } = &d.qemu.boot {
+                files.push((format!("domain {}: qemu.kernel", d.name), kernel));
+                if let Some(i) = initrd {
+                    files.push((format!("domain {}: qemu.initrd", d.name), i));
+                }
+            }
+            if let FencingPolicy::Command { argv, .. } = &d.fencing {
+                if let Some(p) = argv.first() {
+                    files.push((format!("domain {}: fencing.command", d.name), Path::new(p)));
+                }
+            }
+        }
+        for (what, path) in files {
+            if let Some(m) = need(&what, path) {
+                problem(m);
+            }
+        }
+        out
+    }
+}
