@@ -88,6 +88,21 @@ pub fn sync_page(live: &[u8], shadow: &mut [u8], capture: Capture, captured: &mu
     true
 }
 
+/// Touches every page of `buf` with a write so that later writes (the shadow during a
+/// collect, the capture buffers) take no page faults inside the VM's stop window.
+///
+/// Why it matters: a freshly allocated zeroed buffer maps the shared zero page; the first
+/// write to each page faults and, in a multi-threaded process, may need a TLB shoot-down
+/// that waits for every CPU running one of its threads. Measured in a 2-vCPU guest under TCG:
+/// collects of ~600 pages took up to 2–4 s with an un-faulted shadow and two scan threads.
+pub fn prefault(buf: &mut [u8]) {
+    for page in buf.chunks_mut(PAGE_SIZE) {
+        // SAFETY: `page` is a valid, exclusively borrowed, non-empty slice; the volatile
+        // write of its own first byte keeps the compiler from dropping the store.
+        unsafe { std::ptr::write_volatile(page.as_mut_ptr(), page[0]) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

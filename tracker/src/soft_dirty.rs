@@ -158,7 +158,9 @@ impl SoftDirtyTracker {
     ) -> Result<CollectStats, TrackerError> {
         // Clear first: from here on QEMU's stores set bits again, and the compare below sees
         // everything stored before.
+        let t = Instant::now();
         self.clear_refs.clear_soft_dirty()?;
+        let log_clear = t.elapsed();
         let totals = sync_pages(&self.pool, 0, live, shadow, out);
         self.present_valid = false;
         self.state = State::Tracking;
@@ -170,6 +172,8 @@ impl SoftDirtyTracker {
             bytes_copied: totals.bytes,
             full_scan: true,
             elapsed: Default::default(),
+            log_read: Default::default(),
+            log_clear,
         })
     }
 
@@ -268,8 +272,12 @@ impl DirtyTracker for SoftDirtyTracker {
         let mut stats = if previous == State::NeedsFullScan || remapped {
             self.full_scan(live, shadow, out)?
         } else {
+            let t = Instant::now();
             let scanned = self.read_dirty_log()?;
+            let log_read = t.elapsed();
+            let t = Instant::now();
             self.clear_refs.clear_soft_dirty()?;
+            let log_clear = t.elapsed();
             self.candidate_list.clear();
             self.candidate_list
                 .extend(self.candidates.ones().map(|p| p as Pfn));
@@ -283,6 +291,8 @@ impl DirtyTracker for SoftDirtyTracker {
                 bytes_copied: totals.bytes,
                 full_scan: false,
                 elapsed: Default::default(),
+                log_read,
+                log_clear,
             }
         };
         stats.elapsed = started.elapsed();
@@ -294,6 +304,8 @@ impl DirtyTracker for SoftDirtyTracker {
             dirty = stats.pages_dirty,
             full = stats.full_scan,
             elapsed_us = stats.elapsed.as_micros() as u64,
+            log_read_us = stats.log_read.as_micros() as u64,
+            log_clear_us = stats.log_clear.as_micros() as u64,
             "collect"
         );
         Ok(stats)

@@ -83,6 +83,10 @@ pub struct CollectStats {
     pub full_scan: bool,
     /// Wall time of the collect.
     pub elapsed: Duration,
+    /// Part of `elapsed` spent reading the kernel's dirty log (soft-dirty; zero for compare).
+    pub log_read: Duration,
+    /// Part of `elapsed` spent clearing the kernel's dirty log (soft-dirty; zero for compare).
+    pub log_clear: Duration,
 }
 
 /// Errors of a collect.

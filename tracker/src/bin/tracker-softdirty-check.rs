@@ -17,6 +17,11 @@
 //! tracker as a control and the result is `skip` (`--force-soft-dirty` uses soft-dirty anyway:
 //! the negative control, which must fail there).
 //!
+//! `--invisible-writes-every K` is the negative control for a kernel with soft-dirty: every
+//! K-th store of the writer goes through `pwrite()` (invisible to soft-dirty, see the notes);
+//! the run reports as `tracker-soft-dirty-negative-control` and passes only if the check
+//! caught the missed stores.
+//!
 //! Writer command mode (no `--log`): reads lines `w PFN...` from stdin, increments the first
 //! word of each page, answers `ok`; used by the crate's integration tests as a controllable
 //! QEMU stand-in.
@@ -39,6 +44,9 @@ use remus_tracker::{
 };
 
 const RESULT_NAME: &str = "tracker-soft-dirty";
+const CONTROL_NAME: &str = "tracker-soft-dirty-negative-control";
+/// Every error that reports a missed store contains this.
+const MISS_MARK: &str = "missed store";
 /// Log layout (u64 words): [0] ready flag, [1] entries written, [2..] ring of page numbers.
 const LOG_HEADER: usize = 2;
 const LOG_CAPACITY: usize = 1 << 20;
@@ -52,10 +60,18 @@ struct Options {
     /// Use the soft-dirty tracker even where the kernel lacks support: the negative control
     /// (the check must then fail with a missed store).
     force_soft_dirty: bool,
+    /// Every K-th store of the writer goes through `pwrite()` on the file instead of its
+    /// mapping: invisible to soft-dirty. The check must then catch a miss; the run reports as
+    /// `tracker-soft-dirty-negative-control`, passing when the miss was caught.
+    invisible_every: Option<u64>,
+    /// Scan threads (default: one per CPU).
+    threads: Option<usize>,
+    /// Leave the shadow un-faulted (to measure what pre-faulting saves).
+    no_prefault: bool,
 }
 
 fn usage() -> &'static str {
-    "usage: tracker-softdirty-check [--rounds N] [--ram-mib M] [--interval-ms T] [--burst B] [--dir TMPFS_DIR] [--force-soft-dirty]\n       tracker-softdirty-check --writer RAM_FILE [--log LOG_FILE] [--burst B]"
+    "usage: tracker-softdirty-check [--rounds N] [--ram-mib M] [--interval-ms T] [--burst B] [--dir TMPFS_DIR] [--force-soft-dirty] [--invisible-writes-every K] [--threads N] [--no-prefault]\n       tracker-softdirty-check --writer RAM_FILE [--log LOG_FILE] [--burst B] [--pwrite-every K]"
 }
 
 fn main() -> ExitCode {
@@ -76,22 +92,35 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match check_main(&opts) {
-        Ok(Outcome::Pass(detail)) => {
-            println!("HARNESS-RESULT {RESULT_NAME} pass {detail}");
-            ExitCode::SUCCESS
-        }
-        Ok(Outcome::Skip(detail)) => {
-            println!("HARNESS-RESULT {RESULT_NAME} skip {detail}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            println!(
-                "HARNESS-RESULT {RESULT_NAME} fail {}",
-                format!("{e:#}").replace('\n', " | ")
-            );
-            ExitCode::FAILURE
-        }
+    let result = check_main(&opts);
+    let (name, verdict, detail) = match (opts.invisible_every.is_some(), result) {
+        (false, Ok(Outcome::Pass(d))) => (RESULT_NAME, "pass", d),
+        (_, Ok(Outcome::Skip(d))) => (RESULT_NAME, "skip", d),
+        (false, Err(e)) => (RESULT_NAME, "fail", format!("{e:#}")),
+        (true, Err(e)) if format!("{e:#}").contains(MISS_MARK) => (
+            CONTROL_NAME,
+            "pass",
+            format!("stores made with pwrite() were caught as misses: {e:#}"),
+        ),
+        (true, Err(e)) => (
+            CONTROL_NAME,
+            "fail",
+            format!("failed for another reason: {e:#}"),
+        ),
+        (true, Ok(Outcome::Pass(d))) => (
+            CONTROL_NAME,
+            "fail",
+            format!("stores made with pwrite() went unnoticed: {d}"),
+        ),
+    };
+    println!(
+        "HARNESS-RESULT {name} {verdict} {}",
+        detail.replace('\n', " | ")
+    );
+    if verdict == "fail" {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -103,6 +132,9 @@ fn parse_options(args: &[String]) -> Result<Options> {
         burst: 64,
         dir: None,
         force_soft_dirty: false,
+        invisible_every: None,
+        threads: None,
+        no_prefault: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -116,11 +148,23 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--burst" => o.burst = value()?.parse().context("--burst")?,
             "--dir" => o.dir = Some(PathBuf::from(value()?)),
             "--force-soft-dirty" => o.force_soft_dirty = true,
+            "--no-prefault" => o.no_prefault = true,
+            "--threads" => o.threads = Some(value()?.parse().context("--threads")?),
+            "--invisible-writes-every" => {
+                o.invisible_every = Some(value()?.parse().context("--invisible-writes-every")?)
+            }
             other => bail!("unknown argument {other:?}"),
         }
     }
-    if o.rounds < 1 || o.ram_mib < 1 || o.ram_mib > 4096 || o.burst < 1 {
-        bail!("--rounds, --ram-mib (1..=4096) and --burst must be positive");
+    if o.rounds < 1
+        || o.ram_mib < 1
+        || o.ram_mib > 4096
+        || o.burst < 1
+        || o.invisible_every == Some(0)
+    {
+        bail!(
+            "--rounds, --ram-mib (1..=4096), --burst and --invisible-writes-every must be positive"
+        );
     }
     Ok(o)
 }
@@ -132,11 +176,19 @@ fn writer_main(args: &[String]) -> Result<()> {
     let ram_path = args.first().context("--writer needs RAM_FILE")?;
     let mut log_path = None;
     let mut burst = 64usize;
+    let mut pwrite_every = None;
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--log" => log_path = Some(it.next().context("--log needs a value")?.clone()),
             "--burst" => burst = it.next().context("--burst needs a value")?.parse()?,
+            "--pwrite-every" => {
+                pwrite_every = Some(
+                    it.next()
+                        .context("--pwrite-every needs a value")?
+                        .parse::<u64>()?,
+                )
+            }
             other => bail!("unknown writer argument {other:?}"),
         }
     }
@@ -154,7 +206,7 @@ fn writer_main(args: &[String]) -> Result<()> {
     }
     match log_path {
         None => command_mode(&mut ram),
-        Some(log_path) => free_running(&mut ram, &log_path, burst),
+        Some(log_path) => free_running(&mut ram, &file, &log_path, burst, pwrite_every),
     }
 }
 
@@ -199,7 +251,14 @@ fn log_words(log: &memmap2::MmapMut) -> &[AtomicU64] {
     unsafe { std::slice::from_raw_parts(log.as_ptr() as *const AtomicU64, log.len() / 8) }
 }
 
-fn free_running(ram: &mut [u8], log_path: &str, burst: usize) -> Result<()> {
+fn free_running(
+    ram: &mut [u8],
+    ram_file: &std::fs::File,
+    log_path: &str,
+    burst: usize,
+    pwrite_every: Option<u64>,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let pages = ram.len() / PAGE_SIZE;
     let file = OpenOptions::new()
         .read(true)
@@ -222,7 +281,16 @@ fn free_running(ram: &mut [u8], log_path: &str, burst: usize) -> Result<()> {
             x ^= x >> 7;
             x ^= x << 17;
             let pfn = (x % pages as u64) as usize;
-            bump(ram, pfn, (x >> 40) as usize);
+            if pwrite_every.is_some_and(|k| n % k == k - 1) {
+                // Through the file, not the mapping: no page-table entry of ours is touched.
+                let at = pfn * PAGE_SIZE + ((x >> 40) as usize % (PAGE_SIZE / 8)) * 8;
+                let v = u64::from_ne_bytes(ram[at..at + 8].try_into().expect("8 bytes"));
+                ram_file
+                    .write_all_at(&v.wrapping_add(1).to_ne_bytes(), at as u64)
+                    .context("pwrite to the RAM file")?;
+            } else {
+                bump(ram, pfn, (x >> 40) as usize);
+            }
             // Log after the store: a logged page has certainly changed.
             words[LOG_HEADER + (n as usize % LOG_CAPACITY)].store(pfn as u64, Ordering::Relaxed);
             n += 1;
@@ -353,6 +421,11 @@ fn check_main(opts: &Options) -> Result<Outcome> {
         .arg(&log_path)
         .arg("--burst")
         .arg(opts.burst.to_string())
+        .args(
+            opts.invisible_every
+                .map(|k| vec!["--pwrite-every".to_owned(), k.to_string()])
+                .unwrap_or_default(),
+        )
         .stdin(Stdio::null())
         .spawn()
         .context("spawning the writer")?;
@@ -389,7 +462,10 @@ fn check_main(opts: &Options) -> Result<Outcome> {
     } else {
         unmet
     };
-    let pool = Arc::new(ScanPool::with_available_parallelism()?);
+    let pool = Arc::new(match opts.threads {
+        Some(n) => ScanPool::new(n)?,
+        None => ScanPool::with_available_parallelism()?,
+    });
     let mut tracker: Box<dyn DirtyTracker> = if kernel_unsupported {
         Box::new(CompareTracker::new(pool))
     } else if !unmet.is_empty() {
@@ -417,11 +493,15 @@ fn check_main(opts: &Options) -> Result<Outcome> {
     );
 
     let mut shadow = vec![0u8; ram_len];
+    if !opts.no_prefault {
+        remus_tracker::prefault(&mut shadow);
+    }
     let mut out = DirtySet::new(Capture::XorDelta);
     let total_pages = ram_len / PAGE_SIZE;
     let mut seen_log = 0u64;
     let mut prev_collected: Vec<u64> = Vec::new();
     let mut times = Vec::new();
+    let mut slowest: Option<(u32, remus_tracker::CollectStats)> = None;
     let (mut logged_total, mut dirty_total, mut max_candidates_steady) = (0u64, 0u64, 0u64);
     for round in 0..=opts.rounds {
         std::thread::sleep(opts.interval);
@@ -464,7 +544,7 @@ fn check_main(opts: &Options) -> Result<Outcome> {
                 |p: &u64| Some(*p) == first_logged && prev_collected.binary_search(p).is_ok();
             if let Some(p) = missing.iter().find(|p| !excused(p)) {
                 bail!(
-                    "round {round}: page {p} was written and logged but not collected ({} logged, {} collected)",
+                    "round {round}: page {p} was written and logged but not collected ({} logged, {} collected): missed store",
                     logged.len(),
                     collected.len()
                 );
@@ -480,6 +560,9 @@ fn check_main(opts: &Options) -> Result<Outcome> {
             }
             max_candidates_steady = max_candidates_steady.max(stats.pages_candidate);
             times.push(stats.elapsed);
+            if slowest.is_none_or(|(_, s)| s.elapsed < stats.elapsed) {
+                slowest = Some((round, stats));
+            }
             logged_total += logged.len() as u64;
             dirty_total += stats.pages_dirty;
         } else if !stats.full_scan {
@@ -501,6 +584,8 @@ fn check_main(opts: &Options) -> Result<Outcome> {
     }
     times.sort();
     let med = times[times.len() / 2];
+    let (slow_round, slow) = slowest.expect("at least one steady round");
+    println!("slowest round {slow_round}: {slow:?}");
     let detail = format!(
         "tracker={kind} rounds={} ram_mib={} logged_pages={logged_total} dirty_pages={dirty_total} \
          max_candidates={max_candidates_steady} collect_ms_min/med/max={:.2}/{:.2}/{:.2}",
