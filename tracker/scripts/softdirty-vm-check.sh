@@ -42,7 +42,7 @@ cp "$BIN" "$root/bin/tracker-softdirty-check"
     printf '/bin/tracker-softdirty-check'
     printf ' %q' "${ARGS[@]}"
     echo
-    echo '/bin/tracker-softdirty-check --rounds 30 --ram-mib 16 --invisible-writes-every 50'
+    echo '/bin/tracker-softdirty-check tracker-soft-dirty-negative-control'
     echo 'poweroff -f'
 } >"$root/init"
 chmod 755 "$root/init"

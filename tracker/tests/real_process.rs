@@ -373,6 +373,37 @@ fn result_line(stdout: &str) -> &str {
 }
 
 #[test]
+fn check_executable_speaks_the_kernel_harness_protocol() {
+    let (ok, stdout) = run_check(&["--list"]);
+    assert!(ok);
+    let names: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        names,
+        ["tracker-soft-dirty", "tracker-soft-dirty-negative-control"]
+    );
+    // Each name runs its test and reports under that name.
+    for name in names {
+        let (ok, stdout) = run_check(&[
+            name,
+            "--rounds",
+            "3",
+            "--ram-mib",
+            "4",
+            "--interval-ms",
+            "2",
+        ]);
+        let line = stdout.lines().last().unwrap_or_default();
+        assert!(
+            line.starts_with(&format!("HARNESS-RESULT {name} ")),
+            "{stdout}"
+        );
+        let verdict = line.split(' ').nth(2).unwrap();
+        assert!(["pass", "skip"].contains(&verdict), "{stdout}");
+        assert!(ok, "{stdout}");
+    }
+}
+
+#[test]
 fn check_executable_passes_or_skips_and_its_negative_control_fails() {
     let supported = kernel_has_soft_dirty();
     let (ok, stdout) = run_check(&["--rounds", "20", "--ram-mib", "8", "--interval-ms", "5"]);
