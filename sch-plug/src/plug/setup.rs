@@ -305,6 +305,29 @@ async fn ingress_filters(
     Ok(out)
 }
 
+/// The preferences of every ingress filter node on `dev` (u32 filters show one node per
+/// hash table and key): lets tests prove adoption added no duplicate.
+pub async fn ingress_filter_prefs(rtnl: &Rtnl, dev: &str) -> Result<Vec<u16>, PlugError> {
+    let Some(d) = link(rtnl, dev).await.map_err(net(dev))? else {
+        return Ok(Vec::new());
+    };
+    let filters = ingress_filters(rtnl, d.index, dev)
+        .await
+        .map_err(net(dev))?;
+    Ok(filters.iter().map(|f| f.pref).collect())
+}
+
+/// How many of `dev`'s ingress filter nodes redirect somewhere (one per installed filter).
+pub async fn redirect_filter_count(rtnl: &Rtnl, dev: &str) -> Result<usize, PlugError> {
+    let Some(d) = link(rtnl, dev).await.map_err(net(dev))? else {
+        return Ok(0);
+    };
+    let filters = ingress_filters(rtnl, d.index, dev)
+        .await
+        .map_err(net(dev))?;
+    Ok(filters.iter().filter(|f| f.mirred_to.is_some()).count())
+}
+
 fn is_ingress_hook(q: &QdiscSeen) -> bool {
     (q.kind == "ingress" || q.kind == "clsact") && q.parent == 0xffff_fff1
 }
