@@ -8,7 +8,8 @@
 # intended home of this check; once it exists, register the executable there instead.
 #
 # Usage: tracker/scripts/softdirty-vm-check.sh [check options, e.g. --rounds 200 --ram-mib 32]
-# Env: CARGO_TARGET_DIR (build dir), REMUS_VM_SMP (default 2), REMUS_VM_TIMEOUT (s, default 900).
+# Env: CARGO_TARGET_DIR (build dir), REMUS_VM_SMP (default 2), REMUS_VM_TIMEOUT (s, default 900),
+#      REMUS_VM_PROFILE (release, default, or debug: what the kernel harness builds).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -17,32 +18,37 @@ ROOT=$(cd "$HERE/../.." && pwd)
 source "$ROOT/tests/images/kernel.sh"
 
 ARGS=("$@")
-[ ${#ARGS[@]} -gt 0 ] || ARGS=(--rounds 150 --ram-mib 32)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
 kernel_fetch >/dev/null
+PROFILE=${REMUS_VM_PROFILE:-release}
+case $PROFILE in
+release) profile_args=(--release) ;;
+debug) profile_args=() ;;
+*) echo "softdirty-vm-check: REMUS_VM_PROFILE must be release or debug" >&2; exit 2 ;;
+esac
 (
     cd "$ROOT"
-    RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_DEBUG=false \
-        CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_TARGET_DIR="$TARGET_DIR" \
-        cargo build --quiet --release -p remus-tracker --bin tracker-softdirty-check \
+    RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$TARGET_DIR" \
+        cargo build --quiet "${profile_args[@]}" -p remus-tracker --bin tracker-softdirty-check \
         --target x86_64-unknown-linux-gnu
 )
-BIN=$TARGET_DIR/x86_64-unknown-linux-gnu/release/tracker-softdirty-check
+BIN=$TARGET_DIR/x86_64-unknown-linux-gnu/$PROFILE/tracker-softdirty-check
 
 work=$(mktemp -d /tmp/remus-softdirty-vm.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 root=$work/root
 initramfs_base "$root"
-cp "$BIN" "$root/bin/tracker-softdirty-check"
+objcopy --strip-debug "$BIN" "$root/bin/tracker-softdirty-check"
 {
     echo '#!/bin/sh'
     echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
     echo "echo \"kernel \$(uname -r)\""
-    printf '/bin/tracker-softdirty-check'
-    printf ' %q' "${ARGS[@]}"
+    # The same per-test limit as the kernel harness.
+    printf 'timeout 120 /bin/tracker-softdirty-check tracker-soft-dirty'
+    [ ${#ARGS[@]} -eq 0 ] || printf ' %q' "${ARGS[@]}"
     echo
-    echo '/bin/tracker-softdirty-check tracker-soft-dirty-negative-control'
+    echo 'timeout 120 /bin/tracker-softdirty-check tracker-soft-dirty-negative-control'
     echo 'poweroff -f'
 } >"$root/init"
 chmod 755 "$root/init"
