@@ -243,7 +243,12 @@ impl QemuProcess {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err(e) => {
-                    self.check_alive().await?;
+                    // A QEMU that fails during start-up may accept the connection and then
+                    // exit: report its exit and stderr rather than the broken handshake.
+                    for _ in 0..50 {
+                        self.check_alive().await?;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     return Err(e.into());
                 }
             }
