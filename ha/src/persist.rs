@@ -1,0 +1,67 @@
+//! Durable replacement of small state files.
+//!
+//! A state file is replaced as a whole: the new contents go to `<name>.tmp`, which is
+//! fsynced, renamed over the old file, and then the directory is fsynced so the rename itself
+//! survives a power loss. A crash at any instant leaves either the old or the new file under
+//! the real name, never a torn one; a leftover `.tmp` is ignored (and overwritten by the next
+//! write).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Name of the temporary file a write of `path` goes through.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Writes `bytes` to `path` atomically and durably (temporary file, fsync, rename, fsync of
+/// the directory). Returns the failed step's name with the error.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, io::Error)> {
+    let tmp = tmp_path(path);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| ("create temporary file", e))?;
+    f.write_all(bytes)
+        .map_err(|e| ("write temporary file", e))?;
+    f.sync_all().map_err(|e| ("fsync temporary file", e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| ("rename into place", e))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ("fsync directory", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_whole_file_and_ignores_stale_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        write_atomic(&p, b"one").unwrap();
+        // A torn temporary file from a crashed writer is simply overwritten.
+        fs::write(tmp_path(&p), b"garbage from a crash").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"one");
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert!(!tmp_path(&p).exists());
+    }
+
+    #[test]
+    fn failure_names_the_step() {
+        let e = write_atomic(Path::new("/nonexistent-dir-remus-ha/x"), b"x").unwrap_err();
+        assert_eq!(e.0, "create temporary file");
+    }
+}

@@ -1,0 +1,473 @@
+//! The witness client and the lease keeper.
+//!
+//! Invariant: a [`Lease`]'s `expires_at_local` is computed from the instant the answered
+//! request was *sent*, minus a drift margin, so it is always earlier than the witness's own
+//! expiry for that grant (see the module documentation of [`crate::witness`]).
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, timeout_at, Instant};
+use tracing::{debug, info, warn};
+
+use super::proto::{reason, Op, Request, Response, Status, MAX_DATAGRAM, MAX_NAME};
+use super::{WitnessError, DEFAULT_TTL, DRIFT_DIVISOR};
+use crate::auth::{HaKey, SequenceSource};
+
+/// How a node talks to the witness.
+#[derive(Clone, Debug)]
+pub struct WitnessClientConfig {
+    /// This node's name (as the peer and the witness know it).
+    pub node: String,
+    /// The witness's UDP address.
+    pub witness: SocketAddr,
+    /// The MAC key.
+    pub key: HaKey,
+    /// Lease length requested.
+    pub ttl: Duration,
+    /// How long to wait for an answer before sending again.
+    pub attempt_timeout: Duration,
+    /// Sends per operation before giving up.
+    pub attempts: u32,
+    /// Local address to send from (default: any address of the witness's family).
+    pub bind: Option<SocketAddr>,
+}
+
+impl WitnessClientConfig {
+    /// Defaults: 2 s TTL, 3 attempts of 200 ms each.
+    pub fn new(node: impl Into<String>, witness: SocketAddr, key: HaKey) -> Self {
+        Self {
+            node: node.into(),
+            witness,
+            key,
+            ttl: DEFAULT_TTL,
+            attempt_timeout: Duration::from_millis(200),
+            attempts: 3,
+            bind: None,
+        }
+    }
+}
+
+/// A lease this node holds, by its own clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The domain.
+    pub domain: String,
+    /// The grant's generation (named by renewals and the release).
+    pub generation: u64,
+    /// The TTL the witness granted.
+    pub ttl: Duration,
+    /// When the answered request was sent.
+    pub sent_at: Instant,
+    /// When this node must consider the lease gone: `sent_at + ttl - ttl / 100`.
+    pub expires_at_local: Instant,
+}
+
+impl Lease {
+    /// Whether the lease is still valid at `now` by this node's conservative view.
+    pub fn valid_at(&self, now: Instant) -> bool {
+        now < self.expires_at_local
+    }
+}
+
+/// What the witness says about a domain's lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// The holder, if held.
+    pub holder: Option<String>,
+    /// Generation of the current grant (0 if free).
+    pub generation: u64,
+    /// How long it still runs at the witness.
+    pub remaining: Duration,
+}
+
+/// A client of one witness. Share it (`Arc`) among all domains of a node: its nonces must
+/// increase per (node, domain), which one client guarantees and two clients racing for the
+/// same domain would not.
+#[derive(Debug)]
+pub struct WitnessClient {
+    cfg: WitnessClientConfig,
+    socket: UdpSocket,
+    seq: SequenceSource,
+    /// One exchange at a time, so an answer is never read by the wrong caller.
+    exchange_lock: Mutex<()>,
+}
+
+impl WitnessClient {
+    /// Binds the client's socket.
+    ///
+    /// # Errors
+    /// [`WitnessError::BadName`] for an unusable node name, [`WitnessError::Io`] on bind.
+    pub async fn new(cfg: WitnessClientConfig) -> Result<Self, WitnessError> {
+        check_name("node", &cfg.node)?;
+        let bind = cfg.bind.unwrap_or(match cfg.witness {
+            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        });
+        let socket = UdpSocket::bind(bind)
+            .await
+            .map_err(|source| WitnessError::Io {
+                addr: cfg.witness,
+                op: "bind client socket",
+                source,
+            })?;
+        Ok(Self {
+            cfg,
+            socket,
+            seq: SequenceSource::new(),
+            exchange_lock: Mutex::new(()),
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
+    /// The TTL requested.
+    pub fn ttl(&self) -> Duration {
+        self.cfg.ttl
+    }
+
+    /// Acquires the domain's lease.
+    ///
+    /// # Errors
+    /// [`WitnessError::Denied`] if another node holds it, [`WitnessError::Unreachable`],
+    /// [`WitnessError::Refused`].
+    pub async fn acquire(&self, domain: &str) -> Result<Lease, WitnessError> {
+        self.grant(domain, 0).await
+    }
+
+    /// Renews a lease (same generation if still held at the witness; a new one if it had
+    /// expired there and was free).
+    ///
+    /// # Errors
+    /// As [`WitnessClient::acquire`].
+    pub async fn renew(&self, lease: &Lease) -> Result<Lease, WitnessError> {
+        self.grant(&lease.domain, lease.generation).await
+    }
+
+    /// Gives the lease up. Returns whether the witness still had it as ours.
+    ///
+    /// # Errors
+    /// [`WitnessError::Unreachable`], [`WitnessError::Refused`].
+    pub async fn release(&self, lease: &Lease) -> Result<bool, WitnessError> {
+        let (r, _) = self
+            .exchange(Op::Release, &lease.domain, lease.generation)
+            .await?;
+        match r.status {
+            Status::Released => Ok(true),
+            Status::NotHolder => Ok(false),
+            _ => Err(self.refused(&r, Op::Release)),
+        }
+    }
+
+    /// Asks who holds the domain's lease.
+    ///
+    /// # Errors
+    /// [`WitnessError::Unreachable`], [`WitnessError::Refused`].
+    pub async fn query(&self, domain: &str) -> Result<LeaseInfo, WitnessError> {
+        let (r, _) = self.exchange(Op::Query, domain, 0).await?;
+        match r.status {
+            Status::Free => Ok(LeaseInfo {
+                holder: None,
+                generation: 0,
+                remaining: Duration::ZERO,
+            }),
+            Status::Held => Ok(LeaseInfo {
+                holder: Some(r.holder),
+                generation: r.generation,
+                remaining: Duration::from_millis(u64::from(r.ttl_ms)),
+            }),
+            _ => Err(self.refused(&r, Op::Query)),
+        }
+    }
+
+    async fn grant(&self, domain: &str, generation: u64) -> Result<Lease, WitnessError> {
+        let (r, sent_at) = self.exchange(Op::Acquire, domain, generation).await?;
+        match r.status {
+            Status::Granted => {
+                // Never trust a longer grant than asked for.
+                let ttl = Duration::from_millis(u64::from(r.ttl_ms)).min(self.cfg.ttl);
+                Ok(Lease {
+                    domain: domain.to_string(),
+                    generation: r.generation,
+                    ttl,
+                    sent_at,
+                    expires_at_local: sent_at + ttl - ttl / DRIFT_DIVISOR,
+                })
+            }
+            Status::Denied => Err(WitnessError::Denied {
+                addr: self.cfg.witness,
+                domain: domain.to_string(),
+                holder: r.holder,
+                remaining: Duration::from_millis(u64::from(r.ttl_ms)),
+            }),
+            _ => Err(self.refused(&r, Op::Acquire)),
+        }
+    }
+
+    fn refused(&self, r: &Response, op: Op) -> WitnessError {
+        WitnessError::Refused {
+            addr: self.cfg.witness,
+            domain: r.domain.clone(),
+            op: op.name(),
+            reason: if r.status == Status::Refused {
+                reason::text(r.reason)
+            } else {
+                "unexpected answer"
+            },
+        }
+    }
+
+    /// Sends the request (fresh nonce per attempt) until an authentic answer to *that*
+    /// attempt arrives. Returns it with the instant the answered attempt was sent.
+    async fn exchange(
+        &self,
+        op: Op,
+        domain: &str,
+        generation: u64,
+    ) -> Result<(Response, Instant), WitnessError> {
+        check_name("domain", domain)?;
+        let _one_at_a_time = self.exchange_lock.lock().await;
+        let addr = self.cfg.witness;
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        for attempt in 1..=self.cfg.attempts.max(1) {
+            let req = Request {
+                op,
+                node: self.cfg.node.clone(),
+                domain: domain.to_string(),
+                nonce: self.seq.next(),
+                generation,
+                ttl_ms: u32::try_from(self.cfg.ttl.as_millis()).unwrap_or(u32::MAX),
+            };
+            let bytes = req
+                .encode(&self.cfg.key)
+                .map_err(|_| WitnessError::BadName {
+                    what: "domain",
+                    name: domain.to_string(),
+                })?;
+            let sent_at = Instant::now();
+            if let Err(e) = self.socket.send_to(&bytes, addr).await {
+                // Unreachable networks are retried like lost datagrams.
+                debug!(%addr, attempt, error = %e, "witness request not sent");
+            }
+            let deadline = sent_at + self.cfg.attempt_timeout;
+            loop {
+                let Ok(r) = timeout_at(deadline, self.socket.recv_from(&mut buf)).await else {
+                    break;
+                };
+                let (n, from) = r.map_err(|source| WitnessError::Io {
+                    addr,
+                    op: "receive",
+                    source,
+                })?;
+                match Response::decode(&self.cfg.key, &buf[..n]) {
+                    Ok(resp)
+                        if resp.nonce == req.nonce
+                            && resp.node == req.node
+                            && resp.domain == req.domain =>
+                    {
+                        return Ok((resp, sent_at));
+                    }
+                    Ok(_) => debug!(%from, "stale witness answer ignored"),
+                    Err(e) => warn!(%from, error = %e, "witness answer dropped"),
+                }
+            }
+        }
+        Err(WitnessError::Unreachable {
+            addr,
+            domain: domain.to_string(),
+            op: op.name(),
+            attempts: self.cfg.attempts.max(1),
+        })
+    }
+}
+
+fn check_name(what: &'static str, name: &str) -> Result<(), WitnessError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(WitnessError::BadName {
+            what,
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The keeper's verdict on a lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    /// The first acquisition is under way.
+    Acquiring,
+    /// Held until `until` (this node's conservative clock). Check `until` against the
+    /// clock when acting: the value may be read late.
+    Held {
+        /// Local expiry.
+        until: Instant,
+        /// The grant's generation.
+        generation: u64,
+    },
+    /// Not held: expired without a successful renewal, or the witness is unreachable.
+    Lost,
+    /// Another node holds it.
+    Denied {
+        /// That node.
+        holder: String,
+    },
+}
+
+impl LeaseState {
+    /// Whether the state proves the lease held at `now`.
+    pub fn held_at(&self, now: Instant) -> bool {
+        matches!(self, LeaseState::Held { until, .. } if now < *until)
+    }
+}
+
+/// A task that acquires a domain's lease and renews it every TTL/3, reporting through a
+/// watch channel. It publishes `Lost` at the local expiry even if the witness never answers.
+#[derive(Debug)]
+pub struct LeaseKeeper {
+    state: watch::Receiver<LeaseState>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Option<Lease>>,
+    client: Arc<WitnessClient>,
+}
+
+impl LeaseKeeper {
+    /// Starts keeping `domain`'s lease, beginning with `initial` if this node already holds
+    /// it (e.g. won by fencing).
+    pub fn spawn(client: Arc<WitnessClient>, domain: String, initial: Option<Lease>) -> Self {
+        let first = match &initial {
+            Some(l) => LeaseState::Held {
+                until: l.expires_at_local,
+                generation: l.generation,
+            },
+            None => LeaseState::Acquiring,
+        };
+        let (tx, rx) = watch::channel(first);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(keep(client.clone(), domain, initial, tx, stop_rx));
+        Self {
+            state: rx,
+            stop,
+            task,
+            client,
+        }
+    }
+
+    /// The keeper's verdicts.
+    pub fn state(&self) -> watch::Receiver<LeaseState> {
+        self.state.clone()
+    }
+
+    /// Whether the lease is held now.
+    pub fn is_held(&self) -> bool {
+        self.state.borrow().held_at(Instant::now())
+    }
+
+    /// Stops renewing; with `release`, gives the lease back so the other node need not wait
+    /// for it to expire.
+    ///
+    /// # Errors
+    /// The release's error, if any (the lease then simply expires).
+    pub async fn stop(self, release: bool) -> Result<(), WitnessError> {
+        let _ = self.stop.send(true);
+        let lease = self.task.await.ok().flatten();
+        match lease {
+            Some(l) if release => self.client.release(&l).await.map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+}
+
+async fn keep(
+    client: Arc<WitnessClient>,
+    domain: String,
+    mut lease: Option<Lease>,
+    tx: watch::Sender<LeaseState>,
+    mut stop: watch::Receiver<bool>,
+) -> Option<Lease> {
+    let ttl = client.ttl();
+    let far = || Instant::now() + Duration::from_secs(86_400);
+    let publish = |s: LeaseState| {
+        tx.send_if_modified(|cur| {
+            if *cur == s {
+                false
+            } else {
+                *cur = s;
+                true
+            }
+        });
+    };
+    let mut next_attempt = match &lease {
+        Some(l) => l.sent_at + ttl / 3,
+        None => Instant::now(),
+    };
+    loop {
+        // Wait for the next attempt, publishing Lost at the local expiry meanwhile.
+        loop {
+            let expiry = lease.as_ref().map_or_else(far, |l| l.expires_at_local);
+            tokio::select! {
+                () = sleep_until(next_attempt) => break,
+                () = sleep_until(expiry), if lease.is_some() => {
+                    warn!(%domain, "lease expired locally before a renewal succeeded");
+                    lease = None;
+                    publish(LeaseState::Lost);
+                }
+                _ = stop.changed() => return lease.filter(|l| l.valid_at(Instant::now())),
+            }
+        }
+        let held = lease.clone();
+        let attempt = async {
+            match &held {
+                Some(l) => client.renew(l).await,
+                None => client.acquire(&domain).await,
+            }
+        };
+        tokio::pin!(attempt);
+        let result = loop {
+            let expiry = lease.as_ref().map_or_else(far, |l| l.expires_at_local);
+            tokio::select! {
+                r = &mut attempt => break r,
+                () = sleep_until(expiry), if lease.is_some() => {
+                    warn!(%domain, "lease expired locally while renewing");
+                    lease = None;
+                    publish(LeaseState::Lost);
+                }
+                _ = stop.changed() => return lease.filter(|l| l.valid_at(Instant::now())),
+            }
+        };
+        let now = Instant::now();
+        match result {
+            Ok(l) => {
+                if lease.is_none() {
+                    info!(%domain, generation = l.generation, "lease acquired");
+                }
+                publish(LeaseState::Held {
+                    until: l.expires_at_local,
+                    generation: l.generation,
+                });
+                next_attempt = l.sent_at + ttl / 3;
+                lease = Some(l);
+            }
+            Err(WitnessError::Denied { holder, .. }) => {
+                lease = None;
+                publish(LeaseState::Denied { holder });
+                next_attempt = now + ttl / 3;
+            }
+            Err(e) => {
+                // Keep what is still valid; retry soon.
+                warn!(%domain, error = %e, "lease renewal failed");
+                if !lease.as_ref().is_some_and(|l| l.valid_at(now)) {
+                    lease = None;
+                    publish(LeaseState::Lost);
+                }
+                next_attempt = now + ttl / 10;
+            }
+        }
+    }
+}

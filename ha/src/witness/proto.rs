@@ -1,0 +1,417 @@
+//! The witness wire format: one UDP datagram per request and per response, fixed layout,
+//! big-endian integers, names as length-prefixed UTF-8, an HMAC-SHA256 tag at the end.
+//!
+//! ```text
+//! request  (magic "RMWQ"):
+//!   0 magic[4] | 4 version u8 = 1 | 5 op u8 | 6 node_len u8 | 7 domain_len u8
+//!   8 nonce u64 | 16 generation u64 | 24 ttl_ms u32 | 28 node | domain | tag[32]
+//! response (magic "RMWR"):
+//!   0 magic[4] | 4 version u8 = 1 | 5 status u8 | 6 node_len u8 | 7 domain_len u8
+//!   8 nonce u64 | 16 generation u64 | 24 ttl_ms u32 | 28 holder_len u8 | 29 reason u8
+//!   30 reserved[2] = 0 | 32 node | domain | holder | tag[32]
+//! ```
+//!
+//! The tag is checked before any field is interpreted; names are bounded by [`MAX_NAME`], so
+//! a datagram never exceeds 1 KiB and decoding never allocates more than that.
+
+use thiserror::Error;
+
+use crate::auth::{HaKey, TAG_LEN};
+
+/// Longest node or domain name, in bytes.
+pub const MAX_NAME: usize = 64;
+/// Largest datagram either side sends (receivers size their buffers from it).
+pub const MAX_DATAGRAM: usize = 32 + 3 * MAX_NAME + TAG_LEN;
+
+const REQ_MAGIC: &[u8; 4] = b"RMWQ";
+const RESP_MAGIC: &[u8; 4] = b"RMWR";
+const VERSION: u8 = 1;
+const REQ_HEADER: usize = 28;
+const RESP_HEADER: usize = 32;
+
+/// Why a datagram was not accepted.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum ProtoError {
+    /// The tag does not match (wrong key, tampered, or not ours).
+    #[error("authentication tag mismatch")]
+    BadTag,
+    /// Too short for its header or its declared names.
+    #[error("truncated datagram")]
+    Truncated,
+    /// Neither a request nor a response of this protocol.
+    #[error("unknown magic")]
+    BadMagic,
+    /// A version this build does not speak.
+    #[error("unsupported version {0}")]
+    BadVersion(u8),
+    /// An unknown operation or status code.
+    #[error("unknown code {0}")]
+    BadCode(u8),
+    /// A name is empty where required, not UTF-8, or the lengths do not add up.
+    #[error("malformed name")]
+    BadName,
+}
+
+/// What a request asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Acquire or renew the domain's lease for `ttl_ms`.
+    Acquire = 1,
+    /// Give up the lease of the named generation.
+    Release = 2,
+    /// Who holds the lease, for how long.
+    Query = 3,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Result<Self, ProtoError> {
+        Ok(match v {
+            1 => Op::Acquire,
+            2 => Op::Release,
+            3 => Op::Query,
+            o => return Err(ProtoError::BadCode(o)),
+        })
+    }
+
+    /// Name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Acquire => "acquire",
+            Op::Release => "release",
+            Op::Query => "query",
+        }
+    }
+}
+
+/// The witness's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// The lease is the requester's for `ttl_ms` from the witness's receipt of the request.
+    Granted = 1,
+    /// `holder` holds it for `ttl_ms` more.
+    Denied = 2,
+    /// The requester's lease of that generation was released.
+    Released = 3,
+    /// Release of a lease the requester does not hold (or of another generation): no-op.
+    NotHolder = 4,
+    /// Query: nobody holds the lease.
+    Free = 5,
+    /// Query: `holder` holds it for `ttl_ms` more.
+    Held = 6,
+    /// The request cannot be served; `reason` says why.
+    Refused = 7,
+}
+
+impl Status {
+    fn from_u8(v: u8) -> Result<Self, ProtoError> {
+        Ok(match v {
+            1 => Status::Granted,
+            2 => Status::Denied,
+            3 => Status::Released,
+            4 => Status::NotHolder,
+            5 => Status::Free,
+            6 => Status::Held,
+            7 => Status::Refused,
+            o => return Err(ProtoError::BadCode(o)),
+        })
+    }
+}
+
+/// Reason codes of [`Status::Refused`].
+pub mod reason {
+    /// No reason (other statuses).
+    pub const NONE: u8 = 0;
+    /// The requested TTL is outside the witness's limits.
+    pub const BAD_TTL: u8 = 1;
+    /// The witness could not persist the change.
+    pub const PERSIST_FAILED: u8 = 2;
+    /// The witness's table is full.
+    pub const TOO_MANY: u8 = 3;
+
+    /// Text for a reason code.
+    pub fn text(code: u8) -> &'static str {
+        match code {
+            BAD_TTL => "lease length outside the witness's limits",
+            PERSIST_FAILED => "the witness cannot write its state file",
+            TOO_MANY => "the witness's lease table is full",
+            _ => "unspecified",
+        }
+    }
+}
+
+/// A request to the witness.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// What is asked.
+    pub op: Op,
+    /// The requesting node.
+    pub node: String,
+    /// The domain whose lease is meant.
+    pub domain: String,
+    /// Increasing per (node, domain): replay protection, echoed in the response.
+    pub nonce: u64,
+    /// Release: the generation given up. Acquire: the generation being renewed (0 = new).
+    pub generation: u64,
+    /// Acquire: the requested lease length.
+    pub ttl_ms: u32,
+}
+
+/// The witness's response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// The answer.
+    pub status: Status,
+    /// The requester (echo).
+    pub node: String,
+    /// The domain (echo).
+    pub domain: String,
+    /// The request's nonce (echo).
+    pub nonce: u64,
+    /// Generation of the lease granted / held.
+    pub generation: u64,
+    /// Granted: the TTL granted. Denied/Held: the time the lease still has at the witness.
+    pub ttl_ms: u32,
+    /// Denied/Held: the holder; otherwise empty.
+    pub holder: String,
+    /// Refused: a [`reason`] code.
+    pub reason: u8,
+}
+
+fn name_len(s: &str) -> Result<u8, ProtoError> {
+    if s.len() > MAX_NAME {
+        return Err(ProtoError::BadName);
+    }
+    u8::try_from(s.len()).map_err(|_| ProtoError::BadName)
+}
+
+fn take_name(body: &[u8], at: &mut usize, len: usize) -> Result<String, ProtoError> {
+    let end = at.checked_add(len).ok_or(ProtoError::Truncated)?;
+    let bytes = body.get(*at..end).ok_or(ProtoError::Truncated)?;
+    *at = end;
+    String::from_utf8(bytes.to_vec()).map_err(|_| ProtoError::BadName)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+impl Request {
+    /// Encodes and tags the request.
+    ///
+    /// # Errors
+    /// [`ProtoError::BadName`] if a name is longer than [`MAX_NAME`].
+    pub fn encode(&self, key: &HaKey) -> Result<Vec<u8>, ProtoError> {
+        let mut b = Vec::with_capacity(MAX_DATAGRAM);
+        b.extend_from_slice(REQ_MAGIC);
+        b.push(VERSION);
+        b.push(self.op as u8);
+        b.push(name_len(&self.node)?);
+        b.push(name_len(&self.domain)?);
+        b.extend_from_slice(&self.nonce.to_be_bytes());
+        b.extend_from_slice(&self.generation.to_be_bytes());
+        b.extend_from_slice(&self.ttl_ms.to_be_bytes());
+        b.extend_from_slice(self.node.as_bytes());
+        b.extend_from_slice(self.domain.as_bytes());
+        key.seal(&mut b);
+        Ok(b)
+    }
+
+    /// Authenticates and decodes a request.
+    ///
+    /// # Errors
+    /// [`ProtoError::BadTag`] first (nothing is parsed from an unauthentic datagram), then
+    /// the format errors.
+    pub fn decode(key: &HaKey, datagram: &[u8]) -> Result<Self, ProtoError> {
+        let b = key.open(datagram).ok_or(ProtoError::BadTag)?;
+        if b.len() < REQ_HEADER {
+            return Err(ProtoError::Truncated);
+        }
+        if &b[0..4] != REQ_MAGIC {
+            return Err(ProtoError::BadMagic);
+        }
+        if b[4] != VERSION {
+            return Err(ProtoError::BadVersion(b[4]));
+        }
+        let op = Op::from_u8(b[5])?;
+        let mut at = REQ_HEADER;
+        let node = take_name(b, &mut at, usize::from(b[6]))?;
+        let domain = take_name(b, &mut at, usize::from(b[7]))?;
+        if at != b.len() || node.is_empty() || domain.is_empty() {
+            return Err(ProtoError::BadName);
+        }
+        Ok(Self {
+            op,
+            node,
+            domain,
+            nonce: u64_at(b, 8),
+            generation: u64_at(b, 16),
+            ttl_ms: u32_at(b, 24),
+        })
+    }
+}
+
+impl Response {
+    /// Encodes and tags the response.
+    ///
+    /// # Errors
+    /// [`ProtoError::BadName`] if a name is longer than [`MAX_NAME`].
+    pub fn encode(&self, key: &HaKey) -> Result<Vec<u8>, ProtoError> {
+        let mut b = Vec::with_capacity(MAX_DATAGRAM);
+        b.extend_from_slice(RESP_MAGIC);
+        b.push(VERSION);
+        b.push(self.status as u8);
+        b.push(name_len(&self.node)?);
+        b.push(name_len(&self.domain)?);
+        b.extend_from_slice(&self.nonce.to_be_bytes());
+        b.extend_from_slice(&self.generation.to_be_bytes());
+        b.extend_from_slice(&self.ttl_ms.to_be_bytes());
+        b.push(name_len(&self.holder)?);
+        b.push(self.reason);
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(self.node.as_bytes());
+        b.extend_from_slice(self.domain.as_bytes());
+        b.extend_from_slice(self.holder.as_bytes());
+        key.seal(&mut b);
+        Ok(b)
+    }
+
+    /// Authenticates and decodes a response.
+    ///
+    /// # Errors
+    /// As [`Request::decode`].
+    pub fn decode(key: &HaKey, datagram: &[u8]) -> Result<Self, ProtoError> {
+        let b = key.open(datagram).ok_or(ProtoError::BadTag)?;
+        if b.len() < RESP_HEADER {
+            return Err(ProtoError::Truncated);
+        }
+        if &b[0..4] != RESP_MAGIC {
+            return Err(ProtoError::BadMagic);
+        }
+        if b[4] != VERSION {
+            return Err(ProtoError::BadVersion(b[4]));
+        }
+        let status = Status::from_u8(b[5])?;
+        let mut at = RESP_HEADER;
+        let node = take_name(b, &mut at, usize::from(b[6]))?;
+        let domain = take_name(b, &mut at, usize::from(b[7]))?;
+        let holder = take_name(b, &mut at, usize::from(b[28]))?;
+        if at != b.len() {
+            return Err(ProtoError::BadName);
+        }
+        Ok(Self {
+            status,
+            node,
+            domain,
+            nonce: u64_at(b, 8),
+            generation: u64_at(b, 16),
+            ttl_ms: u32_at(b, 24),
+            holder,
+            reason: b[29],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> HaKey {
+        HaKey::derive(&[3u8; 32]).unwrap()
+    }
+
+    fn req() -> Request {
+        Request {
+            op: Op::Acquire,
+            node: "node-a".into(),
+            domain: "web".into(),
+            nonce: 77,
+            generation: 0,
+            ttl_ms: 2000,
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let k = key();
+        let r = req();
+        assert_eq!(Request::decode(&k, &r.encode(&k).unwrap()), Ok(r));
+        let resp = Response {
+            status: Status::Denied,
+            node: "node-b".into(),
+            domain: "web".into(),
+            nonce: 9,
+            generation: 4,
+            ttl_ms: 1500,
+            holder: "node-a".into(),
+            reason: reason::NONE,
+        };
+        let bytes = resp.encode(&k).unwrap();
+        assert!(bytes.len() <= MAX_DATAGRAM);
+        assert_eq!(Response::decode(&k, &bytes), Ok(resp));
+    }
+
+    #[test]
+    fn malformed_datagrams_are_typed_errors() {
+        let k = key();
+        // (what, datagram body before tagging, expected error)
+        let good = req().encode(&k).unwrap();
+        let body = &good[..good.len() - TAG_LEN];
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = body.to_vec();
+            f(&mut b);
+            k.seal(&mut b);
+            b
+        };
+        let cases: Vec<(&str, Vec<u8>, ProtoError)> = vec![
+            (
+                "wrong key",
+                req().encode(&HaKey::derive(&[4u8; 32]).unwrap()).unwrap(),
+                ProtoError::BadTag,
+            ),
+            ("runt", vec![1, 2, 3], ProtoError::BadTag),
+            (
+                "truncated header",
+                with(&|b| b.truncate(10)),
+                ProtoError::Truncated,
+            ),
+            (
+                "response magic",
+                with(&|b| b[..4].copy_from_slice(b"RMWR")),
+                ProtoError::BadMagic,
+            ),
+            ("version 2", with(&|b| b[4] = 2), ProtoError::BadVersion(2)),
+            ("op 9", with(&|b| b[5] = 9), ProtoError::BadCode(9)),
+            (
+                "node length past end",
+                with(&|b| b[6] = 200),
+                ProtoError::Truncated,
+            ),
+            ("trailing byte", with(&|b| b.push(0)), ProtoError::BadName),
+            (
+                "empty node",
+                with(&|b| {
+                    b[6] = 0;
+                    b[7] = 9
+                }),
+                ProtoError::BadName,
+            ),
+            (
+                "non-UTF-8 node",
+                with(&|b| b[28] = 0xff),
+                ProtoError::BadName,
+            ),
+        ];
+        for (what, d, want) in cases {
+            assert_eq!(Request::decode(&k, &d), Err(want), "{what}");
+        }
+        let long = Request {
+            node: "x".repeat(MAX_NAME + 1),
+            ..req()
+        };
+        assert_eq!(long.encode(&k), Err(ProtoError::BadName));
+    }
+}
