@@ -176,6 +176,11 @@ impl Qmp {
         &self.version
     }
 
+    /// Changes how long each later command may wait for its reply.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// The socket this client is connected to.
     pub fn path(&self) -> &Path {
         &self.path
