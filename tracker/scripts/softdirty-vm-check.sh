@@ -4,8 +4,10 @@
 # soft-dirty cannot see, must be caught) — and prints their HARNESS-RESULT lines.
 # Exit status: 0 both pass, 1 a failure, 2 skip/no result.
 #
-# A self-contained stopgap: the project's generic kernel harness (tests/kernel-harness) is the
-# intended home of this check; once it exists, register the executable there instead.
+# The kernel harness (tests/kernel-harness, suite `tracker`) is where this check runs in the
+# test suite; this script remains for what the harness does not offer: several vCPUs
+# (REMUS_VM_SMP, the harness boots one) and extra check options, e.g. `--no-prefault` or
+# `--threads 1`, which showed that a multi-threaded collect must not take page faults.
 #
 # Usage: tracker/scripts/softdirty-vm-check.sh [check options, e.g. --rounds 200 --ram-mib 32]
 # Env: CARGO_TARGET_DIR (build dir), REMUS_VM_SMP (default 2), REMUS_VM_TIMEOUT (s, default 900),

@@ -102,7 +102,11 @@ impl Qemu {
     /// Increments the first word of each page, through the writer's own mapping.
     fn write(&mut self, pfns: &[u64]) {
         let cmd: Vec<String> = pfns.iter().map(|p| p.to_string()).collect();
-        writeln!(self.stdin, "w {}", cmd.join(" ")).unwrap();
+        self.command(&format!("w {}", cmd.join(" ")));
+    }
+
+    fn command(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ok");
@@ -304,6 +308,52 @@ fn soft_dirty_tracker_on_this_kernel_and_the_audit_behind_it() {
         assert_eq!(audit.stats().mismatches, 3);
     }
     assert!(shadow[..] == live[..], "shadow repaired");
+
+    // The tracker's state machine: Tracking -> (rearm) -> full scan -> Tracking -> (QEMU
+    // remaps the file) -> full scan -> Tracking. Table: (action, expect a full scan).
+    let steps: &[(&str, bool)] = &[
+        ("none", false),
+        ("rearm", true),
+        ("none", false),
+        ("remap", true),
+        ("none", false),
+    ];
+    for (i, &(action, full)) in steps.iter().enumerate() {
+        match action {
+            "rearm" => tracker.rearm(),
+            "remap" => qemu.command("remap"),
+            _ => {}
+        }
+        qemu.write(&[7 + i as u64]);
+        out.clear();
+        let s = tracker
+            .collect(&stopped, &live, &mut shadow, &mut out)
+            .unwrap();
+        assert_eq!(s.full_scan, full, "step {i} ({action}): {s:?}");
+        if full || kernel_has_soft_dirty() {
+            assert_eq!(
+                out.pfns().collect::<Vec<_>>(),
+                [7 + i as u64],
+                "step {i} ({action})"
+            );
+        }
+        // Keep the shadow exact for the next step whatever the kernel.
+        audit_all(&mut audit, n, &stopped, &live, &mut shadow);
+    }
+}
+
+fn audit_all(
+    audit: &mut ReplicaAudit,
+    n: u32,
+    stopped: &VmStopped,
+    live: &[u8],
+    shadow: &mut [u8],
+) {
+    for _ in 0..n {
+        audit
+            .run(stopped, live, shadow, &mut DirtySet::new(Capture::PfnsOnly))
+            .unwrap();
+    }
 }
 
 #[test]

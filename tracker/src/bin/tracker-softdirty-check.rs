@@ -26,8 +26,9 @@
 //! test name as its first argument runs that test with its defaults (the control: 30 rounds,
 //! 16 MiB, every 50th store through `pwrite()`).
 //!
-//! Writer command mode (no `--log`): reads lines `w PFN...` from stdin, increments the first
-//! word of each page, answers `ok`; used by the crate's integration tests as a controllable
+//! Writer command mode (no `--log`): reads lines from stdin — `w PFN...` increments the first
+//! word of each page, `remap` maps the file at a new address and drops the old mapping — and
+//! answers `ok` to each; used by the crate's integration tests as a controllable
 //! QEMU stand-in.
 
 use std::fs::OpenOptions;
@@ -236,7 +237,7 @@ fn writer_main(args: &[String]) -> Result<()> {
         bail!("RAM file {ram_path} is smaller than a page");
     }
     match log_path {
-        None => command_mode(&mut ram),
+        None => command_mode(ram, &file),
         Some(log_path) => free_running(&mut ram, &file, &log_path, burst, pwrite_every),
     }
 }
@@ -247,7 +248,7 @@ fn bump(ram: &mut [u8], pfn: usize, word: usize) {
     ram[at..at + 8].copy_from_slice(&v.wrapping_add(1).to_ne_bytes());
 }
 
-fn command_mode(ram: &mut [u8]) -> Result<()> {
+fn command_mode(mut ram: memmap2::MmapMut, file: &std::fs::File) -> Result<()> {
     let pages = ram.len() / PAGE_SIZE;
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
@@ -263,14 +264,22 @@ fn command_mode(ram: &mut [u8]) -> Result<()> {
                     if pfn >= pages {
                         bail!("page {pfn} beyond the {pages}-page RAM file");
                     }
-                    bump(ram, pfn, 0);
+                    bump(&mut ram, pfn, 0);
                 }
-                writeln!(stdout, "ok")?;
-                stdout.flush()?;
+            }
+            Some("remap") => {
+                // Map the file anew (at another address, while the old mapping still holds
+                // its range), then drop the old mapping: what a tracker must notice.
+                // SAFETY: as for the first mapping.
+                let new =
+                    unsafe { memmap2::MmapMut::map_mut(file) }.context("remapping the RAM file")?;
+                ram = new;
             }
             Some(other) => bail!("unknown command {other:?}"),
-            None => {}
+            None => continue,
         }
+        writeln!(stdout, "ok")?;
+        stdout.flush()?;
     }
     Ok(())
 }
