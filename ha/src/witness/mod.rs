@@ -36,7 +36,7 @@ mod server;
 
 pub use client::{Lease, LeaseKeeper, LeaseState, WitnessClient, WitnessClientConfig};
 pub use proto::{Op, ProtoError, Request, Response, Status, MAX_NAME};
-pub use server::{LeaseTable, WitnessServer, WitnessServerConfig};
+pub use server::{Handled, LeaseTable, WitnessServer, WitnessServerConfig, WitnessStats};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,409 @@
+//! The witness for real: the server in-process and as the `remus-witness` binary, clients
+//! over loopback UDP.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use remus_ha::witness::{
+    LeaseKeeper, LeaseState, Op, Request, WitnessClient, WitnessClientConfig, WitnessError,
+    WitnessServer, WitnessServerConfig,
+};
+use remus_ha::HaKey;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use tokio::time::{sleep, timeout, Instant};
+
+const MATERIAL: &[u8] = b"witness test key material, 32+ bytes";
+
+fn key() -> HaKey {
+    HaKey::derive(MATERIAL).unwrap()
+}
+
+fn lo() -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, (std::process::id() % 250) as u8 + 1, 7])
+}
+
+struct Running {
+    addr: SocketAddr,
+    stats: Arc<remus_ha::witness::WitnessStats>,
+    stop: Option<oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn witness() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = WitnessServerConfig::new(
+        SocketAddr::new(lo(), 0),
+        key(),
+        dir.path().join("witness.json"),
+    );
+    let server = WitnessServer::bind(cfg).await.unwrap();
+    let (addr, stats) = (server.local_addr(), server.stats());
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        stats,
+        stop: Some(tx),
+        _dir: dir,
+    }
+}
+
+async fn client(node: &str, addr: SocketAddr, ttl: Duration) -> Arc<WitnessClient> {
+    let cfg = WitnessClientConfig {
+        ttl,
+        attempt_timeout: Duration::from_millis(150),
+        ..WitnessClientConfig::new(node, addr, key())
+    };
+    Arc::new(WitnessClient::new(cfg).await.unwrap())
+}
+
+fn denied_by(r: Result<remus_ha::witness::Lease, WitnessError>) -> String {
+    match r {
+        Err(WitnessError::Denied { holder, .. }) => holder,
+        other => panic!("expected denial, got {other:?}"),
+    }
+}
+
+/// Acquires repeatedly until granted; returns the lease and when the grant was seen.
+async fn acquire_eventually(
+    c: &WitnessClient,
+    domain: &str,
+) -> (remus_ha::witness::Lease, Instant) {
+    timeout(Duration::from_secs(10), async {
+        loop {
+            match c.acquire(domain).await {
+                Ok(l) => return (l, Instant::now()),
+                Err(WitnessError::Denied { .. }) => sleep(Duration::from_millis(10)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("lease never granted")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_of_two_competing_clients_holds_the_lease() {
+    let w = witness().await;
+    let ttl = Duration::from_millis(600);
+    let (a, b) = (
+        client("alpha", w.addr, ttl).await,
+        client("beta", w.addr, ttl).await,
+    );
+
+    let la = a.acquire("web").await.unwrap();
+    assert_eq!(denied_by(b.acquire("web").await), "alpha");
+    // Another domain is independent.
+    b.acquire("db").await.unwrap();
+    // Renewal keeps the generation; the other node still cannot get it.
+    let la = a.renew(&la).await.unwrap();
+    assert_eq!(denied_by(b.acquire("web").await), "alpha");
+
+    // Released: the other wins at once.
+    assert!(a.release(&la).await.unwrap());
+    let lb = b.acquire("web").await.unwrap();
+    assert_eq!(denied_by(a.acquire("web").await), "beta");
+
+    // Not renewed: the other wins only after the holder's own view has ended.
+    let (la2, won_at) = acquire_eventually(&a, "web").await;
+    println!(
+        "beta's view ended {:?} after its request; alpha won {:?} after it",
+        lb.expires_at_local - lb.sent_at,
+        won_at - lb.sent_at
+    );
+    assert!(
+        won_at > lb.expires_at_local,
+        "granted before the holder's view expired"
+    );
+    assert!(won_at - lb.sent_at >= ttl);
+    assert!(la2.generation > lb.generation);
+    // The old holder's late release of its generation does nothing.
+    assert!(!b.release(&lb).await.unwrap());
+    assert_eq!(denied_by(b.acquire("web").await), "alpha");
+    assert_eq!(
+        w.stats
+            .dropped_bad_tag
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holders_view_ends_before_the_witnesss() {
+    let w = witness().await;
+    let (a, b) = (
+        client("alpha", w.addr, Duration::from_secs(2)).await,
+        client("beta", w.addr, Duration::from_secs(2)).await,
+    );
+    let lease = a.acquire("web").await.unwrap();
+    let before_query = Instant::now();
+    let info = b.query("web").await.unwrap();
+    assert_eq!(info.holder.as_deref(), Some("alpha"));
+    // The witness's expiry is at least `before_query + remaining` (it measured `remaining`
+    // after this instant); the holder's must come strictly earlier.
+    let witness_expiry_lower_bound = before_query + info.remaining;
+    println!(
+        "holder's view ends {:?} before the witness's (at least)",
+        witness_expiry_lower_bound - lease.expires_at_local
+    );
+    assert!(lease.expires_at_local < witness_expiry_lower_bound);
+    assert!(lease.expires_at_local - lease.sent_at <= Duration::from_millis(1980));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeper_holds_the_lease_and_reports_loss_at_local_expiry() {
+    let w = witness().await;
+    let ttl = Duration::from_millis(600);
+    let (a, b) = (
+        client("alpha", w.addr, ttl).await,
+        client("beta", w.addr, ttl).await,
+    );
+    let keeper = LeaseKeeper::spawn(a.clone(), "web".into(), None);
+    let mut st = keeper.state();
+    timeout(
+        Duration::from_secs(5),
+        st.wait_for(|s| matches!(s, LeaseState::Held { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Renewed every TTL/3: the other node is denied for several TTLs.
+    let end = Instant::now() + ttl * 3;
+    while Instant::now() < end {
+        assert_eq!(denied_by(b.acquire("web").await), "alpha");
+        assert!(keeper.is_held());
+        sleep(Duration::from_millis(100)).await;
+    }
+    // The witness goes away: the keeper says Lost at its local expiry, with no answer.
+    let until = match &*st.borrow() {
+        LeaseState::Held { until, .. } => *until,
+        s => panic!("{s:?}"),
+    };
+    drop(w);
+    timeout(
+        Duration::from_secs(5),
+        st.wait_for(|s| *s == LeaseState::Lost),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let late = Instant::now().saturating_duration_since(until);
+    println!("keeper reported Lost {late:?} after the local expiry");
+    assert!(Instant::now() >= until);
+    assert!(!keeper.is_held());
+    keeper.stop(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeper_stop_with_release_hands_over_at_once() {
+    let w = witness().await;
+    let ttl = Duration::from_secs(5);
+    let (a, b) = (
+        client("alpha", w.addr, ttl).await,
+        client("beta", w.addr, ttl).await,
+    );
+    let keeper = LeaseKeeper::spawn(a.clone(), "web".into(), None);
+    timeout(
+        Duration::from_secs(5),
+        keeper
+            .state()
+            .wait_for(|s| matches!(s, LeaseState::Held { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let kb = LeaseKeeper::spawn(b.clone(), "web".into(), None);
+    timeout(
+        Duration::from_secs(5),
+        kb.state()
+            .wait_for(|s| matches!(s, LeaseState::Denied { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    keeper.stop(true).await.unwrap();
+    // Far sooner than the 5 s TTL: beta's keeper retries every TTL/3 ≈ 1.7 s at most.
+    let t = Instant::now();
+    timeout(
+        Duration::from_secs(4),
+        kb.state()
+            .wait_for(|s| matches!(s, LeaseState::Held { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    println!(
+        "beta's keeper held the released lease {:?} later",
+        t.elapsed()
+    );
+    kb.stop(true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tag_and_replayed_requests_are_refused() {
+    let w = witness().await;
+    let wrong = WitnessClientConfig {
+        attempt_timeout: Duration::from_millis(100),
+        ..WitnessClientConfig::new(
+            "alpha",
+            w.addr,
+            HaKey::derive(b"not the witness key, but long enough").unwrap(),
+        )
+    };
+    let wrong = WitnessClient::new(wrong).await.unwrap();
+    match wrong.acquire("web").await {
+        Err(WitnessError::Unreachable { attempts: 3, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        w.stats
+            .dropped_bad_tag
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+
+    // A captured request sent twice: answered once, then dropped as a replay.
+    let raw = UdpSocket::bind((lo(), 0)).await.unwrap();
+    let req = Request {
+        op: Op::Acquire,
+        node: "mallory-replay".into(),
+        domain: "web".into(),
+        nonce: 1_000,
+        generation: 0,
+        ttl_ms: 1000,
+    }
+    .encode(&key())
+    .unwrap();
+    let mut buf = [0u8; 2048];
+    raw.send_to(&req, w.addr).await.unwrap();
+    timeout(Duration::from_secs(2), raw.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    raw.send_to(&req, w.addr).await.unwrap();
+    assert!(timeout(Duration::from_millis(300), raw.recv_from(&mut buf))
+        .await
+        .is_err());
+    assert_eq!(
+        w.stats
+            .dropped_replay
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The replay did not extend anything: a legitimate client sees the first grant only.
+    let b = client("beta", w.addr, Duration::from_secs(1)).await;
+    assert_eq!(denied_by(b.acquire("web").await), "mallory-replay");
+}
+
+/// The `remus-witness` binary, started for real.
+struct WitnessProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl WitnessProcess {
+    fn start(listen: SocketAddr, key_file: &Path, state: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_remus-witness"))
+            .args(["--listen", &listen.to_string(), "--key-file"])
+            .arg(key_file)
+            .arg("--state-file")
+            .arg(state)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn remus-witness");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        Self { child, addr }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WitnessProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_witness_does_not_grant_a_lease_again_within_its_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("psk");
+    std::fs::write(&key_file, MATERIAL).unwrap();
+    let state = dir.path().join("witness.json");
+    let mut w = WitnessProcess::start(SocketAddr::new(lo(), 0), &key_file, &state);
+    let addr = w.addr;
+    let ttl = Duration::from_millis(1500);
+    let (a, b) = (
+        client("alpha", addr, ttl).await,
+        client("beta", addr, ttl).await,
+    );
+    let la = a.acquire("web").await.unwrap();
+    // The grant was durable before the answer.
+    let persisted = std::fs::read_to_string(&state).unwrap();
+    assert!(persisted.contains("\"holder\": \"alpha\""), "{persisted}");
+
+    // Crash and restart on the same address.
+    w.kill();
+    let restarted_at = Instant::now();
+    let _w2 = WitnessProcess::start(addr, &key_file, &state);
+    assert_eq!(denied_by(b.acquire("web").await), "alpha");
+    let (lb, won_at) = acquire_eventually(&b, "web").await;
+    println!(
+        "after restart: beta won {:?} after the restart began (TTL {ttl:?}); alpha's own view had \
+         ended {:?} before that",
+        won_at - restarted_at,
+        won_at.saturating_duration_since(la.expires_at_local)
+    );
+    assert!(won_at - restarted_at >= ttl, "re-granted early");
+    assert!(
+        lb.generation > la.generation,
+        "generations continue across restarts"
+    );
+    // Replay counters survived too: alpha's old nonces are still refused, new ones work.
+    assert_eq!(denied_by(a.acquire("web").await), "beta");
+}
+
+#[tokio::test]
+async fn witness_binary_refuses_a_short_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("psk");
+    std::fs::write(&key_file, b"short").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_remus-witness"))
+        .args(["--listen", "127.0.0.1:0", "--key-file"])
+        .arg(&key_file)
+        .arg("--state-file")
+        .arg(dir.path().join("s.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 32 required"), "{err}");
+}
