@@ -8,75 +8,12 @@ use common::{decode_chunked, header};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use remus_stream::{
-    fuzzing, DecodeErrorKind, DeviceState, DiskOp, DiskWrite, DomainConfig, Encoder,
-    EncodingChoice, FlatMemory, Nack, NackReason, Record, StreamKind, PAGE_SIZE,
+    fuzzing, DecodeErrorKind, DeviceState, Encoder, Nack, NackReason, Record, StreamKind,
 };
 
-/// A realistic stream with every replication record type and all page encodings.
+/// The crate's sample stream (every record type and page encoding) and its records.
 fn sample_stream() -> (Vec<u8>, Vec<Record>) {
-    let mut enc = Encoder::new();
-    let mut out = Vec::new();
-    enc.header(&mut out, &header(StreamKind::Replication))
-        .unwrap();
-    let reference: Vec<u8> = (0..8 * PAGE_SIZE).map(|i| (i / 3) as u8).collect();
-    let mut pages = reference[..4 * PAGE_SIZE].to_vec();
-    pages[100] ^= 1;
-    pages[PAGE_SIZE + 7] ^= 0x80;
-    let fixed = [
-        Record::DiskWrite(DiskWrite {
-            epoch: 2,
-            disk: 0,
-            offset: 4096,
-            op: DiskOp::Data(vec![0xab; 512]),
-        }),
-        Record::CheckpointBegin { epoch: 1 },
-        Record::DomainConfig(DomainConfig {
-            epoch: 1,
-            json: r#"{"name":"web-1","memory_mib":512}"#.into(),
-        }),
-    ];
-    for r in &fixed {
-        enc.record(&mut out, r).unwrap();
-    }
-    for choice in [
-        EncodingChoice::Fixed(remus_stream::PageEncoding::Raw),
-        EncodingChoice::Fixed(remus_stream::PageEncoding::Lz4),
-        EncodingChoice::Fixed(remus_stream::PageEncoding::XorLz4),
-    ] {
-        enc.page_data(
-            &mut out,
-            1,
-            &[0, 1, 2, 3],
-            &pages,
-            choice,
-            &mut FlatMemory(&reference),
-        )
-        .unwrap();
-    }
-    enc.page_data(
-        &mut out,
-        1,
-        &[10, 11],
-        &[0; 2 * PAGE_SIZE],
-        EncodingChoice::Auto { xor: true },
-        &mut FlatMemory(&reference),
-    )
-    .unwrap();
-    enc.device_state(&mut out, 1, &[7u8; 3000], 1024).unwrap();
-    enc.record(
-        &mut out,
-        &Record::DiskWrite(DiskWrite {
-            epoch: 2,
-            disk: 1,
-            offset: 0,
-            op: DiskOp::Trim(1 << 20),
-        }),
-    )
-    .unwrap();
-    enc.checkpoint_end(&mut out, 1).unwrap();
-    enc.record(&mut out, &Record::Control(r#"{"op":"noop"}"#.into()))
-        .unwrap();
-    enc.record(&mut out, &Record::End).unwrap();
+    let out = fuzzing::sample_stream();
     let decoded = decode_chunked(&out, &[4096]);
     assert_eq!(decoded.error, None, "sample stream must be valid");
     (out, decoded.records)

@@ -1,0 +1,304 @@
+//! `remusctl config check` run as a real process on real files: exit codes and the line
+//! (and column) each problem is reported at.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn remusctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_remusctl"))
+        .args(args)
+        .output()
+        .expect("run remusctl")
+}
+
+fn configs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+}
+
+fn minimal() -> String {
+    std::fs::read_to_string(configs_dir().join("minimal.toml")).expect("read minimal.toml")
+}
+
+/// Line (1-based) of the first line of `text` that contains `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("`{needle}` not in config"))
+        + 1
+}
+
+#[test]
+fn shipped_configs_pass() {
+    let dir = configs_dir();
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 2,
+        "expected minimal.toml and full.toml, got {files:?}"
+    );
+    let args: Vec<&str> = ["config", "check"]
+        .into_iter()
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let out = remusctl(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in &files {
+        assert!(
+            stdout.contains(&format!("{f}: ok")),
+            "{f} not reported ok:\n{stdout}"
+        );
+    }
+}
+
+/// Each row: a name, how to break the minimal config, the text whose line must be named,
+/// and a fragment of the expected message.
+#[test]
+fn broken_configs_name_the_line() {
+    type Break = fn(&str) -> String;
+    let cases: Vec<(&str, Break, &str, &str)> = vec![
+        (
+            "unknown key",
+            |t| {
+                t.replacen(
+                    "name = \"alpha\"",
+                    "name = \"alpha\"\nlisen = \"0.0.0.0:7780\"",
+                    1,
+                )
+            },
+            "lisen =",
+            "unknown field `lisen`",
+        ),
+        (
+            "syntax error",
+            |t| {
+                t.replacen(
+                    "address = \"192.0.2.12:7780\"",
+                    "address = \"192.0.2.12:7780",
+                    1,
+                )
+            },
+            "address = \"192.0.2.12:7780",
+            "syntax:",
+        ),
+        (
+            "bad address",
+            |t| {
+                t.replacen(
+                    "address = \"192.0.2.12:7780\"",
+                    "address = \"192.0.2.300:7780\"",
+                    1,
+                )
+            },
+            "192.0.2.300",
+            "bad address `192.0.2.300:7780`",
+        ),
+        (
+            "zero interval",
+            |t| {
+                t.replacen(
+                    "name = \"web\"",
+                    "name = \"web\"\ncheckpoint_interval_ms = 0",
+                    1,
+                )
+            },
+            "checkpoint_interval_ms = 0",
+            "out of range",
+        ),
+        (
+            "negative interval",
+            |t| format!("{t}\n[heartbeat]\ninterval_ms = -100\n"),
+            "interval_ms = -100",
+            "-100",
+        ),
+        (
+            "timeout not above twice the interval",
+            |t| format!("{t}\n[heartbeat]\ninterval_ms = 100\ntimeout_ms = 200\n"),
+            "timeout_ms = 200",
+            "must exceed 2 x heartbeat.interval_ms",
+        ),
+        (
+            "bad MAC",
+            |t| t.replacen("52:54:00:12:34:56", "52:54:00:12:34", 1),
+            "mac =",
+            "not a MAC address",
+        ),
+        (
+            "empty fencing command",
+            |t| {
+                t.replacen(
+                    "command = [\"/usr/local/sbin/fence-peer\", \"beta\"]",
+                    "command = []",
+                    1,
+                )
+            },
+            "command = []",
+            "fencing.command is empty",
+        ),
+        (
+            "duplicate NIC id",
+            |t| {
+                format!("{t}\n[[domain.nic]]\nid = \"net0\"\nmac = \"52:54:00:00:00:09\"\nbridge = \"br1\"\n")
+            },
+            "id = \"net0\"\nmac = \"52:54:00:00:00:09\"",
+            "duplicate NIC id `net0`",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let base = minimal();
+    for (name, breaker, needle, message) in cases {
+        let text = breaker(&base);
+        assert_ne!(text, base, "{name}: the mutation did not apply");
+        let path = dir.path().join(format!("{}.toml", name.replace(' ', "-")));
+        std::fs::write(&path, &text).unwrap();
+        let out = remusctl(&["config", "check", path.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{name}: exit code; output:\n{stdout}"
+        );
+        // A multi-line needle names the line of its first line.
+        let first = needle.lines().next().unwrap();
+        let line = if needle.contains('\n') {
+            text.find(needle)
+                .map(|at| text[..at].lines().count() + 1)
+                .unwrap()
+        } else {
+            line_of(&text, first)
+        };
+        let prefix = format!("{}:{line}:", path.display());
+        let hit = stdout
+            .lines()
+            .find(|l| l.starts_with(&prefix) && l.contains(": error: "));
+        let hit = hit.unwrap_or_else(|| panic!("{name}: no error at line {line}:\n{stdout}"));
+        assert!(
+            hit.contains(message),
+            "{name}: `{message}` missing in `{hit}`"
+        );
+    }
+}
+
+#[test]
+fn missing_peer_is_reported_with_a_position() {
+    let text = minimal();
+    let start = text.find("[peer]").unwrap();
+    let end = text.find("[auth]").unwrap();
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nopeer.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = remusctl(&["config", "check", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "{}:1:1: error: missing required table [peer]",
+            path.display()
+        )),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn several_problems_are_all_reported() {
+    let text = minimal()
+        .replacen(
+            "name = \"web\"",
+            "name = \"Web!\"\ncheckpoint_interval_ms = 0",
+            1,
+        )
+        .replacen("bridge = \"br0\"", "bridge = \"a/b\"", 1)
+        + "\n[heartbeat]\ninterval_ms = 5\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = remusctl(&["config", "check", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    for (needle, msg) in [
+        ("name = \"Web!\"", "not a valid name"),
+        ("checkpoint_interval_ms = 0", "out of range"),
+        ("bridge = \"a/b\"", "not a valid interface name"),
+        ("interval_ms = 5", "out of range"),
+    ] {
+        let line = line_of(&text, needle);
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{}:{line}:", path.display())) && l.contains(msg)),
+            "no `{msg}` at line {line}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn unsafe_choices_are_warnings_not_silence() {
+    let text = minimal().replacen(
+        "mode = \"command\"\ncommand = [\"/usr/local/sbin/fence-peer\", \"beta\"]",
+        "mode = \"none\"",
+        1,
+    );
+    assert!(text.contains("mode = \"none\""));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nofence.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = remusctl(&["config", "check", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let line = line_of(&text, "mode = \"none\"");
+    assert!(
+        stdout.contains(&format!("{}:{line}:", path.display()))
+            && stdout.contains("warning: domain `web`: UNSAFE: fencing disabled"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn unreadable_file_and_usage_errors() {
+    let out = remusctl(&["config", "check", "/nonexistent/remus.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cannot read configuration"));
+    let out = remusctl(&["config", "frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = remusctl(&["--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn remusd_stub_validates_then_says_it_is_not_implemented() {
+    let cfg = configs_dir().join("minimal.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_remusd"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("is valid") && stderr.contains("not implemented yet"),
+        "{stderr}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[node]\nname = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_remusd"))
+        .args(["--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains(&format!("{}:2:8: error:", bad.display())),
+        "{stderr}"
+    );
+}
