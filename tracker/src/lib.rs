@@ -40,7 +40,7 @@ pub use audit::{AuditConfig, AuditReport, AuditStats, ReplicaAudit};
 pub use auto::{select, SelectError, Selection, TrackerChoice};
 pub use compare::{sync_listed, CompareTracker, SyncTotals};
 pub use dirty_set::{DirtyPage, DirtySet};
-pub use page::{page_count, prefault, Capture, Pfn, PAGE_SIZE};
+pub use page::{page_bytes, page_count, prefault, Capture, Pfn, PAGE_SIZE};
 pub use pool::{PoolError, ScanPool};
 pub use preconditions::{
     check as check_preconditions, Precondition, QemuFacts, SoftDirtyTarget, Unmet,
