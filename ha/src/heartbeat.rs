@@ -369,6 +369,9 @@ pub struct LinkStats {
     pub dropped_malformed: u64,
     /// Times the link went down.
     pub went_down: u64,
+    /// Heartbeats presumed lost in transit: gaps between accepted heartbeats longer than
+    /// the interval, counted in intervals (an estimate: the sender's pace jitters).
+    pub missed_estimate: u64,
 }
 
 /// A snapshot of the detector.
@@ -504,6 +507,7 @@ impl Detector {
                     dropped_replay: 0,
                     dropped_malformed: 0,
                     went_down: 0,
+                    missed_estimate: 0,
                 })
                 .collect(),
             replication_last_seen: None,
@@ -708,6 +712,12 @@ impl State {
         }
         self.highest_seq[m.link] = Some(beat.seq);
         ls.received += 1;
+        if let Some(prev) = ls.last_heard {
+            // A gap of k intervals (rounded) means k - 1 heartbeats did not arrive.
+            let gap = m.at.saturating_duration_since(prev).as_secs_f64();
+            let intervals = (gap / self.cfg.interval.as_secs_f64()).round() as u64;
+            ls.missed_estimate += intervals.saturating_sub(1);
+        }
         ls.last_heard = Some(m.at);
         if self.last_uptime.is_some_and(|u| beat.uptime_us < u) {
             stats.peer_restarts += 1;

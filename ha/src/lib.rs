@@ -10,7 +10,21 @@
 //! - [`decide`]: the pure rule table the daemon consults to turn all of the above into an
 //!   action on the VM.
 //!
-//! The crate knows nothing of QEMU or the checkpoint engine: the daemon wires them together.
+//! The crate knows nothing of QEMU or the checkpoint engine: the daemon wires them together,
+//! roughly like this:
+//!
+//! 1. At start, per domain, [`role::RoleStore::open`]; a role of `Activated` with no VM
+//!    means the guest may have run from the checkpoint: apply `Stop`, never re-activate.
+//! 2. One [`heartbeat::Detector`] per peer (shared by the domains of the pair); its
+//!    [`heartbeat::TrafficProbe`] goes to the replication connection's reader, and
+//!    [`heartbeat::Detector::set_view`] is updated when a role or epoch changes.
+//! 3. With the witness policy, one shared [`witness::WitnessClient`]; a
+//!    [`witness::LeaseKeeper`] per domain while the VM runs here.
+//! 4. Whenever liveness, lease, ACK flow or fencing progress changes: build a
+//!    [`decide::Situation`], call [`decide::decide`], apply the matching [`role::Event`]
+//!    (persisted) and only then act (stop the VM, release output, run the [`fence::Fencer`],
+//!    activate: `ActivationStarted`, load, `Resuming`, `cont`, `ActivationDone`).
+//!
 //! Side effects sit behind small types (sockets, processes, files) that the tests drive for
 //! real on loopback and in temporary directories.
 

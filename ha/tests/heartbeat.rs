@@ -218,6 +218,48 @@ async fn one_link_cut_is_not_a_lost_peer_all_cut_is_and_recovery_is_seen() {
     let s = p.b.stats();
     assert_eq!((s.losses, s.recoveries), (1, 1), "{s:#?}");
     assert!(s.last_detection.unwrap() >= TO);
+    // The healed link was silent for about a second: that shows as missed heartbeats.
+    assert!(s.links[0].missed_estimate >= 5, "{:#?}", s.links[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_accepted_and_counted() {
+    let r = Relay::new(lo(7)).await;
+    let cfg = |node: &str, peer: &str, remote| HeartbeatConfig {
+        interval: IV,
+        timeout: TO,
+        ..HeartbeatConfig::new(
+            node,
+            peer,
+            vec![Link {
+                local: SocketAddr::new(lo(7), 0),
+                remote,
+            }],
+            key(),
+        )
+    };
+    let b = Detector::start(cfg("beta", "alpha", r.b)).await.unwrap();
+    let a = Detector::start(cfg("alpha", "beta", r.a)).await.unwrap();
+    wait_for(&b, Duration::from_secs(5), |v| all_links_up(v, 1)).await;
+    // Alpha's agent restarts (new process state, new sequence source, new port): its
+    // sequence numbers start from its clock, above everything it sent before, so beta
+    // accepts them without any reset rule a replay could abuse.
+    a.shutdown().await;
+    let a = Detector::start(cfg("alpha", "beta", r.a)).await.unwrap();
+    let s = timeout(Duration::from_secs(5), async {
+        loop {
+            let s = b.stats();
+            if s.peer_restarts == 1 {
+                return s;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{:#?}", b.stats()));
+    assert_eq!(s.links[0].dropped_replay, 0);
+    never_lost_for(&b, TO * 2).await;
+    drop(a);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ mod proto;
 mod server;
 
 pub use client::{Lease, LeaseKeeper, LeaseState, WitnessClient, WitnessClientConfig};
-pub use proto::{Op, ProtoError, Request, Response, Status, MAX_NAME};
+pub use proto::{reason, Op, ProtoError, Request, Response, Status, MAX_NAME};
 pub use server::{Handled, LeaseTable, WitnessServer, WitnessServerConfig, WitnessStats};
 
 use std::net::SocketAddr;
