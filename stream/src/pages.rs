@@ -78,7 +78,8 @@ pub enum EncodingChoice {
     /// Use exactly this encoding (`Zero` fails unless every page is zero).
     Fixed(PageEncoding),
     /// `ZERO` if every page is zero; otherwise `XOR_LZ4` (when `xor`) or `LZ4`, falling back
-    /// to `RAW` when compression does not shrink the batch.
+    /// to `RAW` when compression does not shrink the batch. With `xor`, plain `LZ4` is also
+    /// tried when XOR saves less than half, and the smaller result is used.
     Auto {
         /// Whether the sender keeps reference copies, i.e. may use `XOR_LZ4`.
         xor: bool,
@@ -365,6 +366,8 @@ pub(crate) struct PackScratch {
     xor: Vec<u8>,
     /// LZ4 output; kept initialised at its largest size so no per-batch memset is needed.
     lz4: Vec<u8>,
+    /// Second LZ4 output, for `Auto { xor: true }` trying plain LZ4 when XOR did poorly.
+    lz4_alt: Vec<u8>,
 }
 
 /// Result of packing: which encoding was used and where its payload is.
@@ -435,6 +438,21 @@ impl PackScratch {
         }
         let n = lz4_flex::block::compress_into(input, &mut self.lz4)
             .map_err(|e| PackError::Compress(e.to_string()))?;
+        // XOR pays off on pages that changed a little; on rewritten pages (new text, freed
+        // and reused memory) plain LZ4 can do far better. Try it when XOR saved under half.
+        if choice == (EncodingChoice::Auto { xor: true }) && n * 2 > pages.len() {
+            if self.lz4_alt.len() < max {
+                self.lz4_alt.resize(max, 0);
+            }
+            let m = lz4_flex::block::compress_into(pages, &mut self.lz4_alt)
+                .map_err(|e| PackError::Compress(e.to_string()))?;
+            if m < n {
+                if m >= pages.len() {
+                    return Ok(Packed::Raw);
+                }
+                return Ok(Packed::Compressed(PageEncoding::Lz4, &self.lz4_alt[..m]));
+            }
+        }
         if matches!(choice, EncodingChoice::Auto { .. }) && n >= pages.len() {
             return Ok(Packed::Raw);
         }
