@@ -618,7 +618,11 @@ async fn receive(link: usize, socket: Arc<UdpSocket>, key: HaKey, tx: mpsc::Send
                 }
             }
             // ICMP port unreachable from a peer that is down surfaces here on Linux.
-            Err(e) => debug!(link, error = %e, "heartbeat receive error"),
+            // Pause briefly so a persistent error cannot spin the task.
+            Err(e) => {
+                debug!(link, error = %e, "heartbeat receive error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 }

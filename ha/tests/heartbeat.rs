@@ -392,16 +392,27 @@ async fn a_peer_that_never_speaks_is_lost_after_the_timeout_from_start() {
     d.shutdown().await;
 }
 
-/// Detection time over repeated trials; prints min / median / max.
+/// Detection time over repeated trials; prints min / median / max. The interval and
+/// timeout default to 100 ms / 500 ms; `REMUS_HA_HB_MS=interval,timeout` measures others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detection_time_over_trials() {
+    let (iv, to) = std::env::var("REMUS_HA_HB_MS")
+        .ok()
+        .and_then(|v| {
+            let (i, t) = v.split_once(',')?;
+            Some((
+                Duration::from_millis(i.trim().parse().ok()?),
+                Duration::from_millis(t.trim().parse().ok()?),
+            ))
+        })
+        .unwrap_or((IV, TO));
     let trials = 10;
     let (mut after_last, mut after_cut) = (Vec::new(), Vec::new());
     for t in 0..trials {
-        let p = pair(2, IV, TO).await;
+        let p = pair(2, iv, to).await;
         wait_for(&p.b, Duration::from_secs(5), |v| all_links_up(v, 2)).await;
         // Cut at a different phase of the heartbeat period each trial.
-        sleep(IV * t / trials + Duration::from_millis(150)).await;
+        sleep(iv * t / trials + Duration::from_millis(150)).await;
         for r in &p.relays {
             r.set_cut(true);
         }
@@ -415,8 +426,8 @@ async fn detection_time_over_trials() {
         else {
             unreachable!()
         };
-        assert!(detected_after >= TO, "trial {t}: {detected_after:?}");
-        assert!(declared_at - cut < TO + IV + Duration::from_secs(1));
+        assert!(detected_after >= to, "trial {t}: {detected_after:?}");
+        assert!(declared_at - cut < to + iv + Duration::from_secs(1));
         after_last.push(detected_after);
         after_cut.push(declared_at - cut);
     }
@@ -430,7 +441,7 @@ async fn detection_time_over_trials() {
         )
     };
     println!(
-        "detection, 2 links, interval {IV:?}, timeout {TO:?}, {trials} trials:\n  \
+        "detection, 2 links, interval {iv:?}, timeout {to:?}, {trials} trials:\n  \
          last heartbeat -> declared lost: {}\n  link cut -> declared lost:       {}",
         summary(&mut after_last),
         summary(&mut after_cut)
