@@ -3,7 +3,10 @@
 //! This crate holds the code shared by the `remusd` daemon and the `remusctl` CLI:
 //! - [`config`]: the `remus.toml` schema, defaults and validation with file:line:column
 //!   diagnostics;
-//! - [`cli`]: `remusctl` commands, one module per command group.
+//! - [`cli`]: `remusctl` commands, one module per command group;
+//! - [`domain`]: one protected domain: its files, its QEMU, and the checkpoint engine wired
+//!   to the real VM, network buffer and disks.
 
 pub mod cli;
 pub mod config;
+pub mod domain;

@@ -351,7 +351,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                     debug!(domain = %self.domain, epoch = end.epoch, ?summary, "checkpoint complete");
                     self.commit(end.epoch).await?;
                 }
-                Record::Control(_) | Record::Unknown { .. } => {}
+                Record::Control(json) => {
+                    if let Err(e) = self.disk.control(&json).await {
+                        let epoch = self.receiving.map_or(0, |r| r.0);
+                        return Err(self.refuse(epoch, NackReason::Storage, e.to_string()).await);
+                    }
+                }
+                Record::Unknown { .. } => {}
                 Record::CheckpointAck { .. } | Record::CheckpointNack(_) => {
                     // The stream decoder refuses reply records in a replication stream.
                 }

@@ -67,6 +67,10 @@ pub trait DiskBarrier: Send {
     /// Called while the VM is stopped: every write of epochs ≤ `epoch` has been handed to
     /// the replication stream when this returns, and later writes carry `epoch + 1`.
     async fn barrier(&mut self, epoch: u64) -> Result<(), PortError>;
+
+    /// The backup acknowledged every epoch ≤ `epoch`: regions written then need no resync
+    /// if the link fails later.
+    fn acknowledged(&mut self, _epoch: u64) {}
 }
 
 /// The backup's side of disk replication.
@@ -81,6 +85,12 @@ pub trait ReplicaDisk: Send {
     async fn commit(&mut self, epoch: u64) -> Result<(), PortError>;
     /// Drops every write of epochs > the last committed one (failover).
     async fn discard_uncommitted(&mut self) -> Result<(), PortError>;
+
+    /// A `CONTROL` record of the replication stream, in stream order (disk replication uses
+    /// it for synchronisation markers). Messages a disk does not know are ignored.
+    async fn control(&mut self, _json: &str) -> Result<(), PortError> {
+        Ok(())
+    }
 }
 
 /// One replicated disk write as the backup receives it.

@@ -607,6 +607,7 @@ impl Primary {
                     ));
                 }
                 let mut f = self.in_flight.pop_front().expect("checked");
+                self.disk.acknowledged(epoch);
                 self.net
                     .release(epoch)
                     .await

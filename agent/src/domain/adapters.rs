@@ -22,8 +22,8 @@ use tracing::warn;
 pub struct QemuVm {
     /// `vm <domain>`, for errors.
     pub object: String,
-    /// The QMP-level control of the process.
-    pub control: remus_qemu::VmControl,
+    /// The QMP-level control of the process (shared with the domain runtime).
+    pub control: Arc<remus_qemu::VmControl>,
 }
 
 #[async_trait]
@@ -53,24 +53,42 @@ impl remus_engine::ports::VmControl for QemuVm {
     }
 }
 
-/// All of a domain's NIC buffers, driven as one: an epoch is closed and released on every NIC.
+/// One NIC's egress buffer, named `netbuf <dev>` for errors.
+pub type NamedBuffer = (String, Box<dyn sch_plug::EgressBuffer>);
+
+/// All of a domain's NIC buffers, driven as one: an epoch is closed and released on every
+/// NIC. Shared with the domain runtime, which releases everything when protection ends.
+#[derive(Clone)]
 pub struct NicBuffers {
-    /// (`netbuf <dev>`, buffer) per NIC.
-    pub buffers: Vec<(String, Box<dyn sch_plug::EgressBuffer>)>,
+    /// The buffers, one per NIC.
+    pub buffers: Arc<tokio::sync::Mutex<Vec<NamedBuffer>>>,
+    /// The smallest pipeline depth among them (fixed at construction).
+    pub max_closed: usize,
+}
+
+impl NicBuffers {
+    /// Wraps the buffers of a domain's NICs.
+    pub fn new(buffers: Vec<NamedBuffer>) -> Self {
+        let max_closed = buffers
+            .iter()
+            .map(|(_, b)| b.max_closed_epochs())
+            .min()
+            .unwrap_or(usize::MAX);
+        Self {
+            buffers: Arc::new(tokio::sync::Mutex::new(buffers)),
+            max_closed,
+        }
+    }
 }
 
 #[async_trait]
 impl OutputBuffer for NicBuffers {
     fn max_closed_epochs(&self) -> usize {
-        self.buffers
-            .iter()
-            .map(|(_, b)| b.max_closed_epochs())
-            .min()
-            .unwrap_or(usize::MAX)
+        self.max_closed
     }
 
     async fn close_epoch(&mut self, epoch: u64) -> Result<(), PortError> {
-        for (name, b) in &mut self.buffers {
+        for (name, b) in self.buffers.lock().await.iter_mut() {
             b.buffer(epoch)
                 .await
                 .map_err(|e| PortError::new(name.as_str(), format!("close epoch {epoch}"), e))?;
@@ -79,7 +97,7 @@ impl OutputBuffer for NicBuffers {
     }
 
     async fn release(&mut self, epoch: u64) -> Result<(), PortError> {
-        for (name, b) in &mut self.buffers {
+        for (name, b) in self.buffers.lock().await.iter_mut() {
             b.release(epoch)
                 .await
                 .map_err(|e| PortError::new(name.as_str(), format!("release epoch {epoch}"), e))?;
@@ -88,7 +106,7 @@ impl OutputBuffer for NicBuffers {
     }
 
     async fn release_all(&mut self) -> Result<(), PortError> {
-        for (name, b) in &mut self.buffers {
+        for (name, b) in self.buffers.lock().await.iter_mut() {
             b.release_indefinite()
                 .await
                 .map_err(|e| PortError::new(name.as_str(), "release all", e))?;
@@ -210,11 +228,10 @@ pub struct PrimaryDisks {
 impl DiskBarrier for PrimaryDisks {
     async fn barrier(&mut self, epoch: u64) -> Result<(), PortError> {
         for d in &mut self.disks {
-            let report = d
-                .primary
-                .barrier_async(epoch)
-                .await
-                .map_err(|e| PortError::new(&d.object, format!("barrier of epoch {epoch}"), e))?;
+            let report =
+                d.primary.barrier_async(epoch).await.map_err(|e| {
+                    PortError::new(&d.object, format!("barrier of epoch {epoch}"), e)
+                })?;
             if !report.forwarded {
                 return Err(PortError::new(
                     &d.object,
@@ -222,21 +239,18 @@ impl DiskBarrier for PrimaryDisks {
                     "the replication link is down (writes are being tracked for resync)",
                 ));
             }
-            d.forwarded
-                .wait_for(|&e| e >= epoch)
-                .await
-                .map_err(|_| {
-                    PortError::new(&d.object, format!("barrier of epoch {epoch}"), "forwarder stopped")
-                })?;
+            d.forwarded.wait_for(|&e| e >= epoch).await.map_err(|_| {
+                PortError::new(
+                    &d.object,
+                    format!("barrier of epoch {epoch}"),
+                    "forwarder stopped",
+                )
+            })?;
         }
         Ok(())
     }
-}
 
-impl PrimaryDisks {
-    /// Tells every disk the backup holds epoch ≤ `epoch` (their unacknowledged regions need
-    /// no resync any more).
-    pub fn acknowledged(&self, epoch: u64) {
+    fn acknowledged(&mut self, epoch: u64) {
         for d in &self.disks {
             d.primary.acknowledged(epoch);
         }
@@ -286,7 +300,8 @@ impl ReplicaDisks {
                     .await
             }
             ControlMessage::DiskSyncEnd { disk, epoch } => {
-                self.receive(disk.into(), DiskEvent::SyncEnd { epoch }).await
+                self.receive(disk.into(), DiskEvent::SyncEnd { epoch })
+                    .await
             }
         }
     }
