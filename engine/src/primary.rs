@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! Running(k) --timer--> [AwaitingAck: the buffer holds max_closed_epochs() closed epochs]
-//!   --> ClosingOutput(k) --> Stopping --> Capturing --> DiskBarrier --> SavingDevice
+//!   --> ClosingOutput(k) --> Stopping --> Capturing --> DiskBarrier (DISK_BARRIER(k) queued)
+//!   --> SavingDevice
 //!   --> Resuming  = Running(k+1): the VM runs again (speculative execution)
 //!   --> Transmitting(k): encode and queue the checkpoint while the VM runs
 //!   ... ACK(k) arrives (any time) --> release the output of k
@@ -681,6 +682,11 @@ impl Primary {
         self.set_phase(EpochPhase::DiskBarrier { epoch });
         let t = Instant::now();
         self.disk.barrier(epoch).await.map_err(self.port(epoch))?;
+        // DISK_BARRIER(k) goes into the stream now, while the VM is stopped: every write of
+        // epoch k is queued before it and every write of k+1 (after `cont`) after it, which
+        // is the order the backup's disk needs. If the session is gone, finish the epoch's
+        // stop window anyway (the VM must run again) and report the loss after `cont`.
+        let barrier_sent = self.send(Outgoing::DiskBarrier(epoch)).await;
         report.disk_barrier = t.elapsed();
 
         self.set_phase(EpochPhase::SavingDevice { epoch });
@@ -699,6 +705,9 @@ impl Primary {
         let resumed_at = Instant::now();
         report.resume = resumed_at - t;
         report.pause = resumed_at - stopping_at;
+        if let Err(reason) = barrier_sent {
+            return Ok(Err(reason));
+        }
 
         self.set_phase(EpochPhase::Transmitting { epoch });
         let t = Instant::now();
@@ -713,7 +722,6 @@ impl Primary {
                 blob: Arc::new(device),
             })
             .await?;
-            self.send(Outgoing::DiskBarrier(epoch)).await?;
             let (tx, rx) = oneshot::channel();
             self.send(Outgoing::CheckpointEnd {
                 epoch,

@@ -7,6 +7,7 @@
 //! for bad arguments (clap's own convention).
 
 pub mod config_cmd;
+pub mod drill_cmd;
 pub mod stream_cmd;
 
 use std::process::ExitCode;
@@ -38,6 +39,9 @@ pub enum Group {
     /// Inspect saved replication streams.
     #[command(subcommand)]
     Stream(stream_cmd::StreamCmd),
+    /// Run a failover drill: protect a test guest, kill its primary, activate the backup,
+    /// and report what was measured and checked.
+    Drill(drill_cmd::DrillCmd),
 }
 
 /// Parses the process arguments and runs the command.
@@ -63,5 +67,6 @@ where
     match cli.group {
         Group::Config(cmd) => cmd.run(),
         Group::Stream(cmd) => cmd.run(),
+        Group::Drill(cmd) => cmd.run(),
     }
 }

@@ -1,0 +1,123 @@
+//! `remusctl drill`: run a failover drill and report what it measured and checked.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{EXIT_OK, EXIT_PROBLEMS};
+use crate::drill::{default_image_dir, run_local, DrillOptions};
+
+/// `remusctl drill` arguments.
+#[derive(Debug, Args)]
+pub struct DrillCmd {
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Checkpoints to acknowledge before the failure is injected.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    checkpoints: u64,
+    /// Checkpoint interval in milliseconds.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    interval_ms: u64,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(16..=65_536))]
+    memory_mib: u64,
+    /// QEMU accelerator: tcg or kvm.
+    #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
+    accel: String,
+    /// Guest kernel (default: $REMUS_IMAGES/guest/vmlinux, built by tests/images/build-guest.sh).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs (default: next to the kernel).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Scratch directory; guest RAM lives there (default: a new directory in /dev/shm).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Seed for the moment of the failure within the epoch cycle.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl DrillCmd {
+    /// Runs the drill.
+    pub fn run(self) -> ExitCode {
+        let images = default_image_dir();
+        let kernel = self.kernel.unwrap_or_else(|| images.join("vmlinux"));
+        let initrd = self.initrd.unwrap_or_else(|| images.join("initrd.img"));
+        let (work_dir, _guard) = match self.work_dir {
+            Some(d) => (d, None),
+            None => match scratch_dir_in_shm() {
+                Ok(t) => (t.path().to_path_buf(), Some(t)),
+                Err(e) => {
+                    eprintln!("remusctl drill: cannot create a scratch directory in /dev/shm: {e}");
+                    return ExitCode::from(EXIT_PROBLEMS);
+                }
+            },
+        };
+        let opts = DrillOptions {
+            kernel,
+            initrd,
+            work_dir,
+            checkpoints: self.checkpoints,
+            interval: Duration::from_millis(self.interval_ms),
+            memory_mib: self.memory_mib,
+            accel: self.accel,
+            seed: self.seed,
+        };
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("remusctl drill: cannot start the async runtime: {e}");
+                return ExitCode::from(EXIT_PROBLEMS);
+            }
+        };
+        match rt.block_on(run_local(&opts)) {
+            Ok(report) => {
+                if self.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).expect("report serialises")
+                    );
+                } else {
+                    print!("{}", report.render());
+                }
+                ExitCode::from(if report.passed {
+                    EXIT_OK
+                } else {
+                    EXIT_PROBLEMS
+                })
+            }
+            Err(e) => {
+                eprintln!("remusctl drill: {e:#}");
+                ExitCode::from(EXIT_PROBLEMS)
+            }
+        }
+    }
+}
+
+/// A scratch directory removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch_dir_in_shm() -> std::io::Result<ScratchDir> {
+    let dir = PathBuf::from(format!("/dev/shm/remus-drill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(ScratchDir(dir))
+}

@@ -1,0 +1,152 @@
+//! Reading what the test guest shows: its serial console log (QEMU appends ttyS0 to a
+//! file) and the counter log on its disk.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+/// Every `counter=<n>` value printed so far, in order.
+pub fn counters(log: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("counter="))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
+/// Every `check …` line printed so far.
+pub fn checks(log: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("check ").map(str::to_string))
+        .collect()
+}
+
+/// Waits until `pred` holds for the log's text, polling.
+///
+/// # Errors
+/// Timeout, with the log's tail.
+pub async fn wait_for(
+    log: &Path,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if pred(&text) {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            let tail: String = text
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            bail!(
+                "{what}: not seen within {timeout:?} in {}; tail:\n{tail}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The last record of the guest's disk log in a raw image: `(seq, value)`.
+///
+/// The log (see `tests/guest/src/disklog.rs`) is a ring of 512-byte slots, each
+/// `"RMSC" | seq u64 | value u64 | crc32 u32`, little-endian; the valid record with the
+/// highest sequence number is the last.
+///
+/// # Errors
+/// The image cannot be read.
+pub fn disk_log_last(image: &Path, slots: u64) -> Result<Option<(u64, u64)>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(image)?;
+    let mut buf = vec![0u8; (slots as usize) * 512];
+    let mut got = 0;
+    while got < buf.len() {
+        let n = f.read(&mut buf[got..])?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let mut best: Option<(u64, u64)> = None;
+    for slot in buf[..got].chunks(512) {
+        if let Some(r) = record(slot) {
+            if best.is_none_or(|b| r.0 > b.0) {
+                best = Some(r);
+            }
+        }
+    }
+    Ok(best)
+}
+
+fn record(slot: &[u8]) -> Option<(u64, u64)> {
+    if slot.len() < 24 || &slot[0..4] != b"RMSC" {
+        return None;
+    }
+    let crc = u32::from_le_bytes(slot[20..24].try_into().ok()?);
+    if crc != crc32_ieee(&slot[0..20]) {
+        return None;
+    }
+    Some((
+        u64::from_le_bytes(slot[4..12].try_into().ok()?),
+        u64::from_le_bytes(slot[12..20].try_into().ok()?),
+    ))
+}
+
+/// CRC-32 (IEEE), as the guest computes it.
+fn crc32_ieee(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_highest_sequence_and_skips_corrupt_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        let mut bytes = vec![0u8; 512 * 8];
+        let mut put = |slot: usize, seq: u64, value: u64, corrupt: bool| {
+            let s = &mut bytes[slot * 512..slot * 512 + 24];
+            s[0..4].copy_from_slice(b"RMSC");
+            s[4..12].copy_from_slice(&seq.to_le_bytes());
+            s[12..20].copy_from_slice(&value.to_le_bytes());
+            let crc = crc32_ieee(&s[0..20]) ^ u32::from(corrupt);
+            s[20..24].copy_from_slice(&crc.to_le_bytes());
+        };
+        put(0, 8, 80, false);
+        put(1, 9, 90, false);
+        put(2, 10, 100, true);
+        std::fs::write(&img, &bytes).unwrap();
+        assert_eq!(disk_log_last(&img, 8).unwrap(), Some((9, 90)));
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        assert_eq!(disk_log_last(&img, 8).unwrap(), None);
+    }
+
+    #[test]
+    fn crc_matches_the_standard_check_value() {
+        assert_eq!(crc32_ieee(b"123456789"), 0xCBF4_3926);
+    }
+}
