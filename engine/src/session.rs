@@ -159,7 +159,14 @@ pub async fn accept_backup(
         peer_node: peer_node.to_string(),
         domains,
     };
-    let ch = peer::accept(r, w, psk, &expect, &addr, timeout).await?;
+    let ch = match peer::accept(r, w, psk, &expect, &addr, timeout).await {
+        Ok(ch) => ch,
+        Err(e) => {
+            // Every refused peer is logged: an intruder, or a misconfigured partner.
+            warn!(peer = %addr, error = %e, "replication connection refused");
+            return Err(e.into());
+        }
+    };
     let mut reader = RecordReader::new(ch.reader, StreamKind::Replication, true, &addr);
     let header = tokio::time::timeout(timeout, reader.read_header())
         .await
