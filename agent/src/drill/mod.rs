@@ -76,6 +76,13 @@ pub struct DrillReport {
     pub output_held_p50_us: u64,
     /// Pages sent by each pre-copy round before the first checkpoint.
     pub precopy_pages: Vec<u64>,
+    /// The dirty-page tracker the primary used.
+    pub tracker: &'static str,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Reading all of guest RAM once, measured in the same run: the floor under a
+    /// compare tracker's pause (µs).
+    pub memory_scan_floor_us: u64,
     /// When, after the last acknowledgement, the primary's QEMU was killed (ms).
     pub kill_after_ack_ms: u64,
     /// From the kill to the backup knowing the primary is gone (ms).
@@ -329,6 +336,9 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         pause_p99_us: s.summary.pause.p99_us,
         output_held_p50_us: s.summary.output_commit_delay.p50_us,
         precopy_pages: s.precopy_pages.clone(),
+        tracker: "compare",
+        memory_mib: o.memory_mib,
+        memory_scan_floor_us: scan_floor(o.memory_mib << 20).as_micros() as u64,
         kill_after_ack_ms: kill_after.as_millis() as u64,
         detection_ms: detection.as_millis() as u64,
         recovery_ms: recovery.as_millis() as u64,
@@ -362,6 +372,13 @@ impl DrillReport {
             "  pause p50 / p99            {:.1} / {:.1} ms",
             self.pause_p50_us as f64 / 1000.0,
             self.pause_p99_us as f64 / 1000.0
+        );
+        let _ = writeln!(
+            s,
+            "  memory-scan floor          {:.1} ms ({} MiB read once, same run; tracker: {})",
+            self.memory_scan_floor_us as f64 / 1000.0,
+            self.memory_mib,
+            self.tracker
         );
         let _ = writeln!(
             s,
@@ -407,6 +424,20 @@ impl DrillReport {
         }
         s
     }
+}
+
+/// The best of three single-threaded reads of `bytes` of memory (the floor under comparing
+/// guest RAM with its shadow, which reads twice as much).
+fn scan_floor(bytes: u64) -> Duration {
+    let buf = vec![1u64; (bytes / 8) as usize];
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let sum = buf.iter().fold(0u64, |a, &x| a.wrapping_add(x));
+        std::hint::black_box(sum);
+        best = best.min(t.elapsed());
+    }
+    best
 }
 
 /// Default location of the guest image built by `tests/images/build-guest.sh`.

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Benchmarks, each printing a table of figures measured side by side in one run (ratios
+# against a floor measured in the same run). The machine is shared and noisy: compare the
+# ratios, not the absolute numbers. Run as root (QEMU, taps, namespaces).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+bash tests/images/build-guest.sh >/dev/null
+cargo build --quiet -p remus-agent --bin remusctl
+
+echo "== checkpoint pause, 256 MiB TCG guest at 200 ms, beside the memory-scan floor =="
+target/debug/remusctl drill --memory-mib 256 --checkpoints 50 --json |
+    python3 -c 'import json,sys; r=json.load(sys.stdin); f=r["memory_scan_floor_us"]
+print("| tracker | pause p50 | pause p99 | scan floor | p50 / floor |")
+print("|---|---|---|---|---|")
+print("| %s | %.1f ms | %.1f ms | %.1f ms | %.2f |" % (r["tracker"], r["pause_p50_us"]/1e3, r["pause_p99_us"]/1e3, f/1e3, r["pause_p50_us"]/max(f,1)))
+print("| soft-dirty | n/a: this kernel lacks CONFIG_MEM_SOFT_DIRTY (its correctness runs in the kernel harness) | | | |")'
+
+echo; echo "== dirty-page tracker collect vs memory floors (cargo bench -p remus-tracker --bench collect) =="
+cargo bench --quiet -p remus-tracker --bench collect
+
+echo; echo "== PAGE_DATA encode/decode vs memcpy (remus-stream page_table) =="
+BENCH_MS=400 cargo bench --quiet -p remus-stream --bench page_table
+
+echo; echo "== relay throughput vs a plain socket-to-tap copy (sch-plug relay) =="
+cargo bench --quiet -p sch-plug --bench relay
+
+echo; echo "== replicated NBD writes vs qemu-img bench on the raw file (blk-remus) =="
+bash blk-remus/bench.sh
