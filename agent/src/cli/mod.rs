@@ -8,6 +8,7 @@
 
 pub mod config_cmd;
 pub mod drill_cmd;
+pub mod netbuf_cmd;
 pub mod stream_cmd;
 
 use std::process::ExitCode;
@@ -39,6 +40,9 @@ pub enum Group {
     /// Inspect saved replication streams.
     #[command(subcommand)]
     Stream(stream_cmd::StreamCmd),
+    /// Inspect and drive a device's network egress buffer by hand.
+    #[command(subcommand)]
+    Netbuf(netbuf_cmd::NetbufCmd),
     /// Run a failover drill: protect a test guest, kill its primary, activate the backup,
     /// and report what was measured and checked.
     Drill(drill_cmd::DrillCmd),
@@ -68,5 +72,6 @@ where
         Group::Config(cmd) => cmd.run(),
         Group::Stream(cmd) => cmd.run(),
         Group::Drill(cmd) => cmd.run(),
+        Group::Netbuf(cmd) => cmd.run(),
     }
 }
