@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use remus_stream::{EncodingChoice, PageEncoding, Record, MAX_BATCH_PAGES, PAGE_SIZE};
-use remus_tracker::{Capture, CompareTracker, DirtySet, DirtyTracker, ScanPool, VmStopped};
+use remus_tracker::{
+    AuditConfig, Capture, CompareTracker, DirtySet, DirtyTracker, ReplicaAudit, ScanPool, VmStopped,
+};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -194,6 +196,10 @@ pub struct PrimaryStatus {
     pub summary: EpochSummary,
     /// Pre-copy rounds run before the first checkpoint, and pages each sent.
     pub precopy_pages: Vec<u64>,
+    /// The dirty-page tracker in use ("compare", "soft-dirty").
+    pub tracker: String,
+    /// Pages the replica audit found missed by the tracker, since the start.
+    pub audit_repaired_total: u64,
 }
 
 /// A reply from the backup, as the primary's reader task delivers it.
@@ -275,6 +281,9 @@ pub struct Primary {
     tracker: Option<Box<dyn DirtyTracker>>,
     /// Pre-copy's compare tracker (see the module doc for why it is always compare).
     precopy: Option<CompareTracker>,
+    /// Compares a slice of RAM with the shadow every epoch (all of it every N epochs): a
+    /// page the tracker missed is found, resent and counted instead of silently diverging.
+    audit: Option<ReplicaAudit>,
     /// Guest RAM as of the last checkpoint: the compare baseline, and the source of each
     /// checkpoint's new page contents while the VM runs on.
     shadow: Option<Vec<u8>>,
@@ -334,6 +343,8 @@ impl Primary {
             last: None,
             summary: EpochSummary::default(),
             precopy_pages: Vec::new(),
+            tracker: parts.tracker.kind().as_str().to_string(),
+            audit_repaired_total: 0,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let capture = cfg.compression.capture();
@@ -343,8 +354,15 @@ impl Primary {
             disk: parts.disk,
             memory: parts.memory,
             tracker: Some(parts.tracker),
-            precopy: Some(CompareTracker::new(parts.pool)),
-            shadow: Some(vec![0u8; len]),
+            precopy: Some(CompareTracker::new(parts.pool.clone())),
+            audit: Some(ReplicaAudit::new(len, AuditConfig::default(), parts.pool)),
+            shadow: Some({
+                let mut shadow = vec![0u8; len];
+                // Fault every page in now: a first write into fresh zero pages inside the
+                // stop window costs a fault each (and cross-CPU TLB flushes).
+                remus_tracker::prefault(&mut shadow);
+                shadow
+            }),
             dirty: Some(DirtySet::new(capture)),
             out: parts.out,
             replies: parts.replies,
@@ -635,7 +653,9 @@ impl Primary {
                 self.window.push(f.report.clone());
                 let summary = self.window.summary();
                 let last = f.report;
+                let repaired = last.audit_repaired;
                 self.status.send_modify(|s| {
+                    s.audit_repaired_total += repaired;
                     s.last = Some(last);
                     s.summary = summary;
                     s.last_acked = Some(epoch);
@@ -675,9 +695,10 @@ impl Primary {
 
         self.set_phase(EpochPhase::Capturing { epoch });
         let t = Instant::now();
-        let stats = self.collect(epoch).await?;
+        let (stats, repaired) = self.collect(epoch).await?;
         report.capture = t.elapsed();
         report.dirty_pages = stats.pages_dirty;
+        report.audit_repaired = repaired;
 
         self.set_phase(EpochPhase::DiskBarrier { epoch });
         let t = Instant::now();
@@ -747,12 +768,17 @@ impl Primary {
     }
 
     /// The stopped collect, on a blocking thread (the tracker splits it across cores).
-    async fn collect(&mut self, epoch: u64) -> Result<remus_tracker::CollectStats, PrimaryError> {
+    /// Returns the collect's statistics and the number of pages the audit had to repair.
+    async fn collect(
+        &mut self,
+        epoch: u64,
+    ) -> Result<(remus_tracker::CollectStats, u64), PrimaryError> {
         let mut tracker = self.tracker.take().expect("tracker present");
+        let mut audit = self.audit.take().expect("audit present");
         let mut shadow = self.shadow.take().expect("shadow present");
         let mut dirty = self.dirty.take().expect("dirty set present");
         let memory = self.memory.clone();
-        let (tracker, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
+        let (tracker, audit, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
             dirty.clear();
             // The VM was stopped by the caller (`checkpoint`) and is resumed only after this
             // returns.
@@ -763,16 +789,33 @@ impl Primary {
             } else {
                 tracker
                     .collect(&token, live, &mut shadow, &mut dirty)
+                    .and_then(|stats| {
+                        let report = audit.run(&token, live, &mut shadow, &mut dirty)?;
+                        if !report.mismatched.is_empty() {
+                            // The tracker missed writes: compare everything next time.
+                            tracker.rearm();
+                        }
+                        Ok((stats, report.mismatched.len() as u64))
+                    })
                     .map_err(Some)
             };
-            (tracker, shadow, dirty, r)
+            (tracker, audit, shadow, dirty, r)
         })
         .await
         .expect("collect thread panicked");
         let lens = (self.memory.bytes().len(), shadow.len());
         self.tracker = Some(tracker);
+        self.audit = Some(audit);
         self.shadow = Some(shadow);
         self.dirty = Some(dirty);
+        if let Ok((_, repaired)) = &res {
+            if *repaired > 0 {
+                warn!(
+                    epoch,
+                    repaired, "replica audit found pages the tracker missed; resending them"
+                );
+            }
+        }
         res.map_err(|e| match e {
             Some(source) => PrimaryError::Tracker {
                 domain: self.cfg.domain.clone(),

@@ -22,7 +22,7 @@ use remus_engine::primary::{
 };
 use remus_engine::session::{open_primary, Identity};
 use remus_qemu::{GuestRam, QemuProcess};
-use remus_tracker::{CompareTracker, ScanPool};
+use remus_tracker::{select, QemuFacts, ScanPool, SoftDirtyTarget, TrackerChoice};
 use sch_plug::{Backend, EgressConfig, Netns, RelayOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::info;
@@ -298,6 +298,8 @@ pub struct Protection {
     pub task: tokio::task::JoinHandle<
         std::result::Result<PrimaryExit, remus_engine::primary::PrimaryError>,
     >,
+    /// Why soft-dirty tracking was not used (empty when it is, or was not asked for).
+    pub tracker_unmet: Vec<String>,
 }
 
 /// Starts protecting `vm` against the backup named in `opts`.
@@ -361,15 +363,54 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
     };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let pool = Arc::new(ScanPool::new(threads).context("starting page-scan threads")?);
+    let ram_path = vm.paths.guest_ram();
+    let has = |needle: &str| d.qemu.extra_args.iter().any(|a| a.contains(needle));
+    let target = SoftDirtyTarget {
+        pid: i32::try_from(vm.qemu.pid()).context("QEMU pid")?,
+        ram_path: &ram_path,
+        ram_len: vm.ram.len() as u64,
+        facts: QemuFacts {
+            // The agent builds QEMU's devices itself: no balloon, no RAM discard; extra
+            // arguments are scanned for what would break soft-dirty.
+            balloon: has("balloon"),
+            ram_discard: has("virtio-mem") || has("discard-data"),
+            mem_lock: has("mem-lock=on"),
+            // Every disk goes through QEMU's block layer to our NBD server: `stop` drains it.
+            block_io_drained_on_stop: true,
+            vfio: has("vfio"),
+            external_ram_users: has("vhost-user") || has("virtiofs"),
+        },
+    };
+    let choice = match d.tracker {
+        config::Tracker::Auto => TrackerChoice::Auto,
+        config::Tracker::Compare => TrackerChoice::Compare,
+        config::Tracker::SoftDirty => TrackerChoice::SoftDirty,
+    };
+    let selection = select(choice, &target, pool.clone())
+        .with_context(|| format!("domain {}: dirty-page tracker", d.name))?;
+    let tracker_unmet: Vec<String> = selection.unmet.iter().map(|u| format!("{u:?}")).collect();
+    for u in &tracker_unmet {
+        info!(domain = %d.name, precondition = %u, "soft-dirty not used");
+    }
+    let net: Box<dyn remus_engine::ports::OutputBuffer> = if d.netbuf.output_buffering {
+        Box::new(vm.nics.clone())
+    } else {
+        tracing::warn!(
+            domain = %d.name,
+            "UNSAFE: output buffering is off (unsafe_no_output_buffering): a failover can \
+             expose output of state the backup never received"
+        );
+        Box::new(remus_engine::ports::Unbuffered)
+    };
     let parts = PrimaryParts {
         vm: Box::new(QemuVm {
             object: format!("vm {}", d.name),
             control: vm.control.clone(),
         }),
-        net: Box::new(vm.nics.clone()),
+        net,
         disk: Box::new(PrimaryDisks { disks }),
         memory: Arc::new(Ram(vm.ram.clone())),
-        tracker: Box::new(CompareTracker::new(pool.clone())),
+        tracker: selection.tracker,
         pool,
         out: session.sender,
         replies: session.replies,
@@ -389,5 +430,9 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         }
         exit
     });
-    Ok(Protection { handle, task })
+    Ok(Protection {
+        handle,
+        task,
+        tracker_unmet,
+    })
 }
