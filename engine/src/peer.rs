@@ -295,6 +295,62 @@ fn into_transport(
         })
 }
 
+impl<R, W> SecureChannel<R, W> {
+    fn new(
+        reader: R,
+        writer: W,
+        transport: Arc<StatelessTransportState>,
+        peer: &str,
+        remote: Hello,
+    ) -> Self {
+        SecureChannel {
+            reader: SecureReader {
+                io: reader,
+                transport: transport.clone(),
+                nonce: 0,
+                peer: peer.to_string(),
+                cipher: Vec::new(),
+            },
+            writer: SecureWriter {
+                io: writer,
+                transport,
+                nonce: 0,
+                peer: peer.to_string(),
+                frame: Vec::new(),
+            },
+            remote,
+        }
+    }
+}
+
+/// Bounds a handshake by `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    peer: &str,
+    fut: impl std::future::Future<Output = Result<T, PeerError>>,
+) -> Result<T, PeerError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| PeerError::HandshakeTimeout {
+            peer: peer.to_string(),
+            timeout,
+        })?
+}
+
+/// Refuses a hello from another node than the policy's peer.
+fn check_node(remote: &Hello, expected: &str, peer: &str) -> Result<(), PeerError> {
+    if remote.node == expected {
+        return Ok(());
+    }
+    Err(PeerError::Refused {
+        peer: peer.to_string(),
+        reason: format!(
+            "it is node {:?}, the policy names {:?} as the peer",
+            remote.node, expected
+        ),
+    })
+}
+
 /// Runs the initiator's side of the handshake on a connected stream.
 ///
 /// `peer` names the remote end in errors and logs (usually its address).
@@ -338,15 +394,7 @@ where
                 stage: "handshake message 2",
             })?;
         let remote = parse_hello(&payload[..n], peer)?;
-        if remote.node != expect_peer_node {
-            return Err(PeerError::Refused {
-                peer: peer.to_string(),
-                reason: format!(
-                    "it is node {:?}, the policy names {:?} as the peer",
-                    remote.node, expect_peer_node
-                ),
-            });
-        }
+        check_node(&remote, expect_peer_node, peer)?;
         if remote.domain != hello.domain {
             return Err(PeerError::Refused {
                 peer: peer.to_string(),
@@ -357,34 +405,12 @@ where
             });
         }
         let transport = into_transport(hs, peer)?;
-        let mut w = SecureWriter {
-            io: writer,
-            transport: transport.clone(),
-            nonce: 0,
-            peer: peer.to_string(),
-            frame: Vec::new(),
-        };
-        w.send(CONFIRM).await?;
-        w.flush().await?;
-        let r = SecureReader {
-            io: reader,
-            transport,
-            nonce: 0,
-            peer: peer.to_string(),
-            cipher: Vec::new(),
-        };
-        Ok(SecureChannel {
-            reader: r,
-            writer: w,
-            remote,
-        })
+        let mut ch = SecureChannel::new(reader, writer, transport, peer, remote);
+        ch.writer.send(CONFIRM).await?;
+        ch.writer.flush().await?;
+        Ok(ch)
     };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| PeerError::HandshakeTimeout {
-            peer: peer.to_string(),
-            timeout,
-        })?
+    within(timeout, peer, fut).await
 }
 
 /// Runs the responder's side of the handshake on an accepted stream.
@@ -419,15 +445,7 @@ where
                 stage: "handshake message 1",
             })?;
         let remote = parse_hello(&payload[..n], peer)?;
-        if remote.node != expect.peer_node {
-            return Err(PeerError::Refused {
-                peer: peer.to_string(),
-                reason: format!(
-                    "it is node {:?}, the policy names {:?} as the peer",
-                    remote.node, expect.peer_node
-                ),
-            });
-        }
+        check_node(&remote, &expect.peer_node, peer)?;
         if let Some(domains) = &expect.domains {
             if !domains.contains(&remote.domain) {
                 return Err(PeerError::Refused {
@@ -462,49 +480,24 @@ where
             })?;
         write_frame(&mut writer, &msg[..n], peer).await?;
         let transport = into_transport(hs, peer)?;
-        let mut r = SecureReader {
-            io: reader,
-            transport: transport.clone(),
-            nonce: 0,
-            peer: peer.to_string(),
-            cipher: Vec::new(),
-        };
+        let mut ch = SecureChannel::new(reader, writer, transport, peer, remote);
         let mut first = Vec::new();
-        match r.recv(&mut first).await {
-            Ok(()) if first == CONFIRM => {}
-            Ok(()) => {
-                return Err(PeerError::Refused {
-                    peer: peer.to_string(),
-                    reason: "first transport frame is not the handshake confirmation".into(),
-                })
-            }
+        match ch.reader.recv(&mut first).await {
+            Ok(()) if first == CONFIRM => Ok(ch),
+            Ok(()) => Err(PeerError::Refused {
+                peer: peer.to_string(),
+                reason: "first transport frame is not the handshake confirmation".into(),
+            }),
             Err(PeerError::Malformed { .. }) | Err(PeerError::Unauthenticated { .. }) => {
-                return Err(PeerError::Unauthenticated {
+                Err(PeerError::Unauthenticated {
                     peer: peer.to_string(),
                     stage: "handshake confirmation",
                 })
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
         }
-        let w = SecureWriter {
-            io: writer,
-            transport,
-            nonce: 0,
-            peer: peer.to_string(),
-            frame: Vec::new(),
-        };
-        Ok(SecureChannel {
-            reader: r,
-            writer: w,
-            remote,
-        })
     };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| PeerError::HandshakeTimeout {
-            peer: peer.to_string(),
-            timeout,
-        })?
+    within(timeout, peer, fut).await
 }
 
 impl<W: AsyncWrite + Unpin> SecureWriter<W> {

@@ -291,6 +291,14 @@ pub struct Received {
     pub verdict: Result<Option<EpochSummary>, EpochError>,
 }
 
+/// What one decoding step produced.
+enum Step {
+    /// The stream header (kept in the reader).
+    Header,
+    /// A record.
+    Record(Received),
+}
+
 /// Reads records from an encrypted channel.
 pub struct RecordReader<R> {
     reader: SecureReader<R>,
@@ -327,38 +335,83 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     /// Reads until the stream header has arrived and returns it.
     ///
     /// # Errors
-    /// As [`next`](Self::next).
+    /// As [`next`](Self::next); a record before the header.
     pub async fn read_header(&mut self) -> Result<StreamHeader, WireError> {
         loop {
             if let Some(h) = &self.header {
                 return Ok(h.clone());
             }
-            if self.pos < self.chunk.len() {
-                let mut input = &self.chunk[self.pos..];
-                let before = input.len();
-                let item = self.decoder.decode_frame(&mut input);
-                self.pos += before - input.len();
-                match item.map_err(|source| WireError::Decode {
-                    peer: self.peer.clone(),
-                    source,
-                })? {
-                    Some(Item::Header(h)) => {
-                        let h = h.clone();
-                        self.accept_header(h)?;
-                    }
-                    Some(Item::Record(_)) => {
-                        return Err(WireError::Header {
-                            peer: self.peer.clone(),
-                            reason: "a record arrived before the stream header".into(),
-                        })
-                    }
-                    None => {}
+            match self.decode_buffered()? {
+                Some(Step::Header) => {}
+                Some(Step::Record(_)) => {
+                    return Err(WireError::Header {
+                        peer: self.peer.clone(),
+                        reason: "a record arrived before the stream header".into(),
+                    })
                 }
-                continue;
+                None => self.refill().await?,
             }
-            self.reader.recv(&mut self.chunk).await?;
-            self.pos = 0;
         }
+    }
+
+    /// The next record; `Ok(None)` when the peer closed the channel after `END`.
+    ///
+    /// # Errors
+    /// Channel failures, malformed streams, a header of the wrong kind.
+    pub async fn next(&mut self) -> Result<Option<Received>, WireError> {
+        loop {
+            match self.decode_buffered()? {
+                Some(Step::Header) => {}
+                Some(Step::Record(r)) => return Ok(Some(r)),
+                None => match self.refill().await {
+                    Ok(()) => {}
+                    Err(WireError::Peer(PeerError::Closed { .. })) if self.decoder.is_ended() => {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Decodes the next item from the bytes already received; `None` when more are needed.
+    fn decode_buffered(&mut self) -> Result<Option<Step>, WireError> {
+        while self.pos < self.chunk.len() {
+            let mut input = &self.chunk[self.pos..];
+            let before = input.len();
+            let item = self.decoder.decode_frame(&mut input);
+            self.pos += before - input.len();
+            match item.map_err(|source| WireError::Decode {
+                peer: self.peer.clone(),
+                source,
+            })? {
+                Some(Item::Header(h)) => {
+                    let h = h.clone();
+                    self.accept_header(h)?;
+                    return Ok(Some(Step::Header));
+                }
+                Some(Item::Record(frame)) => {
+                    let verdict = match &mut self.verifier {
+                        Some(v) => v.observe(&frame.record, frame.crc),
+                        None => Ok(None),
+                    };
+                    return Ok(Some(Step::Record(Received {
+                        offset: frame.offset,
+                        record: frame.record.to_owned_record(),
+                        verdict,
+                    })));
+                }
+                None => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Receives the next frame's plaintext.
+    async fn refill(&mut self) -> Result<(), WireError> {
+        self.reader.recv(&mut self.chunk).await?;
+        self.pos = 0;
+        Ok(())
     }
 
     fn accept_header(&mut self, h: StreamHeader) -> Result<(), WireError> {
@@ -374,46 +427,5 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         }
         self.header = Some(h);
         Ok(())
-    }
-
-    /// The next record; `Ok(None)` when the peer closed the channel after `END`.
-    ///
-    /// # Errors
-    /// Channel failures, malformed streams, a header of the wrong kind.
-    pub async fn next(&mut self) -> Result<Option<Received>, WireError> {
-        loop {
-            while self.pos < self.chunk.len() {
-                let mut input = &self.chunk[self.pos..];
-                let before = input.len();
-                let item = self.decoder.decode_frame(&mut input);
-                self.pos += before - input.len();
-                match item.map_err(|source| WireError::Decode {
-                    peer: self.peer.clone(),
-                    source,
-                })? {
-                    Some(Item::Header(h)) => {
-                        let h = h.clone();
-                        self.accept_header(h)?;
-                    }
-                    Some(Item::Record(frame)) => {
-                        let verdict = match &mut self.verifier {
-                            Some(v) => v.observe(&frame.record, frame.crc),
-                            None => Ok(None),
-                        };
-                        return Ok(Some(Received {
-                            offset: frame.offset,
-                            record: frame.record.to_owned_record(),
-                            verdict,
-                        }));
-                    }
-                    None => {}
-                }
-            }
-            match self.reader.recv(&mut self.chunk).await {
-                Ok(()) => self.pos = 0,
-                Err(PeerError::Closed { .. }) if self.decoder.is_ended() => return Ok(None),
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 }
