@@ -39,6 +39,11 @@ pub struct DrillCmd {
     /// Seed for the moment of the failure within the epoch cycle.
     #[arg(long)]
     seed: Option<u64>,
+    /// UNSAFE: release the guest's network output at once instead of holding it until the
+    /// backup acknowledges. The drill then shows what that costs (replies of lost state, a
+    /// dead connection) and exits non-zero.
+    #[arg(long)]
+    unsafe_no_output_buffering: bool,
 }
 
 impl DrillCmd {
@@ -66,6 +71,7 @@ impl DrillCmd {
             memory_mib: self.memory_mib,
             accel: self.accel,
             seed: self.seed,
+            unsafe_no_output_buffering: self.unsafe_no_output_buffering,
         };
         let rt = match tokio::runtime::Builder::new_multi_thread()
             .enable_all()

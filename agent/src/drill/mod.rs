@@ -15,12 +15,26 @@
 //! - **no reboot**: the activated guest resumed (its console shows no fresh start);
 //! - **disk agrees with memory**: every `check` line after activation says `ok`;
 //! - **uncommitted work discarded**: the primary's progress past the checkpoint is reported
-//!   (it was never acknowledged, so it must not reappear).
+//!   (it was never acknowledged, so it must not reappear);
+//! - **no client saw lost state, and its connection survived**: the guest also serves the
+//!   counter over TCP on a NIC behind the egress buffer; a client in its own network
+//!   namespace sends `INC` every 50 ms on one connection through the failover (see
+//!   [`client`]). No reply it got from the primary may be produced again by the activated
+//!   guest (`lost_replies == 0`), the connection must not break, replies must keep
+//!   increasing and must come both before and after the failover.
+//!
+//! The network ([`net`]) models two hosts and a client on a switch, each a namespace; the
+//! primary host's loss is its uplink cut and its QEMU killed at the same moment.
+//!
+//! With `unsafe_no_output_buffering` the same drill runs with the guest's output released at
+//! once; it must then report lost state (that is the proof the check can fail).
 //!
 //! What the local drill does not cover yet is listed in [`DrillReport::not_covered`] and
 //! printed with every report, so the drill never claims more than it checked.
 
+pub mod client;
 pub mod guest;
+pub mod net;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,6 +50,8 @@ use crate::config::Config;
 use crate::domain::backup::ReplicaDomain;
 use crate::domain::primary::{protect, ProtectOptions, RunningVm};
 use crate::domain::DomainPaths;
+use client::{analyse, Client, ClientVerdict, Moments};
+use net::Topology;
 
 /// Slots of the guest's disk log (the workload's default).
 const LOG_SLOTS: u64 = 8192;
@@ -59,6 +75,9 @@ pub struct DrillOptions {
     pub accel: String,
     /// Seed for the failure's moment in the epoch cycle (`None`: from the clock).
     pub seed: Option<u64>,
+    /// Release the guest's network output at once instead of holding it until the backup
+    /// acknowledges (the policy's `unsafe_no_output_buffering`): the drill must then fail.
+    pub unsafe_no_output_buffering: bool,
 }
 
 /// The result of one drill.
@@ -107,21 +126,30 @@ pub struct DrillReport {
     pub resumed_not_rebooted: bool,
     /// Verdict: every check line after activation reported disk == memory.
     pub disk_agrees_with_memory: bool,
+    /// The guest's output was held until acknowledged (false: the unsafe configuration).
+    pub output_buffering: bool,
+    /// What the network client saw (its verdicts: `lost_replies`, `broken_connections`,
+    /// `values_increasing`, replies before and after the failover).
+    pub client: ClientVerdict,
+    /// Verdict: the client saw no lost state, its connection survived, and it got replies
+    /// on both sides of the failover.
+    pub clients_kept: bool,
     /// What this drill does not exercise yet.
     pub not_covered: Vec<&'static str>,
 }
 
 /// What the local drill does not exercise yet (printed with every report).
 pub const NOT_COVERED: &[&str] = &[
-    "network output: the guest has no NIC in the local drill, so client replies and TCP \
-     connection survival are not checked yet",
     "failure detection by heartbeats: the backup learns of the failure from the replication \
      connection closing",
     "fencing and the witness: the drill's policy uses fencing mode none",
-    "separate hosts or network namespaces: both roles run in one process",
+    "separate hosts: both roles run in one process; only their networks are separate \
+     (namespaces on one switch), and the replication link is loopback",
+    "the plug-qdisc egress backend: the drill uses the relay (this kernel lacks sch_plug)",
+    "one client, one connection, requests one at a time: no concurrent or bulk traffic",
 ];
 
-fn policy(o: &DrillOptions, port: u16) -> String {
+fn policy(o: &DrillOptions, port: u16, topo: &Topology) -> String {
     let dir = &o.work_dir;
     format!(
         r#"
@@ -154,7 +182,16 @@ memory_mib = {mem}
 vcpus = 1
 kernel = "{kernel}"
 initrd = "{initrd}"
-cmdline = "console=ttyS0 quiet panic=-1 remus.mode=ticker remus.interval=50 remus.check_every=5"
+cmdline = "console=ttyS0 quiet panic=-1 ipv6.disable=1 remus.mode=both remus.ip={guest_ip} remus.interval=50 remus.check_every=5"
+
+[[domain.nic]]
+id = "net0"
+mac = "52:54:00:77:00:10"
+bridge = "{bridge}"
+
+[domain.netbuf]
+backend = "relay"
+unsafe_no_output_buffering = {unsafe_nobuf}
 
 [[domain.disk]]
 id = "d0"
@@ -175,6 +212,9 @@ mode = "none"
         initrd = o.initrd.display(),
         disk = dir.join("primary.img").display(),
         replica = dir.join("replica.img").display(),
+        guest_ip = topo.guest_cidr,
+        bridge = net::HOST_BRIDGE,
+        unsafe_nobuf = o.unsafe_no_output_buffering,
     )
 }
 
@@ -206,9 +246,13 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     for f in ["primary.img", "replica.img"] {
         std::fs::File::create(o.work_dir.join(f))?.set_len(64 << 20)?;
     }
+    // Declared first so it is dropped last, after every VM and relay that uses it.
+    let topo = tokio::task::spawn_blocking(Topology::create)
+        .await?
+        .context("building the drill's network")?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
-    let cfg = Config::from_str(&policy(o, port), "drill policy")
+    let cfg = Config::from_str(&policy(o, port, &topo), "drill policy")
         .map_err(|e| anyhow::anyhow!("drill policy: {e}"))?;
     let domain = cfg.domains[0].clone();
     let psk = PreSharedKey::from_bytes(&key).context("drill key")?;
@@ -234,7 +278,19 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         &o.work_dir.join("pri/state"),
         "drill",
     );
-    let mut vm = RunningVm::start(&domain, pri_paths.clone(), &sch_plug::Netns::current()).await?;
+    let mut vm = RunningVm::start(&domain, pri_paths.clone(), &topo.primary_netns()).await?;
+    // The runtime does not honour `output_buffering` yet (`protect` always drives the NIC
+    // buffers): the drill does it by handing `protect` no buffers at all, so the relay stays
+    // in the pass-through it was opened in. The real buffers must stay alive (they own the
+    // relay and its tap). Remove once `domain::primary::protect` honours the policy.
+    let _held_buffers = if domain.netbuf.output_buffering {
+        None
+    } else {
+        Some(std::mem::replace(
+            &mut vm.nics,
+            crate::domain::adapters::NicBuffers::new(Vec::new()),
+        ))
+    };
     guest::wait_for(
         &pri_paths.console(),
         Duration::from_secs(90),
@@ -242,6 +298,24 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         |t| t.contains("counter="),
     )
     .await?;
+    // Before protection the buffer passes traffic straight through: the client must get
+    // replies now, or the network (not the failover) is broken.
+    let mut client = Client::start(topo.client_netns(), topo.guest_ip, net::SERVICE_PORT);
+    if !client
+        .wait_for(Duration::from_secs(30), |l| l.replies.len() >= 5)
+        .await
+    {
+        let log = client.stop().await;
+        bail!(
+            "the guest's counter service at {}:{} did not answer the client before \
+             protection ({} replies, breaks: {:?})",
+            topo.guest_ip,
+            net::SERVICE_PORT,
+            log.replies.len(),
+            log.breaks
+        );
+    }
+    let protected_at = Instant::now();
     let protection = protect(
         &vm,
         &ProtectOptions {
@@ -288,8 +362,17 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     });
     let kill_after = Duration::from_millis(seed % (o.interval.as_millis() as u64 + 1));
     tokio::time::sleep(kill_after).await;
+    // The primary host is lost: its network goes with its QEMU (nothing the agent might
+    // still release after the kill can reach the client, as on a real host failure).
     let killed_at = Instant::now();
+    let cut = tokio::process::Command::new("ip")
+        .args(["-n", &topo.primary, "link", "set", "uplink", "down"])
+        .status();
     vm.qemu.kill()?;
+    let cut = cut.await?;
+    if !cut.success() {
+        bail!("cutting the primary's uplink in {}: {cut}", topo.primary);
+    }
     let _ = protection.task.await;
     let primary_counters = guest::counters(&pri_paths.console());
     let (replica, _exit, noticed) = backup.await??;
@@ -301,7 +384,8 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     };
     let disk_value =
         guest::disk_log_last(&domain.disks[0].replica, LOG_SLOTS)?.map_or(0, |(_, v)| v);
-    let (mut activated, epoch) = replica.activate(&sch_plug::Netns::current()).await?;
+    let activation_at = Instant::now();
+    let (mut activated, epoch) = replica.activate(&topo.backup_netns()).await?;
     let recovery = killed_at.elapsed();
     guest::wait_for(
         &bak_paths.console(),
@@ -318,19 +402,80 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         |t| t.lines().filter(|l| l.starts_with("check ")).count() >= 2,
     )
     .await?;
+    // Let the client reach the activated guest (or give up on a dead connection and
+    // reconnect), and the counter run past everything the client saw from the primary, so
+    // every value the failover lost has been produced again.
+    let max_before = client
+        .log()
+        .replies
+        .iter()
+        .filter(|r| r.at < activation_at)
+        .map(|r| r.value)
+        .max()
+        .unwrap_or(0);
+    let _ = client
+        .wait_for(client::STALL_LIMIT + Duration::from_secs(10), |l| {
+            l.replies.iter().filter(|r| r.at >= activation_at).count() >= 5
+        })
+        .await;
+    let _ = guest::wait_for(
+        &bak_paths.console(),
+        Duration::from_secs(10),
+        "the counter past the client's last value",
+        |t| {
+            t.lines()
+                .filter_map(|l| l.trim().strip_prefix("counter="))
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .any(|v| v > max_before)
+        },
+    )
+    .await;
+    let client_log = client.stop().await;
     let after = guest::counters(&bak_paths.console());
     let checks = guest::checks(&bak_paths.console());
     let console = std::fs::read_to_string(bak_paths.console()).unwrap_or_default();
     let _ = activated.qemu.kill();
 
-    let resumed_at = after.first().copied().unwrap_or(0);
-    let primary_reached = primary_counters.last().copied().unwrap_or(0);
-    let continuity = (resumed_at == disk_value || resumed_at == disk_value + 1)
-        && after.windows(2).all(|w| w[1] == w[0] + 1);
+    let replies_after: Vec<u64> = client_log
+        .replies
+        .iter()
+        .filter(|r| r.at >= activation_at)
+        .map(|r| r.value)
+        .collect();
+    let continuity = continuity(disk_value, &after, &replies_after);
+    let resumed_at = after
+        .iter()
+        .chain(&replies_after)
+        .copied()
+        .min()
+        .unwrap_or(0);
+    let primary_reached = primary_counters
+        .last()
+        .copied()
+        .unwrap_or(0)
+        .max(max_before);
     let resumed_not_rebooted = !console.contains("remus-guest: start") && resumed_at > 1;
     let disk_agrees_with_memory = !checks.is_empty() && checks.iter().all(|c| c.starts_with("ok "));
+    let client = analyse(
+        &client_log,
+        &Moments {
+            protected: protected_at,
+            killed: killed_at,
+            activation: activation_at,
+        },
+        &after,
+    );
+    let clients_kept = client.lost_replies == 0
+        && client.broken_connections == 0
+        && client.values_increasing
+        && client.replies_before_failover > 0
+        && client.replies_after_failover > 0;
     Ok(DrillReport {
-        passed: continuity && resumed_not_rebooted && disk_agrees_with_memory && epoch == committed,
+        passed: continuity
+            && resumed_not_rebooted
+            && disk_agrees_with_memory
+            && epoch == committed
+            && clients_kept,
         checkpoints: s.last_acked.unwrap_or(0),
         pause_p50_us: s.summary.pause.p50_us,
         pause_p99_us: s.summary.pause.p99_us,
@@ -351,6 +496,9 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         continuity,
         resumed_not_rebooted,
         disk_agrees_with_memory,
+        output_buffering: domain.netbuf.output_buffering,
+        client,
+        clients_kept,
         not_covered: NOT_COVERED.to_vec(),
     })
 }
@@ -418,12 +566,88 @@ impl DrillReport {
             "  disk agrees with memory    {}",
             v(self.disk_agrees_with_memory)
         );
+        let c = &self.client;
+        let ms = |v: Option<u64>| v.map_or_else(|| "none".to_string(), |m| format!("{m} ms"));
+        let _ = writeln!(
+            s,
+            "  network output             {}",
+            if self.output_buffering {
+                "held until the backup acknowledged"
+            } else {
+                "UNSAFE: released at once (unsafe_no_output_buffering)"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  client replies             {} ({} before the failover, {} after)",
+            c.replies, c.replies_before_failover, c.replies_after_failover
+        );
+        let _ = writeln!(
+            s,
+            "  client round trip p50      {:.1} ms unprotected, {:.1} ms protected",
+            c.rtt_unprotected_p50_us as f64 / 1000.0,
+            c.rtt_protected_p50_us as f64 / 1000.0
+        );
+        let _ = writeln!(
+            s,
+            "  client stall               {} (kill -> first reply {})",
+            ms(c.client_stall_ms),
+            ms(c.kill_to_first_reply_ms)
+        );
+        let _ = writeln!(
+            s,
+            "  client values              last from the primary {}, first after the failover {}",
+            c.max_value_before_failover, c.first_value_after_failover
+        );
+        let _ = writeln!(
+            s,
+            "  lost replies               {} {}",
+            c.lost_replies,
+            v(c.lost_replies == 0)
+        );
+        let _ = writeln!(
+            s,
+            "  broken connections         {} {}",
+            c.broken_connections,
+            v(c.broken_connections == 0)
+        );
+        for b in &c.breaks {
+            let _ = writeln!(s, "    - {b}");
+        }
+        let _ = writeln!(s, "  reply values increasing    {}", v(c.values_increasing));
+        let _ = writeln!(s, "  clients kept               {}", v(self.clients_kept));
         let _ = writeln!(s, "  not covered by this drill yet:");
         for n in &self.not_covered {
             let _ = writeln!(s, "    - {n}");
         }
         s
     }
+}
+
+/// The continuity verdict: memory and disk from the same checkpoint, and no increment
+/// skipped or repeated after activation.
+///
+/// Ticker and client share the counter, so the activated guest's values are split between
+/// its console (`console`, every tick) and the client's replies (`replies`, each `INC`);
+/// together they must form one run of consecutive values (up to the client's last reply:
+/// the reply to a later `INC` may still have been in flight when the client stopped). The
+/// guest logs each increment to disk before setting it in memory, so the first tick is at
+/// least the committed record `disk` and the run starts no later than `disk + 1` (a reply
+/// retransmitted from the checkpoint's socket buffers may start it earlier).
+fn continuity(disk: u64, console: &[u64], replies: &[u64]) -> bool {
+    let Some(&first_tick) = console.first() else {
+        return false;
+    };
+    let all: std::collections::BTreeSet<u64> = console.iter().chain(replies).copied().collect();
+    let upto = replies
+        .last()
+        .copied()
+        .unwrap_or_else(|| console.last().copied().unwrap_or(0));
+    let run: Vec<u64> = all.range(..=upto).copied().collect();
+    first_tick >= disk
+        && all.first().is_some_and(|&v| v <= disk + 1)
+        && console.windows(2).all(|w| w[1] > w[0])
+        && run.windows(2).all(|w| w[1] == w[0] + 1)
 }
 
 /// The best of three single-threaded reads of `bytes` of memory (the floor under comparing
@@ -446,4 +670,48 @@ pub fn default_image_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/remus-images"))
         .join("guest")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::continuity;
+
+    #[test]
+    fn continuity_table() {
+        // (case, disk record, console after activation, client replies after, verdict)
+        type Case = (&'static str, u64, &'static [u64], &'static [u64], bool);
+        let cases: &[Case] = &[
+            ("ticks only, from disk + 1", 10, &[11, 12, 13], &[], true),
+            ("ticks only, from the disk record", 10, &[10, 11], &[], true),
+            (
+                "ticks and replies interleaved",
+                10,
+                &[11, 13, 16],
+                &[12, 14, 15],
+                true,
+            ),
+            (
+                "a retransmitted reply first",
+                10,
+                &[12, 13],
+                &[10, 11, 14],
+                true,
+            ),
+            (
+                "reply in flight at the end",
+                10,
+                &[11, 12, 14, 15],
+                &[13],
+                true,
+            ),
+            ("an increment skipped", 10, &[11, 13], &[14], false),
+            ("memory behind disk", 10, &[9, 10], &[], false),
+            ("memory ahead of disk", 10, &[13, 14], &[], false),
+            ("no console after activation", 10, &[], &[11], false),
+            ("console going back", 10, &[11, 12, 11], &[], false),
+        ];
+        for (name, disk, console, replies, ok) in cases {
+            assert_eq!(continuity(*disk, console, replies), *ok, "{name}");
+        }
+    }
 }
