@@ -83,7 +83,18 @@ impl DrillCmd {
                 return ExitCode::from(EXIT_PROBLEMS);
             }
         };
-        match rt.block_on(run_local(&opts)) {
+        // Ctrl-C drops the drill, whose guards kill its QEMUs and delete its namespaces.
+        let outcome = rt.block_on(async {
+            tokio::select! {
+                r = run_local(&opts) => Some(r),
+                _ = tokio::signal::ctrl_c() => None,
+            }
+        });
+        let Some(outcome) = outcome else {
+            eprintln!("remusctl drill: interrupted; cleaned up");
+            return ExitCode::from(EXIT_PROBLEMS);
+        };
+        match outcome {
             Ok(report) => {
                 if self.json {
                     println!(
