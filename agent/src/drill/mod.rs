@@ -530,8 +530,13 @@ impl DrillReport {
         );
         let _ = writeln!(
             s,
-            "  output held p50            {:.1} ms",
-            self.output_held_p50_us as f64 / 1000.0
+            "  output held p50            {:.1} ms{}",
+            self.output_held_p50_us as f64 / 1000.0,
+            if self.output_buffering {
+                ""
+            } else {
+                " (the engine's epoch bookkeeping: nothing was held)"
+            }
         );
         let _ = writeln!(
             s,
