@@ -49,6 +49,15 @@ pub struct DrillCmd {
 impl DrillCmd {
     /// Runs the drill.
     pub fn run(self) -> ExitCode {
+        // Logs go to stderr (warnings by default; REMUS_LOG=info or debug for more), so the
+        // report on stdout stays machine-readable with --json.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("REMUS_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_writer(std::io::stderr)
+            .try_init();
         let images = default_image_dir();
         let kernel = self.kernel.unwrap_or_else(|| images.join("vmlinux"));
         let initrd = self.initrd.unwrap_or_else(|| images.join("initrd.img"));

@@ -96,7 +96,7 @@ pub struct DrillReport {
     /// Pages sent by each pre-copy round before the first checkpoint.
     pub precopy_pages: Vec<u64>,
     /// The dirty-page tracker the primary used.
-    pub tracker: &'static str,
+    pub tracker: String,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     /// Reading all of guest RAM once, measured in the same run: the floor under a
@@ -279,18 +279,6 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         "drill",
     );
     let mut vm = RunningVm::start(&domain, pri_paths.clone(), &topo.primary_netns()).await?;
-    // The runtime does not honour `output_buffering` yet (`protect` always drives the NIC
-    // buffers): the drill does it by handing `protect` no buffers at all, so the relay stays
-    // in the pass-through it was opened in. The real buffers must stay alive (they own the
-    // relay and its tap). Remove once `domain::primary::protect` honours the policy.
-    let _held_buffers = if domain.netbuf.output_buffering {
-        None
-    } else {
-        Some(std::mem::replace(
-            &mut vm.nics,
-            crate::domain::adapters::NicBuffers::new(Vec::new()),
-        ))
-    };
     guest::wait_for(
         &pri_paths.console(),
         Duration::from_secs(90),
@@ -481,7 +469,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         pause_p99_us: s.summary.pause.p99_us,
         output_held_p50_us: s.summary.output_commit_delay.p50_us,
         precopy_pages: s.precopy_pages.clone(),
-        tracker: "compare",
+        tracker: s.tracker.clone(),
         memory_mib: o.memory_mib,
         memory_scan_floor_us: scan_floor(o.memory_mib << 20).as_micros() as u64,
         kill_after_ack_ms: kill_after.as_millis() as u64,
