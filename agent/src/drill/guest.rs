@@ -60,9 +60,8 @@ pub async fn wait_for(
 
 /// The last record of the guest's disk log in a raw image: `(seq, value)`.
 ///
-/// The log (see `tests/guest/src/disklog.rs`) is a ring of 512-byte slots, each
-/// `"RMSC" | seq u64 | value u64 | crc32 u32`, little-endian; the valid record with the
-/// highest sequence number is the last.
+/// The log (`remus_guest::disklog`) is a ring of 512-byte slots; the valid record with the
+/// highest sequence number is the last. Records are decoded by the guest's own code.
 ///
 /// # Errors
 /// The image cannot be read.
@@ -90,33 +89,7 @@ pub fn disk_log_last(image: &Path, slots: u64) -> Result<Option<(u64, u64)>> {
 }
 
 fn record(slot: &[u8]) -> Option<(u64, u64)> {
-    if slot.len() < 24 || &slot[0..4] != b"RMSC" {
-        return None;
-    }
-    let crc = u32::from_le_bytes(slot[20..24].try_into().ok()?);
-    if crc != crc32_ieee(&slot[0..20]) {
-        return None;
-    }
-    Some((
-        u64::from_le_bytes(slot[4..12].try_into().ok()?),
-        u64::from_le_bytes(slot[12..20].try_into().ok()?),
-    ))
-}
-
-/// CRC-32 (IEEE), as the guest computes it.
-fn crc32_ieee(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    remus_guest::disklog::Record::decode(slot).map(|r| (r.seq, r.value))
 }
 
 #[cfg(test)]
@@ -133,7 +106,7 @@ mod tests {
             s[0..4].copy_from_slice(b"RMSC");
             s[4..12].copy_from_slice(&seq.to_le_bytes());
             s[12..20].copy_from_slice(&value.to_le_bytes());
-            let crc = crc32_ieee(&s[0..20]) ^ u32::from(corrupt);
+            let crc = remus_guest::disklog::crc32(&s[0..20]) ^ u32::from(corrupt);
             s[20..24].copy_from_slice(&crc.to_le_bytes());
         };
         put(0, 8, 80, false);
@@ -143,10 +116,5 @@ mod tests {
         assert_eq!(disk_log_last(&img, 8).unwrap(), Some((9, 90)));
         std::fs::write(&img, vec![0u8; 4096]).unwrap();
         assert_eq!(disk_log_last(&img, 8).unwrap(), None);
-    }
-
-    #[test]
-    fn crc_matches_the_standard_check_value() {
-        assert_eq!(crc32_ieee(b"123456789"), 0xCBF4_3926);
     }
 }

@@ -12,10 +12,6 @@
 //! On a fresh boot the counter starts from the last record of the disk log, so a reboot does
 //! not reset it.
 
-mod counter;
-mod disklog;
-mod service;
-
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
@@ -23,8 +19,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use counter::Counter;
-use disklog::DiskLog;
+use remus_guest::counter::Counter;
+use remus_guest::disklog::DiskLog;
+use remus_guest::service;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
