@@ -424,10 +424,14 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     let console = std::fs::read_to_string(bak_paths.console()).unwrap_or_default();
     let _ = activated.qemu.kill();
 
+    // Replies the activated guest produced: received after activation, and not older than
+    // the committed checkpoint. (A reply the primary released just before it died can reach a
+    // starved client after the activation; its value is below the committed record, and it
+    // belongs to the primary's history, not to the activated guest's.)
     let replies_after: Vec<u64> = client_log
         .replies
         .iter()
-        .filter(|r| r.at >= activation_at)
+        .filter(|r| r.at >= activation_at && r.value >= disk_value)
         .map(|r| r.value)
         .collect();
     let continuity = continuity(disk_value, &after, &replies_after);
