@@ -337,6 +337,26 @@ async fn within<T>(
         })?
 }
 
+/// Reads one handshake message and the hello it carries. A message that does not decrypt
+/// means the other side does not hold our key.
+async fn read_hello<R: AsyncRead + Unpin>(
+    hs: &mut HandshakeState,
+    reader: &mut R,
+    peer: &str,
+    stage: &'static str,
+) -> Result<Hello, PeerError> {
+    let mut frame = Vec::new();
+    read_frame(reader, &mut frame, peer).await?;
+    let mut payload = vec![0u8; MAX_MESSAGE];
+    let n = hs
+        .read_message(&frame, &mut payload)
+        .map_err(|_| PeerError::Unauthenticated {
+            peer: peer.to_string(),
+            stage,
+        })?;
+    parse_hello(&payload[..n], peer)
+}
+
 /// Refuses a hello from another node than the policy's peer.
 fn check_node(remote: &Hello, expected: &str, peer: &str) -> Result<(), PeerError> {
     if remote.node == expected {
@@ -384,16 +404,7 @@ where
             })?;
         write_frame(&mut writer, &msg[..n], peer).await?;
 
-        let mut frame = Vec::new();
-        read_frame(&mut reader, &mut frame, peer).await?;
-        let mut payload = vec![0u8; MAX_MESSAGE];
-        let n = hs
-            .read_message(&frame, &mut payload)
-            .map_err(|_| PeerError::Unauthenticated {
-                peer: peer.to_string(),
-                stage: "handshake message 2",
-            })?;
-        let remote = parse_hello(&payload[..n], peer)?;
+        let remote = read_hello(&mut hs, &mut reader, peer, "handshake message 2").await?;
         check_node(&remote, expect_peer_node, peer)?;
         if remote.domain != hello.domain {
             return Err(PeerError::Refused {
@@ -435,16 +446,7 @@ where
 {
     let fut = async {
         let mut hs = handshake_state(psk, false, peer)?;
-        let mut frame = Vec::new();
-        read_frame(&mut reader, &mut frame, peer).await?;
-        let mut payload = vec![0u8; MAX_MESSAGE];
-        let n = hs
-            .read_message(&frame, &mut payload)
-            .map_err(|_| PeerError::Unauthenticated {
-                peer: peer.to_string(),
-                stage: "handshake message 1",
-            })?;
-        let remote = parse_hello(&payload[..n], peer)?;
+        let remote = read_hello(&mut hs, &mut reader, peer, "handshake message 1").await?;
         check_node(&remote, &expect.peer_node, peer)?;
         if let Some(domains) = &expect.domains {
             if !domains.contains(&remote.domain) {
