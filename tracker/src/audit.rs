@@ -28,7 +28,7 @@ use crate::compare::sync_pages;
 use crate::dirty_set::DirtySet;
 use crate::page::{page_count, Pfn, PAGE_SIZE};
 use crate::pool::ScanPool;
-use crate::tracker::{TrackerError, VmStopped};
+use crate::tracker::{check_sizes, TrackerError, VmStopped};
 
 /// How fast the audit covers RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,18 +117,7 @@ impl ReplicaAudit {
         shadow: &mut [u8],
         out: &mut DirtySet,
     ) -> Result<AuditReport, TrackerError> {
-        if live.len() != shadow.len() {
-            return Err(TrackerError::LengthMismatch {
-                live: live.len(),
-                shadow: shadow.len(),
-            });
-        }
-        if live.len() != self.ram_len {
-            return Err(TrackerError::SizeChanged {
-                attached: self.ram_len,
-                got: live.len(),
-            });
-        }
+        check_sizes(live, shadow, Some(self.ram_len))?;
         let started = Instant::now();
         let pages = page_count(self.ram_len);
         let first = self.cursor;

@@ -17,7 +17,9 @@ use tracing::debug;
 use crate::dirty_set::{DirtySet, Segment};
 use crate::page::{page_bytes, page_count, sync_page, Capture, Pfn, PAGE_SIZE};
 use crate::pool::ScanPool;
-use crate::tracker::{CollectStats, DirtyTracker, TrackerError, TrackerKind, VmStopped};
+use crate::tracker::{
+    check_sizes, CollectStats, DirtyTracker, TrackerError, TrackerKind, VmStopped,
+};
 
 /// Smallest unit of parallel work. Large enough that handing out a chunk (an atomic add and
 /// an uncontended lock) is noise; small enough that a thread slowed by other load on the host
@@ -100,12 +102,7 @@ pub fn sync_listed(
     shadow: &mut [u8],
     out: &mut DirtySet,
 ) -> Result<SyncTotals, TrackerError> {
-    if live.len() != shadow.len() {
-        return Err(TrackerError::LengthMismatch {
-            live: live.len(),
-            shadow: shadow.len(),
-        });
-    }
+    check_sizes(live, shadow, None)?;
     let len = live.len();
     let pages = page_count(len) as Pfn;
     if let Some(i) = (1..pfns.len()).find(|&i| pfns[i] <= pfns[i - 1]) {
@@ -235,12 +232,7 @@ impl DirtyTracker for CompareTracker {
         shadow: &mut [u8],
         out: &mut DirtySet,
     ) -> Result<CollectStats, TrackerError> {
-        if live.len() != shadow.len() {
-            return Err(TrackerError::LengthMismatch {
-                live: live.len(),
-                shadow: shadow.len(),
-            });
-        }
+        check_sizes(live, shadow, None)?;
         let started = Instant::now();
         let totals = sync_pages(&self.pool, 0, live, shadow, out);
         let pages = page_count(live.len()) as u64;

@@ -31,7 +31,9 @@ use crate::page::{page_count, Pfn, PAGE_SIZE};
 use crate::pagemap::{ClearRefs, Pagemap, PM_PRESENT, PM_SOFT_DIRTY};
 use crate::pool::ScanPool;
 use crate::procfs::{FileId, RamMapping};
-use crate::tracker::{CollectStats, DirtyTracker, TrackerError, TrackerKind, VmStopped};
+use crate::tracker::{
+    check_sizes, CollectStats, DirtyTracker, TrackerError, TrackerKind, VmStopped,
+};
 
 /// Pagemap entries read per `pread` (512 KiB of entries = 256 MiB of RAM).
 const PAGEMAP_BATCH: usize = 64 * 1024;
@@ -252,18 +254,7 @@ impl DirtyTracker for SoftDirtyTracker {
         shadow: &mut [u8],
         out: &mut DirtySet,
     ) -> Result<CollectStats, TrackerError> {
-        if live.len() != shadow.len() {
-            return Err(TrackerError::LengthMismatch {
-                live: live.len(),
-                shadow: shadow.len(),
-            });
-        }
-        if live.len() != self.ram_len {
-            return Err(TrackerError::SizeChanged {
-                attached: self.ram_len,
-                got: live.len(),
-            });
-        }
+        check_sizes(live, shadow, Some(self.ram_len))?;
         let started = Instant::now();
         // Any failure below leaves the log in an unknown state: start over with a full scan.
         let previous = self.state;

@@ -136,3 +136,28 @@ pub trait DirtyTracker: Send {
         out: &mut DirtySet,
     ) -> Result<CollectStats, TrackerError>;
 }
+
+/// Checks that `live` and `shadow` have the same length and, when the caller was attached to
+/// a RAM image of `attached` bytes, that the image has not changed size since.
+///
+/// # Errors
+/// [`TrackerError::LengthMismatch`], [`TrackerError::SizeChanged`].
+pub(crate) fn check_sizes(
+    live: &[u8],
+    shadow: &[u8],
+    attached: Option<usize>,
+) -> Result<(), TrackerError> {
+    if live.len() != shadow.len() {
+        return Err(TrackerError::LengthMismatch {
+            live: live.len(),
+            shadow: shadow.len(),
+        });
+    }
+    match attached {
+        Some(attached) if attached != live.len() => Err(TrackerError::SizeChanged {
+            attached,
+            got: live.len(),
+        }),
+        _ => Ok(()),
+    }
+}
