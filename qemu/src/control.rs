@@ -168,15 +168,11 @@ impl VmControl {
         Ok(self.qmp.execute(qapi_qmp::query_status {}).await?.status)
     }
 
-    /// Saves the device state of the stopped VM (see the module invariants).
-    ///
-    /// Hands QEMU one end of a socket pair and reads the other until QEMU closes it, while
-    /// watching the migration reach `completed`.
-    pub async fn save_device_state(&self) -> Result<DeviceState, ControlError> {
-        const OP: &str = "save device state";
-        let start = Instant::now();
-        let (ours, theirs) = state_socket(OP)?;
-        let mut events = self.qmp.subscribe();
+    /// Gives QEMU one end of a fresh socket pair under [`STATE_FD_NAME`] (`getfd`) and
+    /// returns the other end. Our copy of QEMU's end is closed, so the stream ends when
+    /// QEMU closes its own.
+    async fn hand_state_socket(&self, op: &'static str) -> Result<UnixStream, ControlError> {
+        let (ours, theirs) = state_socket(op)?;
         self.qmp
             .execute_with_fd(
                 qapi_qmp::getfd {
@@ -185,8 +181,19 @@ impl VmControl {
                 theirs.as_fd(),
             )
             .await?;
-        // QEMU holds its own copy now; ours must go so the stream ends when QEMU's does.
         drop(theirs);
+        Ok(ours)
+    }
+
+    /// Saves the device state of the stopped VM (see the module invariants).
+    ///
+    /// Hands QEMU one end of a socket pair and reads the other until QEMU closes it, while
+    /// watching the migration reach `completed`.
+    pub async fn save_device_state(&self) -> Result<DeviceState, ControlError> {
+        const OP: &str = "save device state";
+        let start = Instant::now();
+        let mut events = self.qmp.subscribe();
+        let ours = self.hand_state_socket(OP).await?;
         let read = async {
             let mut bytes = Vec::new();
             let limit = self.max_state as u64;
@@ -235,17 +242,8 @@ impl VmControl {
     pub async fn load_device_state(&self, state: &[u8]) -> Result<Duration, ControlError> {
         const OP: &str = "load device state";
         let start = Instant::now();
-        let (ours, theirs) = state_socket(OP)?;
         let mut events = self.qmp.subscribe();
-        self.qmp
-            .execute_with_fd(
-                qapi_qmp::getfd {
-                    fdname: STATE_FD_NAME.into(),
-                },
-                theirs.as_fd(),
-            )
-            .await?;
-        drop(theirs);
+        let ours = self.hand_state_socket(OP).await?;
         let write = async {
             let mut ours = ours;
             ours.write_all(state)
