@@ -7,6 +7,7 @@
 //! - [`domain`]: one protected domain: its files, its QEMU, and the checkpoint engine wired
 //!   to the real VM, network buffer and disks.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod domain;

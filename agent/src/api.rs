@@ -1,0 +1,204 @@
+//! The control protocol between `remusctl` and `remusd`, and what the daemon reports.
+//!
+//! Transport: the daemon's Unix socket (`[node] control_socket`), one JSON [`Request`] per
+//! line, answered by one JSON [`Response`] per line; a connection may carry several
+//! requests. The socket is the only way to drive the daemon: its permissions (0600, root)
+//! are the access control, so the protocol carries no credentials.
+//!
+//! The same [`DaemonStatus`] snapshot feeds `remusctl status`, the drills and the
+//! Prometheus exporter, so the three can never disagree about what the daemon is doing.
+
+use async_trait::async_trait;
+use remus_engine::backup::BackupStatus;
+use remus_engine::primary::PrimaryStatus;
+use remus_ha::role::Role;
+use serde::{Deserialize, Serialize};
+
+/// Version of the control protocol; a client refuses a daemon that speaks another one.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// Largest request or response line accepted, in bytes (status of many domains fits).
+pub const MAX_LINE: usize = 4 << 20;
+
+/// What `remusctl` asks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// A snapshot of the daemon and every domain.
+    Status,
+    /// Start a domain's VM here, unprotected, and protect it to the peer as soon as the
+    /// peer's agent accepts. Refused unless this node's role is `stopped` and the peer does
+    /// not run the VM.
+    Start {
+        /// The domain.
+        domain: String,
+    },
+    /// Planned, lossless handover of the primary role to the peer (asked of the primary).
+    Switchover {
+        /// The domain.
+        domain: String,
+    },
+    /// Forced failover (asked of the backup): the operator vouches that the primary is gone
+    /// or must be abandoned; the backup activates its last committed checkpoint.
+    Failover {
+        /// The domain.
+        domain: String,
+    },
+    /// Boot a throwaway copy of the replica with its network cut off, check it runs, and
+    /// discard it (asked of the backup; the protected VM and the replica are untouched).
+    TestActivate {
+        /// The domain.
+        domain: String,
+    },
+}
+
+/// What `remusd` answers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Status`].
+    Status(DaemonStatus),
+    /// The request was carried out.
+    Done {
+        /// What was done, for the operator.
+        message: String,
+    },
+    /// The request was refused or failed.
+    Error {
+        /// What and why, naming the domain.
+        message: String,
+    },
+}
+
+/// The daemon as a whole.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// [`CONTROL_VERSION`].
+    pub version: u32,
+    /// This node's name.
+    pub node: String,
+    /// The peer node's name.
+    pub peer: String,
+    /// Heartbeat view of the peer.
+    pub peer_liveness: PeerLiveness,
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+    /// One entry per configured domain, in configuration order.
+    pub domains: Vec<DomainStatus>,
+}
+
+/// The heartbeat detector's verdict on the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum PeerLiveness {
+    /// Nothing heard yet.
+    Starting,
+    /// Heard within the timeout.
+    Alive {
+        /// Links heard within the timeout.
+        links_up: usize,
+        /// Configured links.
+        links_total: usize,
+    },
+    /// Silent for a while, not yet past the timeout.
+    Suspect,
+    /// Silent on every link for the timeout.
+    Lost {
+        /// From the last news of the peer to the declaration (ms).
+        detected_after_ms: u64,
+    },
+}
+
+/// One domain on this node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DomainStatus {
+    /// The domain's name.
+    pub name: String,
+    /// The persisted role.
+    pub role: Role,
+    /// This node's QEMU for the domain, if one exists.
+    pub vm: Option<VmStatus>,
+    /// The primary's epoch loop, while protecting.
+    pub protection: Option<PrimaryStatus>,
+    /// The backup's receiver, while receiving.
+    pub replica: Option<BackupStatus>,
+    /// Last committed checkpoint of the replica (backup), if any.
+    pub committed_epoch: Option<u64>,
+    /// The witness lease, when the domain fences with a witness: "held", "lost",
+    /// "acquiring", "denied by NODE".
+    pub lease: Option<String>,
+    /// Conditions an operator must know about (running unprotected, fencing failing, …).
+    pub alarms: Vec<String>,
+    /// Failovers this daemon carried out for the domain since it started.
+    pub failovers: Vec<FailoverRecord>,
+    /// Disk resynchronisations streamed by this node since it started.
+    pub resyncs: Vec<ResyncRecord>,
+    /// Checkpoint counters since the daemon started (for the exporter).
+    pub counters: DomainCounters,
+}
+
+/// A QEMU process of this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Its process id.
+    pub pid: u32,
+    /// Whether the guest is running (QMP `query-status`), as last observed.
+    pub running: bool,
+    /// Whether its network output is held until the backup acknowledges.
+    pub output_held: bool,
+}
+
+/// One failover, as the backup that took over measured it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    /// When the primary was declared lost (Unix ms).
+    pub declared_at_ms: u64,
+    /// From the last news of the primary to the declaration (ms).
+    pub detection_ms: u64,
+    /// Fencing (ms).
+    pub fencing_ms: u64,
+    /// From fencing done to the VM running (ms).
+    pub activation_ms: u64,
+    /// How the old primary was proven gone: "command", "lease", "unfenced", "operator",
+    /// "switchover".
+    pub fence_proof: String,
+    /// The committed checkpoint the VM resumed from.
+    pub from_epoch: u64,
+}
+
+/// One disk resynchronisation streamed by this node as primary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncRecord {
+    /// The disk's id.
+    pub disk: String,
+    /// "full" or "dirty".
+    pub mode: String,
+    /// Contiguous dirty regions copied (dirty mode).
+    pub regions: u64,
+    /// Bytes sent as data.
+    pub bytes_copied: u64,
+    /// Bytes found zero and sent as zeroes.
+    pub bytes_zero: u64,
+}
+
+/// Monotonic counters (Prometheus counters), since the daemon started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainCounters {
+    /// Checkpoints acknowledged by the backup (primary) or committed (backup).
+    pub checkpoints: u64,
+    /// Checkpoints refused (backup) or NACKed (primary).
+    pub refused: u64,
+    /// Times protection was lost (primary).
+    pub protection_lost: u64,
+    /// Failovers carried out (backup).
+    pub failovers: u64,
+}
+
+/// What the control server calls; the daemon implements it, tests may stub it.
+#[async_trait]
+pub trait ControlHandler: Send + Sync + 'static {
+    /// A current snapshot.
+    async fn status(&self) -> DaemonStatus;
+    /// Carries out `request` (never [`Request::Status`], which goes to [`Self::status`]).
+    async fn command(&self, request: Request) -> Response;
+}
