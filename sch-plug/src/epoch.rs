@@ -248,8 +248,13 @@ impl EpochLedger {
     }
 
     /// Stops holding: every closed epoch and the open one are let go.
+    ///
+    /// Pass-through also ends the epoch sequence: the next protection session (after a
+    /// lost backup returns) numbers its epochs from its own first one, so the next close
+    /// may name any epoch.
     pub fn release_indefinite(&mut self) -> Result<(), EpochError> {
         self.check_release_indefinite()?;
+        self.last_closed = None;
         let mut flushed = std::mem::take(&mut self.open).packets;
         flushed += self
             .closed
@@ -434,6 +439,23 @@ mod tests {
         assert!(l.close(2).is_err());
         assert!(l.release(2).is_err());
         assert_eq!(l.stats(), before);
+    }
+
+    #[test]
+    fn a_new_session_after_pass_through_starts_its_own_sequence() {
+        let mut l = EpochLedger::new(2, 1000);
+        for k in 55..=57 {
+            l.close(k).unwrap();
+            l.release(k).unwrap();
+        }
+        assert!(matches!(
+            l.close(1),
+            Err(EpochError::OutOfOrderClose { expected: 58, .. })
+        ));
+        l.release_indefinite().unwrap();
+        l.close(1).unwrap();
+        assert!(l.close(3).is_err(), "within a session epochs stay consecutive");
+        l.close(2).unwrap();
     }
 
     #[test]
