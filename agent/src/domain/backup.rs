@@ -94,7 +94,9 @@ impl ReplicaDomain {
         r
     }
 
-    /// Turns the replica into the running VM (the caller has fenced the old primary).
+    /// Loads the replica into a new QEMU, stopped (the caller has fenced the old primary).
+    /// The caller persists that the guest may run, then calls
+    /// [`RunningVm::resume_activated`].
     ///
     /// # Errors
     /// No committed checkpoint; a disk replica that is mid-synchronisation; QEMU failures.

@@ -243,13 +243,6 @@ impl RunningVm {
                         domain.name
                     )
                 })?;
-            control
-                .cont()
-                .await
-                .with_context(|| format!("domain {}: resuming the activated VM", domain.name))?;
-            if let Err(e) = control.announce_self(remus_qemu::Announce::default()).await {
-                tracing::warn!(domain = %domain.name, error = %e, "announce-self failed");
-            }
         }
         let ram = GuestRam::open(&ram_path, spec.memory_bytes())
             .with_context(|| format!("domain {}: mapping guest RAM", domain.name))?;
@@ -264,6 +257,31 @@ impl RunningVm {
             disks,
             _nbd_stop: nbd_stop,
         })
+    }
+}
+
+impl RunningVm {
+    /// Resumes a VM launched with [`Launch::Activate`] and announces its MACs, so the
+    /// network learns the guest's new location. The caller persists that the guest may run
+    /// (role `Activated`) *before* calling this.
+    ///
+    /// # Errors
+    /// QMP `cont` failed (announce failures are only logged: the guest's own traffic will
+    /// teach the switches soon enough).
+    pub async fn resume_activated(&self) -> Result<()> {
+        let name = &self.domain.name;
+        self.control
+            .cont()
+            .await
+            .with_context(|| format!("domain {name}: resuming the activated VM"))?;
+        if let Err(e) = self
+            .control
+            .announce_self(remus_qemu::Announce::default())
+            .await
+        {
+            tracing::warn!(domain = %name, error = %e, "announce-self failed");
+        }
+        Ok(())
     }
 }
 
@@ -288,6 +306,21 @@ pub struct ProtectOptions {
     pub identity: Identity,
     /// How long an ACK may take.
     pub ack_timeout: Duration,
+    /// How the disks are brought up to date before the first checkpoint: `Full` for a
+    /// backup whose replica has never followed this disk, `Dirty` (only the regions written
+    /// since the last acknowledged checkpoint) for a backup that returns after a loss.
+    pub disk_sync: SyncMode,
+}
+
+/// One disk synchronisation streamed at the start of a protection session.
+#[derive(Clone, Debug)]
+pub struct DiskSyncDone {
+    /// The disk's id.
+    pub disk: String,
+    /// How.
+    pub mode: SyncMode,
+    /// What it copied.
+    pub report: blk_remus::SyncReport,
 }
 
 /// A protection in progress.
@@ -300,6 +333,8 @@ pub struct Protection {
     >,
     /// Why soft-dirty tracking was not used (empty when it is, or was not asked for).
     pub tracker_unmet: Vec<String>,
+    /// The disk synchronisations of this session, filled in as each completes.
+    pub disk_syncs: Arc<std::sync::Mutex<Vec<DiskSyncDone>>>,
 }
 
 /// Starts protecting `vm` against the backup named in `opts`.
@@ -319,6 +354,7 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
 
     let mut disks = Vec::new();
     let mut syncs = Vec::new();
+    let disk_syncs = Arc::new(std::sync::Mutex::new(Vec::new()));
     for (i, disk) in vm.disks.iter().enumerate() {
         let (tx, rx) = mpsc::channel::<DiskEvent>(1024);
         let (fw_tx, fw_rx) = watch::channel(0u64);
@@ -328,11 +364,22 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         let (ptx, _prx) = watch::channel(SyncProgress::default());
         let p = disk.primary.clone();
         let id = disk.id.clone();
+        let mode = opts.disk_sync;
+        let done = disk_syncs.clone();
         syncs.push(tokio::spawn(async move {
-            p.sync_async(SyncMode::Full, ptx)
+            p.sync_async(mode, ptx)
                 .await
-                .map(|r| info!(disk = %id, ?r, "initial disk sync streamed"))
-                .map_err(|e| format!("disk {id}: initial sync: {e}"))
+                .map(|report| {
+                    info!(disk = %id, ?mode, ?report, "disk sync streamed");
+                    done.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(DiskSyncDone {
+                            disk: id.clone(),
+                            mode,
+                            report,
+                        });
+                })
+                .map_err(|e| format!("disk {id}: {mode:?} sync: {e}"))
         }));
         disks.push(PrimaryDisk {
             object: format!("disk {}/{}", d.name, disk.id),
@@ -434,5 +481,6 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         handle,
         task,
         tracker_unmet,
+        disk_syncs,
     })
 }

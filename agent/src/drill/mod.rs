@@ -315,6 +315,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
                 domain: "drill".into(),
             },
             ack_timeout: Duration::from_secs(5),
+            disk_sync: blk_remus::SyncMode::Full,
         },
     )
     .await?;
@@ -374,6 +375,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         guest::disk_log_last(&domain.disks[0].replica, LOG_SLOTS)?.map_or(0, |(_, v)| v);
     let activation_at = Instant::now();
     let (mut activated, epoch) = replica.activate(&topo.backup_netns()).await?;
+    activated.resume_activated().await?;
     let recovery = killed_at.elapsed();
     guest::wait_for(
         &bak_paths.console(),
