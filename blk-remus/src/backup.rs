@@ -15,6 +15,11 @@
 //! the replica into a servable backend — refused while a sync is incomplete, because then the
 //! replica is not an image the VM ever had.
 //!
+//! Sessions: a store outlives replication sessions. Each session numbers its epochs from 1,
+//! so [`BackupStore::begin_session`] restarts the epoch bookkeeping (and the WAL generation)
+//! before a session's first event, and marks the replica inconsistent until that session's
+//! sync commits: between sessions the primary ran unprotected, so the old image is stale.
+//!
 //! Concurrency: receiving and committing use separate locks, so events of epoch k+1 keep
 //! arriving while epoch k is being committed.
 
@@ -529,6 +534,41 @@ impl BackupStore {
         p.complete = self.committed();
         info!(epochs = n, "backup disk: uncommitted epochs discarded");
         n
+    }
+
+    /// Starts a new replication session into this replica (the first, or a re-protection
+    /// after the previous session was lost). Call it between sessions, before the session's
+    /// first event; nothing may be receiving or committing concurrently.
+    ///
+    /// The new session's epochs restart at 1, so the epoch bookkeeping restarts at 0 (the
+    /// image as it is now): uncommitted epochs of the previous session are dropped, the
+    /// replica is made durable and the WAL starts a new generation whose header says
+    /// `committed = 0`, so no record of the old session can be replayed into the new one.
+    ///
+    /// The replica is also marked **inconsistent** (not activatable) until the session's
+    /// synchronisation commits its `SyncEnd`: the primary ran unprotected before this
+    /// session, so the image here is older than what the primary's clients have seen.
+    /// Every session must therefore start with a sync (`SyncMode::Full`, or `SyncMode::Dirty`
+    /// which copies only the primary's dirty bitmap and still sends both markers when the
+    /// bitmap is empty).
+    ///
+    /// # Errors
+    /// I/O errors of the replica or the WAL (the previous state stays, reopen to retry).
+    pub fn begin_session(&self) -> Result<(), BackupError> {
+        let mut c = lock(&self.committer);
+        let previous = self.committed();
+        let dropped = self.discard_uncommitted();
+        c.replica.flush()?;
+        c.wal.reset(0, false)?;
+        c.consistent = false;
+        self.committed.store(0, Ordering::Release);
+        lock(&self.pending).complete = 0;
+        info!(
+            previous,
+            dropped,
+            "backup disk: new session, epochs restart; replica inconsistent until its sync commits"
+        );
+        Ok(())
     }
 
     /// Turns the replica into a servable backend at the last committed epoch: drops

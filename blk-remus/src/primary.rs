@@ -201,6 +201,36 @@ impl Primary {
         info!(epoch = ep.current, "primary disk: forwarder connected");
     }
 
+    /// Starts forwarding to `sink` for a new replication session whose first epoch is
+    /// `first_epoch`: new writes are tagged from `first_epoch` on, the epoch's counters
+    /// restart. The engine numbers every session's epochs from 1, while this disk's epoch
+    /// counter kept the previous session's numbers, so a re-protection must come through
+    /// here, not [`Primary::connect`]. Chunks of the previous session that were never
+    /// acknowledged join the dirty bitmap first (made durable), so the session's resync
+    /// ([`crate::sync`], `SyncMode::Dirty`) copies them with everything written while the
+    /// backup was away.
+    ///
+    /// # Errors
+    /// [`PrimaryError::Bitmap`] when the bitmap cannot be persisted (nothing changed then).
+    pub fn connect_session(
+        &self,
+        sink: Arc<dyn EventSink>,
+        first_epoch: Epoch,
+    ) -> Result<(), PrimaryError> {
+        let mut ep = self.epoch.write().unwrap_or_else(|p| p.into_inner());
+        self.fold_unacked()?;
+        let previous = ep.current;
+        ep.current = first_epoch;
+        ep.writes.store(0, Ordering::Relaxed);
+        ep.bytes.store(0, Ordering::Relaxed);
+        *lock(&self.link) = Link::Connected(sink);
+        info!(
+            epoch = first_epoch,
+            previous, "primary disk: forwarder connected for a new session"
+        );
+        Ok(())
+    }
+
     /// Declares the backup lost: unacknowledged epochs' chunks join the dirty bitmap (made
     /// durable) and later writes are tracked there.
     ///

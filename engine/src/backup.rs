@@ -14,6 +14,12 @@
 //! the reason and discarded whole; the replica stays at the previous checkpoint, which
 //! remains activatable. The first checkpoint of a session is written straight into the
 //! replica RAM (there is nothing older to protect) and becomes activatable only at its END.
+//!
+//! Sessions: one receiver serves one replication session; a store outlives sessions. A new
+//! session (re-protection after the primary lost its backup) restarts at epoch 1 and gives up
+//! the previous session's checkpoint as soon as it begins, before any record is read: the
+//! primary ran unprotected with its output released in between, so that checkpoint is older
+//! than what clients have seen and must never be activated.
 
 use remus_stream::{
     Encoder, FlatMemory, Nack, NackReason, PageReference, Record, StreamHeader, StreamKind,
@@ -154,6 +160,8 @@ pub struct Backup<R, W> {
     device: Vec<u8>,
     /// The checkpoint being received, and whether it is the session's first.
     receiving: Option<(u64, bool)>,
+    /// Whether the session has begun on the replica and the disks (see `begin_session`).
+    session_begun: bool,
     /// Whether this session has begun its first checkpoint.
     session_started: bool,
     /// The latest domain configuration received (JSON).
@@ -188,6 +196,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                 staged: StagedPages::default(),
                 device: Vec::new(),
                 receiving: None,
+                session_begun: false,
                 session_started: false,
                 config: None,
                 status: tx,
@@ -213,16 +222,61 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
     }
 
     /// Receives until the primary ends the session or the stream fails. On any error the
-    /// checkpoint being received is discarded and the replica keeps the last committed one.
+    /// checkpoint being received is discarded and the replica keeps the last committed one
+    /// *of this session*.
+    ///
+    /// Before the first record is read, the session begins on the replica and the disks
+    /// ([`ReplicaStore::begin_session`], [`ReplicaDisk::begin_session`]): whatever an
+    /// earlier session committed stops being activatable, because the primary ran
+    /// unprotected (output released) before it opened this session. Until the first
+    /// checkpoint of this session commits, the replica state is `Syncing`.
     ///
     /// # Errors
     /// See [`BackupError`]; a refused checkpoint is NACKed before the error is returned.
     pub async fn run(&mut self) -> Result<BackupExit, BackupError> {
+        self.begin_session().await?;
         let r = self.receive().await;
         if r.is_err() {
             self.discard_partial();
         }
         r
+    }
+
+    /// Starts the session on the replica and the disks (once per receiver).
+    async fn begin_session(&mut self) -> Result<(), BackupError> {
+        if self.session_begun {
+            return Ok(());
+        }
+        let session = self
+            .reader
+            .read_header()
+            .await
+            .map_err(|e| self.wire(e))?
+            .session_id;
+        let previous = self.replica.state();
+        self.replica
+            .begin_session(session)
+            .map_err(|source| BackupError::Replica {
+                domain: self.domain.clone(),
+                source,
+            })?;
+        self.disk
+            .begin_session()
+            .await
+            .map_err(|source| BackupError::Disk {
+                domain: self.domain.clone(),
+                source,
+            })?;
+        self.session_begun = true;
+        let state = self.replica.state();
+        self.status.send_modify(|s| s.replica = state);
+        info!(
+            domain = %self.domain,
+            session = format_args!("{session:#x}"),
+            %previous,
+            "replication session begins; the replica is not activatable until its first checkpoint commits"
+        );
+        Ok(())
     }
 
     fn discard_partial(&mut self) {
@@ -375,13 +429,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                 );
                 return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
             }
-            let session = self.reader.header().map_or(0, |h| h.session_id);
-            self.replica
-                .begin_first(session)
-                .map_err(|source| BackupError::Replica {
-                    domain: self.domain.clone(),
-                    source,
-                })?;
+            // The replica has been `Syncing` since `begin_session`.
             self.session_started = true;
         }
         self.staged.clear();

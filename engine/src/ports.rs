@@ -76,6 +76,15 @@ pub trait DiskBarrier: Send {
 /// The backup's side of disk replication.
 #[async_trait]
 pub trait ReplicaDisk: Send {
+    /// A new replication session begins (called once, before its first record is read).
+    /// Its epochs restart at 1, so the disk must forget the previous session's epoch
+    /// numbers and drop its uncommitted writes; and since the primary ran unprotected
+    /// before this session, the replica disk is no longer an image to activate until the
+    /// session's resynchronisation commits (`blk_remus::BackupStore::begin_session` does
+    /// both). The default does nothing, for stores without epochs.
+    async fn begin_session(&mut self) -> Result<(), PortError> {
+        Ok(())
+    }
     /// Holds one replicated write of `epoch` (not applied to the replica yet).
     async fn hold(&mut self, write: DiskWriteHeld) -> Result<(), PortError>;
     /// The primary's barrier: `writes` writes of `bytes` bytes belong to `epoch`. An error

@@ -72,7 +72,8 @@ pub enum ReplicaError {
 pub enum ReplicaState {
     /// No usable checkpoint: nothing was ever received, or the first one is incomplete.
     Empty,
-    /// The first checkpoint of a session is being written straight into the replica.
+    /// A session has begun and its first checkpoint is being written straight into the
+    /// replica: not activatable (whatever an earlier session committed is given up).
     Syncing,
     /// Checkpoint k is staged and being applied (redo on open).
     Applying(u64),
@@ -84,7 +85,7 @@ impl std::fmt::Display for ReplicaState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ReplicaState::Empty => f.write_str("empty"),
-            ReplicaState::Syncing => f.write_str("first checkpoint in progress"),
+            ReplicaState::Syncing => f.write_str("first checkpoint of the session in progress"),
             ReplicaState::Applying(k) => write!(f, "applying checkpoint {k}"),
             ReplicaState::Committed(k) => write!(f, "committed checkpoint {k}"),
         }
@@ -323,14 +324,31 @@ impl ReplicaStore {
         self.dir.join("ram")
     }
 
-    /// Starts the first checkpoint of a new protection session: the replica is unusable
-    /// until [`commit_first`](Self::commit_first).
+    /// Starts a new replication session (the first, or a re-protection after the previous
+    /// session was lost): the replica is **not activatable** from this call until the new
+    /// session's first checkpoint commits ([`commit_first`](Self::commit_first)).
+    ///
+    /// Why the previous checkpoint k is given up here and not kept as a fallback: a new
+    /// session exists only because the primary lost its backup, and a primary without a
+    /// backup runs unprotected with its output released. Its clients may have seen state
+    /// newer than k, so activating k would roll back output that was already released. The
+    /// state `Syncing` is written durably before anything else, so a restart during the
+    /// resynchronisation finds the replica not activatable too.
     ///
     /// # Errors
     /// Metadata write failures.
-    pub fn begin_first(&mut self, session: u64) -> Result<(), ReplicaError> {
+    pub fn begin_session(&mut self, session: u64) -> Result<(), ReplicaError> {
+        if let ReplicaState::Committed(k) | ReplicaState::Applying(k) = self.meta.state {
+            tracing::info!(
+                domain = %self.domain,
+                epoch = k,
+                session = format_args!("{session:#x}"),
+                "new replication session: checkpoint {k} of the previous session is no longer activatable"
+            );
+        }
         // The primary's shadow starts all zero and never sends a page that is still zero, so
-        // the replica must start all zero too: drop whatever an earlier session left.
+        // the replica must start all zero too: drop whatever an earlier session left. The
+        // metadata stops naming a committed checkpoint before the RAM is touched.
         self.meta.state = ReplicaState::Empty;
         self.write_meta()?;
         let path = self.ram_path();
@@ -567,7 +585,7 @@ mod tests {
         let mut r = ReplicaStore::open("vm", dir.path(), 16 * PAGE as u64).unwrap();
         assert_eq!(r.state(), ReplicaState::Empty);
         assert!(r.activation_inputs().is_err());
-        r.begin_first(7).unwrap();
+        r.begin_session(7).unwrap();
         r.write_first_page(3, &page(3)).unwrap();
         r.commit_first(0, b"dev0").unwrap();
         let mut staged = StagedPages::default();
@@ -585,11 +603,62 @@ mod tests {
         assert_eq!(r.session(), 7);
     }
 
+    /// Re-protection: a store that committed checkpoint 57 of one session, reopened (backup
+    /// restart), takes a second session whose epochs restart at 1, and is not activatable
+    /// from the start of that session (even across another restart) until its first
+    /// checkpoint commits.
+    #[test]
+    fn a_second_session_restarts_at_epoch_1_and_is_not_activatable_until_it_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8 * PAGE as u64;
+        let mut r = ReplicaStore::open("vm", dir.path(), size).unwrap();
+        r.begin_session(1).unwrap();
+        r.write_first_page(1, &page(1)).unwrap();
+        r.commit_first(1, b"dev1").unwrap();
+        let mut staged = StagedPages::default();
+        staged.put(2, &page(2));
+        r.stage_and_apply(57, &staged, b"dev57").unwrap();
+        r.mark_committed(57).unwrap();
+        drop(r);
+        let mut r = ReplicaStore::open("vm", dir.path(), size).unwrap();
+        assert_eq!(r.activation_inputs().unwrap().epoch, 57);
+        r.begin_session(2).unwrap();
+        assert_eq!(r.state(), ReplicaState::Syncing);
+        assert!(r.activation_inputs().is_err());
+        assert!(
+            r.ram().iter().all(|&b| b == 0),
+            "the new session starts from zero RAM"
+        );
+        drop(r);
+        let mut r = ReplicaStore::open("vm", dir.path(), size).unwrap();
+        assert_eq!(
+            r.state(),
+            ReplicaState::Syncing,
+            "a restart keeps it unusable"
+        );
+        assert!(r.activation_inputs().is_err());
+        r.write_first_page(3, &page(3)).unwrap();
+        r.commit_first(1, b"s2dev1").unwrap();
+        let mut staged = StagedPages::default();
+        staged.put(3, &page(0x33));
+        r.stage_and_apply(2, &staged, b"s2dev2").unwrap();
+        r.mark_committed(2).unwrap();
+        let a = r.activation_inputs().unwrap();
+        assert_eq!((a.epoch, a.device_state.as_slice()), (2, &b"s2dev2"[..]));
+        assert_eq!(r.session(), 2);
+        assert_eq!(
+            &r.ram()[2 * PAGE..3 * PAGE],
+            &page(0)[..],
+            "session 1's page is gone"
+        );
+        assert_eq!(&r.ram()[3 * PAGE..4 * PAGE], &page(0x33)[..]);
+    }
+
     #[test]
     fn interrupted_apply_is_redone_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
-        r.begin_first(1).unwrap();
+        r.begin_session(1).unwrap();
         r.commit_first(0, b"dev0").unwrap();
         let mut staged = StagedPages::default();
         staged.put(2, &page(9));
@@ -609,7 +678,7 @@ mod tests {
     fn a_torn_first_checkpoint_is_not_activatable() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
-        r.begin_first(1).unwrap();
+        r.begin_session(1).unwrap();
         r.write_first_page(1, &page(1)).unwrap();
         drop(r);
         let r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
@@ -626,7 +695,7 @@ mod tests {
             r.stage_and_apply(1, &StagedPages::default(), b""),
             Err(ReplicaError::OutOfOrder { .. })
         ));
-        r.begin_first(1).unwrap();
+        r.begin_session(1).unwrap();
         assert!(matches!(
             r.write_first_page(8, &page(0)),
             Err(ReplicaError::PageOutOfRange { pfn: 8, .. })
@@ -645,7 +714,7 @@ mod tests {
     fn corrupt_staging_is_reported_not_applied() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = ReplicaStore::open("vm", dir.path(), 8 * PAGE as u64).unwrap();
-        r.begin_first(1).unwrap();
+        r.begin_session(1).unwrap();
         r.commit_first(0, b"").unwrap();
         let mut staged = StagedPages::default();
         staged.put(1, &page(5));

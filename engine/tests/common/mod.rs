@@ -1,0 +1,405 @@
+//! In-process stand-ins shared by the session tests (re-protection, hand-off): a "guest"
+//! thread writing guest RAM (a shared file mapping) and, optionally, a replicated disk
+//! (a real `blk_remus::Primary` over a real image file); a stand-in VM whose `stop` parks the
+//! guest and which records every stop/cont; an output buffer that checks the output-commit
+//! invariant; and adapters from the engine's disk ports to `blk-remus` (the daemon's own
+//! adapters live in the agent crate; these are the same few calls, for one disk).
+#![allow(dead_code)]
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use blk_remus::{BlockBackend, DiskEvent, WriteKind};
+use bytes::Bytes;
+use memmap2::MmapMut;
+use remus_engine::backup::BackupStatus;
+use remus_engine::ports::{
+    DiskBarrier, DiskOpHeld, DiskWriteHeld, OutputBuffer, PortError, ReplicaDisk, VmControl,
+};
+use remus_engine::primary::GuestMemory;
+use remus_engine::replica::ReplicaState;
+use remus_engine::wire::{Outgoing, StreamSender};
+use remus_stream::{DiskOp, DiskWrite, Record};
+use tokio::sync::{mpsc, watch};
+
+pub const PAGES: usize = 2048;
+pub const PAGE: usize = 4096;
+/// Size of the replicated disk of the tests that have one.
+pub const DISK_SIZE: u64 = 8 << 20;
+/// Dirty-bitmap granularity of that disk.
+pub const DISK_GRAN: u64 = 64 << 10;
+/// The guest's random disk writes stay in this first part of the disk, so a resync of what
+/// it dirtied is visibly smaller than a full copy.
+pub const DISK_HOT: u64 = DISK_SIZE / 4;
+
+/// The engine's view of guest RAM.
+pub struct Ram {
+    pub map: MmapMut,
+}
+
+impl GuestMemory for Ram {
+    fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+pub fn map(path: &Path) -> MmapMut {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    f.set_len((PAGES * PAGE) as u64).unwrap();
+    // SAFETY: test-only shared mapping of a file this test owns; concurrent writes by the
+    // guest thread are the point of the test and are only read as bytes.
+    unsafe { MmapMut::map_mut(&f).unwrap() }
+}
+
+/// The guest thread's controls.
+pub struct Guest {
+    pub running: Arc<AtomicBool>,
+    pub parked: Arc<AtomicBool>,
+    pub counter: Arc<AtomicU64>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// While running: bump a counter (RAM page 0, and disk offset 0 when there is a disk),
+/// scribble it on pseudo-random pages, and every 8th step write 4 KiB at a pseudo-random
+/// place in the disk's first quarter.
+pub fn spawn_guest(mut mem: MmapMut, disk: Option<Arc<dyn BlockBackend>>) -> Arc<Guest> {
+    let g = Arc::new(Guest {
+        running: Arc::new(AtomicBool::new(true)),
+        parked: Arc::new(AtomicBool::new(false)),
+        counter: Arc::new(AtomicU64::new(0)),
+        stop: Arc::new(AtomicBool::new(false)),
+    });
+    let (r, p, c, stop) = (
+        g.running.clone(),
+        g.parked.clone(),
+        g.counter.clone(),
+        g.stop.clone(),
+    );
+    std::thread::spawn(move || {
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        while !stop.load(Ordering::SeqCst) {
+            if !r.load(Ordering::SeqCst) {
+                p.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            p.store(false, Ordering::SeqCst);
+            let n = c.load(Ordering::SeqCst) + 1;
+            mem[0..8].copy_from_slice(&n.to_le_bytes());
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let page = 1 + (x as usize % (PAGES - 1));
+                let off = page * PAGE + (x as usize >> 20) % (PAGE - 8);
+                mem[off..off + 8].copy_from_slice(&n.to_le_bytes());
+            }
+            if let Some(d) = &disk {
+                d.write_at(0, Bytes::copy_from_slice(&n.to_le_bytes()), false)
+                    .expect("guest disk write");
+                if n % 8 == 0 {
+                    let off = (4096 + (x >> 11) % (DISK_HOT - 8192)) & !4095;
+                    d.write_at(off, Bytes::from(vec![n as u8; 4096]), false)
+                        .expect("guest disk write");
+                }
+            }
+            c.store(n, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    });
+    g
+}
+
+/// What the stand-in VM was asked to do, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmCall {
+    Stop,
+    Cont,
+    Save,
+}
+
+/// (epoch, RAM, disk image) at each of the last few checkpoints.
+pub type Snapshots = Arc<Mutex<Vec<(u64, Vec<u8>, Vec<u8>)>>>;
+
+pub struct FakeVm {
+    pub guest: Arc<Guest>,
+    pub ram: Arc<Ram>,
+    /// The primary's disk image file, copied at each checkpoint (if any).
+    pub disk_image: Option<std::path::PathBuf>,
+    pub snapshots: Snapshots,
+    pub calls: Arc<Mutex<Vec<VmCall>>>,
+    pub saves: u64,
+}
+
+impl FakeVm {
+    pub fn new(guest: Arc<Guest>, ram: Arc<Ram>, disk_image: Option<&Path>) -> Self {
+        Self {
+            guest,
+            ram,
+            disk_image: disk_image.map(Path::to_path_buf),
+            snapshots: Arc::new(Mutex::new(Vec::new())),
+            calls: Arc::new(Mutex::new(Vec::new())),
+            saves: 0,
+        }
+    }
+}
+
+#[async_trait]
+impl VmControl for FakeVm {
+    async fn stop(&mut self) -> Result<(), PortError> {
+        self.calls.lock().unwrap().push(VmCall::Stop);
+        self.guest.running.store(false, Ordering::SeqCst);
+        while !self.guest.parked.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        Ok(())
+    }
+    async fn cont(&mut self) -> Result<(), PortError> {
+        self.calls.lock().unwrap().push(VmCall::Cont);
+        self.guest.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn save_device_state(&mut self) -> Result<Vec<u8>, PortError> {
+        self.calls.lock().unwrap().push(VmCall::Save);
+        let disk = match &self.disk_image {
+            Some(p) => std::fs::read(p).unwrap(),
+            None => Vec::new(),
+        };
+        let mut snaps = self.snapshots.lock().unwrap();
+        snaps.push((self.saves + 1, self.ram.bytes().to_vec(), disk));
+        if snaps.len() > 4 {
+            snaps.remove(0);
+        }
+        self.saves += 1;
+        Ok(self
+            .guest
+            .counter
+            .load(Ordering::SeqCst)
+            .to_le_bytes()
+            .to_vec())
+    }
+}
+
+/// Checks output commit: epoch k may be released only once the backup committed k.
+pub struct CheckedBuffer {
+    /// The backup receiver's status, once it exists (it is built after the handshake).
+    pub backup: watch::Receiver<Option<watch::Receiver<BackupStatus>>>,
+    pub closed: Vec<u64>,
+    pub released: Arc<Mutex<Vec<u64>>>,
+    pub released_all: Arc<AtomicBool>,
+}
+
+impl CheckedBuffer {
+    pub fn new(backup: watch::Receiver<Option<watch::Receiver<BackupStatus>>>) -> Self {
+        Self {
+            backup,
+            closed: Vec::new(),
+            released: Arc::new(Mutex::new(Vec::new())),
+            released_all: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+#[async_trait]
+impl OutputBuffer for CheckedBuffer {
+    fn max_closed_epochs(&self) -> usize {
+        1
+    }
+    async fn close_epoch(&mut self, epoch: u64) -> Result<(), PortError> {
+        assert!(
+            self.closed.len() == self.released.lock().unwrap().len(),
+            "epoch {epoch} closed while an earlier one is unreleased (plug depth 1)"
+        );
+        self.closed.push(epoch);
+        Ok(())
+    }
+    async fn release(&mut self, epoch: u64) -> Result<(), PortError> {
+        let committed = match &*self.backup.borrow() {
+            Some(st) => match st.borrow().replica {
+                ReplicaState::Committed(k) => Some(k),
+                _ => None,
+            },
+            None => None,
+        };
+        assert!(
+            committed.is_some_and(|c| c >= epoch),
+            "released epoch {epoch} but the backup has committed only {committed:?}"
+        );
+        self.released.lock().unwrap().push(epoch);
+        Ok(())
+    }
+    async fn release_all(&mut self) -> Result<(), PortError> {
+        self.released_all.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The control message carrying a disk sync marker (the agent has its own equivalent).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum SyncMarker {
+    Begin { epoch: u64, full: bool },
+    End { epoch: u64 },
+}
+
+/// Moves one disk's events into the replication stream; `forwarded` follows its barriers.
+pub fn spawn_forwarder(
+    mut events: mpsc::Receiver<DiskEvent>,
+    out: StreamSender,
+    forwarded: watch::Sender<u64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            let record = match ev {
+                DiskEvent::Write {
+                    epoch,
+                    offset,
+                    kind,
+                } => Record::DiskWrite(DiskWrite {
+                    epoch,
+                    disk: 0,
+                    offset,
+                    op: match kind {
+                        WriteKind::Data(b) => DiskOp::Data(b.to_vec()),
+                        WriteKind::Zeroes { len } => DiskOp::Zeroes(len as u32),
+                        WriteKind::Trim { len } => DiskOp::Trim(len as u32),
+                    },
+                }),
+                DiskEvent::Barrier { epoch, .. } => {
+                    let _ = forwarded.send(epoch);
+                    continue;
+                }
+                DiskEvent::SyncBegin { epoch, full } => Record::Control(
+                    serde_json::to_string(&SyncMarker::Begin { epoch, full }).unwrap(),
+                ),
+                DiskEvent::SyncEnd { epoch } => {
+                    Record::Control(serde_json::to_string(&SyncMarker::End { epoch }).unwrap())
+                }
+            };
+            if out.send(Outgoing::Record(record)).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The primary's disk as the engine's barrier.
+pub struct TestPrimaryDisk {
+    pub primary: Arc<blk_remus::Primary>,
+    pub forwarded: watch::Receiver<u64>,
+}
+
+#[async_trait]
+impl DiskBarrier for TestPrimaryDisk {
+    async fn barrier(&mut self, epoch: u64) -> Result<(), PortError> {
+        let r = self
+            .primary
+            .barrier_async(epoch)
+            .await
+            .map_err(|e| PortError::new("disk", "barrier", e))?;
+        if !r.forwarded {
+            return Err(PortError::new("disk", "barrier", "link down"));
+        }
+        self.forwarded
+            .wait_for(|&e| e >= epoch)
+            .await
+            .map_err(|_| PortError::new("disk", "barrier", "forwarder stopped"))?;
+        Ok(())
+    }
+    fn acknowledged(&mut self, epoch: u64) {
+        self.primary.acknowledged(epoch);
+    }
+}
+
+/// The backup's disk store as the engine's replica disk.
+pub struct TestReplicaDisk {
+    pub store: Arc<blk_remus::BackupStore>,
+}
+
+impl TestReplicaDisk {
+    async fn receive(&self, ev: DiskEvent) -> Result<(), PortError> {
+        let s = self.store.clone();
+        tokio::task::spawn_blocking(move || s.receive(ev))
+            .await
+            .unwrap()
+            .map_err(|e| PortError::new("disk", "receive", e))
+    }
+}
+
+#[async_trait]
+impl ReplicaDisk for TestReplicaDisk {
+    async fn begin_session(&mut self) -> Result<(), PortError> {
+        self.store
+            .begin_session()
+            .map_err(|e| PortError::new("disk", "begin session", e))
+    }
+    async fn hold(&mut self, w: DiskWriteHeld) -> Result<(), PortError> {
+        let kind = match w.op {
+            DiskOpHeld::Data(d) => WriteKind::Data(d.into()),
+            DiskOpHeld::Zeroes(len) => WriteKind::Zeroes { len },
+            DiskOpHeld::Trim(len) => WriteKind::Trim { len },
+        };
+        self.receive(DiskEvent::Write {
+            epoch: w.epoch,
+            offset: w.offset,
+            kind,
+        })
+        .await
+    }
+    async fn barrier(&mut self, epoch: u64, writes: u64, bytes: u64) -> Result<(), PortError> {
+        self.receive(DiskEvent::Barrier {
+            epoch,
+            writes,
+            bytes,
+        })
+        .await
+    }
+    async fn commit(&mut self, epoch: u64) -> Result<(), PortError> {
+        self.store
+            .commit_async(epoch)
+            .await
+            .map(|_| ())
+            .map_err(|e| PortError::new("disk", "commit", e))
+    }
+    async fn discard_uncommitted(&mut self) -> Result<(), PortError> {
+        self.store.discard_uncommitted();
+        Ok(())
+    }
+    async fn control(&mut self, json: &str) -> Result<(), PortError> {
+        match serde_json::from_str::<SyncMarker>(json) {
+            Ok(SyncMarker::Begin { epoch, full }) => {
+                self.receive(DiskEvent::SyncBegin { epoch, full }).await
+            }
+            Ok(SyncMarker::End { epoch }) => self.receive(DiskEvent::SyncEnd { epoch }).await,
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Waits until the guest has run `steps` more steps.
+pub async fn let_guest_run(guest: &Guest, steps: u64) {
+    let start = guest.counter.load(Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while guest.counter.load(Ordering::SeqCst) < start + steps {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("the guest runs");
+}
