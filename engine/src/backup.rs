@@ -62,6 +62,15 @@ pub enum BackupError {
     /// The replica disk failed.
     #[error("domain {domain}: {source}")]
     Disk { domain: String, source: PortError },
+    /// The caller cancelled the session (its detector declared the primary lost while the
+    /// connection was still open, e.g. a cut link that never delivered a FIN). The
+    /// checkpoint being received, if any, was discarded; `replica` is what remains.
+    #[error("domain {domain}: replication session cancelled while waiting for the primary's next record; the replica holds {replica}")]
+    Cancelled {
+        domain: String,
+        /// The replica's state when the session ended.
+        replica: ReplicaState,
+    },
 }
 
 /// How a replication session ended without error.
@@ -166,6 +175,9 @@ pub struct Backup<R, W> {
     session_started: bool,
     /// The latest domain configuration received (JSON).
     config: Option<String>,
+    /// Set by the caller to end the session: turning `true` ends `run` the next time the
+    /// receiver waits for a record (never in the middle of applying a checkpoint).
+    cancel: Option<watch::Receiver<bool>>,
     status: watch::Sender<BackupStatus>,
     scratch: Vec<u8>,
 }
@@ -199,11 +211,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                 session_begun: false,
                 session_started: false,
                 config: None,
+                cancel: None,
                 status: tx,
                 scratch: Vec::new(),
             },
             rx,
         )
+    }
+
+    /// Lets the caller end the session: when `*cancel` turns `true` while the receiver is
+    /// waiting for the primary's next record, [`run`](Self::run) returns
+    /// [`BackupError::Cancelled`] and the checkpoint being received is discarded. A
+    /// checkpoint whose END has arrived is always applied, committed and acknowledged
+    /// first: the cancel is looked at only between records. A sender dropped without
+    /// sending `true` never cancels.
+    ///
+    /// The daemon uses it when its heartbeat detector declares the primary lost while the
+    /// replication connection is still half-open (a cut link delivers no FIN, so the read
+    /// would otherwise wait for TCP keepalive). After `Cancelled` the receiver must not be
+    /// run again (a partly read frame is lost); take the replica with
+    /// [`into_replica`](Self::into_replica).
+    pub fn set_cancel(&mut self, cancel: watch::Receiver<bool>) {
+        self.cancel = Some(cancel);
     }
 
     /// The latest domain configuration the primary sent.
@@ -247,12 +276,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
         if self.session_begun {
             return Ok(());
         }
-        let session = self
-            .reader
-            .read_header()
-            .await
-            .map_err(|e| self.wire(e))?
-            .session_id;
+        let header = match or_cancel(self.cancel.as_mut(), self.reader.read_header()).await {
+            Some(h) => h.map_err(|e| self.wire(e))?,
+            None => return Err(self.cancelled()),
+        };
+        let session = header.session_id;
         let previous = self.replica.state();
         self.replica
             .begin_session(session)
@@ -296,7 +324,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
 
     async fn receive(&mut self) -> Result<BackupExit, BackupError> {
         loop {
-            let received = match self.reader.next().await {
+            let next = match or_cancel(self.cancel.as_mut(), self.reader.next()).await {
+                Some(next) => next,
+                None => return Err(self.cancelled()),
+            };
+            let received = match next {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     return Err(self.wire(WireError::SenderGone(
@@ -535,11 +567,50 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
         }
     }
 
+    fn cancelled(&self) -> BackupError {
+        let replica = self.replica.state();
+        info!(
+            domain = %self.domain,
+            %replica,
+            receiving = ?self.receiving.map(|r| r.0),
+            "replication session cancelled"
+        );
+        BackupError::Cancelled {
+            domain: self.domain.clone(),
+            replica,
+        }
+    }
+
     fn wire(&self, source: WireError) -> BackupError {
         BackupError::Wire {
             domain: self.domain.clone(),
             source,
         }
+    }
+}
+
+/// Runs `fut` unless `cancel` is (or turns) `true` first; `None` when cancelled. The cancel
+/// is checked first, so a stream that always has data ready cannot starve it.
+async fn or_cancel<T>(
+    cancel: Option<&mut watch::Receiver<bool>>,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let Some(cancel) = cancel else {
+        return Some(fut.await);
+    };
+    if *cancel.borrow_and_update() {
+        return None;
+    }
+    let turned_true = async {
+        if cancel.wait_for(|&c| c).await.is_err() {
+            // The sender is gone without cancelling: never cancel.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        biased;
+        () = turned_true => None,
+        r = fut => Some(r),
     }
 }
 

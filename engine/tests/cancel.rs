@@ -1,0 +1,221 @@
+//! Cancelling the backup's receiver while the replication connection is half-open.
+//!
+//! The primary side is driven by hand over a real encrypted TCP session: it sends complete
+//! and partial checkpoints and then goes silent *without closing the connection*, which is
+//! what a cut link looks like to the backup. The daemon's detector then cancels the receiver;
+//! these tests check that `run` ends with `Cancelled`, that a partial checkpoint is
+//! discarded, and that a checkpoint already being committed is finished (and acknowledged)
+//! before the cancel takes effect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use remus_engine::backup::{Backup, BackupError};
+use remus_engine::peer::PreSharedKey;
+use remus_engine::ports::{DiskWriteHeld, PortError, ReplicaDisk};
+use remus_engine::primary::Reply;
+use remus_engine::replica::{ReplicaState, ReplicaStore};
+use remus_engine::session::{accept_backup, open_primary, Identity, PrimarySession};
+use remus_engine::wire::Outgoing;
+use remus_stream::{EncodingChoice, PageEncoding, Record};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+const PAGE: usize = 4096;
+const RAM: u64 = 64 * PAGE as u64;
+
+/// A disk with nothing to replicate whose commit can be held open by the test.
+struct GatedDisk {
+    /// Notified when a commit starts.
+    entered: Arc<Notify>,
+    /// The commit waits for this.
+    release: Arc<Notify>,
+}
+
+#[async_trait]
+impl ReplicaDisk for GatedDisk {
+    async fn hold(&mut self, _w: DiskWriteHeld) -> Result<(), PortError> {
+        Err(PortError::new("disk", "hold", "no disk"))
+    }
+    async fn barrier(&mut self, _e: u64, _w: u64, _b: u64) -> Result<(), PortError> {
+        Ok(())
+    }
+    async fn commit(&mut self, _epoch: u64) -> Result<(), PortError> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        Ok(())
+    }
+    async fn discard_uncommitted(&mut self) -> Result<(), PortError> {
+        Ok(())
+    }
+}
+
+type BackupTask = tokio::task::JoinHandle<(
+    Result<remus_engine::backup::BackupExit, BackupError>,
+    ReplicaStore,
+)>;
+
+/// A session whose backup runs with a cancel; returns the primary's ends, the backup task and
+/// the cancel sender.
+async fn session(
+    dir: &std::path::Path,
+    disk: Box<dyn ReplicaDisk>,
+) -> (PrimarySession, BackupTask, watch::Sender<bool>) {
+    let psk = PreSharedKey::from_bytes(&[9; 40]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let replica = ReplicaStore::open("vm", &dir.join("replica"), RAM).unwrap();
+    let psk_b = psk.clone();
+    let backup = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.unwrap();
+        let s = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (mut b, _status) = Backup::new("vm", s.reader, s.replies, replica, disk);
+        b.set_cancel(cancel_rx);
+        let exit = b.run().await;
+        (exit, b.into_replica().0)
+    });
+    let id = Identity {
+        node: "pri".into(),
+        peer_node: "bak".into(),
+        domain: "vm".into(),
+    };
+    let p = open_primary(&addr, &psk, &id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    (p, backup, cancel_tx)
+}
+
+/// Sends checkpoint `epoch` (pages 0..2 filled with `fill`); `end` closes it.
+async fn send_checkpoint(p: &PrimarySession, epoch: u64, fill: u8, end: bool) {
+    let send = |o| p.sender.send(o);
+    send(Outgoing::Record(Record::CheckpointBegin { epoch }))
+        .await
+        .unwrap();
+    send(Outgoing::DiskBarrier(epoch)).await.unwrap();
+    send(Outgoing::Pages {
+        epoch,
+        pfns: vec![0, 1],
+        new: vec![fill; 2 * PAGE],
+        old: None,
+        choice: EncodingChoice::Fixed(PageEncoding::Raw),
+    })
+    .await
+    .unwrap();
+    send(Outgoing::DeviceState {
+        epoch,
+        blob: Arc::new(vec![fill; 16]),
+    })
+    .await
+    .unwrap();
+    if end {
+        send(Outgoing::CheckpointEnd { epoch, done: None })
+            .await
+            .unwrap();
+    }
+}
+
+async fn reply(p: &mut PrimarySession) -> Reply {
+    tokio::time::timeout(Duration::from_secs(10), p.replies.recv())
+        .await
+        .expect("a reply within 10 s")
+        .expect("reply channel open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_while_waiting_ends_the_session_and_discards_the_partial_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, backup, cancel) = session(dir.path(), Box::new(remus_engine::ports::NoDisk)).await;
+    send_checkpoint(&p, 1, 0x11, true).await;
+    assert_eq!(reply(&mut p).await, Reply::Ack(1));
+    send_checkpoint(&p, 2, 0x22, true).await;
+    assert_eq!(reply(&mut p).await, Reply::Ack(2));
+    // Checkpoint 3 starts and the primary goes silent; the connection stays open.
+    send_checkpoint(&p, 3, 0x33, false).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !backup.is_finished(),
+        "a silent, open session keeps the receiver waiting"
+    );
+    cancel.send(true).unwrap();
+    let (exit, replica) = tokio::time::timeout(Duration::from_secs(5), backup)
+        .await
+        .expect("cancel ends the receiver promptly")
+        .unwrap();
+    let err = exit.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackupError::Cancelled {
+                replica: ReplicaState::Committed(2),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("domain vm")
+            && msg.contains("cancelled")
+            && msg.contains("committed checkpoint 2"),
+        "{msg}"
+    );
+    let a = replica.activation_inputs().unwrap();
+    assert_eq!((a.epoch, a.device_state), (2, vec![0x22; 16]));
+    assert_eq!(
+        &replica.ram()[..PAGE],
+        &[0x22; PAGE][..],
+        "the partial checkpoint 3 is discarded"
+    );
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_a_commit_lets_the_commit_finish_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let entered = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let disk = GatedDisk {
+        entered: entered.clone(),
+        release: release.clone(),
+    };
+    let (mut p, backup, cancel) = session(dir.path(), Box::new(disk)).await;
+    // Checkpoint 1 commits normally (the gate is opened at once).
+    send_checkpoint(&p, 1, 0x11, true).await;
+    entered.notified().await;
+    release.notify_one();
+    assert_eq!(reply(&mut p).await, Reply::Ack(1));
+    // Checkpoint 2 is complete and being committed when the cancel comes.
+    send_checkpoint(&p, 2, 0x22, true).await;
+    entered.notified().await;
+    cancel.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !backup.is_finished(),
+        "a commit in progress is not interrupted"
+    );
+    release.notify_one();
+    assert_eq!(
+        reply(&mut p).await,
+        Reply::Ack(2),
+        "the commit completed and was acknowledged"
+    );
+    let (exit, replica) = tokio::time::timeout(Duration::from_secs(5), backup)
+        .await
+        .expect("the receiver ends after the commit")
+        .unwrap();
+    assert!(
+        matches!(
+            exit,
+            Err(BackupError::Cancelled {
+                replica: ReplicaState::Committed(2),
+                ..
+            })
+        ),
+        "{exit:?}"
+    );
+    assert_eq!(replica.activation_inputs().unwrap().epoch, 2);
+}
