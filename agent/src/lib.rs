@@ -10,5 +10,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod domain;
 pub mod drill;
+pub mod metrics;

@@ -7,8 +7,10 @@
 //! for bad arguments (clap's own convention).
 
 pub mod config_cmd;
+pub mod daemon_cmd;
 pub mod drill_cmd;
 pub mod netbuf_cmd;
+pub mod status_cmd;
 pub mod stream_cmd;
 
 use std::process::ExitCode;
@@ -46,6 +48,19 @@ pub enum Group {
     /// Run a failover drill: protect a test guest, kill its primary, activate the backup,
     /// and report what was measured and checked.
     Drill(drill_cmd::DrillCmd),
+    /// Show the running daemon's state: peer, roles, VMs, epochs, latencies, alarms.
+    Status(status_cmd::StatusCmd),
+    /// Start a domain's VM on this node and protect it to the peer.
+    Start(daemon_cmd::DomainCmd),
+    /// Hand the primary role of a domain to the peer without losing state (asked of the
+    /// primary).
+    Switchover(daemon_cmd::DomainCmd),
+    /// Force a failover: activate this node's replica of a domain (asked of the backup; the
+    /// primary must be gone or abandoned).
+    Failover(daemon_cmd::FailoverCmd),
+    /// Boot a throwaway, network-isolated copy of a domain's replica to prove it can run
+    /// (asked of the backup; nothing else is touched).
+    TestActivate(daemon_cmd::DomainCmd),
 }
 
 /// Parses the process arguments and runs the command.
@@ -73,5 +88,10 @@ where
         Group::Stream(cmd) => cmd.run(),
         Group::Drill(cmd) => cmd.run(),
         Group::Netbuf(cmd) => cmd.run(),
+        Group::Status(cmd) => cmd.run(),
+        Group::Start(cmd) => cmd.run(daemon_cmd::Action::Start),
+        Group::Switchover(cmd) => cmd.run(daemon_cmd::Action::Switchover),
+        Group::Failover(cmd) => cmd.run(),
+        Group::TestActivate(cmd) => cmd.run(daemon_cmd::Action::TestActivate),
     }
 }

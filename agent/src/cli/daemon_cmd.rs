@@ -1,0 +1,215 @@
+//! `remusctl start|switchover|failover|test-activate DOMAIN`: commands carried out by the
+//! running `remusd`, sent over its control socket.
+//!
+//! Also holds what every daemon-talking command shares ([`DaemonArgs`]: which socket,
+//! from `--socket`, the configuration's `[node] control_socket`, or the default).
+//! Exit codes: 0 when the daemon answers `done`, 1 when it refuses or fails (its message on
+//! stderr) or cannot be reached (the message names the socket), 2 for usage errors,
+//! including a forced failover that was not confirmed and cannot be asked for.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE};
+use crate::api::{Request, Response};
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::control::{ControlClient, DEFAULT_CONTROL_SOCKET};
+
+/// Where the daemon listens.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// The daemon's control socket [default: `[node] control_socket` of the configuration,
+    /// or /run/remus/remusd.sock when there is no configuration file].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Configuration file to read the control socket from [default: /etc/remus/remus.toml].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl DaemonArgs {
+    /// The socket to connect to. An explicit `--config` must exist and be valid; the default
+    /// configuration file may be absent (then the default socket is used), but if present it
+    /// must be valid, since its socket may differ from the default.
+    ///
+    /// # Errors
+    /// A message naming the file and its problems.
+    pub fn socket_path(&self) -> Result<PathBuf, String> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        let (path, explicit) = match &self.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        if !explicit && !path.exists() {
+            return Ok(PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        }
+        match Config::load(&path) {
+            Ok(config) => Ok(config.node.control_socket),
+            Err(e) => {
+                let mut message = format!(
+                    "cannot find the control socket: {} is unusable ({} error(s)); \
+                     fix it or pass --socket",
+                    path.display(),
+                    e.errors.len()
+                );
+                for d in e.errors.iter().take(5) {
+                    message.push_str(&format!("\n  {d}"));
+                }
+                Err(message)
+            }
+        }
+    }
+}
+
+/// A command on one domain.
+#[derive(Debug, Args)]
+pub struct DomainCmd {
+    /// The domain.
+    pub domain: String,
+    /// Seconds to wait for the daemon to finish the command.
+    #[arg(long, value_name = "SECONDS", default_value_t = ControlClient::COMMAND_TIMEOUT.as_secs())]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// `remusctl failover DOMAIN`: a forced failover needs the operator's confirmation.
+#[derive(Debug, Args)]
+pub struct FailoverCmd {
+    #[command(flatten)]
+    pub cmd: DomainCmd,
+    /// Do not ask for confirmation (required when standard input is not a terminal).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// Which command a [`DomainCmd`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Start the VM here and protect it.
+    Start,
+    /// Planned handover to the peer.
+    Switchover,
+    /// Forced failover to this node's replica.
+    Failover,
+    /// Boot a throwaway copy of the replica.
+    TestActivate,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Switchover => "switchover",
+            Action::Failover => "failover",
+            Action::TestActivate => "test-activate",
+        }
+    }
+
+    fn request(self, domain: String) -> Request {
+        match self {
+            Action::Start => Request::Start { domain },
+            Action::Switchover => Request::Switchover { domain },
+            Action::Failover => Request::Failover { domain },
+            Action::TestActivate => Request::TestActivate { domain },
+        }
+    }
+}
+
+impl FailoverCmd {
+    /// Confirms (unless `--yes`), then runs the failover.
+    pub fn run(self) -> ExitCode {
+        if !self.yes {
+            let domain = &self.cmd.domain;
+            if !std::io::stdin().is_terminal() {
+                eprintln!(
+                    "remusctl failover: refusing to force a failover of {domain} without \
+                     confirmation: standard input is not a terminal; pass --yes to confirm"
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            eprint!(
+                "Forced failover of {domain}: this node's replica will be activated from its \
+                 last committed checkpoint.\nThe primary must be gone or abandoned: if its VM \
+                 still runs, two copies of the guest will run at once.\n\
+                 Type the domain name to confirm: "
+            );
+            let _ = std::io::stderr().flush();
+            let mut answer = String::new();
+            if let Err(e) = std::io::stdin().lock().read_line(&mut answer) {
+                eprintln!("remusctl failover: cannot read the confirmation: {e}");
+                return ExitCode::from(EXIT_PROBLEMS);
+            }
+            if answer.trim() != domain {
+                eprintln!("remusctl failover: confirmation did not match `{domain}`; nothing done");
+                return ExitCode::from(EXIT_PROBLEMS);
+            }
+        }
+        self.cmd.run(Action::Failover)
+    }
+}
+
+impl DomainCmd {
+    /// Sends the command and reports the daemon's answer.
+    pub fn run(self, action: Action) -> ExitCode {
+        let name = action.name();
+        let socket = match self.daemon.socket_path() {
+            Ok(s) => s,
+            Err(message) => {
+                eprintln!("remusctl {name}: {message}");
+                return ExitCode::from(EXIT_PROBLEMS);
+            }
+        };
+        let timeout = Duration::from_secs(self.timeout);
+        let request = action.request(self.domain);
+        let answer = block_on(name, async {
+            let mut client = ControlClient::connect(&socket).await?;
+            client.request_with_timeout(request, timeout).await
+        });
+        match answer {
+            Err(code) => code,
+            Ok(Response::Done { message }) => {
+                println!("{message}");
+                ExitCode::from(EXIT_OK)
+            }
+            Ok(Response::Error { message }) => {
+                eprintln!("remusctl {name}: {message}");
+                ExitCode::from(EXIT_PROBLEMS)
+            }
+            Ok(Response::Status(_)) => {
+                eprintln!(
+                    "remusctl {name}: remusd on {} answered with a status instead of a result",
+                    socket.display()
+                );
+                ExitCode::from(EXIT_PROBLEMS)
+            }
+        }
+    }
+}
+
+/// Runs a control exchange on a small runtime; a failure is printed and becomes exit 1.
+pub(crate) fn block_on<T>(
+    name: &str,
+    fut: impl std::future::Future<Output = Result<T, crate::control::ControlError>>,
+) -> Result<T, ExitCode> {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("remusctl {name}: cannot start the async runtime: {e}");
+            return Err(ExitCode::from(EXIT_PROBLEMS));
+        }
+    };
+    rt.block_on(fut).map_err(|e| {
+        eprintln!("remusctl {name}: {e}");
+        ExitCode::from(EXIT_PROBLEMS)
+    })
+}
