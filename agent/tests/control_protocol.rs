@@ -514,3 +514,42 @@ async fn a_daemon_of_another_protocol_version_is_refused_by_the_client() {
     );
     assert_eq!(fake.await.unwrap(), "{\"request\":\"status\"}\n");
 }
+
+#[tokio::test]
+async fn serve_binds_serves_and_cleans_up_as_the_daemon_calls_it() {
+    // The daemon spawns `serve` on a multi-threaded runtime: the future must be Send.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub").join("remusd.sock");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handler: Arc<dyn ControlHandler> = Stub::new();
+    let task = tokio::spawn({
+        let path = path.clone();
+        async move {
+            remus_agent::control::serve(&path, handler, async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut client = loop {
+        match ControlClient::connect(&path).await {
+            Ok(c) => break c,
+            Err(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "serve never listened"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    assert_eq!(client.status().await.unwrap().node, "alpha");
+    stop.send(()).unwrap();
+    tokio::time::timeout(LIMIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!path.exists());
+}
