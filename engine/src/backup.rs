@@ -81,6 +81,12 @@ pub enum BackupExit {
         /// The last committed checkpoint.
         committed: Option<u64>,
     },
+    /// Planned switchover: the primary stopped its VM at checkpoint `epoch`, which is
+    /// committed here and acknowledged; this side is to resume the VM from it.
+    HandedOff {
+        /// The final checkpoint (the replica's committed one).
+        epoch: u64,
+    },
 }
 
 /// What the daemon and `remusctl status` see of a receiver.
@@ -356,6 +362,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                     return Ok(BackupExit::Ended {
                         committed: self.committed(),
                     });
+                }
+                Record::HandOff { epoch } => {
+                    // The verifier proved `epoch` is the last completed checkpoint with
+                    // nothing open; completed checkpoints are committed before the next
+                    // record is read, so the replica must hold exactly it.
+                    if self.committed() != Some(epoch) || self.receiving.is_some() {
+                        let msg = format!(
+                            "HANDOFF({epoch}) but the replica holds {}",
+                            self.replica.state()
+                        );
+                        return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
+                    }
+                    info!(domain = %self.domain, epoch, "planned switchover: the primary handed off at this checkpoint");
+                    return Ok(BackupExit::HandedOff { epoch });
                 }
                 Record::DomainConfig(c) => self.config = Some(c.json),
                 Record::CheckpointBegin { epoch } => self.begin(epoch).await?,

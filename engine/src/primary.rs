@@ -18,6 +18,13 @@
 //! or a failed connection ends the loop with [`PrimaryExit::BackupLost`]: the caller decides
 //! (release output and run unprotected if it may, per the failover policy).
 //!
+//! Planned switchover ([`PrimaryHandle::hand_off`]): at the next boundary the loop takes a
+//! final checkpoint and does not resume the VM; once that checkpoint and every earlier one
+//! are acknowledged it releases all output, sends `HANDOFF` and `END` and returns
+//! [`PrimaryExit::HandedOff`], leaving the VM stopped for the backup to resume. Without the
+//! final acknowledgement within `ack_timeout` it resumes the VM and reports the backup lost:
+//! a switchover either hands over a checkpoint the backup holds or leaves the VM running here.
+//!
 //! The first checkpoint is preceded by live pre-copy rounds: RAM is compared with a zeroed
 //! shadow while the VM runs (zero pages are never sent), so the pause of the first checkpoint only
 //! covers what changed during the last round. Pre-copy always uses a compare tracker: it is
@@ -177,6 +184,12 @@ pub enum EpochPhase {
         /// The epoch being sent.
         epoch: u64,
     },
+    /// Planned switchover: the final checkpoint `epoch` was taken with the VM left stopped;
+    /// waiting for its acknowledgement (and that of every earlier one).
+    HandingOff {
+        /// The final checkpoint.
+        epoch: u64,
+    },
     /// The loop ended.
     Ended,
 }
@@ -226,8 +239,16 @@ pub enum PrimaryExit {
         /// Last acknowledged checkpoint.
         last_acked: Option<u64>,
     },
+    /// Planned switchover done: checkpoint `epoch` is final and acknowledged, the VM is
+    /// **stopped** at it (and stays stopped: the backup resumes it), all output of the VM is
+    /// released, and `HANDOFF(epoch)` then `END` were queued on the stream.
+    HandedOff {
+        /// The final checkpoint.
+        epoch: u64,
+    },
     /// The backup stopped acknowledging: protection is lost. Output of unacknowledged
-    /// epochs is still held.
+    /// epochs is still held. (Also the result of a hand-off whose final checkpoint was not
+    /// acknowledged in time: the VM was resumed here and nothing was handed over.)
     BackupLost {
         /// What happened.
         reason: String,
@@ -262,6 +283,13 @@ pub enum PrimaryError {
     },
 }
 
+/// Whether a checkpoint resumes the VM (every one but a hand-off's final checkpoint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resume {
+    Yes,
+    No,
+}
+
 struct InFlight {
     epoch: u64,
     closed_at: Instant,
@@ -293,6 +321,8 @@ pub struct Primary {
     replies: mpsc::Receiver<Reply>,
     status: watch::Sender<PrimaryStatus>,
     shutdown: watch::Receiver<bool>,
+    /// Turns `true` when the caller asks for a planned switchover (see [`PrimaryHandle::hand_off`]).
+    handoff: watch::Receiver<bool>,
     in_flight: VecDeque<InFlight>,
     window: EpochWindow,
     last_acked: Option<u64>,
@@ -300,12 +330,26 @@ pub struct Primary {
     initial_sync: Option<oneshot::Receiver<Result<(), String>>>,
 }
 
-/// Handles the caller keeps: status and shutdown.
+/// Handles the caller keeps: status, shutdown and hand-off.
 pub struct PrimaryHandle {
     /// Latest status.
     pub status: watch::Receiver<PrimaryStatus>,
     /// Send `true` to stop the loop at the next boundary.
     pub shutdown: watch::Sender<bool>,
+    /// Send `true` (or call [`hand_off`](Self::hand_off)) for a planned switchover.
+    pub handoff: watch::Sender<bool>,
+}
+
+impl PrimaryHandle {
+    /// Asks for a planned switchover. At the next epoch boundary the loop takes a final
+    /// checkpoint and leaves the VM stopped, waits (up to `ack_timeout`) for the
+    /// acknowledgement of it and of everything in flight, releases all held output, sends
+    /// `HANDOFF` and `END`, and returns [`PrimaryExit::HandedOff`]. If the final
+    /// acknowledgement does not come in time, it resumes the VM and returns
+    /// [`PrimaryExit::BackupLost`] as any lost backup (the VM keeps running here).
+    pub fn hand_off(&self) {
+        self.handoff.send_replace(true);
+    }
 }
 
 /// Everything a primary loop is built from.
@@ -347,6 +391,7 @@ impl Primary {
             audit_repaired_total: 0,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (handoff_tx, handoff_rx) = watch::channel(false);
         let capture = cfg.compression.capture();
         let p = Self {
             vm: parts.vm,
@@ -368,6 +413,7 @@ impl Primary {
             replies: parts.replies,
             status: status_tx,
             shutdown: stop_rx,
+            handoff: handoff_rx,
             in_flight: VecDeque::new(),
             window: EpochWindow::default(),
             last_acked: None,
@@ -380,6 +426,7 @@ impl Primary {
             PrimaryHandle {
                 status: status_rx,
                 shutdown: stop_tx,
+                handoff: handoff_tx,
             },
         )
     }
@@ -432,8 +479,11 @@ impl Primary {
                 }
                 Err(reason) => return Ok(self.lost(reason)),
             };
+            if *self.handoff.borrow() {
+                return self.hand_off(epoch, ack_wait).await;
+            }
             if let Err(reason) = self
-                .checkpoint(epoch, ack_wait)
+                .checkpoint(epoch, ack_wait, Resume::Yes)
                 .instrument(info_span!("epoch", epoch))
                 .await?
             {
@@ -447,6 +497,77 @@ impl Primary {
                 Err(reason) => return Ok(self.lost(reason)),
             }
         }
+    }
+
+    /// The planned switchover: the final checkpoint `epoch` without resuming the VM, then
+    /// every acknowledgement, then `HANDOFF` + `END`. Any failure to get the final
+    /// acknowledgement resumes the VM here (nothing is lost: the primary keeps running it).
+    async fn hand_off(
+        &mut self,
+        epoch: u64,
+        ack_wait: Duration,
+    ) -> Result<PrimaryExit, PrimaryError> {
+        info!(domain = %self.cfg.domain, epoch, "planned switchover: taking the final checkpoint");
+        let taken = self
+            .checkpoint(epoch, ack_wait, Resume::No)
+            .instrument(info_span!("epoch", epoch, final_checkpoint = true))
+            .await;
+        let acked = match taken {
+            Ok(Ok(())) => self.drain_for_hand_off(epoch).await,
+            Ok(Err(reason)) => Err(reason),
+            Err(fatal) => {
+                // The VM may be stopped; try to give it back before reporting the failure.
+                if let Err(e) = self.vm.cont().await {
+                    warn!(domain = %self.cfg.domain, error = %e, "resuming the VM after a failed final checkpoint");
+                }
+                return Err(fatal);
+            }
+        };
+        if let Err(reason) = acked {
+            self.set_phase(EpochPhase::Resuming { epoch });
+            self.vm.cont().await.map_err(self.port(epoch))?;
+            warn!(domain = %self.cfg.domain, epoch, %reason, "switchover abandoned; the VM runs on here");
+            return Ok(self.lost(format!(
+                "switchover at checkpoint {epoch} abandoned: {reason}"
+            )));
+        }
+        // Checkpoint `epoch` is the VM's whole state, including output it produced after
+        // `close_epoch` and before it stopped: the backup holds it, so nothing stays held.
+        self.net.release_all().await.map_err(self.port(epoch))?;
+        let _ = self
+            .out
+            .send(Outgoing::Record(Record::HandOff { epoch }))
+            .await;
+        let _ = self.out.send(Outgoing::Record(Record::End)).await;
+        info!(domain = %self.cfg.domain, epoch, "handed off; the VM stays stopped here");
+        Ok(PrimaryExit::HandedOff { epoch })
+    }
+
+    /// Waits for the acknowledgement of every checkpoint in flight (the final one last),
+    /// each within `ack_timeout` of its transmission. Shutdown requests are not looked at:
+    /// the switchover either completes or is abandoned within that bound.
+    async fn drain_for_hand_off(&mut self, epoch: u64) -> Result<(), String> {
+        self.set_phase(EpochPhase::HandingOff { epoch });
+        while let Some(front) = self.in_flight.front() {
+            let deadline = front.resumed_at + self.cfg.ack_timeout;
+            let waiting = front.epoch;
+            tokio::select! {
+                r = self.replies.recv() => self.handle_reply(r).await?,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    return Err(format!(
+                        "no acknowledgement of checkpoint {waiting} within {:?}",
+                        self.cfg.ack_timeout
+                    ));
+                }
+            }
+        }
+        if self.last_acked != Some(epoch) {
+            return Err(format!(
+                "the final checkpoint {epoch} was not acknowledged (last: {:?})",
+                self.last_acked
+            ));
+        }
+        Ok(())
     }
 
     fn lost(&self, reason: String) -> PrimaryExit {
@@ -675,6 +796,7 @@ impl Primary {
         &mut self,
         epoch: u64,
         ack_wait: Duration,
+        resume: Resume,
     ) -> Result<Result<(), String>, PrimaryError> {
         let mut report = EpochReport {
             epoch,
@@ -720,9 +842,12 @@ impl Primary {
         report.device_save = t.elapsed();
         report.device_bytes = device.len() as u64;
 
-        self.set_phase(EpochPhase::Resuming { epoch });
         let t = Instant::now();
-        self.vm.cont().await.map_err(self.port(epoch))?;
+        if resume == Resume::Yes {
+            self.set_phase(EpochPhase::Resuming { epoch });
+            self.vm.cont().await.map_err(self.port(epoch))?;
+        }
+        // For a final checkpoint the VM stays stopped; the ACK deadline counts from here.
         let resumed_at = Instant::now();
         report.resume = resumed_at - t;
         report.pause = resumed_at - stopping_at;

@@ -209,6 +209,8 @@ impl Encoder {
         if let Record::CheckpointEnd(end) = record {
             self.accounts.remove(&end.epoch);
             self.last_ended = Some(self.last_ended.map_or(end.epoch, |l| l.max(end.epoch)));
+        } else if let Record::HandOff { .. } = record {
+            // Names a completed checkpoint; it is not part of any epoch's account.
         } else {
             self.account(record.epoch(), Counted::of_record(record), crc);
         }

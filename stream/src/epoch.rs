@@ -15,7 +15,9 @@
 //! - no `DISK_WRITE(k)` after `DISK_BARRIER(k)`, whose counts must match;
 //! - checkpoints end in order: `CHECKPOINT_END(k+1)` only after `CHECKPOINT_END(k)`;
 //!   after `CHECKPOINT_END(k)` no record of epoch ≤ k may appear;
-//! - `CHECKPOINT_END(k)` counts and digest equal the receiver's own.
+//! - `CHECKPOINT_END(k)` counts and digest equal the receiver's own;
+//! - `HANDOFF(k)` names the last completed checkpoint, with no epoch open, and only `END`
+//!   (or an optional record) may follow it.
 //!
 //! The digest is `D = 0; D = crc32c_append(D, le32(record_crc))` over every record of the
 //! epoch except its `CHECKPOINT_END`, in stream order: it detects a missing, duplicated or
@@ -201,6 +203,15 @@ pub enum EpochError {
         declared: u64,
         received: u64,
     },
+    /// `HANDOFF(k)` where k is not the last completed checkpoint, or with an epoch open.
+    #[error("epoch {epoch}: HANDOFF {reason}")]
+    HandOff { epoch: u64, reason: String },
+    /// A record after `HANDOFF`: only `END` may follow it.
+    #[error("{record} after HANDOFF of checkpoint {handed_off}")]
+    AfterHandOff {
+        handed_off: u64,
+        record: &'static str,
+    },
     /// The digest differs: a record is missing, duplicated or reordered.
     #[error("epoch {epoch}: CHECKPOINT_END digest {declared:#010x}, computed {computed:#010x}")]
     Digest {
@@ -232,6 +243,8 @@ pub struct EpochVerifier {
     last_completed: Option<u64>,
     /// Limit on open epochs; bounds memory and catches a runaway sender.
     max_open: usize,
+    /// The checkpoint a `HANDOFF` named: the stream may only end after it.
+    handed_off: Option<u64>,
 }
 
 impl Default for EpochVerifier {
@@ -251,6 +264,7 @@ impl EpochVerifier {
             open: BTreeMap::new(),
             last_completed: None,
             max_open: max_open.max(1),
+            handed_off: None,
         }
     }
 
@@ -274,6 +288,17 @@ impl EpochVerifier {
         record: &RecordRef<'_>,
         crc: u32,
     ) -> Result<Option<EpochSummary>, EpochError> {
+        if let Some(handed_off) = self.handed_off {
+            if !matches!(record, RecordRef::End | RecordRef::Unknown { .. }) {
+                return Err(EpochError::AfterHandOff {
+                    handed_off,
+                    record: record.record_type().name().unwrap_or("record"),
+                });
+            }
+        }
+        if let RecordRef::HandOff { epoch } = record {
+            return self.hand_off(*epoch).map(|()| None);
+        }
         let Some(epoch) = record.epoch() else {
             return Ok(None);
         };
@@ -314,6 +339,28 @@ impl EpochVerifier {
             .or_default()
             .count(Counted::of_ref(record), crc);
         Ok(None)
+    }
+
+    /// `HANDOFF(epoch)`: the final checkpoint must be the last one completed, and nothing of
+    /// a later epoch may have started (the VM stays stopped after the final checkpoint).
+    fn hand_off(&mut self, epoch: u64) -> Result<(), EpochError> {
+        if self.last_completed != Some(epoch) {
+            let reason = match self.last_completed {
+                Some(k) => format!("names a checkpoint that is not the last completed one ({k})"),
+                None => "before any checkpoint was completed".to_string(),
+            };
+            return Err(EpochError::HandOff { epoch, reason });
+        }
+        if let Some(open) = self.open.keys().next() {
+            return Err(EpochError::HandOff {
+                epoch,
+                reason: format!(
+                    "while epoch {open} is open (the VM ran after the final checkpoint)"
+                ),
+            });
+        }
+        self.handed_off = Some(epoch);
+        Ok(())
     }
 
     fn check_record(

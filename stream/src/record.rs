@@ -49,9 +49,13 @@ impl RecordType {
     pub const CHECKPOINT_ACK: Self = Self(0x0000_0010);
     /// Backup → primary: checkpoint `epoch` was refused.
     pub const CHECKPOINT_NACK: Self = Self(0x0000_0011);
+    /// Primary → backup: planned switchover. Checkpoint `epoch` is the final one: the VM is
+    /// stopped at it and the backup is to take over from it. Mandatory: a backup that does
+    /// not know it must fail rather than keep waiting as a replica.
+    pub const HANDOFF: Self = Self(0x0000_000A);
 
     /// Every type this version defines, for tables and tests.
-    pub const KNOWN: [RecordType; 11] = [
+    pub const KNOWN: [RecordType; 12] = [
         Self::END,
         Self::DOMAIN_CONFIG,
         Self::CHECKPOINT_BEGIN,
@@ -63,6 +67,7 @@ impl RecordType {
         Self::CONTROL,
         Self::CHECKPOINT_ACK,
         Self::CHECKPOINT_NACK,
+        Self::HANDOFF,
     ];
 
     /// Whether a reader that does not know this type may skip it.
@@ -84,6 +89,7 @@ impl RecordType {
             Self::CONTROL => "CONTROL",
             Self::CHECKPOINT_ACK => "CHECKPOINT_ACK",
             Self::CHECKPOINT_NACK => "CHECKPOINT_NACK",
+            Self::HANDOFF => "HANDOFF",
             _ => return None,
         })
     }
@@ -412,6 +418,11 @@ pub enum Record {
     },
     /// `CHECKPOINT_NACK`.
     CheckpointNack(Nack),
+    /// `HANDOFF`: checkpoint `epoch` is the final one of a planned switchover.
+    HandOff {
+        /// The final checkpoint (the last one completed in this stream).
+        epoch: u64,
+    },
     /// An optional record this version does not know; skipped.
     Unknown {
         /// Its type code (high bit set).
@@ -463,6 +474,11 @@ pub enum RecordRef<'a> {
         reason: NackReason,
         /// See [`Nack::message`].
         message: &'a str,
+    },
+    /// `HANDOFF`.
+    HandOff {
+        /// The final checkpoint.
+        epoch: u64,
     },
     /// An optional record this version does not know.
     Unknown {
@@ -585,6 +601,12 @@ impl<'a> RecordRef<'a> {
                     epoch: le_u64(body, 0),
                 }
             }
+            RecordType::HANDOFF => {
+                exact(body, 8)?;
+                RecordRef::HandOff {
+                    epoch: le_u64(body, 0),
+                }
+            }
             RecordType::CHECKPOINT_NACK => {
                 at_least(body, NACK_FIXED)?;
                 if le_u32(body, 12) != 0 {
@@ -619,6 +641,7 @@ impl<'a> RecordRef<'a> {
         match self {
             RecordRef::DomainConfig { epoch, .. }
             | RecordRef::CheckpointBegin { epoch }
+            | RecordRef::HandOff { epoch }
             | RecordRef::CheckpointAck { epoch }
             | RecordRef::CheckpointNack { epoch, .. } => Some(*epoch),
             RecordRef::PageData(p) => Some(p.epoch),
@@ -660,6 +683,7 @@ impl<'a> RecordRef<'a> {
             RecordRef::CheckpointEnd(e) => Record::CheckpointEnd(e),
             RecordRef::Control(json) => Record::Control(json.to_owned()),
             RecordRef::CheckpointAck { epoch } => Record::CheckpointAck { epoch },
+            RecordRef::HandOff { epoch } => Record::HandOff { epoch },
             RecordRef::CheckpointNack {
                 epoch,
                 reason,
@@ -693,6 +717,7 @@ impl<'a> RecordRef<'a> {
             RecordRef::Control(_) => RecordType::CONTROL,
             RecordRef::CheckpointAck { .. } => RecordType::CHECKPOINT_ACK,
             RecordRef::CheckpointNack { .. } => RecordType::CHECKPOINT_NACK,
+            RecordRef::HandOff { .. } => RecordType::HANDOFF,
             RecordRef::Unknown { record_type, .. } => *record_type,
         }
     }
@@ -920,6 +945,7 @@ impl Record {
             Record::Control(_) => RecordType::CONTROL,
             Record::CheckpointAck { .. } => RecordType::CHECKPOINT_ACK,
             Record::CheckpointNack(_) => RecordType::CHECKPOINT_NACK,
+            Record::HandOff { .. } => RecordType::HANDOFF,
             Record::Unknown { record_type, .. } => *record_type,
         }
     }
@@ -928,7 +954,9 @@ impl Record {
     pub fn epoch(&self) -> Option<u64> {
         match self {
             Record::DomainConfig(c) => Some(c.epoch),
-            Record::CheckpointBegin { epoch } | Record::CheckpointAck { epoch } => Some(*epoch),
+            Record::CheckpointBegin { epoch }
+            | Record::CheckpointAck { epoch }
+            | Record::HandOff { epoch } => Some(*epoch),
             Record::CheckpointNack(n) => Some(n.epoch),
             Record::PageData(p) => Some(p.epoch),
             Record::DeviceState(d) => Some(d.epoch),
@@ -949,7 +977,9 @@ impl Record {
                 p.u64(c.epoch);
                 p
             }
-            Record::CheckpointBegin { epoch } | Record::CheckpointAck { epoch } => {
+            Record::CheckpointBegin { epoch }
+            | Record::CheckpointAck { epoch }
+            | Record::HandOff { epoch } => {
                 let mut p = BodyParts::new(&[]);
                 p.u64(*epoch);
                 p
@@ -1028,6 +1058,9 @@ mod tests {
                 vec![0; 7],
                 |e| matches!(e, BodyError::Length { expected: 8, .. }),
             ),
+            ("HANDOFF too long", RecordType::HANDOFF, vec![0; 9], |e| {
+                matches!(e, BodyError::Length { expected: 8, .. })
+            }),
             (
                 "PAGE_DATA count 0",
                 RecordType::PAGE_DATA,

@@ -83,6 +83,10 @@ fn begin(epoch: u64) -> Step {
     Step::Rec(Record::CheckpointBegin { epoch })
 }
 
+fn handoff(epoch: u64) -> Step {
+    Step::Rec(Record::HandOff { epoch })
+}
+
 fn dw(epoch: u64) -> Step {
     Step::Rec(Record::DiskWrite(DiskWrite {
         epoch,
@@ -273,6 +277,49 @@ fn epoch_rules() {
                     Err(EpochError::Digest {
                         declared: 0xdead,
                         ..
+                    })
+                )
+            },
+        ),
+        (
+            "hand-off of the last completed checkpoint",
+            vec![
+                begin(1),
+                Step::End(1),
+                begin(2),
+                Step::End(2),
+                handoff(2),
+                Step::Rec(Record::End),
+            ],
+            |r| r == &Ok(vec![1, 2]),
+        ),
+        (
+            "hand-off of an earlier checkpoint",
+            vec![begin(1), Step::End(1), begin(2), Step::End(2), handoff(1)],
+            |r| matches!(r, Err(EpochError::HandOff { epoch: 1, .. })),
+        ),
+        (
+            "hand-off of a checkpoint not completed",
+            vec![begin(1), Step::End(1), begin(2), handoff(2)],
+            |r| matches!(r, Err(EpochError::HandOff { epoch: 2, .. })),
+        ),
+        ("hand-off before any checkpoint", vec![handoff(1)], |r| {
+            matches!(r, Err(EpochError::HandOff { epoch: 1, .. }))
+        }),
+        (
+            "hand-off while the next epoch has disk writes (the VM ran on)",
+            vec![begin(1), dw(2), Step::End(1), handoff(1)],
+            |r| matches!(r, Err(EpochError::HandOff { epoch: 1, .. })),
+        ),
+        (
+            "a checkpoint record after the hand-off",
+            vec![begin(1), Step::End(1), handoff(1), begin(2)],
+            |r| {
+                matches!(
+                    r,
+                    Err(EpochError::AfterHandOff {
+                        handed_off: 1,
+                        record: "CHECKPOINT_BEGIN"
                     })
                 )
             },

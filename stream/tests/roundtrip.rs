@@ -97,6 +97,7 @@ fn replication_record() -> impl Strategy<Value = Record> {
                 })
             }),
         json().prop_map(Record::Control),
+        any::<u64>().prop_map(|epoch| Record::HandOff { epoch }),
     ]
 }
 
@@ -304,6 +305,12 @@ fn records_are_checked_against_the_stream_direction() {
     assert!(
         matches!(err.kind, DecodeErrorKind::NotAllowed { .. }),
         "{err}"
+    );
+    let bytes = encode(StreamKind::Reply, &[Record::HandOff { epoch: 1 }]);
+    let err = decode_chunked(&bytes, &[1000]).error.unwrap();
+    assert!(
+        matches!(err.kind, DecodeErrorKind::NotAllowed { .. }),
+        "HANDOFF travels primary to backup only: {err}"
     );
     let bytes = encode(StreamKind::Reply, &[Record::CheckpointBegin { epoch: 1 }]);
     let err = decode_chunked(&bytes, &[1000]).error.unwrap();

@@ -145,6 +145,8 @@ pub struct FakeVm {
     pub snapshots: Snapshots,
     pub calls: Arc<Mutex<Vec<VmCall>>>,
     pub saves: u64,
+    /// Called with the epoch of each checkpoint while its device state is saved.
+    pub on_save: Option<Box<dyn FnMut(u64) + Send>>,
 }
 
 impl FakeVm {
@@ -156,6 +158,7 @@ impl FakeVm {
             snapshots: Arc::new(Mutex::new(Vec::new())),
             calls: Arc::new(Mutex::new(Vec::new())),
             saves: 0,
+            on_save: None,
         }
     }
 }
@@ -187,6 +190,9 @@ impl VmControl for FakeVm {
             snaps.remove(0);
         }
         self.saves += 1;
+        if let Some(f) = &mut self.on_save {
+            f(self.saves);
+        }
         Ok(self
             .guest
             .counter
