@@ -1,4 +1,9 @@
 //! `remusctl drill`: run a failover drill and report what it measured and checked.
+//!
+//! Without `--pair`, the local drill (both roles in this process). With `--pair`, the pair
+//! drill: two real `remusd` daemons in two network namespaces, a `remus-witness`, a client,
+//! and a failure scenario (`--scenario`, `--trials`); see [`crate::drill::pair`]. The pair
+//! drill needs the `remusd` and `remus-witness` binaries next to `remusctl` or in `PATH`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +12,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{EXIT_OK, EXIT_PROBLEMS};
+use crate::drill::pair::{run_pair, PairOptions, Scenario};
 use crate::drill::{default_image_dir, run_local, DrillOptions};
 
 /// `remusctl drill` arguments.
@@ -15,7 +21,23 @@ pub struct DrillCmd {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Checkpoints to acknowledge before the failure is injected.
+    /// Run the pair drill: two real daemons, a witness and a failure scenario.
+    #[arg(long)]
+    pair: bool,
+    /// The pair drill's failure scenario.
+    #[arg(long, value_enum, default_value = "kill-primary", requires = "pair")]
+    scenario: Scenario,
+    /// Trials of the scenario (the pair is reused between trials where it can be).
+    #[arg(long, default_value_t = 1, requires = "pair", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    trials: u32,
+    /// The pair drill's witness lease in milliseconds.
+    #[arg(long, default_value_t = 1500, requires = "pair", value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    lease_ms: u64,
+    /// How long the partition scenario keeps the hosts apart, in milliseconds.
+    #[arg(long, default_value_t = 4000, requires = "pair", value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    partition_hold_ms: u64,
+    /// Checkpoints to acknowledge before the failure is injected (the pair drill counts
+    /// them from when protection is first seen).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     checkpoints: u64,
     /// Checkpoint interval in milliseconds.
@@ -42,7 +64,7 @@ pub struct DrillCmd {
     /// UNSAFE: release the guest's network output at once instead of holding it until the
     /// backup acknowledges. The drill then shows what that costs (replies of lost state, a
     /// dead connection) and exits non-zero.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pair")]
     unsafe_no_output_buffering: bool,
 }
 
@@ -71,6 +93,18 @@ impl DrillCmd {
                 }
             },
         };
+        if self.pair {
+            let mut o = PairOptions::new(kernel, initrd, work_dir, self.scenario);
+            o.trials = self.trials;
+            o.checkpoints = self.checkpoints;
+            o.interval = Duration::from_millis(self.interval_ms);
+            o.memory_mib = self.memory_mib;
+            o.accel = self.accel;
+            o.seed = self.seed;
+            o.lease = Duration::from_millis(self.lease_ms);
+            o.partition_hold = Duration::from_millis(self.partition_hold_ms);
+            return run_pair_cli(&o, self.json);
+        }
         let opts = DrillOptions {
             kernel,
             initrd,
@@ -82,15 +116,8 @@ impl DrillCmd {
             seed: self.seed,
             unsafe_no_output_buffering: self.unsafe_no_output_buffering,
         };
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("remusctl drill: cannot start the async runtime: {e}");
-                return ExitCode::from(EXIT_PROBLEMS);
-            }
+        let Some(rt) = runtime() else {
+            return ExitCode::from(EXIT_PROBLEMS);
         };
         // Ctrl-C drops the drill, whose guards kill its QEMUs and delete its namespaces.
         let outcome = rt.block_on(async {
@@ -123,6 +150,58 @@ impl DrillCmd {
                 eprintln!("remusctl drill: {e:#}");
                 ExitCode::from(EXIT_PROBLEMS)
             }
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("remusctl drill: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+/// Runs the pair drill and prints its report; the exit code says whether it passed.
+fn run_pair_cli(o: &PairOptions, json: bool) -> ExitCode {
+    let Some(rt) = runtime() else {
+        return ExitCode::from(EXIT_PROBLEMS);
+    };
+    // Ctrl-C drops the drill: its daemons, QEMUs, witness and namespaces go with it.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run_pair(o) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    match outcome {
+        None => {
+            eprintln!("remusctl drill --pair: interrupted; cleaned up");
+            ExitCode::from(EXIT_PROBLEMS)
+        }
+        Some(Err(e)) => {
+            eprintln!("remusctl drill --pair: {e:#}");
+            ExitCode::from(EXIT_PROBLEMS)
+        }
+        Some(Ok(report)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            ExitCode::from(if report.passed {
+                EXIT_OK
+            } else {
+                EXIT_PROBLEMS
+            })
         }
     }
 }

@@ -35,6 +35,7 @@
 pub mod client;
 pub mod guest;
 pub mod net;
+pub mod pair;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -19,6 +19,18 @@
 //! - the guest's MAC is learnt by the switch on the primary's uplink first; the activated
 //!   VM's `announce-self` moves it to the backup's uplink (the failover of the network path).
 //! - dropping the [`Topology`] deletes every namespace it made, on every exit path.
+//!
+//! The pair drill ([`Topology::create_pair`]) adds a witness namespace on the same switch
+//! and gives each host an address on its bridge (the daemons' replication, heartbeats and
+//! lease traffic use them):
+//!
+//! ```text
+//!   10.77.<n>.2 client   10.77.<n>.3 pri   10.77.<n>.4 bak   10.77.<n>.5 wit   10.77.<n>.10 guest
+//! ```
+//!
+//! and the failures the pair drill injects: [`Topology::cut_uplink`] (the host is gone from
+//! the network: its VM's traffic and its daemon's), [`Topology::partition_hosts`] (only the
+//! two hosts lose each other; both still reach the witness and the client).
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -68,8 +80,75 @@ pub struct Topology {
     pub guest_cidr: String,
     /// The guest's address.
     pub guest_ip: std::net::Ipv4Addr,
+    /// The witness "host" (pair drill only).
+    pub witness: Option<String>,
+    /// The addresses of the hosts, the witness and the client (pair drill only: the local
+    /// drill gives its hosts no address).
+    pub addrs: Option<HostAddrs>,
+    /// Whether pri and bak are cut from each other ([`Topology::partition_hosts`]).
+    partitioned: bool,
     /// Every namespace created so far (deleted on drop, in reverse).
     created: Vec<String>,
+}
+
+/// One of the pair drill's two hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Host {
+    /// The host named "pri" (the first primary; roles move between hosts in a drill).
+    Pri,
+    /// The host named "bak".
+    Bak,
+}
+
+impl Host {
+    /// Both hosts.
+    pub const BOTH: [Host; 2] = [Host::Pri, Host::Bak];
+
+    /// The node name the host's daemon is configured with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Host::Pri => "pri",
+            Host::Bak => "bak",
+        }
+    }
+
+    /// The other host.
+    pub fn other(self) -> Host {
+        match self {
+            Host::Pri => Host::Bak,
+            Host::Bak => Host::Pri,
+        }
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The pair drill's addresses on the switch's subnet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostAddrs {
+    /// Host "pri" (on its bridge).
+    pub pri: std::net::Ipv4Addr,
+    /// Host "bak" (on its bridge).
+    pub bak: std::net::Ipv4Addr,
+    /// The witness.
+    pub witness: std::net::Ipv4Addr,
+    /// The client.
+    pub client: std::net::Ipv4Addr,
+}
+
+impl HostAddrs {
+    /// The address of `host`.
+    pub fn of(&self, host: Host) -> std::net::Ipv4Addr {
+        match host {
+            Host::Pri => self.pri,
+            Host::Bak => self.bak,
+        }
+    }
 }
 
 fn ip(args: &[&str]) -> Result<(), TopologyError> {
@@ -115,6 +194,19 @@ impl Topology {
     /// # Errors
     /// An `ip` command that fails (not root, iproute2 missing, no bridge support …).
     pub fn create() -> Result<Self, TopologyError> {
+        Self::create_inner(false)
+    }
+
+    /// Builds the pair drill's network: the local drill's plus a witness namespace and an
+    /// address per host, witness and client (see the module doc).
+    ///
+    /// # Errors
+    /// As [`Topology::create`].
+    pub fn create_pair() -> Result<Self, TopologyError> {
+        Self::create_inner(true)
+    }
+
+    fn create_inner(pair: bool) -> Result<Self, TopologyError> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("rdrill{}x{seq}", std::process::id());
@@ -127,9 +219,20 @@ impl Topology {
             client: format!("{prefix}-cli"),
             guest_cidr: format!("{guest_ip}/24"),
             guest_ip,
+            witness: pair.then(|| format!("{prefix}-wit")),
+            addrs: pair.then(|| HostAddrs {
+                pri: std::net::Ipv4Addr::new(10, 77, subnet, 3),
+                bak: std::net::Ipv4Addr::new(10, 77, subnet, 4),
+                witness: std::net::Ipv4Addr::new(10, 77, subnet, 5),
+                client: std::net::Ipv4Addr::new(10, 77, subnet, 2),
+            }),
+            partitioned: false,
             created: Vec::new(),
         };
         t.build(subnet)?;
+        if pair {
+            t.build_pair()?;
+        }
         Ok(t)
     }
 
@@ -180,6 +283,124 @@ impl Topology {
         Ok(())
     }
 
+    /// The pair drill's part: the witness on the switch, and the hosts' addresses.
+    fn build_pair(&mut self) -> Result<(), TopologyError> {
+        let (Some(wit), Some(a)) = (self.witness.clone(), self.addrs) else {
+            return Ok(());
+        };
+        ip(&["netns", "add", &wit])?;
+        self.created.push(wit.clone());
+        sysctl(&wit, "net.ipv6.conf.all.disable_ipv6", "1")?;
+        sysctl(&wit, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        in_ns(&wit, &["link", "set", "lo", "up"])?;
+        let sw = self.switch.as_str();
+        in_ns(
+            sw,
+            &[
+                "link", "add", "to-wit", "type", "veth", "peer", "name", "eth0",
+            ],
+        )?;
+        in_ns(sw, &["link", "set", "eth0", "netns", &wit])?;
+        in_ns(sw, &["link", "set", "to-wit", "master", "swbr", "up"])?;
+        in_ns(
+            &wit,
+            &["addr", "add", &format!("{}/24", a.witness), "dev", "eth0"],
+        )?;
+        in_ns(&wit, &["link", "set", "eth0", "up"])?;
+        for host in Host::BOTH {
+            in_ns(
+                self.host_ns(host),
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", a.of(host)),
+                    "dev",
+                    HOST_BRIDGE,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The namespace of `host`.
+    pub fn host_ns(&self, host: Host) -> &str {
+        match host {
+            Host::Pri => &self.primary,
+            Host::Bak => &self.backup,
+        }
+    }
+
+    /// Takes `host` off the network: its uplink goes down, so neither its VM nor its daemon
+    /// reaches anyone (the switch, the other host, the witness, the client).
+    ///
+    /// # Errors
+    /// The `ip` command failed.
+    pub fn cut_uplink(&self, host: Host) -> Result<(), TopologyError> {
+        in_ns(self.host_ns(host), &["link", "set", "uplink", "down"])
+    }
+
+    /// Puts `host` back on the network.
+    ///
+    /// # Errors
+    /// The `ip` command failed.
+    pub fn restore_uplink(&self, host: Host) -> Result<(), TopologyError> {
+        in_ns(self.host_ns(host), &["link", "set", "uplink", "up"])
+    }
+
+    /// Cuts pri and bak from each other, both ways, while both still reach the witness and
+    /// the client: each host gets a blackhole route for the other's address, so nothing
+    /// either host itself sends reaches the other (the guests' bridged traffic is not
+    /// routed by the hosts and is untouched). Idempotent.
+    ///
+    /// # Errors
+    /// Not a pair topology, or the `ip` command failed.
+    pub fn partition_hosts(&mut self) -> Result<(), TopologyError> {
+        if self.partitioned {
+            return Ok(());
+        }
+        let a = self.pair_addrs("partition")?;
+        for host in Host::BOTH {
+            let other = format!("{}/32", a.of(host.other()));
+            in_ns(self.host_ns(host), &["route", "add", "blackhole", &other])?;
+        }
+        self.partitioned = true;
+        Ok(())
+    }
+
+    /// Ends [`Topology::partition_hosts`]. Idempotent.
+    ///
+    /// # Errors
+    /// Not a pair topology, or the `ip` command failed.
+    pub fn heal(&mut self) -> Result<(), TopologyError> {
+        if !self.partitioned {
+            return Ok(());
+        }
+        let a = self.pair_addrs("heal")?;
+        for host in Host::BOTH {
+            let other = format!("{}/32", a.of(host.other()));
+            in_ns(self.host_ns(host), &["route", "del", "blackhole", &other])?;
+        }
+        self.partitioned = false;
+        Ok(())
+    }
+
+    /// Whether the hosts are partitioned from each other now.
+    pub fn is_partitioned(&self) -> bool {
+        self.partitioned
+    }
+
+    fn pair_addrs(&self, op: &str) -> Result<HostAddrs, TopologyError> {
+        self.addrs.ok_or_else(|| TopologyError::Failed {
+            args: op.to_string(),
+            stderr: "not a pair topology (built by Topology::create, not create_pair)".into(),
+        })
+    }
+
+    /// The witness's namespace (pair drill only).
+    pub fn witness_ns(&self) -> Option<&str> {
+        self.witness.as_deref()
+    }
+
     /// The primary host's namespace, for the domain runtime.
     pub fn primary_netns(&self) -> Netns {
         Netns::named(&self.primary)
@@ -203,5 +424,84 @@ impl Drop for Topology {
                 tracing::warn!(netns = %ns, error = %e, "drill network: cleanup");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// Whether a TCP connection from `from` reaches a listener on `addr` in `to`.
+    fn reaches(from: &str, to: &str, addr: Ipv4Addr) -> bool {
+        let l = Netns::named(to)
+            .run(|| TcpListener::bind((addr, 0)))
+            .expect("listener in the target namespace");
+        let port = l.local_addr().unwrap().port();
+        Netns::named(from)
+            .run(|| {
+                Ok(
+                    TcpStream::connect_timeout(&(addr, port).into(), Duration::from_millis(700))
+                        .is_ok(),
+                )
+            })
+            .unwrap()
+    }
+
+    /// Real namespaces: a partition cuts only pri <-> bak, both ways; a cut uplink takes a
+    /// host off the network; healing and restoring bring everything back.
+    #[test]
+    fn partition_and_uplink_cuts_block_exactly_what_they_say() {
+        let mut t = Topology::create_pair().expect("pair topology (needs root and iproute2)");
+        let a = t.addrs.unwrap();
+        let wit = t.witness.clone().unwrap();
+        let (pri, bak, cli) = (t.primary.clone(), t.backup.clone(), t.client.clone());
+        // (from ns, to ns, to address)
+        let paths = [
+            ("pri->bak", &pri, &bak, a.bak),
+            ("bak->pri", &bak, &pri, a.pri),
+            ("pri->wit", &pri, &wit, a.witness),
+            ("bak->wit", &bak, &wit, a.witness),
+            ("cli->pri", &cli, &pri, a.pri),
+            ("cli->bak", &cli, &bak, a.bak),
+        ];
+        let check = |state: &str, want: &[bool; 6]| {
+            for ((name, from, to, addr), want) in paths.iter().zip(want) {
+                assert_eq!(reaches(from, to, *addr), *want, "{state}: {name}");
+            }
+        };
+        check("connected", &[true; 6]);
+        t.partition_hosts().unwrap();
+        t.partition_hosts().unwrap();
+        assert!(t.is_partitioned());
+        check("partitioned", &[false, false, true, true, true, true]);
+        t.heal().unwrap();
+        t.heal().unwrap();
+        check("healed", &[true; 6]);
+        t.cut_uplink(Host::Pri).unwrap();
+        check("pri cut off", &[false, false, false, true, false, true]);
+        t.restore_uplink(Host::Pri).unwrap();
+        check("pri back", &[true; 6]);
+        let names = [t.switch.clone(), pri, bak, cli, wit];
+        drop(t);
+        let listed = String::from_utf8(
+            Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        for n in names {
+            assert!(!listed.contains(&n), "{n} left behind");
+        }
+    }
+
+    #[test]
+    fn the_local_topology_has_no_witness_and_refuses_a_partition() {
+        let mut t = Topology::create().expect("topology (needs root and iproute2)");
+        assert!(t.witness.is_none() && t.addrs.is_none());
+        assert!(t.partition_hosts().is_err());
     }
 }

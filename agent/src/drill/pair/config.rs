@@ -1,0 +1,283 @@
+//! The pair drill's files on disk: each node's `remus.toml`, the shared key, the disks.
+//!
+//! Both nodes describe the same domain (same name, MAC, guest) with their own directories
+//! and disk paths, as two real hosts would; every path is absolute and under the drill's
+//! work directory, so nothing of one drill can touch another's or the host's `/run/remus`.
+//! The control socket is path-based, so the drill reaches each daemon from the root
+//! namespace although the daemon runs in its host's namespace.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::super::net::{Host, HostAddrs, HOST_BRIDGE};
+
+/// The domain's name in both configurations.
+pub const DOMAIN: &str = "drill";
+/// The guest NIC's MAC (the same on both nodes: the activated VM takes over the address).
+pub const GUEST_MAC: &str = "52:54:00:77:00:20";
+/// Replication listen port on each host's address.
+pub const REPLICATION_PORT: u16 = 7780;
+/// Heartbeat port on each host's address.
+pub const HEARTBEAT_PORT: u16 = 7781;
+/// The witness's UDP port.
+pub const WITNESS_PORT: u16 = 7790;
+/// Size of each disk image (sparse).
+pub const DISK_BYTES: u64 = 64 << 20;
+
+/// What the configurations are made from.
+#[derive(Clone, Debug)]
+pub struct PairConfig {
+    /// Guest kernel (absolute).
+    pub kernel: PathBuf,
+    /// Guest initramfs (absolute).
+    pub initrd: PathBuf,
+    /// The drill's work directory (absolute).
+    pub work_dir: PathBuf,
+    /// Checkpoint interval.
+    pub interval: Duration,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// QEMU accelerator.
+    pub accel: String,
+    /// Heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Heartbeat timeout.
+    pub heartbeat_timeout: Duration,
+    /// Witness lease length.
+    pub lease: Duration,
+    /// The hosts' addresses.
+    pub addrs: HostAddrs,
+    /// The guest's address with prefix.
+    pub guest_cidr: String,
+}
+
+/// Where one node's files are.
+#[derive(Clone, Debug)]
+pub struct NodeFiles {
+    /// Its configuration.
+    pub config: PathBuf,
+    /// `[node] run_dir`.
+    pub run_dir: PathBuf,
+    /// `[node] state_dir`.
+    pub state_dir: PathBuf,
+    /// `[node] control_socket`.
+    pub control_socket: PathBuf,
+    /// The daemon's log (stdout and stderr, every start appended).
+    pub log: PathBuf,
+    /// The domain's disk image on this node.
+    pub image: PathBuf,
+    /// The domain's replica disk on this node.
+    pub replica: PathBuf,
+}
+
+impl NodeFiles {
+    /// The files of `host` under `work_dir`.
+    pub fn of(work_dir: &Path, host: Host) -> Self {
+        let d = work_dir.join(host.name());
+        Self {
+            config: d.join("remus.toml"),
+            run_dir: d.join("run"),
+            state_dir: d.join("state"),
+            control_socket: d.join("remusd.sock"),
+            log: work_dir.join(format!("remusd-{}.log", host.name())),
+            image: d.join("disk.img"),
+            replica: d.join("replica.img"),
+        }
+    }
+
+    /// The domain's run directory (QMP socket, console log).
+    pub fn domain_run(&self) -> PathBuf {
+        self.run_dir.join(DOMAIN)
+    }
+
+    /// The guest's serial console log while this node runs the VM.
+    pub fn console(&self) -> PathBuf {
+        crate::domain::DomainPaths::new(&self.run_dir, &self.state_dir, DOMAIN).console()
+    }
+
+    /// The persisted role file of the domain.
+    pub fn role_file(&self) -> PathBuf {
+        self.state_dir.join(DOMAIN).join("role.json")
+    }
+}
+
+/// The shared key file (agents' `psk_file`, the witness's `--key-file`).
+pub fn psk_path(work_dir: &Path) -> PathBuf {
+    work_dir.join("psk")
+}
+
+/// `host`'s `remus.toml`.
+pub fn node_toml(c: &PairConfig, host: Host) -> String {
+    let me = NodeFiles::of(&c.work_dir, host);
+    let my_ip = c.addrs.of(host);
+    let peer_ip = c.addrs.of(host.other());
+    format!(
+        r#"# Written by the remus pair drill for host "{name}".
+[node]
+name = "{name}"
+listen = "{my_ip}:{rport}"
+control_socket = "{control}"
+run_dir = "{run}"
+state_dir = "{state}"
+
+[peer]
+name = "{peer}"
+address = "{peer_ip}:{rport}"
+
+[[peer.link]]
+local = "{my_ip}:{hport}"
+remote = "{peer_ip}:{hport}"
+
+[heartbeat]
+interval_ms = {hb_int}
+timeout_ms = {hb_to}
+
+[auth]
+mode = "psk"
+psk_file = "{psk}"
+
+[witness]
+address = "{wit}:{wport}"
+lease_ms = {lease}
+
+[[domain]]
+name = "{domain}"
+checkpoint_interval_ms = {interval}
+failover = "automatic"
+
+[domain.qemu]
+accel = "{accel}"
+machine = "pc"
+memory_mib = {mem}
+vcpus = 1
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "console=ttyS0 quiet panic=-1 ipv6.disable=1 remus.mode=both remus.ip={guest} remus.interval=50 remus.check_every=5"
+
+[[domain.nic]]
+id = "net0"
+mac = "{mac}"
+bridge = "{bridge}"
+
+[domain.netbuf]
+backend = "relay"
+
+[[domain.disk]]
+id = "d0"
+image = "{image}"
+replica = "{replica}"
+
+[domain.fencing]
+mode = "witness"
+"#,
+        name = host.name(),
+        peer = host.other().name(),
+        rport = REPLICATION_PORT,
+        hport = HEARTBEAT_PORT,
+        control = me.control_socket.display(),
+        run = me.run_dir.display(),
+        state = me.state_dir.display(),
+        hb_int = c.heartbeat_interval.as_millis(),
+        hb_to = c.heartbeat_timeout.as_millis(),
+        psk = psk_path(&c.work_dir).display(),
+        wit = c.addrs.witness,
+        wport = WITNESS_PORT,
+        lease = c.lease.as_millis(),
+        domain = DOMAIN,
+        interval = c.interval.as_millis(),
+        accel = c.accel,
+        mem = c.memory_mib,
+        kernel = c.kernel.display(),
+        initrd = c.initrd.display(),
+        guest = c.guest_cidr,
+        mac = GUEST_MAC,
+        bridge = HOST_BRIDGE,
+        image = me.image.display(),
+        replica = me.replica.display(),
+    )
+}
+
+/// Writes the key, both configurations and both nodes' disks and directories.
+///
+/// # Errors
+/// File system errors, naming the file.
+pub fn write_all(c: &PairConfig) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let key: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let psk = psk_path(&c.work_dir);
+    std::fs::write(&psk, &key).with_context(|| format!("writing {}", psk.display()))?;
+    for host in Host::BOTH {
+        let f = NodeFiles::of(&c.work_dir, host);
+        for d in [&f.run_dir, &f.state_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        std::fs::write(&f.config, node_toml(c, host))
+            .with_context(|| format!("writing {}", f.config.display()))?;
+        for disk in [&f.image, &f.replica] {
+            std::fs::File::create(disk)
+                .and_then(|h| h.set_len(DISK_BYTES))
+                .with_context(|| format!("creating {}", disk.display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, FencingPolicy};
+
+    fn cfg(dir: &Path) -> PairConfig {
+        PairConfig {
+            kernel: dir.join("vmlinux"),
+            initrd: dir.join("initrd.img"),
+            work_dir: dir.to_path_buf(),
+            interval: Duration::from_millis(200),
+            memory_mib: 128,
+            accel: "tcg".into(),
+            heartbeat_interval: Duration::from_millis(100),
+            heartbeat_timeout: Duration::from_millis(500),
+            lease: Duration::from_millis(1500),
+            addrs: HostAddrs {
+                pri: "10.77.1.3".parse().unwrap(),
+                bak: "10.77.1.4".parse().unwrap(),
+                witness: "10.77.1.5".parse().unwrap(),
+                client: "10.77.1.2".parse().unwrap(),
+            },
+            guest_cidr: "10.77.1.10/24".into(),
+        }
+    }
+
+    /// Both configurations pass the daemon's own validation, mirror each other, and keep
+    /// every node's files apart.
+    #[test]
+    fn both_configs_validate_and_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let pri = Config::from_str(&node_toml(&c, Host::Pri), "pri").unwrap();
+        let bak = Config::from_str(&node_toml(&c, Host::Bak), "bak").unwrap();
+        assert_eq!(pri.node.name, bak.peer.name);
+        assert_eq!(bak.node.name, pri.peer.name);
+        assert_eq!(pri.node.listen, bak.peer.address);
+        assert_eq!(bak.node.listen, pri.peer.address);
+        assert_eq!(pri.peer.links[0].local, bak.peer.links[0].remote);
+        assert_eq!(pri.domains[0].name, bak.domains[0].name);
+        assert_eq!(pri.domains[0].nics[0].mac, bak.domains[0].nics[0].mac);
+        assert_ne!(
+            pri.domains[0].disks[0].replica,
+            bak.domains[0].disks[0].replica
+        );
+        assert_ne!(pri.domains[0].disks[0].image, bak.domains[0].disks[0].image);
+        assert_ne!(pri.node.control_socket, bak.node.control_socket);
+        assert_ne!(pri.node.run_dir, bak.node.run_dir);
+        assert!(
+            matches!(pri.domains[0].fencing, FencingPolicy::Witness),
+            "{:?}",
+            pri.domains[0].fencing
+        );
+        let w = pri.witness.as_ref().unwrap();
+        assert_eq!(w.lease, Duration::from_millis(1500));
+        assert_eq!(pri.heartbeat.timeout, Duration::from_millis(500));
+        assert!(pri.warnings.is_empty(), "{:?}", pri.warnings);
+    }
+}

@@ -1,0 +1,893 @@
+//! The failures the pair drill injects, and how each trial is judged.
+//!
+//! Every trial: the client keeps one connection to the guest through the trial; the failure
+//! comes at a random (seeded) moment after an acknowledgement; the observer's samples of the
+//! trial window give "never two running"; the scenario's own verdicts follow. A step that
+//! cannot be carried out (a daemon that never answers, a VM that never comes back) ends the
+//! trial with the verdict `trial_completed` failed and the error as its detail.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use super::config::{DISK_BYTES, DOMAIN};
+use super::hosts::{pid_alive, qemu_pids_under};
+use super::observe::{self, RunState, Tick};
+use super::report::TrialReport;
+use super::{checks_in, console_since, counters_in, PairDrill};
+use crate::api::{DaemonStatus, Request, Response};
+use crate::drill::client::{analyse, Client, ClientLog, Moments, STALL_LIMIT};
+use crate::drill::net::Host;
+
+/// A failure scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// SIGKILL the primary's daemon (and its QEMU) and cut its uplink: the backup must
+    /// take over from a committed checkpoint, the client must not notice lost state.
+    KillPrimary,
+    /// SIGKILL the backup's daemon: the primary keeps serving (output released after
+    /// detection); the restarted backup is re-protected with a dirty-region resync.
+    KillBackup,
+    /// Cut pri and bak from each other (both still reach the witness and the client) for a
+    /// while, then heal: never two VMs; exactly one afterwards; the client kept.
+    Partition,
+    /// Cut the primary's uplink entirely: it must stop releasing output when its lease
+    /// lapses, and the backup activates only after winning the lease.
+    IsolatePrimary,
+    /// Planned switchover: no lost reply, no broken connection, the VM on the other node.
+    Switchover,
+    /// Kill the backup's daemon while it is activating (held in `activated`), restart it:
+    /// it must not resume the checkpoint a second time.
+    RestartMidFailover,
+    /// Test activation on the backup: the primary's protection never stops.
+    TestActivate,
+}
+
+impl Scenario {
+    /// The CLI spelling.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::KillPrimary => "kill-primary",
+            Scenario::KillBackup => "kill-backup",
+            Scenario::Partition => "partition",
+            Scenario::IsolatePrimary => "isolate-primary",
+            Scenario::Switchover => "switchover",
+            Scenario::RestartMidFailover => "restart-mid-failover",
+            Scenario::TestActivate => "test-activate",
+        }
+    }
+
+    /// Whether the next trial can run on the same pair (false when the trial leaves no VM
+    /// running anywhere on purpose).
+    pub fn reuses_pair(&self) -> bool {
+        !matches!(self, Scenario::RestartMidFailover)
+    }
+}
+
+/// Roles in which a node has not (yet) started a VM of its own after a failure.
+fn pre_activation(role: Option<&str>) -> bool {
+    matches!(
+        role,
+        Some("backup" | "fencing" | "fenced" | "activating" | "stopped")
+    )
+}
+
+/// Client replies that arrived after `t`.
+fn replies_after(log: &ClientLog, t: Instant) -> usize {
+    log.replies.iter().filter(|r| r.at >= t).count()
+}
+
+fn failovers_of(s: Option<&DaemonStatus>) -> Vec<crate::api::FailoverRecord> {
+    s.and_then(|s| s.domains.first())
+        .map(|d| d.failovers.clone())
+        .unwrap_or_default()
+}
+
+fn resyncs_of(s: Option<&DaemonStatus>) -> Vec<crate::api::ResyncRecord> {
+    s.and_then(|s| s.domains.first())
+        .map(|d| d.resyncs.clone())
+        .unwrap_or_default()
+}
+
+impl PairDrill {
+    /// Runs one trial of `scenario` and judges it.
+    pub async fn trial(&mut self, scenario: Scenario, trial: u32) -> TrialReport {
+        let mut t = TrialReport {
+            scenario: Some(scenario),
+            trial,
+            primary_before: Some(self.primary),
+            ..TrialReport::default()
+        };
+        let from = self.observer().len();
+        let r = match scenario {
+            Scenario::KillPrimary => self.kill_primary(&mut t, false).await,
+            Scenario::IsolatePrimary => self.kill_primary(&mut t, true).await,
+            Scenario::KillBackup => self.kill_backup(&mut t).await,
+            Scenario::Partition => self.partition(&mut t).await,
+            Scenario::Switchover => self.switchover(&mut t).await,
+            Scenario::RestartMidFailover => self.restart_mid_failover(&mut t).await,
+            Scenario::TestActivate => self.test_activate(&mut t).await,
+        };
+        let ticks = self.observer().ticks_from(from);
+        t.samples = ticks.len();
+        let (both, unknown) = observe::two_running(&ticks);
+        t.two_running_samples = both;
+        t.unknown_samples = unknown;
+        t.two_releasing_samples = observe::two_releasing(&ticks);
+        t.last_samples = ticks.iter().rev().take(10).rev().cloned().collect();
+        if scenario != Scenario::TestActivate {
+            t.verdict(
+                "never_two_running",
+                both == 0 && !ticks.is_empty(),
+                format!(
+                    "{both} of {} samples had both nodes running or unknown ({unknown} with a node unknown; {} with both releasing output)",
+                    ticks.len(),
+                    t.two_releasing_samples
+                ),
+            );
+        }
+        match r {
+            Ok(()) => t.verdict("trial_completed", true, "every step ran"),
+            Err(e) => {
+                t.verdict("trial_completed", false, format!("{e:#}"));
+                t.notes.push(self.logs_text());
+            }
+        }
+        t.conclude();
+        t
+    }
+
+    /// Waits until `h` is seen running the VM (after `since`); returns the sample's time.
+    async fn wait_running(&self, h: Host, since: Instant, timeout: Duration) -> Option<Instant> {
+        let found = |l: &observe::ObsLog| {
+            l.ticks
+                .iter()
+                .find(|t| t.at >= since && t.of(h).run_state() == RunState::Running)
+                .map(|t| t.at)
+        };
+        if self
+            .observer()
+            .wait_for(timeout, |l| found(l).is_some())
+            .await
+        {
+            self.observer().with(found)
+        } else {
+            None
+        }
+    }
+
+    /// The moment after which the new VM on `h` may have produced output: the last sample
+    /// after `since` in which `h` was still in a pre-activation role.
+    fn activation_moment(&self, h: Host, since: Instant) -> Instant {
+        self.observer().with(|l| {
+            l.ticks
+                .iter()
+                .filter(|t| t.at >= since)
+                .take_while(|t| t.of(h).run_state() != RunState::Running)
+                .filter(|t| pre_activation(t.of(h).role.as_deref()))
+                .map(|t| t.at)
+                .last()
+                .unwrap_or(since)
+        })
+    }
+
+    /// After a failover onto `h` at `activation`: waits for the guest's check lines and the
+    /// client's replies, then judges disk vs memory, resumption and the client.
+    async fn judge_takeover(
+        &self,
+        t: &mut TrialReport,
+        h: Host,
+        mut client: Client,
+        mark: &str,
+        m: Moments,
+    ) {
+        let console = self.files(h).console();
+        let _ = crate::drill::guest::wait_for(
+            &console,
+            Duration::from_secs(30),
+            "two check lines",
+            |text| checks_in(&console_since(text, mark)).len() >= 2,
+        )
+        .await;
+        let max_before = client
+            .log()
+            .replies
+            .iter()
+            .filter(|r| r.at < m.activation)
+            .map(|r| r.value)
+            .max()
+            .unwrap_or(0);
+        let _ = client
+            .wait_for(STALL_LIMIT + Duration::from_secs(5), |l| {
+                replies_after(l, m.activation) >= 5
+            })
+            .await;
+        let _ = crate::drill::guest::wait_for(
+            &console,
+            Duration::from_secs(10),
+            "counter past the client's",
+            |text| {
+                counters_in(&console_since(text, mark))
+                    .iter()
+                    .any(|&v| v > max_before)
+            },
+        )
+        .await;
+        let log = client.stop().await;
+        let text = console_since(&self.console(h), mark);
+        let after = counters_in(&text);
+        let checks = checks_in(&text);
+        let ok_checks = checks.iter().filter(|c| c.starts_with("ok ")).count();
+        t.checks_after = Some((checks.len(), ok_checks));
+        t.verdict(
+            "disk_agrees_with_memory",
+            !checks.is_empty() && ok_checks == checks.len(),
+            format!(
+                "{ok_checks} of {} check lines after the takeover said ok",
+                checks.len()
+            ),
+        );
+        t.verdict(
+            "resumed_not_rebooted",
+            !text.contains("remus-guest: start") && !after.is_empty(),
+            format!(
+                "console after the takeover: {} counter lines, first {:?}, boot banner {}",
+                after.len(),
+                after.first(),
+                text.contains("remus-guest: start")
+            ),
+        );
+        let c = analyse(&log, &m, &after);
+        t.failure_to_first_reply_ms = c.kill_to_first_reply_ms;
+        t.verdict(
+            "clients_kept",
+            c.lost_replies == 0
+                && c.broken_connections == 0
+                && c.values_increasing
+                && c.replies_before_failover > 0
+                && c.replies_after_failover > 0,
+            format!(
+                "lost {}, broken {}, increasing {}, replies before {} / after {}",
+                c.lost_replies,
+                c.broken_connections,
+                c.values_increasing,
+                c.replies_before_failover,
+                c.replies_after_failover
+            ),
+        );
+        t.client = Some(c);
+    }
+
+    /// Puts a host back after a failover (uplink, daemon), waits until the survivor protects
+    /// the VM to it again, and records the resync and the time it took.
+    async fn rejoin(&mut self, t: &mut TrialReport, dead: Host) -> Result<()> {
+        let survivor = dead.other();
+        self.topology().restore_uplink(dead)?;
+        let resyncs_before = self
+            .observer()
+            .with(|l| resyncs_of(l.latest(survivor)).len());
+        if !self.node_mut_running(dead) {
+            self.start_daemon(dead, None).await?;
+        }
+        let n = self.options().checkpoints.min(5);
+        let took = self
+            .wait_protected(survivor, n, Duration::from_secs(180))
+            .await?;
+        t.reprotect_ms = Some(took.as_millis() as u64);
+        let resyncs = self.observer().with(|l| resyncs_of(l.latest(survivor)));
+        t.resync = resyncs
+            .get(resyncs_before..)
+            .and_then(|r| r.last().cloned());
+        let role = self
+            .observer()
+            .with(|l| l.ticks.last().and_then(|t| t.of(dead).role.clone()));
+        t.verdict(
+            "rejoined_as_backup",
+            role.as_deref() == Some("backup"),
+            format!("{dead}'s role after its daemon restarted: {role:?}; {survivor} protects again ({n} acknowledged checkpoints in {} ms)", took.as_millis()),
+        );
+        self.primary = survivor;
+        t.primary_after = Some(survivor);
+        Ok(())
+    }
+
+    fn node_mut_running(&mut self, h: Host) -> bool {
+        self.nodes[h as usize].daemon_running()
+    }
+
+    /// Kill-primary, or (with `isolate`) isolate-primary.
+    async fn kill_primary(&mut self, t: &mut TrialReport, isolate: bool) -> Result<()> {
+        let p = self.primary;
+        let b = p.other();
+        let client = self.start_client().await?;
+        let protected_at = Instant::now();
+        let (acked, edge) = self.wait_ack_edge(p).await?;
+        let delay = self.random_delay();
+        tokio::time::sleep_until((edge + delay).into()).await;
+        let committed_before = self
+            .observer()
+            .with(|l| l.latest(b).and_then(|s| s.domains.first()?.committed_epoch));
+        let old_vm = self
+            .observer()
+            .with(|l| l.latest(p).and_then(|s| s.domains.first()?.vm));
+        let mark = self.console(b);
+        let failovers_before = self.observer().with(|l| failovers_of(l.latest(b)).len());
+        let killed_at = Instant::now();
+        self.topology().cut_uplink(p)?;
+        if !isolate {
+            self.kill_daemon(p)?;
+        }
+        t.injected_after_ack_ms = Some(killed_at.duration_since(edge).as_millis() as u64);
+        t.acked_before = Some(acked);
+        t.committed_before = committed_before;
+        if !isolate {
+            let left = qemu_pids_under(&self.files(p).run_dir);
+            let old_alive = old_vm.is_some_and(|v| pid_alive(v.pid));
+            t.verdict(
+                "old_primary_gone",
+                left.is_empty() && !old_alive,
+                format!(
+                    "after SIGKILL of {p}'s daemon group: QEMU pids of {p} alive {left:?}, its VM pid {:?} alive {old_alive}",
+                    old_vm.map(|v| v.pid)
+                ),
+            );
+        }
+        let Some(running_at) = self
+            .wait_running(b, killed_at, Duration::from_secs(45))
+            .await
+        else {
+            bail!(
+                "{b} did not run the VM within 45 s of the failure; last samples: {}",
+                self.last_samples_text()
+            );
+        };
+        t.failure_to_running_ms = Some(running_at.duration_since(killed_at).as_millis() as u64);
+        let activation = self.activation_moment(b, killed_at);
+        if isolate {
+            // The isolated primary must have stopped releasing output (or its VM) before
+            // the backup's VM was first seen running.
+            let ticks = self.observer().ticks_from(0);
+            let after: Vec<&Tick> = ticks.iter().filter(|x| x.at >= killed_at).collect();
+            let stopped = after.iter().position(|x| !x.of(p).releasing());
+            let started = after
+                .iter()
+                .position(|x| x.of(b).run_state() == RunState::Running);
+            t.verdict(
+                "isolated_primary_stopped_releasing_first",
+                matches!((stopped, started), (Some(s), Some(r)) if s < r),
+                format!(
+                    "{p} stopped releasing at sample {stopped:?} ({} ms after the cut), {b}'s VM first seen at sample {started:?}",
+                    stopped
+                        .map(|s| after[s].at.duration_since(killed_at).as_millis())
+                        .unwrap_or(0)
+                ),
+            );
+        }
+        let failovers = self.observer().with(|l| failovers_of(l.latest(b)));
+        let f = failovers
+            .get(failovers_before..)
+            .and_then(|f| f.last().cloned());
+        t.verdict(
+            "failover_recorded",
+            f.is_some(),
+            format!(
+                "{b} recorded {} new failover(s)",
+                failovers.len().saturating_sub(failovers_before)
+            ),
+        );
+        if let Some(f) = &f {
+            let committed_ok =
+                f.from_epoch >= acked && committed_before.is_none_or(|c| f.from_epoch >= c);
+            t.verdict(
+                "activated_from_committed_checkpoint",
+                committed_ok,
+                format!(
+                    "resumed checkpoint {}; the primary had {acked} acknowledged and the backup {committed_before:?} committed before the failure",
+                    f.from_epoch
+                ),
+            );
+            if isolate {
+                t.verdict(
+                    "won_the_lease",
+                    f.fence_proof == "lease",
+                    format!("fence proof {:?}", f.fence_proof),
+                );
+            }
+        }
+        t.failover = f;
+        self.judge_takeover(
+            t,
+            b,
+            client,
+            &mark,
+            Moments {
+                protected: protected_at,
+                killed: killed_at,
+                activation,
+            },
+        )
+        .await;
+        if isolate {
+            // Back on the network, the old primary must give the VM up, not run a second.
+            self.topology().restore_uplink(p)?;
+            let settled = self
+                .observer()
+                .wait_for(Duration::from_secs(15), |l| {
+                    l.ticks.last().is_some_and(|x| {
+                        x.of(p).reachable && x.of(p).run_state() == RunState::NotRunning
+                    })
+                })
+                .await;
+            let role = self
+                .observer()
+                .with(|l| l.ticks.last().and_then(|x| x.of(p).role.clone()));
+            t.verdict(
+                "old_primary_gave_up_the_vm",
+                settled,
+                format!(
+                    "{p} after its uplink came back: role {role:?}, VM running {}",
+                    !settled
+                ),
+            );
+            if role.as_deref() != Some("backup") {
+                // Not rejoining by itself: restart its daemon (a restarted old primary
+                // rejoins as backup).
+                t.notes.push(format!(
+                    "{p} stayed in role {role:?} after the isolation ended; its daemon was restarted to rejoin"
+                ));
+                self.kill_daemon(p)?;
+            }
+        }
+        self.rejoin(t, p).await
+    }
+
+    async fn kill_backup(&mut self, t: &mut TrialReport) -> Result<()> {
+        let p = self.primary;
+        let b = p.other();
+        let mut client = self.start_client().await?;
+        let protected_at = Instant::now();
+        let (acked, edge) = self.wait_ack_edge(p).await?;
+        let delay = self.random_delay();
+        tokio::time::sleep_until((edge + delay).into()).await;
+        let killed_at = Instant::now();
+        self.kill_daemon(b)?;
+        t.injected_after_ack_ms = Some(killed_at.duration_since(edge).as_millis() as u64);
+        t.acked_before = Some(acked);
+        let kept = client
+            .wait_for(Duration::from_secs(20), |l| {
+                replies_after(l, killed_at) >= 10
+            })
+            .await;
+        let log = client.log();
+        let first = log.replies.iter().find(|r| r.at >= killed_at);
+        t.failure_to_first_reply_ms =
+            first.map(|r| r.at.duration_since(killed_at).as_millis() as u64);
+        t.verdict(
+            "primary_kept_answering",
+            kept,
+            format!(
+                "{} replies within 20 s of the backup's death, first after {:?} ms",
+                replies_after(&log, killed_at),
+                t.failure_to_first_reply_ms
+            ),
+        );
+        let left_primary = self
+            .observer()
+            .wait_for(Duration::from_secs(10), |l| {
+                l.ticks.iter().rev().take(1).any(|x| {
+                    x.of(p).role.as_deref() == Some("standalone")
+                        && x.of(p).output_held == Some(false)
+                })
+            })
+            .await;
+        t.verdict(
+            "runs_unprotected_with_output_released",
+            left_primary,
+            format!("{p} seen standalone with output released: {left_primary}"),
+        );
+        let resyncs_before = self.observer().with(|l| resyncs_of(l.latest(p)).len());
+        let start = Instant::now();
+        self.start_daemon(b, None).await?;
+        let n = self.options().checkpoints.min(5);
+        self.wait_protected(p, n, Duration::from_secs(180)).await?;
+        t.reprotect_ms = Some(start.elapsed().as_millis() as u64);
+        let resyncs = self.observer().with(|l| resyncs_of(l.latest(p)));
+        let r = resyncs
+            .get(resyncs_before..)
+            .and_then(|r| r.last().cloned());
+        t.verdict(
+            "dirty_resync",
+            r.as_ref()
+                .is_some_and(|r| r.mode == "dirty" && r.bytes_copied < DISK_BYTES / 4),
+            match &r {
+                Some(r) => format!(
+                    "{} resync: {} regions, {} bytes copied of a {DISK_BYTES}-byte disk",
+                    r.mode, r.regions, r.bytes_copied
+                ),
+                None => format!("{p} recorded no new resync"),
+            },
+        );
+        t.resync = r;
+        t.verdict(
+            "acks_flowing_again",
+            true,
+            format!("{p} protected again: {n} checkpoints acknowledged after the restart"),
+        );
+        let log = client.stop().await;
+        let far = Instant::now() + Duration::from_secs(3600);
+        let c = analyse(
+            &log,
+            &Moments {
+                protected: protected_at,
+                killed: killed_at,
+                activation: far,
+            },
+            &[],
+        );
+        t.verdict(
+            "clients_kept",
+            c.broken_connections == 0 && c.values_increasing && replies_after(&log, killed_at) > 0,
+            format!(
+                "broken {}, increasing {}, {} replies after the kill",
+                c.broken_connections,
+                c.values_increasing,
+                replies_after(&log, killed_at)
+            ),
+        );
+        t.client = Some(c);
+        t.primary_after = Some(p);
+        Ok(())
+    }
+
+    async fn partition(&mut self, t: &mut TrialReport) -> Result<()> {
+        let p = self.primary;
+        let b = p.other();
+        let mut client = self.start_client().await?;
+        let protected_at = Instant::now();
+        let (acked, edge) = self.wait_ack_edge(p).await?;
+        let delay = self.random_delay();
+        tokio::time::sleep_until((edge + delay).into()).await;
+        let mark = self.console(b);
+        let failovers_before = self.observer().with(|l| failovers_of(l.latest(b)).len());
+        let cut_at = Instant::now();
+        self.topology().partition_hosts()?;
+        t.injected_after_ack_ms = Some(cut_at.duration_since(edge).as_millis() as u64);
+        t.acked_before = Some(acked);
+        tokio::time::sleep(self.options().partition_hold).await;
+        self.topology().heal()?;
+        let healed_at = Instant::now();
+        // Settle: exactly one node runs the VM and protects it to the other.
+        let settled = self
+            .observer()
+            .wait_for(Duration::from_secs(60), |l| {
+                l.ticks.last().and_then(Tick::sole_runner).is_some_and(|r| {
+                    l.ticks.last().is_some_and(|x| {
+                        x.of(r).role.as_deref() == Some("primary")
+                            && x.of(r.other()).role.as_deref() == Some("backup")
+                    })
+                })
+            })
+            .await;
+        let runner = self
+            .observer()
+            .with(|l| l.ticks.last().and_then(Tick::sole_runner));
+        t.verdict(
+            "exactly_one_running_after",
+            runner.is_some(),
+            format!(
+                "after healing: VM on {runner:?}; pair settled (primary + backup) within 60 s: {settled}; last {}",
+                self.last_samples_text()
+            ),
+        );
+        let runner = runner.unwrap_or(p);
+        let failovers = self.observer().with(|l| failovers_of(l.latest(b)));
+        t.failover = failovers
+            .get(failovers_before..)
+            .and_then(|f| f.last().cloned());
+        let activation = if runner == b {
+            self.activation_moment(b, cut_at)
+        } else {
+            Instant::now() + Duration::from_secs(3600)
+        };
+        let _ = client
+            .wait_for(STALL_LIMIT + Duration::from_secs(5), |l| {
+                replies_after(l, healed_at) >= 5
+            })
+            .await;
+        let log = client.stop().await;
+        let after = if runner == b {
+            counters_in(&console_since(&self.console(b), &mark))
+        } else {
+            Vec::new()
+        };
+        let c = analyse(
+            &log,
+            &Moments {
+                protected: protected_at,
+                killed: cut_at,
+                activation,
+            },
+            &after,
+        );
+        t.failure_to_first_reply_ms = c.kill_to_first_reply_ms;
+        t.verdict(
+            "clients_kept",
+            c.lost_replies == 0
+                && c.broken_connections == 0
+                && c.values_increasing
+                && replies_after(&log, healed_at) > 0,
+            format!(
+                "lost {}, broken {}, increasing {}, {} replies after healing",
+                c.lost_replies,
+                c.broken_connections,
+                c.values_increasing,
+                replies_after(&log, healed_at)
+            ),
+        );
+        t.client = Some(c);
+        if !settled {
+            // The non-runner did not come back as backup by itself: restart its daemon.
+            let other = runner.other();
+            t.notes.push(format!(
+                "the pair did not settle within 60 s of healing; {other}'s daemon was restarted"
+            ));
+            self.kill_daemon(other)?;
+            self.start_daemon(other, None).await?;
+        }
+        let n = self.options().checkpoints.min(5);
+        let took = self
+            .wait_protected(runner, n, Duration::from_secs(180))
+            .await?;
+        t.reprotect_ms = Some(took.as_millis() as u64);
+        self.primary = runner;
+        t.primary_after = Some(runner);
+        Ok(())
+    }
+
+    async fn switchover(&mut self, t: &mut TrialReport) -> Result<()> {
+        let p = self.primary;
+        let b = p.other();
+        let client = self.start_client().await?;
+        let protected_at = Instant::now();
+        let mark = self.console(b);
+        let asked = Instant::now();
+        let r = self
+            .request(
+                p,
+                &Request::Switchover {
+                    domain: DOMAIN.into(),
+                },
+                Duration::from_secs(120),
+            )
+            .await?;
+        let took = asked.elapsed();
+        t.verdict(
+            "switchover_done",
+            matches!(r, Response::Done { .. }),
+            format!("{r:?} after {} ms", took.as_millis()),
+        );
+        let running = self.wait_running(b, asked, Duration::from_secs(30)).await;
+        t.failure_to_running_ms = running.map(|r| r.duration_since(asked).as_millis() as u64);
+        self.judge_takeover(
+            t,
+            b,
+            client,
+            &mark,
+            Moments {
+                protected: protected_at,
+                killed: asked,
+                activation: asked,
+            },
+        )
+        .await;
+        // On a switchover the two resumption checks are about the old VM's continuation.
+        let n = self.options().checkpoints.min(5);
+        let prot = self.wait_protected(b, n, Duration::from_secs(120)).await;
+        let (vm_on, p_role) = self.observer().with(|l| {
+            let last = l.ticks.last();
+            (
+                last.and_then(Tick::sole_runner),
+                last.and_then(|x| x.of(p).role.clone()),
+            )
+        });
+        t.verdict(
+            "vm_now_on_the_other_node",
+            vm_on == Some(b),
+            format!("VM on {vm_on:?}"),
+        );
+        t.verdict(
+            "old_primary_became_backup",
+            p_role.as_deref() == Some("backup") && prot.is_ok(),
+            format!(
+                "{p}'s role {p_role:?}; {b} protects it: {}",
+                prot.as_ref().map_or_else(
+                    |e| format!("no ({e})"),
+                    |d| format!("yes, in {} ms", d.as_millis())
+                )
+            ),
+        );
+        self.primary = b;
+        t.primary_after = Some(b);
+        Ok(())
+    }
+
+    async fn restart_mid_failover(&mut self, t: &mut TrialReport) -> Result<()> {
+        let p = self.primary;
+        let b = p.other();
+        // The backup again, now held right before `cont` when it activates.
+        self.kill_daemon(b)?;
+        self.start_daemon(b, Some("activated:3000")).await?;
+        let n = self.options().checkpoints.min(5);
+        self.wait_protected(p, n, Duration::from_secs(180)).await?;
+        let (acked, edge) = self.wait_ack_edge(p).await?;
+        let delay = self.random_delay();
+        tokio::time::sleep_until((edge + delay).into()).await;
+        let killed_at = Instant::now();
+        self.topology().cut_uplink(p)?;
+        self.kill_daemon(p)?;
+        t.injected_after_ack_ms = Some(killed_at.duration_since(edge).as_millis() as u64);
+        t.acked_before = Some(acked);
+        let held = self
+            .observer()
+            .wait_for(Duration::from_secs(45), |l| {
+                l.ticks
+                    .last()
+                    .is_some_and(|x| x.of(b).role.as_deref() == Some("activated"))
+            })
+            .await;
+        if !held {
+            bail!(
+                "{b} never reported role activated (held by REMUSD_TEST_HOLD); last samples: {}",
+                self.last_samples_text()
+            );
+        }
+        let qemu = qemu_pids_under(&self.files(b).run_dir);
+        self.kill_daemon(b)?;
+        t.notes.push(format!(
+            "{b} killed while held in activated (QEMU pids then: {qemu:?})"
+        ));
+        let restart_from = self.observer().len();
+        self.start_daemon(b, None).await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let ticks = self.observer().ticks_from(restart_from);
+        let seen: Vec<&observe::NodeObs> = ticks.iter().map(|x| x.of(b)).collect();
+        let vm_ever = seen
+            .iter()
+            .any(|o| o.vm_pid.is_some() || !o.qemu_pids.is_empty());
+        let qemu_now = qemu_pids_under(&self.files(b).run_dir);
+        let last_role = seen.iter().rev().find_map(|o| o.role.clone());
+        t.verdict(
+            "no_second_activation",
+            !vm_ever && qemu_now.is_empty(),
+            format!(
+                "after the restart ({} samples): VM reported or QEMU seen {vm_ever}; QEMU pids now {qemu_now:?}",
+                seen.len()
+            ),
+        );
+        t.verdict(
+            "role_stopped",
+            last_role.as_deref() == Some("stopped"),
+            format!("{b}'s role after the restart: {last_role:?}"),
+        );
+        let role_file = self.files(b).role_file();
+        let resumed = std::fs::read_to_string(&role_file)
+            .map_err(|e| e.to_string())
+            .and_then(|s| observe::resuming_count(&s));
+        t.verdict(
+            "resumed_once",
+            resumed == Ok(1),
+            format!(
+                "`resuming` transitions in {}: {resumed:?}",
+                role_file.display()
+            ),
+        );
+        t.primary_after = None;
+        Ok(())
+    }
+
+    async fn test_activate(&mut self, t: &mut TrialReport) -> Result<()> {
+        let p = self.primary;
+        let b = p.other();
+        let mut client = self.start_client().await?;
+        let from = self.observer().len();
+        let asked = Instant::now();
+        let r = self
+            .request(
+                b,
+                &Request::TestActivate {
+                    domain: DOMAIN.into(),
+                },
+                Duration::from_secs(180),
+            )
+            .await?;
+        t.verdict(
+            "test_activate_done",
+            matches!(r, Response::Done { .. }),
+            format!("{r:?} after {} ms", asked.elapsed().as_millis()),
+        );
+        // Keep watching a little after the test VM is gone.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let ticks = self.observer().ticks_from(from);
+        let kept = observe::protection_kept(&ticks, p, 1);
+        t.verdict(
+            "protection_never_stopped",
+            kept.is_ok(),
+            kept.map_or_else(
+                |e| e,
+                |()| {
+                    format!(
+                        "{p} primary with growing acknowledgements in all {} samples",
+                        ticks.len()
+                    )
+                },
+            ),
+        );
+        let b_roles: std::collections::BTreeSet<String> =
+            ticks.iter().filter_map(|x| x.of(b).role.clone()).collect();
+        t.verdict(
+            "backup_stayed_backup",
+            b_roles.len() == 1 && b_roles.contains("backup"),
+            format!("{b}'s roles seen: {b_roles:?}"),
+        );
+        let _ = client
+            .wait_for(Duration::from_secs(5), |l| replies_after(l, asked) >= 5)
+            .await;
+        let log = client.stop().await;
+        let c = analyse(
+            &log,
+            &Moments {
+                protected: asked,
+                killed: asked,
+                activation: Instant::now() + Duration::from_secs(3600),
+            },
+            &[],
+        );
+        t.verdict(
+            "clients_kept",
+            c.broken_connections == 0 && c.values_increasing && replies_after(&log, asked) > 0,
+            format!(
+                "broken {}, increasing {}, {} replies after the request",
+                c.broken_connections,
+                c.values_increasing,
+                replies_after(&log, asked)
+            ),
+        );
+        t.client = Some(c);
+        t.primary_after = Some(p);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn cli_names_round_trip() {
+        for s in Scenario::value_variants() {
+            let v = s.to_possible_value().unwrap();
+            assert_eq!(v.get_name(), s.name());
+            assert_eq!(Scenario::from_str(s.name(), false).unwrap(), *s);
+        }
+        assert!(Scenario::from_str("explode", false).is_err());
+        assert!(!Scenario::RestartMidFailover.reuses_pair());
+        assert!(Scenario::KillPrimary.reuses_pair());
+    }
+
+    #[test]
+    fn pre_activation_roles() {
+        for (role, want) in [
+            (Some("backup"), true),
+            (Some("fencing"), true),
+            (Some("activating"), true),
+            (Some("activated"), false),
+            (Some("standalone"), false),
+            (None, false),
+        ] {
+            assert_eq!(pre_activation(role), want, "{role:?}");
+        }
+    }
+}
