@@ -1,94 +1,21 @@
-//! A minimal client of a daemon's control socket, for the pair drill's observer.
+//! The pair drill's access to a daemon's control socket, over [`ControlClient`].
 //!
 //! One connection per call: the drill restarts and kills daemons, and a fresh connection per
-//! request never leaves a half-read line from a dead daemon behind. Every call is bounded by
-//! a timeout, because a daemon that accepts and never answers must show up in the drill as
-//! "unreachable" (unknown state), not hang the observer.
-//!
-//! The protocol is [`crate::api`]: one JSON [`Request`] line, one JSON [`Response`] line.
+//! request never reuses a connection to a dead daemon (nor one left unusable by a timeout).
+//! Every call, connecting included, is bounded by the caller's timeout, because a daemon
+//! that accepts and never answers must show up in the drill as "unreachable" (unknown
+//! state), not hang the observer.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
-
-use crate::api::{DaemonStatus, Request, Response, CONTROL_VERSION, MAX_LINE};
-
-/// Why a control call got no usable answer.
-#[derive(Debug, Error)]
-pub enum CallError {
-    /// Nobody answers on the socket (daemon down, or not yet listening).
-    #[error("control socket {path}: connect: {source}")]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The exchange failed half-way.
-    #[error("control socket {path}: {op}: {source}")]
-    Io {
-        /// The socket.
-        path: PathBuf,
-        /// What was being done.
-        op: &'static str,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// No answer within the timeout.
-    #[error("control socket {path}: no answer to {request} within {timeout:?}")]
-    Timeout {
-        /// The socket.
-        path: PathBuf,
-        /// The request's name.
-        request: &'static str,
-        /// The timeout.
-        timeout: Duration,
-    },
-    /// The daemon closed the connection without answering.
-    #[error("control socket {path}: closed without an answer to {request}")]
-    Closed {
-        /// The socket.
-        path: PathBuf,
-        /// The request's name.
-        request: &'static str,
-    },
-    /// The answer is not a [`Response`] line.
-    #[error("control socket {path}: answer to {request} is not a response: {reason}")]
-    BadAnswer {
-        /// The socket.
-        path: PathBuf,
-        /// The request's name.
-        request: &'static str,
-        /// Why.
-        reason: String,
-    },
-    /// A status of another protocol version, or another answer than a status.
-    #[error("control socket {path}: {reason}")]
-    Unexpected {
-        /// The socket.
-        path: PathBuf,
-        /// What was wrong.
-        reason: String,
-    },
-}
+use crate::api::{DaemonStatus, Request, Response};
+use crate::control::{ControlClient, ControlError};
 
 /// A daemon's control socket.
 #[derive(Clone, Debug)]
 pub struct Control {
     path: PathBuf,
-}
-
-fn request_name(r: &Request) -> &'static str {
-    match r {
-        Request::Status => "status",
-        Request::Start { .. } => "start",
-        Request::Switchover { .. } => "switchover",
-        Request::Failover { .. } => "failover",
-        Request::TestActivate { .. } => "test-activate",
-    }
 }
 
 impl Control {
@@ -104,82 +31,41 @@ impl Control {
         &self.path
     }
 
-    /// Sends `request` and reads its answer, within `timeout` for the whole exchange.
+    /// Connects, sends `request` and reads its answer, all within `timeout`.
     ///
     /// # Errors
-    /// See [`CallError`].
-    pub async fn call(&self, request: &Request, timeout: Duration) -> Result<Response, CallError> {
-        let name = request_name(request);
-        match tokio::time::timeout(timeout, self.exchange(request, name)).await {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout {
-                path: self.path.clone(),
-                request: name,
-                timeout,
-            }),
-        }
-    }
-
-    async fn exchange(&self, request: &Request, name: &'static str) -> Result<Response, CallError> {
-        let io = |op| {
-            let path = self.path.clone();
-            move |source| CallError::Io { path, op, source }
+    /// See [`ControlError`]; running out of time at any step is [`ControlError::Timeout`].
+    pub async fn call(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, ControlError> {
+        let exchange = async {
+            let mut c = ControlClient::connect(&self.path).await?;
+            c.request_with_timeout(request.clone(), timeout).await
         };
-        let sock = UnixStream::connect(&self.path)
-            .await
-            .map_err(|source| CallError::Connect {
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(ControlError::Timeout {
                 path: self.path.clone(),
-                source,
-            })?;
-        let mut sock = BufReader::new(sock);
-        let mut line = serde_json::to_vec(request).map_err(|e| CallError::BadAnswer {
-            path: self.path.clone(),
-            request: name,
-            reason: format!("request does not serialise: {e}"),
-        })?;
-        line.push(b'\n');
-        sock.get_mut()
-            .write_all(&line)
-            .await
-            .map_err(io("write request"))?;
-        let mut answer = Vec::new();
-        let n = (&mut sock)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut answer)
-            .await
-            .map_err(io("read answer"))?;
-        if n == 0 {
-            return Err(CallError::Closed {
-                path: self.path.clone(),
-                request: name,
-            });
+                request: format!("{request:?}"),
+                after: timeout,
+            }),
         }
-        serde_json::from_slice(&answer).map_err(|e| CallError::BadAnswer {
-            path: self.path.clone(),
-            request: name,
-            reason: e.to_string(),
-        })
     }
 
-    /// The daemon's status snapshot.
+    /// The daemon's status snapshot, within `timeout`.
     ///
     /// # Errors
-    /// See [`CallError`]; a daemon of another protocol version or an answer that is not a
-    /// status is [`CallError::Unexpected`].
-    pub async fn status(&self, timeout: Duration) -> Result<DaemonStatus, CallError> {
+    /// As [`Self::call`]; an answer that is not a status is [`ControlError::Protocol`].
+    pub async fn status(&self, timeout: Duration) -> Result<DaemonStatus, ControlError> {
         match self.call(&Request::Status, timeout).await? {
-            Response::Status(s) if s.version == CONTROL_VERSION => Ok(s),
-            Response::Status(s) => Err(CallError::Unexpected {
-                path: self.path.clone(),
-                reason: format!(
-                    "daemon speaks control protocol {}, this drill {CONTROL_VERSION}",
-                    s.version
-                ),
-            }),
+            Response::Status(s) => Ok(s),
             Response::Done { message } | Response::Error { message } => {
-                Err(CallError::Unexpected {
+                Err(ControlError::Protocol {
                     path: self.path.clone(),
-                    reason: format!("status answered with a message: {message}"),
+                    request: "status".into(),
+                    reason: format!("answered with a message instead of a status: {message}"),
                 })
             }
         }
@@ -189,9 +75,10 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::UnixListener;
 
-    /// A real Unix socket server that answers each line with `answer` (or closes).
+    /// A real Unix socket server that answers one line with `answer` (or closes).
     async fn serve_once(
         path: &Path,
         answer: Option<&'static str>,
@@ -213,21 +100,22 @@ mod tests {
     #[tokio::test]
     async fn answers_and_failures() {
         let dir = tempfile::tempdir().unwrap();
-        // (case, server answer, expect Ok response kind or error kind)
-        let cases: &[(&str, Option<Option<&'static str>>, &str)] = &[
+        type Case = (&'static str, Option<Option<&'static str>>, &'static str);
+        // (case, server answer (None: no server), expected outcome)
+        let cases: &[Case] = &[
             (
                 "done",
                 Some(Some(r#"{"response":"done","message":"started"}"#)),
                 "done",
             ),
             (
-                "error",
+                "refused",
                 Some(Some(r#"{"response":"error","message":"no"}"#)),
                 "error",
             ),
-            ("garbage", Some(Some("hello")), "bad-answer"),
+            ("garbage", Some(Some("hello")), "protocol"),
             ("closed", Some(None), "closed"),
-            ("nobody", None, "connect"),
+            ("nobody", None, "not-running"),
         ];
         for (i, (name, server, want)) in cases.iter().enumerate() {
             let path = dir.path().join(format!("s{i}.sock"));
@@ -235,8 +123,7 @@ mod tests {
                 Some(a) => Some(serve_once(&path, *a).await),
                 None => None,
             };
-            let c = Control::new(&path);
-            let r = c
+            let r = Control::new(&path)
                 .call(
                     &Request::Start { domain: "d".into() },
                     Duration::from_secs(5),
@@ -246,9 +133,9 @@ mod tests {
                 Ok(Response::Done { .. }) => "done",
                 Ok(Response::Error { .. }) => "error",
                 Ok(Response::Status(_)) => "status",
-                Err(CallError::BadAnswer { .. }) => "bad-answer",
-                Err(CallError::Closed { .. }) => "closed",
-                Err(CallError::Connect { .. }) => "connect",
+                Err(ControlError::Protocol { .. }) => "protocol",
+                Err(ControlError::Closed { .. }) => "closed",
+                Err(ControlError::NotRunning { .. }) => "not-running",
                 Err(e) => panic!("{name}: {e}"),
             };
             assert_eq!(got, *want, "{name}: {r:?}");
@@ -269,6 +156,6 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
         });
         let r = Control::new(&path).status(Duration::from_millis(200)).await;
-        assert!(matches!(r, Err(CallError::Timeout { .. })), "{r:?}");
+        assert!(matches!(r, Err(ControlError::Timeout { .. })), "{r:?}");
     }
 }
