@@ -276,7 +276,7 @@ fn unreadable_file_and_usage_errors() {
 }
 
 #[test]
-fn remusd_stub_validates_then_says_it_is_not_implemented() {
+fn remusd_refuses_to_start_on_a_bad_config_or_missing_files() {
     let cfg = configs_dir().join("minimal.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_remusd"))
         .args(["--config", cfg.to_str().unwrap()])
@@ -284,10 +284,12 @@ fn remusd_stub_validates_then_says_it_is_not_implemented() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
+    // The example policy names key and kernel files this machine does not have.
     assert!(
-        stderr.contains("is valid") && stderr.contains("not implemented yet"),
+        stderr.contains("refusing to start") && stderr.contains("missing or unusable file"),
         "{stderr}"
     );
+    assert!(stderr.contains("auth.psk_file"), "{stderr}");
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[node]\nname = 1\n").unwrap();

@@ -1,7 +1,8 @@
-//! `remusd`: the per-host remus daemon.
+//! `remusd`: the per-host remus daemon (see `remus_agent::daemon`).
 //!
-//! For now a stub: it loads and validates the configuration exactly as the daemon will,
-//! reports problems and warnings, and says that the daemon itself is not implemented yet.
+//! Loads and validates the configuration (refusing to start on any error, logging every
+//! warning), checks the files it names, then runs the daemon until SIGTERM. Logs go to
+//! stderr (journald under systemd); `REMUS_LOG` sets the filter (default `info`).
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,19 +41,39 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REMUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     for d in &config.warnings {
-        eprintln!("{d}");
+        tracing::warn!("{d}");
     }
     let file_problems = config.check_files(&origin);
-    for d in &file_problems {
-        eprintln!("{d}");
+    if !file_problems.is_empty() {
+        for d in &file_problems {
+            eprintln!("{d}");
+        }
+        eprintln!(
+            "remusd: refusing to start: {} missing or unusable file(s)",
+            file_problems.len()
+        );
+        return ExitCode::from(1);
     }
-    eprintln!(
-        "remusd: configuration {origin} is valid ({} domain(s), {} warning(s), {} file problem(s)); \
-         the daemon itself is not implemented yet",
-        config.domains.len(),
-        config.warnings.len(),
-        file_problems.len()
-    );
-    ExitCode::from(1)
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("remusd: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(remus_agent::daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("remusd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -176,7 +176,9 @@ fn summarize(r: &RecordRef<'_>) -> Value {
         RecordRef::DomainConfig { epoch, json } => {
             json!({ "epoch": epoch, "json_bytes": json.len() })
         }
-        RecordRef::CheckpointBegin { epoch } | RecordRef::CheckpointAck { epoch } => {
+        RecordRef::CheckpointBegin { epoch }
+        | RecordRef::CheckpointAck { epoch }
+        | RecordRef::HandOff { epoch } => {
             json!({ "epoch": epoch })
         }
         RecordRef::PageData(p) => {

@@ -309,6 +309,18 @@ impl ReplicaDisks {
 
 #[async_trait]
 impl ReplicaDisk for ReplicaDisks {
+    async fn begin_session(&mut self) -> Result<(), PortError> {
+        for (name, store) in &self.disks {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.begin_session())
+                .await
+                .map_err(|e| PortError::new(name.as_str(), "begin session", e))?
+                .map_err(|e| PortError::new(name.as_str(), "begin session", e))?;
+        }
+        self.counts.clear();
+        Ok(())
+    }
+
     async fn hold(&mut self, w: DiskWriteHeld) -> Result<(), PortError> {
         let disk = u16::try_from(w.disk).unwrap_or(u16::MAX);
         let kind = match w.op {

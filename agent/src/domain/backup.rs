@@ -63,8 +63,9 @@ impl ReplicaDomain {
             .expect("replica present between sessions")
     }
 
-    /// Receives one replication session until the primary ends it or it fails. The replica
-    /// keeps the last committed checkpoint either way.
+    /// Receives one replication session until the primary ends it, it fails, or `cancel`
+    /// turns true (between records: a checkpoint being committed completes first). The
+    /// replica keeps the last committed checkpoint either way.
     ///
     /// # Errors
     /// The session failed (the primary may be gone) or a checkpoint was refused.
@@ -72,6 +73,7 @@ impl ReplicaDomain {
         &mut self,
         session: BackupSession,
         status: Option<watch::Sender<Option<watch::Receiver<BackupStatus>>>>,
+        cancel: Option<watch::Receiver<bool>>,
     ) -> std::result::Result<BackupExit, BackupError> {
         let replica = self
             .replica
@@ -85,6 +87,9 @@ impl ReplicaDomain {
             replica,
             Box::new(disks),
         );
+        if let Some(c) = cancel {
+            b.set_cancel(c);
+        }
         if let Some(tx) = status {
             let _ = tx.send(Some(st));
         }
@@ -92,6 +97,33 @@ impl ReplicaDomain {
         let (replica, _disks) = b.into_replica();
         self.replica = Some(replica);
         r
+    }
+
+    /// Copies the committed replica (RAM, device state, checkpoint metadata, each disk's
+    /// replica image and WAL) under `scratch`, for a throwaway test activation. Call it
+    /// between sessions only (no checkpoint being applied). Returns the domain as the copy
+    /// must be started (disks pointing at the copies) and its paths.
+    ///
+    /// # Errors
+    /// File errors, naming the file.
+    pub fn copy_committed(&self, scratch: &std::path::Path) -> Result<(DomainConfig, DomainPaths)> {
+        let paths = DomainPaths::new(
+            &scratch.join("run"),
+            &scratch.join("state"),
+            &self.domain.name,
+        );
+        paths.create()?;
+        copy_dir(&self.paths.replica(), &paths.replica())?;
+        let mut domain = self.domain.clone();
+        std::fs::create_dir_all(scratch.join("disks"))?;
+        for d in &mut domain.disks {
+            let to = scratch.join("disks").join(format!("{}.img", d.id));
+            std::fs::copy(&d.replica, &to)
+                .with_context(|| format!("copying {} to {}", d.replica.display(), to.display()))?;
+            copy_dir(&self.paths.disk_state(&d.id), &paths.disk_state(&d.id))?;
+            d.replica = to;
+        }
+        Ok((domain, paths))
     }
 
     /// Loads the replica into a new QEMU, stopped (the caller has fenced the old primary).
@@ -135,4 +167,24 @@ impl ReplicaDomain {
         info!(domain = %self.domain.name, epoch = inputs.epoch, "activated from checkpoint");
         Ok((vm, inputs.epoch))
     }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let entries = match std::fs::read_dir(from) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", from.display())),
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("reading {}", from.display()))?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type()?.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)
+                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(())
 }

@@ -360,7 +360,11 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         let (fw_tx, fw_rx) = watch::channel(0u64);
         let index = u16::try_from(i).context("more than 65535 disks")?;
         spawn_disk_forwarder(index, rx, session.sender.clone(), fw_tx);
-        disk.primary.connect(Arc::new(tx));
+        // Every session numbers its epochs from the engine's first; the disk's own counter
+        // restarts with it (unacknowledged chunks of an earlier session join the bitmap).
+        disk.primary
+            .connect_session(Arc::new(tx), remus_engine::primary::FIRST_EPOCH)
+            .with_context(|| format!("domain {}: disk {}: new session", d.name, disk.id))?;
         let (ptx, _prx) = watch::channel(SyncProgress::default());
         let p = disk.primary.clone();
         let id = disk.id.clone();
@@ -410,7 +414,8 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
     };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let pool = Arc::new(ScanPool::new(threads).context("starting page-scan threads")?);
-    let ram_path = vm.paths.guest_ram();
+    // The RAM file QEMU runs on: the domain's own, or the replica's after an activation.
+    let ram_path = vm.ram.path().to_path_buf();
     let has = |needle: &str| d.qemu.extra_args.iter().any(|a| a.contains(needle));
     let target = SoftDirtyTarget {
         pid: i32::try_from(vm.qemu.pid()).context("QEMU pid")?,

@@ -1,0 +1,143 @@
+//! Answers `remusctl` and the metrics exporter from the supervisors' snapshots, and
+//! advertises this node's per-domain roles in its heartbeats.
+//!
+//! Status never waits for a supervisor: each publishes its [`DomainStatus`] on a watch
+//! channel after every step, so `remusctl status` answers even while a domain is busy
+//! activating. Commands are queued to the domain's supervisor, which carries them out
+//! between two steps of its own loop (so a command never races a failover decision).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use remus_ha::heartbeat::{Detector, DomainView, PeerLiveness as HbLiveness, ViewRole};
+use tokio::sync::oneshot;
+
+use super::supervisor::SupervisorHandle;
+use super::Shared;
+use crate::api::{ControlHandler, DaemonStatus, PeerLiveness, Request, Response, CONTROL_VERSION};
+
+/// The daemon's [`ControlHandler`].
+pub struct DaemonHandler {
+    shared: Arc<Shared>,
+    supervisors: Vec<SupervisorHandle>,
+}
+
+impl DaemonHandler {
+    /// A handler over the domains' supervisors.
+    pub fn new(shared: Arc<Shared>, supervisors: Vec<SupervisorHandle>) -> Self {
+        Self {
+            shared,
+            supervisors,
+        }
+    }
+
+    fn peer_liveness(&self) -> PeerLiveness {
+        match *self.shared.liveness.borrow() {
+            HbLiveness::Starting => PeerLiveness::Starting,
+            HbLiveness::Alive {
+                links_up,
+                links_total,
+            } => PeerLiveness::Alive {
+                links_up,
+                links_total,
+            },
+            HbLiveness::Suspect => PeerLiveness::Suspect,
+            HbLiveness::Lost { detected_after, .. } => PeerLiveness::Lost {
+                detected_after_ms: detected_after.as_millis() as u64,
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl ControlHandler for DaemonHandler {
+    async fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            version: CONTROL_VERSION,
+            node: self.shared.config.node.name.clone(),
+            peer: self.shared.config.peer.name.clone(),
+            peer_liveness: self.peer_liveness(),
+            uptime_s: self.shared.started.elapsed().as_secs(),
+            domains: self
+                .supervisors
+                .iter()
+                .map(|s| s.status.borrow().clone())
+                .collect(),
+        }
+    }
+
+    async fn command(&self, request: Request) -> Response {
+        let domain = match &request {
+            Request::Status => {
+                return Response::Error {
+                    message: "status is not a command".into(),
+                }
+            }
+            Request::Start { domain }
+            | Request::Switchover { domain }
+            | Request::Failover { domain }
+            | Request::TestActivate { domain } => domain.clone(),
+        };
+        let Some(s) = self.supervisors.iter().find(|s| s.name == domain) else {
+            return Response::Error {
+                message: format!(
+                    "no domain {domain:?} on node {} (configured: {})",
+                    self.shared.config.node.name,
+                    self.supervisors
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+        };
+        let (tx, rx) = oneshot::channel();
+        if s.commands.send((request, tx)).await.is_err() {
+            return Response::Error {
+                message: format!("domain {domain}: its supervisor has stopped"),
+            };
+        }
+        rx.await.unwrap_or_else(|_| Response::Error {
+            message: format!("domain {domain}: the command was abandoned"),
+        })
+    }
+}
+
+/// Publishes the domains' roles in this node's heartbeats until the daemon stops.
+pub async fn advertise(handler: Arc<DaemonHandler>, detector: Detector) {
+    let mut stop = handler.shared.shutdown.clone();
+    let period = handler
+        .shared
+        .config
+        .heartbeat
+        .interval
+        .max(Duration::from_millis(20));
+    loop {
+        let view: Vec<DomainView> = handler
+            .supervisors
+            .iter()
+            .map(|s| {
+                let st = s.status.borrow();
+                DomainView {
+                    domain: st.name.clone(),
+                    role: ViewRole::from(&st.role),
+                    epoch: st
+                        .protection
+                        .as_ref()
+                        .and_then(|p| p.last_acked)
+                        .or(st.committed_epoch)
+                        .unwrap_or(0),
+                }
+            })
+            .collect();
+        if let Err(e) = detector.set_view(view) {
+            tracing::warn!(error = %e, "cannot advertise the domains in heartbeats");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    detector.shutdown().await;
+}

@@ -1,0 +1,278 @@
+//! `remusd`: the per-host daemon that runs, protects, replicates and fails over domains.
+//!
+//! Reading order, top to bottom like mini-redis:
+//! - [`run`] builds the host-wide services (keys, the heartbeat detector, the witness
+//!   client), one [`supervisor`] task per domain, the replication [`listener`], the control
+//!   socket and the metrics exporter, then waits for SIGTERM/SIGINT;
+//! - [`supervisor`] owns everything of one domain (its persisted role, its QEMU or its
+//!   replica, its lease) and turns what it observes into [`remus_ha::decide`] situations;
+//! - [`listener`] accepts the peer's replication sessions and hands each to its domain;
+//! - [`handler`] answers `remusctl` and the exporter from the supervisors' snapshots.
+//!
+//! # Lifetimes, and what a restart means
+//! QEMU is tied to this daemon (PDEATHSIG): a daemon that dies takes its VMs with it, so a
+//! primary's restart is a failover to its backup, never an unprotected VM left releasing
+//! output. A restarted daemon reads each domain's persisted role and finishes or undoes
+//! what it was doing ([`supervisor`] documents each case); it never activates a checkpoint
+//! twice.
+
+pub mod handler;
+pub mod listener;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use remus_engine::peer::PreSharedKey;
+use remus_ha::heartbeat::{Detector, HeartbeatConfig, Link, PeerLiveness};
+use remus_ha::witness::{WitnessClient, WitnessClientConfig};
+use remus_ha::HaKey;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::{AuthConfig, Config};
+
+/// What every domain's supervisor shares.
+pub struct Shared {
+    /// The validated configuration.
+    pub config: Config,
+    /// The replication channel's key.
+    pub psk: PreSharedKey,
+    /// The heartbeat detector's verdict on the peer.
+    pub liveness: watch::Receiver<PeerLiveness>,
+    /// The peer's advertised per-domain view.
+    pub peer_view: watch::Receiver<Option<remus_ha::heartbeat::PeerView>>,
+    /// The witness, when one is configured.
+    pub witness: Option<Arc<WitnessClient>>,
+    /// The runtime of the heartbeat detector and the lease keepers (see [`HaRuntime`]).
+    pub ha: tokio::runtime::Handle,
+    /// When the daemon started.
+    pub started: Instant,
+    /// Set to stop every supervisor.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+///
+/// # Errors
+/// A host-wide service could not start (key, heartbeat sockets, witness socket, replication
+/// listener, control socket). Failures of one domain are handled by its supervisor.
+pub async fn run(config: Config) -> Result<()> {
+    let AuthConfig::Psk { key_file } = &config.auth else {
+        anyhow::bail!(
+            "[auth] mode = \"tls\" is not implemented yet; use mode = \"psk\" (see \
+             docs/configuration.md)"
+        );
+    };
+    let key = std::fs::read(key_file)
+        .with_context(|| format!("reading the pre-shared key {}", key_file.display()))?;
+    let psk = PreSharedKey::from_bytes(&key)
+        .with_context(|| format!("pre-shared key {}", key_file.display()))?;
+    let hakey = HaKey::from_file(key_file)
+        .with_context(|| format!("heartbeat key from {}", key_file.display()))?;
+
+    let control_path = config.node.control_socket.clone();
+    // Bound before anything else starts: a second remusd on this host fails here, before
+    // it could touch a domain.
+    let server = crate::control::ControlServer::bind(&control_path)
+        .await
+        .with_context(|| format!("control socket {}", control_path.display()))?;
+
+    let links = config
+        .peer
+        .links
+        .iter()
+        .map(|l| Link {
+            local: l.local,
+            remote: l.remote,
+        })
+        .collect();
+    let mut hb = HeartbeatConfig::new(&config.node.name, &config.peer.name, links, hakey.clone());
+    hb.interval = config.heartbeat.interval;
+    hb.timeout = config.heartbeat.timeout;
+    let ha = HaRuntime::start().context("starting the heartbeat thread")?;
+    let detector = {
+        let _in_ha = ha.handle.enter();
+        ha.handle
+            .spawn(Detector::start(hb))
+            .await
+            .context("heartbeat thread")?
+            .context("starting the heartbeat detector")?
+    };
+
+    let witness = match &config.witness {
+        Some(w) => {
+            let mut wc = WitnessClientConfig::new(&config.node.name, w.address, hakey.clone());
+            wc.ttl = w.lease;
+            let client = ha
+                .handle
+                .spawn(WitnessClient::new(wc))
+                .await
+                .context("heartbeat thread")?
+                .with_context(|| format!("witness client for {}", w.address))?;
+            Some(Arc::new(client))
+        }
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        psk,
+        liveness: detector.liveness(),
+        peer_view: detector.peer_view(),
+        witness,
+        ha: ha.handle.clone(),
+        started: Instant::now(),
+        shutdown: stop_rx.clone(),
+    });
+
+    let mut supervisors = Vec::new();
+    let mut tasks = Vec::new();
+    for d in &config.domains {
+        let (handle, task) = supervisor::spawn(d.clone(), shared.clone())
+            .with_context(|| format!("domain {}: starting its supervisor", d.name))?;
+        supervisors.push(handle);
+        tasks.push(task);
+    }
+    let routes: HashMap<String, _> = supervisors
+        .iter()
+        .map(|h| (h.name.clone(), h.sessions.clone()))
+        .collect();
+    let listener = listener::Listener::bind(config.node.listen, shared.clone(), routes)
+        .await
+        .with_context(|| format!("replication listener on {}", config.node.listen))?;
+    tokio::spawn(listener.serve());
+
+    let handler = Arc::new(handler::DaemonHandler::new(
+        shared.clone(),
+        supervisors.clone(),
+    ));
+    // Tell the peer what runs here, so its supervisors can tell "host gone" from "VM gone".
+    ha.handle
+        .spawn(handler::advertise(handler.clone(), detector));
+    let control = {
+        let handler = handler.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            server.run(handler, shutdown).await
+        })
+    };
+    if let Some(m) = &config.metrics {
+        let handler = handler.clone();
+        let mut stop = stop_rx.clone();
+        let addr = m.listen;
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::metrics::serve_metrics(addr, handler, shutdown).await {
+                tracing::error!(%addr, error = %e, "metrics exporter stopped");
+            }
+        });
+    }
+    info!(
+        node = %config.node.name,
+        peer = %config.peer.name,
+        domains = config.domains.len(),
+        control = %control_path.display(),
+        "remusd running"
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        r = control => {
+            match r {
+                Ok(Ok(())) => warn!("control socket closed"),
+                Ok(Err(e)) => return Err(anyhow::anyhow!(e))
+                    .with_context(|| format!("control socket {}", control_path.display())),
+                Err(e) => warn!(error = %e, "control socket task failed"),
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+    }
+    drop(ha);
+    Ok(())
+}
+
+/// A runtime on a thread of its own for the heartbeat detector, the witness client and the
+/// lease keepers.
+///
+/// Why: failure detection must not depend on the rest of the daemon being prompt. Starting
+/// a VM, opening a replica or probing soft-dirty support briefly block worker threads of
+/// the main runtime; on a 2-core host that stalled heartbeats past a 500 ms timeout and made
+/// the peer declare this node lost while it was healthy. Timers and sockets of this runtime
+/// are driven by its own thread whatever the main runtime is doing.
+pub struct HaRuntime {
+    /// Where to spawn onto it.
+    pub handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HaRuntime {
+    /// Starts the thread and its runtime.
+    ///
+    /// # Errors
+    /// The runtime or the thread could not be created.
+    pub fn start() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("remusd-ha".into())
+            .spawn(move || {
+                raise_priority();
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Gives the calling thread a real-time round-robin priority (the lowest, 1), as cluster
+/// managers such as corosync do for their membership thread: on a host whose CPUs are busy
+/// with emulated guests, a normal-priority heartbeat thread was delayed past the detection
+/// timeout. The thread sleeps almost all the time, so it cannot starve anything. Best
+/// effort: without the privilege it logs why and runs at normal priority.
+fn raise_priority() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: `pthread_self` is always valid for the calling thread, and `param` is a fully
+    // initialised `sched_param` that outlives the call.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_RR, &param) };
+    if rc != 0 {
+        warn!(
+            error = %std::io::Error::from_raw_os_error(rc),
+            "heartbeat thread: no real-time priority; detection may be delayed on a busy host"
+        );
+    }
+}
+
+impl Drop for HaRuntime {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
