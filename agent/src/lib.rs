@@ -10,8 +10,8 @@
 pub mod api;
 pub mod cli;
 pub mod config;
-pub mod daemon;
 pub mod control;
+pub mod daemon;
 pub mod domain;
 pub mod drill;
 pub mod metrics;
