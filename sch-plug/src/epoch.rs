@@ -454,7 +454,10 @@ mod tests {
         ));
         l.release_indefinite().unwrap();
         l.close(1).unwrap();
-        assert!(l.close(3).is_err(), "within a session epochs stay consecutive");
+        assert!(
+            l.close(3).is_err(),
+            "within a session epochs stay consecutive"
+        );
         l.close(2).unwrap();
     }
 
