@@ -351,6 +351,13 @@ pub fn resuming_count(role_file: &str) -> Result<usize, String> {
         .count())
 }
 
+/// The role a role file holds now (its `role.role` tag), if the file is readable.
+pub fn persisted_role(role_file: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(role_file).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.pointer("/role/role")?.as_str().map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,6 +505,11 @@ mod tests {
             {"seq":2,"at_ms":2,"from":{"role":"activating","from_epoch":4},"event":{"event":"resuming"},"to":{"role":"activated","epoch":4},"cause":""},
             {"seq":3,"at_ms":3,"from":{"role":"activated","epoch":4},"event":{"event":"stop"},"to":{"role":"stopped"},"cause":""}]}"#;
         assert_eq!(resuming_count(one), Ok(1));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("role.json");
+        assert_eq!(persisted_role(&f), None);
+        std::fs::write(&f, one).unwrap();
+        assert_eq!(persisted_role(&f).as_deref(), Some("stopped"));
         assert_eq!(resuming_count(r#"{"history":[]}"#), Ok(0));
         assert!(resuming_count("{}").is_err());
         assert!(resuming_count("not json").is_err());

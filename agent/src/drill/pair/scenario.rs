@@ -350,18 +350,26 @@ impl PairDrill {
             // the backup's VM was first seen running.
             let ticks = self.observer().ticks_from(0);
             let after: Vec<&Tick> = ticks.iter().filter(|x| x.at >= killed_at).collect();
-            let stopped = after.iter().position(|x| !x.of(p).releasing());
             let started = after
                 .iter()
                 .position(|x| x.of(b).run_state() == RunState::Running);
+            let releasing_after_start =
+                started.is_some_and(|s| after.iter().skip(s).any(|x| x.of(p).releasing()));
+            let last_release = after
+                .iter()
+                .take(started.unwrap_or(after.len()))
+                .rposition(|x| x.of(p).releasing());
+            let since_cut = |i: usize| after[i].at.duration_since(killed_at).as_millis();
             t.verdict(
                 "isolated_primary_stopped_releasing_first",
-                matches!((stopped, started), (Some(s), Some(r)) if s < r),
+                started.is_some() && !releasing_after_start,
                 format!(
-                    "{p} stopped releasing at sample {stopped:?} ({} ms after the cut), {b}'s VM first seen at sample {started:?}",
-                    stopped
-                        .map(|s| after[s].at.duration_since(killed_at).as_millis())
-                        .unwrap_or(0)
+                    "{p} last seen releasing output {}; {b}'s VM first seen running {} ms after the cut; {p} seen releasing after that: {releasing_after_start}",
+                    last_release.map_or_else(
+                        || "never after the cut".to_string(),
+                        |i| format!("{} ms after the cut", since_cut(i))
+                    ),
+                    started.map_or(0, since_cut),
                 ),
             );
         }
@@ -729,17 +737,36 @@ impl PairDrill {
         self.kill_daemon(p)?;
         t.injected_after_ack_ms = Some(killed_at.duration_since(edge).as_millis() as u64);
         t.acked_before = Some(acked);
-        let held = self
-            .observer()
-            .wait_for(Duration::from_secs(45), |l| {
-                l.ticks
-                    .last()
-                    .is_some_and(|x| x.of(b).role.as_deref() == Some("activated"))
-            })
-            .await;
+        // The role file is persisted before the daemon acts, so it shows `activated` the
+        // moment the hold starts; what the daemon's status said meanwhile is reported.
+        let role_file = self.files(b).role_file();
+        let deadline = Instant::now() + Duration::from_secs(45);
+        let mut held = false;
+        while Instant::now() < deadline {
+            if observe::persisted_role(&role_file).as_deref() == Some("activated") {
+                held = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let status_roles: Vec<String> = self.observer().with(|l| {
+            let mut seen: Vec<String> = Vec::new();
+            for x in l.ticks.iter().filter(|x| x.at >= killed_at) {
+                if let Some(r) = &x.of(b).role {
+                    if seen.last() != Some(r) {
+                        seen.push(r.clone());
+                    }
+                }
+            }
+            seen
+        });
+        t.notes.push(format!(
+            "{b}'s roles in its status between the failure and the hold: {status_roles:?}"
+        ));
         if !held {
             bail!(
-                "{b} never reported role activated (held by REMUSD_TEST_HOLD); last samples: {}",
+                "{b}'s role file never showed activated (REMUSD_TEST_HOLD); it shows {:?}; last samples: {}",
+                observe::persisted_role(&role_file),
                 self.last_samples_text()
             );
         }
@@ -771,7 +798,6 @@ impl PairDrill {
             last_role.as_deref() == Some("stopped"),
             format!("{b}'s role after the restart: {last_role:?}"),
         );
-        let role_file = self.files(b).role_file();
         let resumed = std::fs::read_to_string(&role_file)
             .map_err(|e| e.to_string())
             .and_then(|s| observe::resuming_count(&s));
