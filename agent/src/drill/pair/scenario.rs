@@ -279,7 +279,7 @@ impl PairDrill {
         }
         let n = self.options().checkpoints.min(5);
         let took = self
-            .wait_protected(survivor, n, Duration::from_secs(180))
+            .wait_protected(survivor, n, Duration::from_secs(90))
             .await?;
         t.reprotect_ms = Some(took.as_millis() as u64);
         let resyncs = self.observer().with(|l| resyncs_of(l.latest(survivor)));
@@ -505,7 +505,7 @@ impl PairDrill {
         let start = Instant::now();
         self.start_daemon(b, None).await?;
         let n = self.options().checkpoints.min(5);
-        self.wait_protected(p, n, Duration::from_secs(180)).await?;
+        self.wait_protected(p, n, Duration::from_secs(90)).await?;
         t.reprotect_ms = Some(start.elapsed().as_millis() as u64);
         let resyncs = self.observer().with(|l| resyncs_of(l.latest(p)));
         let r = resyncs
@@ -652,7 +652,7 @@ impl PairDrill {
         }
         let n = self.options().checkpoints.min(5);
         let took = self
-            .wait_protected(runner, n, Duration::from_secs(180))
+            .wait_protected(runner, n, Duration::from_secs(90))
             .await?;
         t.reprotect_ms = Some(took.as_millis() as u64);
         self.primary = runner;
@@ -734,7 +734,7 @@ impl PairDrill {
         self.kill_daemon(b)?;
         self.start_daemon(b, Some("activated:3000")).await?;
         let n = self.options().checkpoints.min(5);
-        self.wait_protected(p, n, Duration::from_secs(180)).await?;
+        self.wait_protected(p, n, Duration::from_secs(90)).await?;
         let (acked, edge) = self.wait_ack_edge(p).await?;
         let delay = self.random_delay();
         tokio::time::sleep_until((edge + delay).into()).await;
