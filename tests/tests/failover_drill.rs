@@ -115,19 +115,28 @@ async fn guest_continues_from_the_last_committed_checkpoint() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_output_buffering_the_drill_reports_lost_state() -> Result<()> {
-    // The failure 190 ms into a 200 ms cycle: several replies were released since the last
-    // checkpoint, so the client has seen state the backup never got.
-    let report = drill(Some(190), true).await?;
-    let c = &report.client;
-    ensure!(!report.output_buffering);
-    ensure!(
-        c.replies_before_failover > 0,
-        "no replies before the failover"
-    );
-    ensure!(
-        c.lost_replies > 0 || c.broken_connections > 0,
-        "unbuffered output, yet no lost replies and no broken connection: the check cannot fail"
-    );
-    ensure!(!report.clients_kept && !report.passed);
-    Ok(())
+    // The failure late in a 200 ms cycle: replies were normally released since the last
+    // checkpoint, so the client has seen state the backup never got. On a loaded host the
+    // guest may not have advanced past the checkpoint in flight before the kill (then
+    // nothing uncommitted was released and the run rightly passes), so up to three
+    // moments are tried; unbuffered output must show lost state in at least one.
+    let mut seen = Vec::new();
+    for seed in [190, 150, 120] {
+        let report = drill(Some(seed), true).await?;
+        let c = &report.client;
+        ensure!(!report.output_buffering);
+        ensure!(
+            c.replies_before_failover > 0,
+            "no replies before the failover"
+        );
+        if c.lost_replies > 0 || c.broken_connections > 0 {
+            ensure!(!report.clients_kept && !report.passed);
+            return Ok(());
+        }
+        seen.push((seed, report.committed_disk_counter, report.primary_reached));
+    }
+    anyhow::bail!(
+        "unbuffered output, yet no lost replies and no broken connection in three runs \
+         (seed, committed, primary reached: {seen:?}): the check cannot fail"
+    )
 }
