@@ -274,6 +274,26 @@ pub fn pid_alive(pid: u32) -> bool {
     stat_of(pid).is_some_and(|(state, _, _)| state != 'Z' && state != 'X')
 }
 
+/// Whether `pid` is a live QEMU process (alive, not a zombie, and its command name is
+/// QEMU's: a pid reused by an unrelated process after the VM died does not count).
+pub fn qemu_alive(pid: u32) -> bool {
+    pid_alive(pid)
+        && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+}
+
+/// What `pid` is now, for reports: its command name and state, or "gone".
+pub fn describe_pid(pid: u32) -> String {
+    match (
+        stat_of(pid),
+        std::fs::read_to_string(format!("/proc/{pid}/comm")),
+    ) {
+        (Some((state, ppid, pgrp)), Ok(comm)) => {
+            format!("{} (state {state}, ppid {ppid}, pgrp {pgrp})", comm.trim())
+        }
+        _ => "gone".to_string(),
+    }
+}
+
 /// Live (non-zombie) members of process group `pgid`.
 pub fn group_members(pgid: u32) -> Vec<u32> {
     all_pids()
@@ -374,5 +394,9 @@ mod tests {
         assert!(pid_alive(me));
         assert!(stat_of(me).is_some());
         assert!(!pid_alive(u32::MAX - 1));
+        // This test process is no QEMU, and a missing pid is described as gone.
+        assert!(!qemu_alive(me));
+        assert_eq!(describe_pid(u32::MAX - 1), "gone");
+        assert!(describe_pid(me).contains("state"), "{}", describe_pid(me));
     }
 }

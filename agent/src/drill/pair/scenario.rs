@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::config::{DISK_BYTES, DOMAIN};
-use super::hosts::{pid_alive, qemu_pids_under};
+use super::hosts::{describe_pid, qemu_alive, qemu_pids_under};
 use super::observe::{self, RunState, Tick};
 use super::report::TrialReport;
 use super::{checks_in, console_since, counters_in, PairDrill};
@@ -330,12 +330,13 @@ impl PairDrill {
         t.committed_before = committed_before;
         if !isolate {
             let left = qemu_pids_under(&self.files(p).run_dir);
-            let old_alive = old_vm.is_some_and(|v| pid_alive(v.pid));
+            let old_alive = old_vm.is_some_and(|v| qemu_alive(v.pid));
+            let old_now = old_vm.map(|v| describe_pid(v.pid));
             t.verdict(
                 "old_primary_gone",
                 left.is_empty() && !old_alive,
                 format!(
-                    "after SIGKILL of {p}'s daemon group: QEMU pids of {p} alive {left:?}, its VM pid {:?} alive {old_alive}",
+                    "after SIGKILL of {p}'s daemon group: QEMU pids of {p} alive {left:?}, its VM pid {:?} a live QEMU {old_alive} (that pid now: {old_now:?})",
                     old_vm.map(|v| v.pid)
                 ),
             );
