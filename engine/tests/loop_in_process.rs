@@ -8,52 +8,26 @@
 //! it refuses to release epoch k unless the backup's replica has committed k.
 //! (The same loop against a real QEMU guest is in `tests/` at the workspace root.)
 
-use std::fs::OpenOptions;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod common;
+
 use async_trait::async_trait;
 use memmap2::MmapMut;
-use remus_engine::backup::{Backup, BackupStatus};
+use remus_engine::backup::Backup;
 use remus_engine::peer::PreSharedKey;
-use remus_engine::ports::{NoDisk, OutputBuffer, PortError, VmControl};
+use remus_engine::ports::{NoDisk, PortError, VmControl};
 use remus_engine::primary::{
     Compression, GuestMemory, Primary, PrimaryConfig, PrimaryExit, PrimaryParts,
 };
-use remus_engine::replica::{ReplicaState, ReplicaStore};
+use remus_engine::replica::ReplicaStore;
 use remus_engine::session::{accept_backup, open_primary, Identity};
 use remus_tracker::{CompareTracker, ScanPool};
 use tokio::net::TcpListener;
 
-const PAGES: usize = 2048;
-const PAGE: usize = 4096;
-
-/// Shared RAM: the engine reads it through one mapping, the guest thread writes through
-/// another.
-struct Ram {
-    map: MmapMut,
-}
-
-impl GuestMemory for Ram {
-    fn bytes(&self) -> &[u8] {
-        &self.map
-    }
-}
-
-fn map(path: &std::path::Path) -> MmapMut {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .unwrap();
-    f.set_len((PAGES * PAGE) as u64).unwrap();
-    // SAFETY: test-only shared mapping of a file this test owns; concurrent writes by the
-    // guest thread are the point of the test and are only read as bytes.
-    unsafe { MmapMut::map_mut(&f).unwrap() }
-}
+use common::{map, CheckedBuffer, Ram, PAGE, PAGES};
 
 /// The guest: while running, bump a counter (page 0) and scribble on pseudo-random pages.
 struct Guest {
@@ -139,46 +113,6 @@ impl VmControl for FakeVm {
     }
 }
 
-/// Checks output commit: epoch k may be released only once the backup committed k.
-struct CheckedBuffer {
-    committed: tokio::sync::watch::Receiver<Option<tokio::sync::watch::Receiver<BackupStatus>>>,
-    closed: Vec<u64>,
-    released: Arc<Mutex<Vec<u64>>>,
-}
-
-#[async_trait]
-impl OutputBuffer for CheckedBuffer {
-    fn max_closed_epochs(&self) -> usize {
-        1
-    }
-    async fn close_epoch(&mut self, epoch: u64) -> Result<(), PortError> {
-        assert!(
-            self.closed.len() == self.released.lock().unwrap().len(),
-            "epoch {epoch} closed while an earlier one is unreleased (plug depth 1)"
-        );
-        self.closed.push(epoch);
-        Ok(())
-    }
-    async fn release(&mut self, epoch: u64) -> Result<(), PortError> {
-        let committed = match &*self.committed.borrow() {
-            Some(status) => match status.borrow().replica {
-                ReplicaState::Committed(k) => Some(k),
-                _ => None,
-            },
-            None => None,
-        };
-        assert!(
-            committed.is_some_and(|c| c >= epoch),
-            "released epoch {epoch} but the backup has committed only {committed:?}"
-        );
-        self.released.lock().unwrap().push(epoch);
-        Ok(())
-    }
-    async fn release_all(&mut self) -> Result<(), PortError> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_are_consistent_and_output_waits_for_the_ack() {
     let dir = tempfile::tempdir().unwrap();
@@ -218,7 +152,8 @@ async fn checkpoints_are_consistent_and_output_waits_for_the_ack() {
         .await
         .unwrap();
     let pool = Arc::new(ScanPool::new(2).unwrap());
-    let released = Arc::new(Mutex::new(Vec::new()));
+    let net = CheckedBuffer::new(committed.clone());
+    let released = net.released.clone();
     let mut cfg = PrimaryConfig::new("vm");
     cfg.interval = Duration::from_millis(40);
     cfg.compression = Compression::XorLz4;
@@ -231,11 +166,7 @@ async fn checkpoints_are_consistent_and_output_waits_for_the_ack() {
                 snapshots: snapshots.clone(),
                 saves: 0,
             }),
-            net: Box::new(CheckedBuffer {
-                committed: committed.clone(),
-                closed: Vec::new(),
-                released: released.clone(),
-            }),
+            net: Box::new(net),
             disk: Box::new(NoDisk),
             memory: engine_view.clone(),
             tracker: Box::new(CompareTracker::new(pool.clone())),
