@@ -232,6 +232,19 @@ struct Loss {
     fencing_ms: Option<u64>,
 }
 
+impl Loss {
+    /// A loss declared now, after `detection_ms` of silence; `fencing_ms` is `Some(0)` when
+    /// nothing needs fencing (operator, switchover).
+    fn now(detection_ms: u64, fencing_ms: Option<u64>) -> Self {
+        Self {
+            declared_at_ms: unix_millis(),
+            detection_ms,
+            fence_started: Instant::now(),
+            fencing_ms,
+        }
+    }
+}
+
 /// Something that finished in the background.
 enum Finished {
     Protection(Result<Result<PrimaryExit, PrimaryError>, tokio::task::JoinError>),
@@ -419,12 +432,7 @@ impl Supervisor {
                 }
                 if matches!(role, Role::Fencing { .. }) {
                     // Resume fencing for the loss that was being handled.
-                    self.loss = Some(Loss {
-                        declared_at_ms: unix_millis(),
-                        detection_ms: 0,
-                        fence_started: Instant::now(),
-                        fencing_ms: None,
-                    });
+                    self.loss = Some(Loss::now(0, None));
                 }
             }
         }
@@ -445,10 +453,7 @@ impl Supervisor {
         match tokio::time::timeout(Duration::from_secs(5), &mut s.task).await {
             Ok(Ok((rd, res))) => {
                 info!(domain = %self.d.name, result = ?res.map(|_| ()).map_err(|e| e.to_string()), "replication session ended");
-                r.committed = match rd.replica().state() {
-                    ReplicaState::Committed(k) => Some(k),
-                    _ => None,
-                };
+                r.committed = rd.committed();
                 r.replica = Some(rd);
             }
             other => {
@@ -468,10 +473,7 @@ impl Supervisor {
             return Ok(());
         }
         let rd = ReplicaDomain::open(&self.d, self.paths.clone())?;
-        let committed = match rd.replica().state() {
-            ReplicaState::Committed(k) => Some(k),
-            _ => None,
-        };
+        let committed = rd.committed();
         self.runtime = Runtime::Replica(Box::new(ReplicaRuntime {
             replica: Some(rd),
             session: None,
@@ -617,10 +619,7 @@ impl Supervisor {
                 self.session_ended_here = true;
                 match r {
                     Ok((rd, res)) => {
-                        rr.committed = match rd.replica().state() {
-                            ReplicaState::Committed(k) => Some(k),
-                            _ => None,
-                        };
+                        rr.committed = rd.committed();
                         rr.replica = Some(rd);
                         match res {
                             Ok(BackupExit::Ended { committed }) => {
@@ -628,12 +627,7 @@ impl Supervisor {
                             }
                             Ok(BackupExit::HandedOff { epoch }) => {
                                 info!(domain = %self.d.name, epoch, "the primary handed the VM over");
-                                self.loss = Some(Loss {
-                                    declared_at_ms: unix_millis(),
-                                    detection_ms: 0,
-                                    fence_started: Instant::now(),
-                                    fencing_ms: Some(0),
-                                });
+                                self.loss = Some(Loss::now(0, Some(0)));
                                 self.apply(
                                     Event::SwitchoverTakeOver,
                                     &format!("switchover: the primary stopped its VM after checkpoint {epoch}"),
@@ -898,17 +892,13 @@ impl Supervisor {
     }
 
     async fn stop_vm(&mut self, role: &Role) {
+        if matches!(self.runtime, Runtime::Vm(_)) && self.lease() == Lease::Denied {
+            self.kill_vm("the peer holds the witness lease: it runs the VM now")
+                .await;
+            return;
+        }
         match &mut self.runtime {
             Runtime::Vm(v) => {
-                if self
-                    .lease
-                    .as_ref()
-                    .is_some_and(|k| matches!(*k.state().borrow(), LeaseState::Denied { .. }))
-                {
-                    self.kill_vm("the peer holds the witness lease: it runs the VM now")
-                        .await;
-                    return;
-                }
                 if !v.paused {
                     warn!(domain = %self.d.name, role = role.name(), "stopping the VM: nothing proves the peer cannot run it");
                     if let Some(p) = v.protection.take() {
@@ -991,12 +981,7 @@ impl Supervisor {
                 PeerLiveness::Lost { detected_after, .. } => detected_after.as_millis() as u64,
                 _ => 0,
             };
-            self.loss = Some(Loss {
-                declared_at_ms: unix_millis(),
-                detection_ms,
-                fence_started: Instant::now(),
-                fencing_ms: None,
-            });
+            self.loss = Some(Loss::now(detection_ms, None));
             // Stop receiving: the session is dead or half-open.
             self.end_session().await;
             if !self.apply(
@@ -1046,17 +1031,14 @@ impl Supervisor {
     /// Activates the replica: persisted in two steps around the moment the guest may run.
     async fn activate(&mut self) -> Result<()> {
         let started = Instant::now();
-        if matches!(self.role(), Role::Fenced { .. }) || matches!(self.role(), Role::Fencing { .. })
-        {
-            // (Fencing with the lease held: decide says activate; record the proof first.)
-            if matches!(self.role(), Role::Fencing { .. }) {
-                self.apply(
-                    Event::Fenced {
-                        by: FenceProof::Lease,
-                    },
-                    "the witness lease is held",
-                );
-            }
+        // Fencing with the lease held: decide says activate; record the proof first.
+        if matches!(self.role(), Role::Fencing { .. }) {
+            self.apply(
+                Event::Fenced {
+                    by: FenceProof::Lease,
+                },
+                "the witness lease is held",
+            );
         }
         let proof = match self.role() {
             Role::Fenced { by, .. } => format!("{by:?}").to_lowercase(),
@@ -1457,12 +1439,7 @@ impl Supervisor {
         if let FenceRun::Running(t) = std::mem::replace(&mut self.fence, FenceRun::Idle) {
             t.abort();
         }
-        self.loss = Some(Loss {
-            declared_at_ms: unix_millis(),
-            detection_ms: 0,
-            fence_started: Instant::now(),
-            fencing_ms: Some(0),
-        });
+        self.loss = Some(Loss::now(0, Some(0)));
         self.apply(Event::OperatorFailover, "operator: failover");
         self.activate().await?;
         let epoch = self.failovers.last().map_or(0, |f| f.from_epoch);

@@ -56,6 +56,15 @@ impl ReplicaDomain {
         })
     }
 
+    /// The replica's last committed checkpoint, if it holds one (not while a session's
+    /// first checkpoint is being written).
+    pub fn committed(&self) -> Option<u64> {
+        match self.replica().state() {
+            remus_engine::replica::ReplicaState::Committed(k) => Some(k),
+            _ => None,
+        }
+    }
+
     /// The replica store.
     pub fn replica(&self) -> &ReplicaStore {
         self.replica
