@@ -92,6 +92,16 @@ fn record(slot: &[u8]) -> Option<(u64, u64)> {
     remus_guest::disklog::Record::decode(slot).map(|r| (r.seq, r.value))
 }
 
+/// The test guest's kernel command line for a drill: the workload in both roles (memory
+/// counter and disk log, TCP service on `guest_cidr`), a tick every 50 ms, a disk/memory
+/// check every 5 ticks. One definition for the local and the pair drill.
+pub fn kernel_cmdline(guest_cidr: &str) -> String {
+    format!(
+        "console=ttyS0 quiet panic=-1 ipv6.disable=1 remus.mode=both remus.ip={guest_cidr} \
+         remus.interval=50 remus.check_every=5"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,7 +183,7 @@ memory_mib = {mem}
 vcpus = 1
 kernel = "{kernel}"
 initrd = "{initrd}"
-cmdline = "console=ttyS0 quiet panic=-1 ipv6.disable=1 remus.mode=both remus.ip={guest_ip} remus.interval=50 remus.check_every=5"
+cmdline = "{cmdline}"
 
 [[domain.nic]]
 id = "net0"
@@ -213,7 +213,7 @@ mode = "none"
         initrd = o.initrd.display(),
         disk = dir.join("primary.img").display(),
         replica = dir.join("replica.img").display(),
-        guest_ip = topo.guest_cidr,
+        cmdline = guest::kernel_cmdline(&topo.guest_cidr),
         bridge = net::HOST_BRIDGE,
         unsafe_nobuf = o.unsafe_no_output_buffering,
     )

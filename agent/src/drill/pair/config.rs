@@ -152,7 +152,7 @@ memory_mib = {mem}
 vcpus = 1
 kernel = "{kernel}"
 initrd = "{initrd}"
-cmdline = "console=ttyS0 quiet panic=-1 ipv6.disable=1 remus.mode=both remus.ip={guest} remus.interval=50 remus.check_every=5"
+cmdline = "{cmdline}"
 
 [[domain.nic]]
 id = "net0"
@@ -189,7 +189,7 @@ mode = "witness"
         mem = c.memory_mib,
         kernel = c.kernel.display(),
         initrd = c.initrd.display(),
-        guest = c.guest_cidr,
+        cmdline = crate::drill::guest::kernel_cmdline(&c.guest_cidr),
         mac = GUEST_MAC,
         bridge = HOST_BRIDGE,
         image = me.image.display(),
