@@ -82,6 +82,17 @@ pub enum BackupError {
         /// Highest epoch whose barrier arrived.
         complete: Epoch,
     },
+    /// Copying the committed replica failed.
+    #[error("backup disk: copying {from} to {to}: {source}")]
+    Copy {
+        /// The file copied.
+        from: PathBuf,
+        /// Where to.
+        to: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// `activate` while the replica is mid-sync.
     #[error("backup disk: cannot activate: replica is inconsistent (sync not committed)")]
     Inconsistent,
@@ -608,6 +619,44 @@ impl BackupStore {
             spilled_bytes: p.epochs.values().map(|b| b.spilled).sum(),
             consistent,
         }
+    }
+
+    /// Copies the committed replica: the image to `image` and the WAL into `state_dir`, so
+    /// that [`BackupStore::open`] on the copy holds exactly the committed epoch returned
+    /// (uncommitted epochs are not part of it). Runs under the commit lock, so no commit is
+    /// half applied in the copy; receiving goes on meanwhile. Blocking.
+    ///
+    /// Used for test activations: the caller pairs the disk with RAM of the same
+    /// checkpoint by calling it while the replication receiver is held still.
+    ///
+    /// # Errors
+    /// [`BackupError::Inconsistent`] while a sync is incomplete (the replica is no image the
+    /// VM ever had); [`BackupError::Copy`] naming the file.
+    pub fn copy_committed(&self, image: &Path, state_dir: &Path) -> Result<Epoch, BackupError> {
+        let c = lock(&self.committer);
+        if !c.consistent {
+            return Err(BackupError::Inconsistent);
+        }
+        c.replica.flush()?;
+        let copy = |from: &Path, to: &Path| {
+            std::fs::copy(from, to)
+                .map(|_| ())
+                .map_err(|source| BackupError::Copy {
+                    from: from.to_path_buf(),
+                    to: to.to_path_buf(),
+                    source,
+                })
+        };
+        copy(&self.cfg.replica, image)?;
+        std::fs::create_dir_all(state_dir).map_err(|source| BackupError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        copy(
+            &self.cfg.state_dir.join("wal.log"),
+            &state_dir.join("wal.log"),
+        )?;
+        Ok(self.committed())
     }
 
     /// The state directory.

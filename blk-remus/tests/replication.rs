@@ -190,3 +190,62 @@ async fn reopen_keeps_committed_epoch() {
     );
     assert_eq!(read_range(&rimg, 0, 4096), vec![9; 4096]);
 }
+
+/// A copy of the committed replica, taken while a later epoch is held, opens at exactly the
+/// committed epoch; a copy mid-sync is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_committed_holds_exactly_the_committed_epoch() {
+    use blk_remus::{DiskEvent, WriteKind};
+    let dir = tempfile::tempdir().unwrap();
+    let rimg = dir.path().join("replica.img");
+    FileBackend::create(&rimg, SIZE).unwrap();
+    let b = BackupStore::open(BackupConfig::new(dir.path().join("state"), &rimg)).unwrap();
+    let w = |epoch, offset, byte| DiskEvent::Write {
+        epoch,
+        offset,
+        kind: WriteKind::Data(bytes::Bytes::from(vec![byte; 4096])),
+    };
+    let barrier = |epoch| DiskEvent::Barrier {
+        epoch,
+        writes: 1,
+        bytes: 4096,
+    };
+    b.receive(w(1, 0, 1)).unwrap();
+    b.receive(barrier(1)).unwrap();
+    b.commit(1).unwrap();
+    // Epoch 2 complete but not committed, epoch 3 still arriving.
+    b.receive(w(2, 4096, 2)).unwrap();
+    b.receive(barrier(2)).unwrap();
+    b.receive(w(3, 8192, 3)).unwrap();
+    let copy_img = dir.path().join("copy.img");
+    let copy_state = dir.path().join("copy-state");
+    assert_eq!(b.copy_committed(&copy_img, &copy_state).unwrap(), 1);
+    // The original goes on untouched.
+    b.commit(2).unwrap();
+    assert_eq!(read_range(&rimg, 4096, 4096), vec![2; 4096]);
+    let c = BackupStore::open(BackupConfig::new(&copy_state, &copy_img)).unwrap();
+    let st = c.status();
+    assert_eq!(
+        (st.committed, st.backlog_epochs, st.consistent),
+        (1, 0, true)
+    );
+    assert_eq!(read_range(&copy_img, 0, 4096), vec![1; 4096]);
+    assert_eq!(read_range(&copy_img, 4096, 8192), vec![0; 8192]);
+    // Mid-sync the replica is no image the VM had: refused.
+    let dir2 = tempfile::tempdir().unwrap();
+    let rimg2 = dir2.path().join("replica.img");
+    FileBackend::create(&rimg2, SIZE).unwrap();
+    let s = BackupStore::open(BackupConfig::new(dir2.path().join("state"), &rimg2)).unwrap();
+    s.receive(DiskEvent::SyncBegin {
+        epoch: 1,
+        full: true,
+    })
+    .unwrap();
+    s.receive(w(1, 0, 7)).unwrap();
+    s.receive(barrier(1)).unwrap();
+    s.commit(1).unwrap();
+    let err = s
+        .copy_committed(&dir2.path().join("c.img"), &dir2.path().join("c"))
+        .unwrap_err();
+    assert!(matches!(err, blk_remus::BackupError::Inconsistent), "{err}");
+}

@@ -28,7 +28,7 @@ use remus_stream::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::peer::SecureWriter;
@@ -184,8 +184,21 @@ pub struct Backup<R, W> {
     /// Set by the caller to end the session: turning `true` ends `run` the next time the
     /// receiver waits for a record (never in the middle of applying a checkpoint).
     cancel: Option<watch::Receiver<bool>>,
+    /// Requests to hold still between two checkpoints (see [`Backup::set_quiesce`]).
+    quiesce: Option<mpsc::Receiver<QuiesceRequest>>,
     status: watch::Sender<BackupStatus>,
     scratch: Vec<u8>,
+}
+
+/// A request to hold the receiver still right after a checkpoint commits, so that the
+/// caller can read the replica's files (RAM, device state, disks) at exactly that
+/// checkpoint while the session goes on. See [`Backup::set_quiesce`].
+#[derive(Debug)]
+pub struct QuiesceRequest {
+    /// Told the checkpoint the replica holds, once the receiver is still.
+    pub quiesced: oneshot::Sender<u64>,
+    /// The receiver goes on when this resolves or its sender is dropped.
+    pub resume: oneshot::Receiver<()>,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
@@ -218,6 +231,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                 session_started: false,
                 config: None,
                 cancel: None,
+                quiesce: None,
                 status: tx,
                 scratch: Vec::new(),
             },
@@ -239,6 +253,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
     /// [`into_replica`](Self::into_replica).
     pub fn set_cancel(&mut self, cancel: watch::Receiver<bool>) {
         self.cancel = Some(cancel);
+    }
+
+    /// Lets the caller hold the receiver still between two checkpoints: a
+    /// [`QuiesceRequest`] is served right after the next checkpoint commits and its ACK is
+    /// sent, before the next record is read. The replica's files then hold exactly that
+    /// checkpoint and nothing changes them until the request's `resume` resolves (or a
+    /// cancel arrives). The primary keeps running and sending meanwhile; its next ACK is
+    /// late by the time the caller holds the receiver, so hold it briefly (well under the
+    /// primary's ACK timeout).
+    ///
+    /// The daemon uses it to copy the committed replica for a test activation without
+    /// interrupting protection.
+    pub fn set_quiesce(&mut self, requests: mpsc::Receiver<QuiesceRequest>) {
+        self.quiesce = Some(requests);
     }
 
     /// The latest domain configuration the primary sent.
@@ -456,6 +484,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                     };
                     debug!(domain = %self.domain, epoch = end.epoch, ?summary, "checkpoint complete");
                     self.commit(end.epoch).await?;
+                    self.serve_quiesce(end.epoch).await;
                 }
                 Record::Control(json) => {
                     if let Err(e) = self.disk.control(&json).await {
@@ -553,6 +582,40 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
             .map_err(|e| self.wire(e))?;
         debug!(domain = %self.domain, epoch, "checkpoint committed and acknowledged");
         Ok(())
+    }
+
+    /// Serves pending [`QuiesceRequest`]s: the replica is at committed checkpoint `epoch`
+    /// and stays there until each requester lets go (or the session is cancelled).
+    async fn serve_quiesce(&mut self, epoch: u64) {
+        let Some(requests) = self.quiesce.as_mut() else {
+            return;
+        };
+        while let Ok(req) = requests.try_recv() {
+            if req.quiesced.send(epoch).is_err() {
+                continue; // The requester gave up.
+            }
+            let started = std::time::Instant::now();
+            let cancelled = async {
+                match self.cancel.as_mut() {
+                    Some(c) => {
+                        if c.wait_for(|&c| c).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = req.resume => {}
+                () = cancelled => {}
+            }
+            info!(
+                domain = %self.domain,
+                epoch,
+                held_ms = started.elapsed().as_millis() as u64,
+                "receiver held still at a committed checkpoint"
+            );
+        }
     }
 
     async fn nack(&mut self, epoch: u64, reason: NackReason, message: String) {

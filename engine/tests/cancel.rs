@@ -1,17 +1,20 @@
-//! Cancelling the backup's receiver while the replication connection is half-open.
+//! Controlling the backup's receiver from outside: cancelling it while the replication
+//! connection is half-open, and holding it still between two checkpoints.
 //!
 //! The primary side is driven by hand over a real encrypted TCP session: it sends complete
 //! and partial checkpoints and then goes silent *without closing the connection*, which is
 //! what a cut link looks like to the backup. The daemon's detector then cancels the receiver;
 //! these tests check that `run` ends with `Cancelled`, that a partial checkpoint is
 //! discarded, and that a checkpoint already being committed is finished (and acknowledged)
-//! before the cancel takes effect.
+//! before the cancel takes effect. The quiesce test checks that a held receiver leaves the
+//! replica's files at exactly the committed checkpoint while the primary keeps sending, and
+//! acknowledges the next checkpoint once let go.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use remus_engine::backup::{Backup, BackupError};
+use remus_engine::backup::{Backup, BackupError, BackupStatus, QuiesceRequest};
 use remus_engine::peer::PreSharedKey;
 use remus_engine::ports::{DiskWriteHeld, PortError, ReplicaDisk};
 use remus_engine::primary::Reply;
@@ -20,7 +23,7 @@ use remus_engine::session::{accept_backup, open_primary, Identity, PrimarySessio
 use remus_engine::wire::Outgoing;
 use remus_stream::{EncodingChoice, PageEncoding, Record};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 const PAGE: usize = 4096;
 const RAM: u64 = 64 * PAGE as u64;
@@ -56,16 +59,26 @@ type BackupTask = tokio::task::JoinHandle<(
     ReplicaStore,
 )>;
 
-/// A session whose backup runs with a cancel; returns the primary's ends, the backup task and
-/// the cancel sender.
+/// What a test holds of the backup side.
+struct Controls {
+    cancel: watch::Sender<bool>,
+    quiesce: mpsc::Sender<QuiesceRequest>,
+    /// The receiver's status, once the session's header arrived (with the first record).
+    status: oneshot::Receiver<watch::Receiver<BackupStatus>>,
+}
+
+/// A session whose backup runs with a cancel and quiesce requests; returns the primary's ends,
+/// the backup task and the controls.
 async fn session(
     dir: &std::path::Path,
     disk: Box<dyn ReplicaDisk>,
-) -> (PrimarySession, BackupTask, watch::Sender<bool>) {
+) -> (PrimarySession, BackupTask, Controls) {
     let psk = PreSharedKey::from_bytes(&[9; 40]).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (cancel_tx, cancel_rx) = watch::channel(false);
+    let (quiesce_tx, quiesce_rx) = mpsc::channel(1);
+    let (status_tx, status_rx) = oneshot::channel();
     let replica = ReplicaStore::open("vm", &dir.join("replica"), RAM).unwrap();
     let psk_b = psk.clone();
     let backup = tokio::spawn(async move {
@@ -73,8 +86,10 @@ async fn session(
         let s = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
             .await
             .unwrap();
-        let (mut b, _status) = Backup::new("vm", s.reader, s.replies, replica, disk);
+        let (mut b, status) = Backup::new("vm", s.reader, s.replies, replica, disk);
         b.set_cancel(cancel_rx);
+        b.set_quiesce(quiesce_rx);
+        let _ = status_tx.send(status);
         let exit = b.run().await;
         (exit, b.into_replica().0)
     });
@@ -86,7 +101,12 @@ async fn session(
     let p = open_primary(&addr, &psk, &id, Duration::from_secs(5))
         .await
         .unwrap();
-    (p, backup, cancel_tx)
+    let controls = Controls {
+        cancel: cancel_tx,
+        quiesce: quiesce_tx,
+        status: status_rx,
+    };
+    (p, backup, controls)
 }
 
 /// Sends checkpoint `epoch` (pages 0..2 filled with `fill`); `end` closes it.
@@ -128,7 +148,8 @@ async fn reply(p: &mut PrimarySession) -> Reply {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_while_waiting_ends_the_session_and_discards_the_partial_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut p, backup, cancel) = session(dir.path(), Box::new(remus_engine::ports::NoDisk)).await;
+    let (mut p, backup, c) = session(dir.path(), Box::new(remus_engine::ports::NoDisk)).await;
+    let cancel = c.cancel;
     send_checkpoint(&p, 1, 0x11, true).await;
     assert_eq!(reply(&mut p).await, Reply::Ack(1));
     send_checkpoint(&p, 2, 0x22, true).await;
@@ -182,7 +203,8 @@ async fn cancel_during_a_commit_lets_the_commit_finish_first() {
         entered: entered.clone(),
         release: release.clone(),
     };
-    let (mut p, backup, cancel) = session(dir.path(), Box::new(disk)).await;
+    let (mut p, backup, c) = session(dir.path(), Box::new(disk)).await;
+    let cancel = c.cancel;
     // Checkpoint 1 commits normally (the gate is opened at once).
     send_checkpoint(&p, 1, 0x11, true).await;
     entered.notified().await;
@@ -218,4 +240,81 @@ async fn cancel_during_a_commit_lets_the_commit_finish_first() {
         "{exit:?}"
     );
     assert_eq!(replica.activation_inputs().unwrap().epoch, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiesced_receiver_holds_the_committed_checkpoint_until_let_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, backup, c) = session(dir.path(), Box::new(remus_engine::ports::NoDisk)).await;
+    send_checkpoint(&p, 1, 0x11, true).await;
+    assert_eq!(reply(&mut p).await, Reply::Ack(1));
+    let status = c.status.await.unwrap();
+    // Asked between checkpoints: served right after the next one commits.
+    let (quiesced_tx, quiesced) = oneshot::channel();
+    let (resume, resume_rx) = oneshot::channel();
+    c.quiesce
+        .send(QuiesceRequest {
+            quiesced: quiesced_tx,
+            resume: resume_rx,
+        })
+        .await
+        .unwrap();
+    send_checkpoint(&p, 2, 0x22, true).await;
+    assert_eq!(reply(&mut p).await, Reply::Ack(2));
+    let held_at = tokio::time::timeout(Duration::from_secs(5), quiesced)
+        .await
+        .expect("quiesced within 5 s")
+        .unwrap();
+    assert_eq!(held_at, 2);
+    // The primary goes on: checkpoint 3 is sent whole but not taken while held.
+    send_checkpoint(&p, 3, 0x33, true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        p.replies.try_recv().is_err(),
+        "no ACK of checkpoint 3 while the receiver is held"
+    );
+    assert_eq!(status.borrow().committed_count, 2);
+    let ram = std::fs::read(dir.path().join("replica").join("ram")).unwrap();
+    assert_eq!(
+        &ram[..2 * PAGE],
+        &[0x22; 2 * PAGE][..],
+        "RAM file at checkpoint 2"
+    );
+    let dev = std::fs::read(dir.path().join("replica").join("devstate")).unwrap();
+    assert_eq!(dev, vec![0x22; 16], "device state file at checkpoint 2");
+    assert!(!backup.is_finished());
+    // Let go: checkpoint 3 is taken and acknowledged; the session goes on.
+    resume.send(()).unwrap();
+    assert_eq!(reply(&mut p).await, Reply::Ack(3));
+    // A requester that gives up before being served does not hold anything.
+    let (quiesced_tx, quiesced) = oneshot::channel();
+    let (_resume, resume_rx) = oneshot::channel();
+    c.quiesce
+        .send(QuiesceRequest {
+            quiesced: quiesced_tx,
+            resume: resume_rx,
+        })
+        .await
+        .unwrap();
+    drop(quiesced);
+    send_checkpoint(&p, 4, 0x44, true).await;
+    assert_eq!(reply(&mut p).await, Reply::Ack(4));
+    send_checkpoint(&p, 5, 0x55, true).await;
+    assert_eq!(reply(&mut p).await, Reply::Ack(5));
+    c.cancel.send(true).unwrap();
+    let (exit, replica) = tokio::time::timeout(Duration::from_secs(5), backup)
+        .await
+        .expect("cancel ends the receiver")
+        .unwrap();
+    assert!(
+        matches!(
+            exit,
+            Err(BackupError::Cancelled {
+                replica: ReplicaState::Committed(5),
+                ..
+            })
+        ),
+        "{exit:?}"
+    );
+    assert_eq!(replica.activation_inputs().unwrap().epoch, 5);
 }

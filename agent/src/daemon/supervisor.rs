@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use blk_remus::SyncMode;
-use remus_engine::backup::{BackupError, BackupExit, BackupStatus};
+use remus_engine::backup::{BackupError, BackupExit, BackupStatus, QuiesceRequest};
 use remus_engine::primary::{PrimaryError, PrimaryExit};
 use remus_engine::replica::ReplicaState;
 use remus_engine::session::{BackupSession, Identity};
@@ -57,7 +57,7 @@ use crate::api::{
     DomainCounters, DomainStatus, FailoverRecord, Request, Response, ResyncRecord, VmStatus,
 };
 use crate::config::{DomainConfig, Failover, FencingPolicy};
-use crate::domain::backup::ReplicaDomain;
+use crate::domain::backup::{ReceiveControls, ReplicaDomain, ReplicaFiles};
 use crate::domain::primary::{protect, ProtectOptions, Protection, RunningVm};
 use crate::domain::DomainPaths;
 
@@ -76,6 +76,10 @@ const LEASE_MARGIN: Duration = Duration::from_millis(300);
 const QUERY_PERIOD: Duration = Duration::from_millis(250);
 /// How long `start` waits for the witness lease.
 const LEASE_WAIT: Duration = Duration::from_secs(10);
+/// How long a test activation waits for the receiver to commit a checkpoint and hold still.
+const QUIESCE_WAIT: Duration = Duration::from_secs(30);
+/// How long a test copy runs before it is judged.
+const TEST_RUN: Duration = Duration::from_secs(5);
 
 type Command = (Request, oneshot::Sender<Response>);
 
@@ -144,6 +148,7 @@ pub fn spawn(
         seen_acked: None,
         last_ack_at: Instant::now(),
         session_ended_here: false,
+        test_run: None,
     };
     let span = tracing::info_span!("domain", name = %domain.name);
     let task = tokio::spawn(tracing::Instrument::instrument(
@@ -174,6 +179,8 @@ enum Runtime {
 struct ReplicaRuntime {
     /// The replica between sessions (`None` while a session owns it).
     replica: Option<ReplicaDomain>,
+    /// Its files, for copies taken while a session owns it.
+    files: ReplicaFiles,
     /// The session being received.
     session: Option<Receiving>,
     /// Last committed checkpoint seen.
@@ -187,6 +194,8 @@ struct Receiving {
     status: watch::Receiver<Option<watch::Receiver<BackupStatus>>>,
     /// Ends the session between two records.
     cancel: watch::Sender<bool>,
+    /// Holds the receiver still right after a commit (test activation copies).
+    quiesce: mpsc::Sender<QuiesceRequest>,
 }
 
 struct VmRuntime {
@@ -280,6 +289,8 @@ struct Supervisor {
     last_ack_at: Instant,
     /// Whether a replication session ended while this daemon ran (see `had_session`).
     session_ended_here: bool,
+    /// A test activation booting or checking its copy (it answers the operator itself).
+    test_run: Option<JoinHandle<()>>,
 }
 
 impl Supervisor {
@@ -296,10 +307,14 @@ impl Supervisor {
         loop {
             let mut lease_rx = self.lease.as_ref().map(|l| l.state());
             tokio::select! {
-                Some((req, reply)) = commands.recv() => {
-                    let r = self.command(req).await;
-                    let _ = reply.send(r);
-                }
+                Some((req, reply)) = commands.recv() => match req {
+                    // Answered by a task of its own once the copy has run (seconds).
+                    Request::TestActivate { .. } => self.test_activate(reply).await,
+                    req => {
+                        let r = self.command(req).await;
+                        let _ = reply.send(r);
+                    }
+                },
                 Some(session) = sessions.recv() => self.on_session(session).await,
                 _ = liveness.changed() => {}
                 _ = async { match lease_rx.as_mut() { Some(r) => { let _ = r.changed().await; } None => std::future::pending().await } } => {}
@@ -384,6 +399,33 @@ impl Supervisor {
         let acks_fresh = v.protection.is_some()
             && self.last_ack_at.elapsed() < self.shared.config.heartbeat.timeout;
         !lease_ok && !acks_fresh
+    }
+
+    /// Whether this node's VM is paused (it released nothing since) while the live peer
+    /// says it runs the domain: then the peer took it over (it won the lease or fenced this
+    /// node), and the paused VM here must go, whatever the lease keeper reports (a witness
+    /// this node cannot reach would otherwise keep it waiting). A running VM here is left
+    /// alone: two nodes must not kill each other's VM on one stale view.
+    fn peer_runs_the_vm(&self) -> bool {
+        let Runtime::Vm(v) = &self.runtime else {
+            return false;
+        };
+        if !v.paused || self.shared.liveness.borrow().summary() != Peer::Alive {
+            return false;
+        }
+        let view = self.shared.peer_view.borrow();
+        view.as_ref()
+            .and_then(|v| v.domains.iter().find(|x| x.domain == self.d.name))
+            .is_some_and(|dv| {
+                matches!(
+                    dv.role,
+                    ViewRole::Standalone
+                        | ViewRole::Primary
+                        | ViewRole::Resyncing
+                        | ViewRole::Activating
+                        | ViewRole::Activated
+                )
+            })
     }
 
     fn fencing(&self) -> HaFencing {
@@ -475,6 +517,7 @@ impl Supervisor {
         let rd = ReplicaDomain::open(&self.d, self.paths.clone())?;
         let committed = rd.committed();
         self.runtime = Runtime::Replica(Box::new(ReplicaRuntime {
+            files: rd.files(),
             replica: Some(rd),
             session: None,
             committed,
@@ -561,14 +604,21 @@ impl Supervisor {
         };
         let (st_tx, st_rx) = watch::channel(None);
         let (cancel, cancel_rx) = watch::channel(false);
+        let (quiesce, quiesce_rx) = mpsc::channel(1);
+        let controls = ReceiveControls {
+            status: Some(st_tx),
+            cancel: Some(cancel_rx),
+            quiesce: Some(quiesce_rx),
+        };
         let task = tokio::spawn(async move {
-            let res = rd.receive(session, Some(st_tx), Some(cancel_rx)).await;
+            let res = rd.receive(session, controls).await;
             (rd, res)
         });
         r.session = Some(Receiving {
             task,
             status: st_rx,
             cancel,
+            quiesce,
         });
         self.clear_alarms("replication");
     }
@@ -702,6 +752,11 @@ impl Supervisor {
         self.observe_replica();
 
         let role = self.role();
+        if self.peer_runs_the_vm() {
+            self.kill_vm("the peer runs the VM now (it says so in its heartbeats)")
+                .await;
+            return;
+        }
         if self.must_pause_for_lease() {
             self.stop_vm(&role).await;
             return;
@@ -901,12 +956,15 @@ impl Supervisor {
             Runtime::Vm(v) => {
                 if !v.paused {
                     warn!(domain = %self.d.name, role = role.name(), "stopping the VM: nothing proves the peer cannot run it");
-                    if let Some(p) = v.protection.take() {
+                    let ended_protection = if let Some(p) = v.protection.take() {
                         // Output of unacknowledged epochs stays held.
                         let _ = p.handle.shutdown.send(true);
                         p.task.abort();
                         v.acks = Acks::Stopped;
-                    }
+                        true
+                    } else {
+                        false
+                    };
                     if let Err(e) = v.vm.control.stop().await {
                         error!(domain = %self.d.name, error = %e, "QMP stop failed; killing QEMU");
                         self.kill_vm("QMP stop failed").await;
@@ -917,6 +975,12 @@ impl Supervisor {
                     self.alarm(
                         "VM paused: neither backup ACKs nor the witness lease prove it safe to run",
                     );
+                    // A resync ended here has no checkpoint the backup could run: the role
+                    // must say unprotected, or nothing would ever protect the VM again once
+                    // it resumes. (A primary's role follows from its stopped ACKs.)
+                    if ended_protection && matches!(role, Role::Resyncing { .. }) {
+                        self.apply(Event::BackupLost, "the resync was ended to pause the VM");
+                    }
                 }
             }
             _ => {
@@ -1062,6 +1126,7 @@ impl Supervisor {
             ReplicaState::Committed(k) => k,
             other => {
                 self.runtime = Runtime::Replica(Box::new(ReplicaRuntime {
+                    files: rd.files(),
                     replica: Some(rd),
                     session: None,
                     committed: None,
@@ -1078,6 +1143,8 @@ impl Supervisor {
         ) {
             return Err(anyhow!("the role refused activation"));
         }
+        // Activation is one long step: say where it is as it goes.
+        self.publish();
         test_hold("activating").await;
         let netns = Netns::current();
         let (vm, from) = match rd.activate(&netns).await {
@@ -1091,6 +1158,7 @@ impl Supervisor {
         if !self.apply(Event::Resuming, "resuming the activated guest") {
             return Err(anyhow!("the role refused resuming"));
         }
+        self.publish();
         test_hold("activated").await;
         vm.resume_activated().await?;
         self.apply(Event::ActivationDone, "the activated VM runs");
@@ -1245,7 +1313,7 @@ impl Supervisor {
             Request::Start { .. } => self.start().await,
             Request::Failover { .. } => self.operator_failover().await,
             Request::Switchover { .. } => self.switchover().await,
-            Request::TestActivate { .. } => self.test_activate().await,
+            Request::TestActivate { .. } => Err(anyhow!("a test activation answers by itself")),
             Request::Status => Err(anyhow!("status is not a command")),
         };
         self.publish();
@@ -1357,13 +1425,40 @@ impl Supervisor {
     }
 
     /// Boots a throwaway copy of the committed replica in a network namespace of its own
-    /// (its NICs reach nothing), checks that it runs, and discards it.
+    /// (its NICs reach nothing), checks that it runs, and discards it. `reply` is answered
+    /// when the check is over (by a task of its own; the supervisor goes on meanwhile).
     ///
-    /// The copy is taken between two checkpoints: the receiving session is ended (the
-    /// primary keeps its VM running, releases its output and re-protects with a dirty
-    /// resync a moment later), the files are copied, and the replica is back in service
-    /// before the copy boots.
-    async fn test_activate(&mut self) -> Result<String> {
+    /// Protection goes on throughout: while a session runs, the receiver is held still
+    /// right after its next checkpoint commits, the RAM and disk files of that checkpoint are
+    /// copied, and the receiver goes on (the primary's next ACK is late by the copy time).
+    /// Between sessions the replica is copied as it is.
+    async fn test_activate(&mut self, reply: oneshot::Sender<Response>) {
+        match self.start_test_activation().await {
+            Ok(run) => {
+                let name = self.d.name.clone();
+                self.test_run = Some(tokio::spawn(async move {
+                    let r = run.await;
+                    info!(domain = %name, result = ?r, "test activation");
+                    let _ = reply.send(match r {
+                        Ok(message) => Response::Done { message },
+                        Err(e) => Response::Error {
+                            message: format!("domain {name}: test activation: {e:#}"),
+                        },
+                    });
+                }));
+            }
+            Err(e) => {
+                let _ = reply.send(Response::Error {
+                    message: format!("domain {}: test activation: {e:#}", self.d.name),
+                });
+            }
+        }
+    }
+
+    /// Takes (or arranges) the copy and returns the rest of the test as a future.
+    async fn start_test_activation(
+        &mut self,
+    ) -> Result<impl std::future::Future<Output = Result<String>> + Send + 'static> {
         let role = self.role();
         if !matches!(role, Role::Backup { .. }) {
             return Err(anyhow!(
@@ -1371,53 +1466,111 @@ impl Supervisor {
                 role.name()
             ));
         }
-        self.end_session().await;
-        let Some(epoch) = self.committed() else {
-            return Err(anyhow!("the replica holds no committed checkpoint"));
-        };
+        if self.test_run.as_ref().is_some_and(|t| !t.is_finished()) {
+            return Err(anyhow!("a test activation is already running"));
+        }
         let Runtime::Replica(r) = &mut self.runtime else {
             return Err(anyhow!("the replica is not open"));
         };
-        let Some(rd) = r.replica.take() else {
-            return Err(anyhow!("the replica is busy"));
+        let scratch = Scratch::new(
+            self.shared
+                .config
+                .node
+                .run_dir
+                .join(format!("{}-test-activation", self.d.name)),
+        );
+        let files = r.files.clone();
+        let copied = match &r.session {
+            Some(s) => {
+                // Held still after the session's next commit; the copy runs in the task.
+                let (quiesced_tx, quiesced) = oneshot::channel();
+                let (resume, resume_rx) = oneshot::channel();
+                s.quiesce
+                    .try_send(QuiesceRequest {
+                        quiesced: quiesced_tx,
+                        resume: resume_rx,
+                    })
+                    .map_err(|_| anyhow!("the receiver is busy with another copy"))?;
+                Copy::WhenQuiesced { quiesced, resume }
+            }
+            None => {
+                if r.committed.is_none() {
+                    return Err(anyhow!("the replica holds no committed checkpoint"));
+                }
+                // No session can start while the supervisor awaits this.
+                let (f, dir) = (files.clone(), scratch.path.clone());
+                let copy = tokio::task::spawn_blocking(move || f.copy_committed(&dir))
+                    .await
+                    .context("the copying task failed")??;
+                Copy::Done(Box::new(copy))
+            }
         };
-        let scratch = self
-            .shared
-            .config
-            .node
-            .run_dir
-            .join(format!("{}-test-activation", self.d.name));
-        let _ = std::fs::remove_dir_all(&scratch);
-        let copy = rd.copy_committed(&scratch);
-        r.replica = Some(rd);
-        let (test_domain, test_paths) = copy.context("copying the committed replica")?;
-        let netns = IsolatedNetns::create(&self.d)?;
-        let result = async {
-            let (vm, from) = ReplicaDomain::open(&test_domain, test_paths)?
+        let d = self.d.clone();
+        Ok(async move {
+            let started = Instant::now();
+            let (test_domain, test_paths, epoch, held) = match copied {
+                Copy::Done(c) => {
+                    let (dom, paths, epoch) = *c;
+                    (dom, paths, epoch, None)
+                }
+                Copy::WhenQuiesced { quiesced, resume } => {
+                    let at = tokio::time::timeout(QUIESCE_WAIT, quiesced)
+                        .await
+                        .map_err(|_| {
+                            anyhow!("no checkpoint committed within {QUIESCE_WAIT:?} (is the session's first checkpoint still on its way?)")
+                        })?
+                        .map_err(|_| anyhow!("the replication session ended before a checkpoint committed"))?;
+                    let held_from = Instant::now();
+                    let dir = scratch.path.clone();
+                    let copy = tokio::task::spawn_blocking(move || files.copy_committed(&dir))
+                        .await
+                        .context("the copying task failed");
+                    drop(resume);
+                    let (dom, paths, epoch) = copy??;
+                    if epoch != at {
+                        return Err(anyhow!(
+                            "copied checkpoint {epoch}, but the receiver held {at}"
+                        ));
+                    }
+                    (dom, paths, epoch, Some(held_from.elapsed()))
+                }
+            };
+            let copied_in = started.elapsed();
+            let netns = IsolatedNetns::create(&d)?;
+            let (mut vm, from) = ReplicaDomain::open(&test_domain, test_paths)?
                 .activate(&netns.netns())
                 .await?;
-            let mut vm = vm;
             vm.resume_activated().await?;
             let console = vm.paths.console();
             let before = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(TEST_RUN).await;
             let state = vm.control.query_status().await?;
             let after = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
             let alive = vm.qemu.try_wait().ok().flatten().is_none();
             let _ = vm.qemu.kill_and_wait().await;
+            drop(netns);
+            drop(scratch);
             if !alive || state != remus_qemu::RunState::running {
-                return Err(anyhow!("the test copy of checkpoint {from} is not running ({state:?})"));
+                return Err(anyhow!(
+                    "the test copy of checkpoint {from} is not running ({state:?})"
+                ));
             }
-            anyhow::Ok(format!(
-                "test activation of checkpoint {from}: running for 5 s in an isolated network, console output {} bytes in that time; discarded",
+            let held = held.map_or_else(
+                || "copied between sessions".to_string(),
+                |h| {
+                    format!(
+                        "receiver held still {} ms for the copy, protection uninterrupted",
+                        h.as_millis()
+                    )
+                },
+            );
+            Ok(format!(
+                "test activation of checkpoint {epoch}: {held}; copied in {} ms; ran {} s in an isolated network, console output {} bytes in that time; discarded",
+                copied_in.as_millis(),
+                TEST_RUN.as_secs(),
                 after.saturating_sub(before)
             ))
-        }
-        .await;
-        drop(netns);
-        let _ = std::fs::remove_dir_all(&scratch);
-        info!(domain = %self.d.name, epoch, ?result, "test activation");
-        result
+        })
     }
 
     async fn operator_failover(&mut self) -> Result<String> {
@@ -1497,6 +1650,11 @@ impl Supervisor {
 
     async fn teardown(&mut self) {
         info!(domain = %self.d.name, "stopping");
+        if let Some(t) = self.test_run.take() {
+            // Dropping the test's future kills its QEMU and removes its namespace and files.
+            t.abort();
+            let _ = t.await;
+        }
         match std::mem::replace(&mut self.runtime, Runtime::Idle) {
             Runtime::Vm(mut v) => {
                 if let Some(p) = v.protection.take() {
@@ -1514,6 +1672,35 @@ impl Supervisor {
             Runtime::Idle => {}
         }
         self.stop_lease(false).await;
+    }
+}
+
+/// How a test activation gets its copy.
+enum Copy {
+    /// Already taken (between sessions).
+    Done(Box<(DomainConfig, crate::domain::DomainPaths, u64)>),
+    /// To be taken once the receiver holds still; dropping `resume` lets it go on.
+    WhenQuiesced {
+        quiesced: oneshot::Receiver<u64>,
+        resume: oneshot::Sender<()>,
+    },
+}
+
+/// A test activation's scratch directory, removed on drop (also when the test is aborted).
+struct Scratch {
+    path: std::path::PathBuf,
+}
+
+impl Scratch {
+    fn new(path: std::path::PathBuf) -> Self {
+        let _ = std::fs::remove_dir_all(&path);
+        Self { path }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

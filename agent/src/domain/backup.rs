@@ -9,17 +9,29 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use remus_engine::backup::{Backup, BackupError, BackupExit, BackupStatus};
+use remus_engine::backup::{Backup, BackupError, BackupExit, BackupStatus, QuiesceRequest};
 use remus_engine::replica::ReplicaStore;
 use remus_engine::session::BackupSession;
 use sch_plug::Netns;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use crate::config::DomainConfig;
 use crate::domain::adapters::ReplicaDisks;
 use crate::domain::primary::{Launch, RunningVm};
 use crate::domain::DomainPaths;
+
+/// How the caller follows and steers one receiving session (see [`ReplicaDomain::receive`]).
+#[derive(Default)]
+pub struct ReceiveControls {
+    /// Gets the receiver's status channel once the session is set up.
+    pub status: Option<watch::Sender<Option<watch::Receiver<BackupStatus>>>>,
+    /// Ends the session between two records when it turns `true`.
+    pub cancel: Option<watch::Receiver<bool>>,
+    /// Requests to hold the receiver still right after a checkpoint commits (to copy the
+    /// replica with [`ReplicaFiles::copy_committed`] while the session goes on).
+    pub quiesce: Option<mpsc::Receiver<QuiesceRequest>>,
+}
 
 /// A domain's replica on the backup.
 pub struct ReplicaDomain {
@@ -72,17 +84,16 @@ impl ReplicaDomain {
             .expect("replica present between sessions")
     }
 
-    /// Receives one replication session until the primary ends it, it fails, or `cancel`
-    /// turns true (between records: a checkpoint being committed completes first). The
-    /// replica keeps the last committed checkpoint either way.
+    /// Receives one replication session until the primary ends it, it fails, or
+    /// `controls.cancel` turns true (between records: a checkpoint being committed completes
+    /// first). The replica keeps the last committed checkpoint either way.
     ///
     /// # Errors
     /// The session failed (the primary may be gone) or a checkpoint was refused.
     pub async fn receive(
         &mut self,
         session: BackupSession,
-        status: Option<watch::Sender<Option<watch::Receiver<BackupStatus>>>>,
-        cancel: Option<watch::Receiver<bool>>,
+        controls: ReceiveControls,
     ) -> std::result::Result<BackupExit, BackupError> {
         let replica = self
             .replica
@@ -96,10 +107,13 @@ impl ReplicaDomain {
             replica,
             Box::new(disks),
         );
-        if let Some(c) = cancel {
+        if let Some(c) = controls.cancel {
             b.set_cancel(c);
         }
-        if let Some(tx) = status {
+        if let Some(q) = controls.quiesce {
+            b.set_quiesce(q);
+        }
+        if let Some(tx) = controls.status {
             let _ = tx.send(Some(st));
         }
         let r = b.run().await;
@@ -108,31 +122,13 @@ impl ReplicaDomain {
         r
     }
 
-    /// Copies the committed replica (RAM, device state, checkpoint metadata, each disk's
-    /// replica image and WAL) under `scratch`, for a throwaway test activation. Call it
-    /// between sessions only (no checkpoint being applied). Returns the domain as the copy
-    /// must be started (disks pointing at the copies) and its paths.
-    ///
-    /// # Errors
-    /// File errors, naming the file.
-    pub fn copy_committed(&self, scratch: &std::path::Path) -> Result<(DomainConfig, DomainPaths)> {
-        let paths = DomainPaths::new(
-            &scratch.join("run"),
-            &scratch.join("state"),
-            &self.domain.name,
-        );
-        paths.create()?;
-        copy_dir(&self.paths.replica(), &paths.replica())?;
-        let mut domain = self.domain.clone();
-        std::fs::create_dir_all(scratch.join("disks"))?;
-        for d in &mut domain.disks {
-            let to = scratch.join("disks").join(format!("{}.img", d.id));
-            std::fs::copy(&d.replica, &to)
-                .with_context(|| format!("copying {} to {}", d.replica.display(), to.display()))?;
-            copy_dir(&self.paths.disk_state(&d.id), &paths.disk_state(&d.id))?;
-            d.replica = to;
+    /// Where the replica's files are, for copying them while a session owns the replica.
+    pub fn files(&self) -> ReplicaFiles {
+        ReplicaFiles {
+            domain: self.domain.clone(),
+            paths: self.paths.clone(),
+            disks: self.disks.iter().map(|(_, s)| s.clone()).collect(),
         }
-        Ok((domain, paths))
     }
 
     /// Loads the replica into a new QEMU, stopped (the caller has fenced the old primary).
@@ -175,6 +171,62 @@ impl ReplicaDomain {
         .await?;
         info!(domain = %self.domain.name, epoch = inputs.epoch, "activated from checkpoint");
         Ok((vm, inputs.epoch))
+    }
+}
+
+/// The files of a domain's replica, for copying the committed checkpoint (a test
+/// activation boots the copy).
+#[derive(Clone)]
+pub struct ReplicaFiles {
+    domain: DomainConfig,
+    paths: DomainPaths,
+    disks: Vec<Arc<blk_remus::BackupStore>>,
+}
+
+impl ReplicaFiles {
+    /// Copies the committed replica (RAM, device state, checkpoint metadata, each disk's
+    /// committed image and WAL) under `scratch`. Call it only while nothing applies a
+    /// checkpoint: between sessions, or while the receiver is held still
+    /// ([`ReceiveControls::quiesce`]); the copy is checked to be of one checkpoint (RAM and
+    /// every disk at the same epoch). Returns the domain as the copy must be started (disks
+    /// pointing at the copies), its paths and the checkpoint. Blocking.
+    ///
+    /// # Errors
+    /// File errors, naming the file; a replica with no committed checkpoint or mid-sync; RAM
+    /// and disks at different checkpoints.
+    pub fn copy_committed(
+        &self,
+        scratch: &std::path::Path,
+    ) -> Result<(DomainConfig, DomainPaths, u64)> {
+        let name = &self.domain.name;
+        let paths = DomainPaths::new(&scratch.join("run"), &scratch.join("state"), name);
+        paths.create()?;
+        copy_dir(&self.paths.replica(), &paths.replica())?;
+        let mut domain = self.domain.clone();
+        std::fs::create_dir_all(scratch.join("disks"))
+            .with_context(|| format!("creating {}", scratch.join("disks").display()))?;
+        let mut disk_epochs = Vec::new();
+        for (d, store) in domain.disks.iter_mut().zip(&self.disks) {
+            let to = scratch.join("disks").join(format!("{}.img", d.id));
+            let epoch = store
+                .copy_committed(&to, &paths.disk_state(&d.id))
+                .with_context(|| format!("domain {name}: disk {}: copying the replica", d.id))?;
+            disk_epochs.push((d.id.clone(), epoch));
+            d.replica = to;
+        }
+        let bytes = self.domain.qemu.memory_mib << 20;
+        let copy = ReplicaStore::open(name, &paths.replica(), bytes)
+            .with_context(|| format!("domain {name}: opening the copied replica"))?;
+        let remus_engine::replica::ReplicaState::Committed(epoch) = copy.state() else {
+            bail!(
+                "domain {name}: the replica holds no committed checkpoint ({})",
+                copy.state()
+            );
+        };
+        if let Some((disk, e)) = disk_epochs.iter().find(|(_, e)| *e != epoch) {
+            bail!("domain {name}: the copy is not of one checkpoint: RAM at {epoch}, disk {disk} at {e}");
+        }
+        Ok((domain, paths, epoch))
     }
 }
 

@@ -269,7 +269,9 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         let (sock, _) = listener.accept().await?;
         let session =
             accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(10)).await?;
-        let exit = replica.receive(session, None, None).await;
+        let exit = replica
+            .receive(session, crate::domain::backup::ReceiveControls::default())
+            .await;
         let noticed = Instant::now();
         anyhow::Ok((replica, exit, noticed))
     });

@@ -446,12 +446,32 @@ impl PairDrill {
                     !settled
                 ),
             );
-            if role.as_deref() != Some("backup") {
-                // Not rejoining by itself: restart its daemon (a restarted old primary
-                // rejoins as backup).
-                t.notes.push(format!(
-                    "{p} stayed in role {role:?} after the isolation ended; its daemon was restarted to rejoin"
-                ));
+            // It must give the VM up for good and rejoin as the backup by itself: it hears
+            // the survivor run the VM, and the witness refuses it the lease.
+            let rejoined = self
+                .observer()
+                .wait_for(Duration::from_secs(30), |l| {
+                    l.ticks.last().is_some_and(|x| {
+                        x.of(p).role.as_deref() == Some("backup")
+                            && x.of(p).vm_pid.is_none()
+                            && x.of(b).last_acked.is_some()
+                    })
+                })
+                .await;
+            let after = self.observer().with(|l| {
+                l.ticks
+                    .last()
+                    .map(|x| (x.of(p).role.clone(), x.of(p).vm_pid))
+            });
+            t.verdict(
+                "old_primary_rejoined_by_itself",
+                rejoined,
+                format!(
+                    "{p} within 30 s of the uplink's return: (role, VM pid) {after:?}; {b} protecting to it: {rejoined}"
+                ),
+            );
+            if !rejoined {
+                // Restart its daemon so that the rest of the trials have a pair.
                 self.kill_daemon(p)?;
             }
         }
