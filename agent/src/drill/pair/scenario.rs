@@ -292,7 +292,7 @@ impl PairDrill {
         t.verdict(
             "rejoined_as_backup",
             role.as_deref() == Some("backup"),
-            format!("{dead}'s role after its daemon restarted: {role:?}; {survivor} protects again ({n} acknowledged checkpoints in {} ms)", took.as_millis()),
+            format!("{dead}'s role after rejoining: {role:?}; {survivor} protects again ({n} acknowledged checkpoints in {} ms)", took.as_millis()),
         );
         self.primary = survivor;
         t.primary_after = Some(survivor);
