@@ -14,4 +14,5 @@ pub mod control;
 pub mod daemon;
 pub mod domain;
 pub mod drill;
+pub mod iproute;
 pub mod metrics;

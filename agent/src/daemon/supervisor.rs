@@ -60,6 +60,7 @@ use crate::config::{DomainConfig, Failover, FencingPolicy};
 use crate::domain::backup::{ReceiveControls, ReplicaDomain, ReplicaFiles};
 use crate::domain::primary::{protect, ProtectOptions, Protection, RunningVm};
 use crate::domain::DomainPaths;
+use crate::iproute::{ip, ip_in};
 
 /// Time between protection attempts while the VM runs unprotected.
 const PROTECT_RETRY: Duration = Duration::from_secs(1);
@@ -1713,26 +1714,13 @@ struct IsolatedNetns {
 impl IsolatedNetns {
     fn create(d: &DomainConfig) -> Result<Self> {
         let name = format!("remus-test-{}-{}", d.name, std::process::id());
-        let ip = |args: &[&str]| -> Result<()> {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .with_context(|| format!("running ip {}", args.join(" ")))?;
-            if !out.status.success() {
-                return Err(anyhow!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            Ok(())
-        };
         let _ = ip(&["netns", "del", &name]);
-        ip(&["netns", "add", &name])?;
+        ip(&["netns", "add", &name]).context("test activation: creating its namespace")?;
         let me = Self { name };
         for nic in &d.nics {
-            let _ = ip(&["-n", &me.name, "link", "add", &nic.bridge, "type", "bridge"]);
-            ip(&["-n", &me.name, "link", "set", &nic.bridge, "up"])?;
+            let _ = ip_in(&me.name, &["link", "add", &nic.bridge, "type", "bridge"]);
+            ip_in(&me.name, &["link", "set", &nic.bridge, "up"])
+                .with_context(|| format!("test activation: bridge {}", nic.bridge))?;
         }
         Ok(me)
     }
@@ -1744,9 +1732,7 @@ impl IsolatedNetns {
 
 impl Drop for IsolatedNetns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = ip(&["netns", "del", &self.name]);
     }
 }
 

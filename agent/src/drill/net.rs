@@ -32,30 +32,26 @@
 //! the network: its VM's traffic and its daemon's), [`Topology::partition_hosts`] (only the
 //! two hosts lose each other; both still reach the witness and the client).
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sch_plug::Netns;
 use thiserror::Error;
 
+use crate::iproute::IpError;
+
 /// A step of building the topology that failed.
 #[derive(Debug, Error)]
 pub enum TopologyError {
-    /// `ip` could not be run at all.
-    #[error("drill network: running `ip {args}`: {source}")]
-    Spawn {
-        /// The arguments.
-        args: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// `ip` ran and refused.
-    #[error("drill network: `ip {args}` failed: {stderr}")]
-    Failed {
-        /// The arguments.
-        args: String,
-        /// What it said.
-        stderr: String,
+    /// An `ip` command failed.
+    #[error("drill network: {0}")]
+    Ip(#[from] IpError),
+    /// An operation that needs the pair topology on a single-pair one.
+    #[error(
+        "drill network: {op}: not a pair topology (built by Topology::create, not create_pair)"
+    )]
+    NotPair {
+        /// The operation.
+        op: String,
     },
 }
 
@@ -152,27 +148,11 @@ impl HostAddrs {
 }
 
 fn ip(args: &[&str]) -> Result<(), TopologyError> {
-    let joined = args.join(" ");
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| TopologyError::Spawn {
-            args: joined.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(TopologyError::Failed {
-            args: joined,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    Ok(crate::iproute::ip(args)?)
 }
 
 fn in_ns(ns: &str, args: &[&str]) -> Result<(), TopologyError> {
-    let mut all = vec!["-n", ns];
-    all.extend_from_slice(args);
-    ip(&all)
+    Ok(crate::iproute::ip_in(ns, args)?)
 }
 
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), TopologyError> {
@@ -390,10 +370,8 @@ impl Topology {
     }
 
     fn pair_addrs(&self, op: &str) -> Result<HostAddrs, TopologyError> {
-        self.addrs.ok_or_else(|| TopologyError::Failed {
-            args: op.to_string(),
-            stderr: "not a pair topology (built by Topology::create, not create_pair)".into(),
-        })
+        self.addrs
+            .ok_or_else(|| TopologyError::NotPair { op: op.to_string() })
     }
 
     /// The witness's namespace (pair drill only).
@@ -431,6 +409,7 @@ impl Drop for Topology {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, TcpListener, TcpStream};
+    use std::process::Command;
     use std::time::Duration;
 
     /// Whether a TCP connection from `from` reaches a listener on `addr` in `to`.
