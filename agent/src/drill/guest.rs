@@ -102,6 +102,73 @@ pub fn kernel_cmdline(guest_cidr: &str) -> String {
     )
 }
 
+/// The test guest as a protected domain's machine: what the local and the pair drill
+/// configure alike.
+pub struct GuestMachine<'a> {
+    /// QEMU accelerator (`tcg` here, `kvm` in production).
+    pub accel: &'a str,
+    /// Guest RAM.
+    pub memory_mib: u64,
+    /// Guest kernel.
+    pub kernel: &'a Path,
+    /// Guest initramfs.
+    pub initrd: &'a Path,
+    /// The guest's address for its TCP service.
+    pub guest_cidr: &'a str,
+    /// The guest NIC's MAC.
+    pub mac: &'a str,
+    /// The bridge the NIC's tap joins.
+    pub bridge: &'a str,
+    /// This node's disk image and the replica it keeps of the peer's.
+    pub image: &'a Path,
+    /// See `image`.
+    pub replica: &'a Path,
+    /// Output buffering off (the local drill's unsafe run only).
+    pub unsafe_no_output_buffering: bool,
+}
+
+impl GuestMachine<'_> {
+    /// The domain's `qemu`, `nic`, `netbuf` and `disk` tables, in TOML, to follow its
+    /// `[[domain]]` keys.
+    pub fn domain_tables(&self) -> String {
+        format!(
+            r#"[domain.qemu]
+accel = "{accel}"
+machine = "pc"
+memory_mib = {mem}
+vcpus = 1
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "{cmdline}"
+
+[[domain.nic]]
+id = "net0"
+mac = "{mac}"
+bridge = "{bridge}"
+
+[domain.netbuf]
+backend = "relay"
+unsafe_no_output_buffering = {unsafe_nobuf}
+
+[[domain.disk]]
+id = "d0"
+image = "{image}"
+replica = "{replica}"
+"#,
+            accel = self.accel,
+            mem = self.memory_mib,
+            kernel = self.kernel.display(),
+            initrd = self.initrd.display(),
+            cmdline = kernel_cmdline(self.guest_cidr),
+            mac = self.mac,
+            bridge = self.bridge,
+            unsafe_nobuf = self.unsafe_no_output_buffering,
+            image = self.image.display(),
+            replica = self.replica.display(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -176,29 +176,7 @@ psk_file = "{psk}"
 name = "drill"
 checkpoint_interval_ms = {interval}
 
-[domain.qemu]
-accel = "{accel}"
-machine = "pc"
-memory_mib = {mem}
-vcpus = 1
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{cmdline}"
-
-[[domain.nic]]
-id = "net0"
-mac = "52:54:00:77:00:10"
-bridge = "{bridge}"
-
-[domain.netbuf]
-backend = "relay"
-unsafe_no_output_buffering = {unsafe_nobuf}
-
-[[domain.disk]]
-id = "d0"
-image = "{disk}"
-replica = "{replica}"
-
+{machine}
 [domain.fencing]
 mode = "none"
 "#,
@@ -207,15 +185,19 @@ mode = "none"
         psk = dir.join("psk").display(),
         hb = port.wrapping_add(1),
         interval = o.interval.as_millis(),
-        accel = o.accel,
-        mem = o.memory_mib,
-        kernel = o.kernel.display(),
-        initrd = o.initrd.display(),
-        disk = dir.join("primary.img").display(),
-        replica = dir.join("replica.img").display(),
-        cmdline = guest::kernel_cmdline(&topo.guest_cidr),
-        bridge = net::HOST_BRIDGE,
-        unsafe_nobuf = o.unsafe_no_output_buffering,
+        machine = guest::GuestMachine {
+            accel: &o.accel,
+            memory_mib: o.memory_mib,
+            kernel: &o.kernel,
+            initrd: &o.initrd,
+            guest_cidr: &topo.guest_cidr,
+            mac: "52:54:00:77:00:10",
+            bridge: net::HOST_BRIDGE,
+            image: &dir.join("primary.img"),
+            replica: &dir.join("replica.img"),
+            unsafe_no_output_buffering: o.unsafe_no_output_buffering,
+        }
+        .domain_tables(),
     )
 }
 

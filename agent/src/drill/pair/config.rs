@@ -145,28 +145,7 @@ name = "{domain}"
 checkpoint_interval_ms = {interval}
 failover = "automatic"
 
-[domain.qemu]
-accel = "{accel}"
-machine = "pc"
-memory_mib = {mem}
-vcpus = 1
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{cmdline}"
-
-[[domain.nic]]
-id = "net0"
-mac = "{mac}"
-bridge = "{bridge}"
-
-[domain.netbuf]
-backend = "relay"
-
-[[domain.disk]]
-id = "d0"
-image = "{image}"
-replica = "{replica}"
-
+{machine}
 [domain.fencing]
 mode = "witness"
 "#,
@@ -185,15 +164,19 @@ mode = "witness"
         lease = c.lease.as_millis(),
         domain = DOMAIN,
         interval = c.interval.as_millis(),
-        accel = c.accel,
-        mem = c.memory_mib,
-        kernel = c.kernel.display(),
-        initrd = c.initrd.display(),
-        cmdline = crate::drill::guest::kernel_cmdline(&c.guest_cidr),
-        mac = GUEST_MAC,
-        bridge = HOST_BRIDGE,
-        image = me.image.display(),
-        replica = me.replica.display(),
+        machine = crate::drill::guest::GuestMachine {
+            accel: &c.accel,
+            memory_mib: c.memory_mib,
+            kernel: &c.kernel,
+            initrd: &c.initrd,
+            guest_cidr: &c.guest_cidr,
+            mac: GUEST_MAC,
+            bridge: HOST_BRIDGE,
+            image: &me.image,
+            replica: &me.replica,
+            unsafe_no_output_buffering: false,
+        }
+        .domain_tables(),
     )
 }
 
