@@ -9,7 +9,7 @@ bash tests/images/build-guest.sh >/dev/null
 cargo build --quiet -p remus-agent --bin remusctl
 
 echo "== checkpoint pause, 256 MiB TCG guest at 200 ms, beside the memory-scan floor =="
-target/debug/remusctl drill --memory-mib 256 --checkpoints 50 --json |
+"${CARGO_TARGET_DIR:-target}/debug/remusctl" drill --local --memory-mib 256 --checkpoints 50 --json |
     python3 -c 'import json,sys; r=json.load(sys.stdin); f=r["memory_scan_floor_us"]
 print("| tracker | pause p50 | pause p99 | scan floor | p50 / floor |")
 print("|---|---|---|---|---|")

@@ -46,7 +46,25 @@ fn sigkill_during_writes_never_leaves_a_torn_role() {
             .env(WRITER_ENV, dir.path())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(150..400)));
+        // Kill it while it writes: first wait until it has written (a loaded machine can
+        // take longer than any fixed delay just to start the test binary), then a random
+        // moment later.
+        let role_file = dir.path().join("web").join("role.json");
+        let written_since = |t: std::time::SystemTime| {
+            std::fs::metadata(&role_file)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > t)
+        };
+        let spawned = std::time::SystemTime::now();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !written_since(spawned) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the writer wrote nothing within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(20..250)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
 

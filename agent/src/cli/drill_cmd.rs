@@ -1,9 +1,10 @@
 //! `remusctl drill`: run a failover drill and report what it measured and checked.
 //!
-//! Without `--pair`, the local drill (both roles in this process). With `--pair`, the pair
-//! drill: two real `remusd` daemons in two network namespaces, a `remus-witness`, a client,
-//! and a failure scenario (`--scenario`, `--trials`); see [`crate::drill::pair`]. The pair
-//! drill needs the `remusd` and `remus-witness` binaries next to `remusctl` or in `PATH`.
+//! By default the pair drill: two real `remusd` daemons in two network namespaces, a
+//! `remus-witness`, a client, and a failure scenario (`--scenario`, `--trials`); see
+//! [`crate::drill::pair`]. It needs the `remusd` and `remus-witness` binaries next to
+//! `remusctl` or in `PATH`. With `--local`, the one-process drill (both roles in this
+//! process, no daemons): quicker, and it measures the checkpoint path alone.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,20 +22,20 @@ pub struct DrillCmd {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Run the pair drill: two real daemons, a witness and a failure scenario.
+    /// Run the one-process local drill instead of the pair drill (no daemons, no witness).
     #[arg(long)]
-    pair: bool,
+    local: bool,
     /// The pair drill's failure scenario.
-    #[arg(long, value_enum, default_value = "kill-primary", requires = "pair")]
+    #[arg(long, value_enum, default_value = "kill-primary", conflicts_with = "local")]
     scenario: Scenario,
     /// Trials of the scenario (the pair is reused between trials where it can be).
-    #[arg(long, default_value_t = 1, requires = "pair", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, default_value_t = 1, conflicts_with = "local", value_parser = clap::value_parser!(u32).range(1..=1000))]
     trials: u32,
     /// The pair drill's witness lease in milliseconds.
-    #[arg(long, default_value_t = 1500, requires = "pair", value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    #[arg(long, default_value_t = 1500, conflicts_with = "local", value_parser = clap::value_parser!(u64).range(100..=600_000))]
     lease_ms: u64,
     /// How long the partition scenario keeps the hosts apart, in milliseconds.
-    #[arg(long, default_value_t = 4000, requires = "pair", value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    #[arg(long, default_value_t = 4000, conflicts_with = "local", value_parser = clap::value_parser!(u64).range(0..=600_000))]
     partition_hold_ms: u64,
     /// Checkpoints to acknowledge before the failure is injected (the pair drill counts
     /// them from when protection is first seen).
@@ -64,7 +65,7 @@ pub struct DrillCmd {
     /// UNSAFE: release the guest's network output at once instead of holding it until the
     /// backup acknowledges. The drill then shows what that costs (replies of lost state, a
     /// dead connection) and exits non-zero.
-    #[arg(long, conflicts_with = "pair")]
+    #[arg(long)]
     unsafe_no_output_buffering: bool,
 }
 
@@ -93,7 +94,7 @@ impl DrillCmd {
                 }
             },
         };
-        if self.pair {
+        if !self.local {
             let mut o = PairOptions::new(kernel, initrd, work_dir, self.scenario);
             o.trials = self.trials;
             o.checkpoints = self.checkpoints;
@@ -103,6 +104,7 @@ impl DrillCmd {
             o.seed = self.seed;
             o.lease = Duration::from_millis(self.lease_ms);
             o.partition_hold = Duration::from_millis(self.partition_hold_ms);
+            o.unsafe_no_output_buffering = self.unsafe_no_output_buffering;
             return run_pair_cli(&o, self.json);
         }
         let opts = DrillOptions {
@@ -181,11 +183,11 @@ fn run_pair_cli(o: &PairOptions, json: bool) -> ExitCode {
     });
     match outcome {
         None => {
-            eprintln!("remusctl drill --pair: interrupted; cleaned up");
+            eprintln!("remusctl drill: interrupted; cleaned up");
             ExitCode::from(EXIT_PROBLEMS)
         }
         Some(Err(e)) => {
-            eprintln!("remusctl drill --pair: {e:#}");
+            eprintln!("remusctl drill: {e:#}");
             ExitCode::from(EXIT_PROBLEMS)
         }
         Some(Ok(report)) => {

@@ -49,6 +49,8 @@ pub struct PairConfig {
     pub addrs: HostAddrs,
     /// The guest's address with prefix.
     pub guest_cidr: String,
+    /// UNSAFE: output released at once.
+    pub unsafe_no_output_buffering: bool,
 }
 
 /// Where one node's files are.
@@ -174,7 +176,7 @@ mode = "witness"
             bridge: HOST_BRIDGE,
             image: &me.image,
             replica: &me.replica,
-            unsafe_no_output_buffering: false,
+            unsafe_no_output_buffering: c.unsafe_no_output_buffering,
         }
         .domain_tables(),
     )
@@ -228,6 +230,7 @@ mod tests {
                 client: "10.77.1.2".parse().unwrap(),
             },
             guest_cidr: "10.77.1.10/24".into(),
+            unsafe_no_output_buffering: false,
         }
     }
 

@@ -80,10 +80,12 @@ pub struct PairOptions {
     pub binaries: Option<Binaries>,
     /// `REMUS_LOG` for the daemons and the witness.
     pub daemon_log_filter: String,
+    /// UNSAFE: the daemons release guest output at once (the drill then shows lost state).
+    pub unsafe_no_output_buffering: bool,
 }
 
 impl PairOptions {
-    /// The defaults used by `remusctl drill --pair` and the tests.
+    /// The defaults used by `remusctl drill` and the tests.
     pub fn new(kernel: PathBuf, initrd: PathBuf, work_dir: PathBuf, scenario: Scenario) -> Self {
         Self {
             kernel,
@@ -102,6 +104,7 @@ impl PairOptions {
             partition_hold: Duration::from_secs(4),
             binaries: None,
             daemon_log_filter: std::env::var("REMUS_PAIR_LOG").unwrap_or_else(|_| "info".into()),
+            unsafe_no_output_buffering: false,
         }
     }
 }
@@ -220,6 +223,7 @@ impl PairDrill {
             lease: opts.lease,
             addrs,
             guest_cidr: topo.guest_cidr.clone(),
+            unsafe_no_output_buffering: opts.unsafe_no_output_buffering,
         };
         config::write_all(&cfg)?;
         let node = |host: Host| {
@@ -604,6 +608,7 @@ pub async fn run_pair(opts: &PairOptions) -> Result<PairReport> {
     let mut report = PairReport {
         scenario: Some(opts.scenario),
         seed,
+        unsafe_no_output_buffering: opts.unsafe_no_output_buffering,
         work_dir: opts.work_dir.display().to_string(),
         ..PairReport::default()
     };

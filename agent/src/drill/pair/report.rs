@@ -105,6 +105,8 @@ pub struct PairReport {
     pub scenario: Option<Scenario>,
     /// The seed the failure moments came from.
     pub seed: u64,
+    /// The daemons ran with output buffering off (UNSAFE: lost state is expected).
+    pub unsafe_no_output_buffering: bool,
     /// The trials.
     pub trials: Vec<TrialReport>,
     /// Where the daemons' and the witness's logs are (kept when the drill fails).
@@ -190,6 +192,12 @@ impl PairReport {
             self.seed,
             if self.passed { "PASSED" } else { "FAILED" }
         );
+        if self.unsafe_no_output_buffering {
+            let _ = writeln!(
+                s,
+                "  UNSAFE: output buffering was off; clients may have seen state the failover lost"
+            );
+        }
         for t in &self.trials {
             let _ = writeln!(
                 s,
