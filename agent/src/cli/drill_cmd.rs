@@ -26,7 +26,12 @@ pub struct DrillCmd {
     #[arg(long)]
     local: bool,
     /// The pair drill's failure scenario.
-    #[arg(long, value_enum, default_value = "kill-primary", conflicts_with = "local")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "kill-primary",
+        conflicts_with = "local"
+    )]
     scenario: Scenario,
     /// Trials of the scenario (the pair is reused between trials where it can be).
     #[arg(long, default_value_t = 1, conflicts_with = "local", value_parser = clap::value_parser!(u32).range(1..=1000))]

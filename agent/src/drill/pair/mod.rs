@@ -42,7 +42,7 @@ use config::{NodeFiles, PairConfig, DOMAIN, WITNESS_PORT};
 use control::Control;
 use hosts::{qemu_pids_under, Binaries, Proc};
 use observe::{Observer, Watched};
-pub use report::{PairReport, TrialReport, Verdict};
+pub use report::{PairReport, ProtectionFigures, TrialReport, Verdict};
 pub use scenario::Scenario;
 
 /// What to run.

@@ -53,6 +53,9 @@ pub struct TrialReport {
     pub injected_after_ack_ms: Option<u64>,
     /// The primary's last acknowledged checkpoint seen before the failure.
     pub acked_before: Option<u64>,
+    /// The protecting primary's checkpoint figures, read from its daemon just before the
+    /// failure.
+    pub protection: Option<ProtectionFigures>,
     /// The backup's last committed checkpoint seen before the failure.
     pub committed_before: Option<u64>,
     /// The survivor's record of the failover, when one happened.
@@ -94,6 +97,22 @@ impl TrialReport {
     pub fn conclude(&mut self) {
         self.passed = !self.verdicts.is_empty() && self.verdicts.iter().all(|v| v.ok);
     }
+}
+
+/// A protecting primary's checkpoint figures, as its daemon reports them (over its last
+/// epochs; see `remus_engine::metrics::EpochSummary`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ProtectionFigures {
+    /// Checkpoints acknowledged on this domain since the daemon started.
+    pub checkpoints: u64,
+    /// VM pause per checkpoint, median and 99th percentile (µs).
+    pub pause_p50_us: u64,
+    /// See `pause_p50_us`.
+    pub pause_p99_us: u64,
+    /// How long guest output was held, median (µs).
+    pub output_held_p50_us: u64,
+    /// Checkpoint sent → ACK, median (µs).
+    pub ack_latency_p50_us: u64,
 }
 
 /// Every trial of one pair drill.
@@ -155,7 +174,9 @@ impl PairReport {
         let fig =
             |f: &dyn Fn(&TrialReport) -> Option<u64>| Figure::of(self.trials.iter().filter_map(f));
         let mut s = Vec::new();
-        let rows: [(&str, &Getter); 7] = [
+        let rows: [(&str, &Getter); 9] = [
+            ("pause_p50_us", &|t| t.protection.map(|p| p.pause_p50_us)),
+            ("pause_p99_us", &|t| t.protection.map(|p| p.pause_p99_us)),
             ("detection_ms", &|t| {
                 t.failover.as_ref().map(|f| f.detection_ms)
             }),
@@ -213,6 +234,18 @@ impl PairReport {
                     s,
                     "    failure injected {a} ms after an ACK (acked {:?}, committed {:?})",
                     t.acked_before, t.committed_before
+                );
+            }
+            if let Some(p) = &t.protection {
+                let ms = |us: u64| us as f64 / 1000.0;
+                let _ = writeln!(
+                    s,
+                    "    protected: {} checkpoints, pause p50/p99 {:.1}/{:.1} ms, output held p50 {:.1} ms, ACK p50 {:.1} ms",
+                    p.checkpoints,
+                    ms(p.pause_p50_us),
+                    ms(p.pause_p99_us),
+                    ms(p.output_held_p50_us),
+                    ms(p.ack_latency_p50_us)
                 );
             }
             if let Some(f) = &t.failover {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::config::{DISK_BYTES, DOMAIN};
 use super::hosts::{describe_pid, qemu_alive, qemu_pids_under};
 use super::observe::{self, RunState, Tick};
-use super::report::TrialReport;
+use super::report::{ProtectionFigures, TrialReport};
 use super::{checks_in, console_since, counters_in, PairDrill};
 use crate::api::{DaemonStatus, Request, Response};
 use crate::drill::client::{analyse, Client, ClientLog, Moments, STALL_LIMIT};
@@ -318,6 +318,17 @@ impl PairDrill {
         let old_vm = self
             .observer()
             .with(|l| l.latest(p).and_then(|s| s.domains.first()?.vm));
+        t.protection = self.observer().with(|l| {
+            let d = l.latest(p)?.domains.first()?;
+            let sum = &d.protection.as_ref()?.summary;
+            Some(ProtectionFigures {
+                checkpoints: d.counters.checkpoints,
+                pause_p50_us: sum.pause.p50_us,
+                pause_p99_us: sum.pause.p99_us,
+                output_held_p50_us: sum.output_commit_delay.p50_us,
+                ack_latency_p50_us: sum.ack_latency.p50_us,
+            })
+        });
         let mark = self.console(b);
         let failovers_before = self.observer().with(|l| failovers_of(l.latest(b)).len());
         let killed_at = Instant::now();
