@@ -241,6 +241,10 @@ async fn a_restarted_peer_is_accepted_and_counted() {
     let b = Detector::start(cfg("beta", "alpha", r.b)).await.unwrap();
     let a = Detector::start(cfg("alpha", "beta", r.a)).await.unwrap();
     wait_for(&b, Duration::from_secs(5), |v| all_links_up(v, 1)).await;
+    // Let the first incarnation run a while: a restart shows as the peer's uptime going
+    // backwards, which needs its last beat to be older than the new one's first (a loaded
+    // machine can delay that first beat by milliseconds).
+    sleep(IV * 5).await;
     // Alpha's agent restarts (new process state, new sequence source, new port): its
     // sequence numbers start from its clock, above everything it sent before, so beta
     // accepts them without any reset rule a replay could abuse.

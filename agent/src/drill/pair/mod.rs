@@ -396,7 +396,10 @@ impl PairDrill {
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let left = qemu_pids_under(&run);
+            // By command line, and by pid too: a QEMU in the middle of exiting has no
+            // command line left in /proc but is not dead yet.
+            let mut left = qemu_pids_under(&run);
+            left.extend(before.iter().copied().filter(|&p| hosts::qemu_alive(p)));
             if left.is_empty() {
                 return Ok(before);
             }
