@@ -58,6 +58,7 @@ use crate::api::{
 };
 use crate::config::{DomainConfig, Failover, FencingPolicy};
 use crate::domain::backup::{ReceiveControls, ReplicaDomain, ReplicaFiles};
+use crate::domain::disk_copy::{DiskCopy, DiskCopyStore};
 use crate::domain::primary::{protect, ProtectOptions, Protection, RunningVm};
 use crate::domain::DomainPaths;
 use crate::iproute::{ip, ip_in};
@@ -111,6 +112,7 @@ pub fn spawn(
         .with_context(|| format!("creating {}", node.state_dir.display()))?;
     let roles = RoleStore::open(&node.state_dir, &domain.name)
         .with_context(|| format!("domain {}: role file", domain.name))?;
+    let disk_copy = DiskCopyStore::open(&domain.name, &paths.state)?;
     let (cmd_tx, cmd_rx) = mpsc::channel(8);
     let (ses_tx, ses_rx) = mpsc::channel(2);
     let initial = DomainStatus {
@@ -132,6 +134,7 @@ pub fn spawn(
         paths,
         shared,
         roles,
+        disk_copy,
         runtime: Runtime::Idle,
         lease: None,
         fence: FenceRun::Idle,
@@ -267,6 +270,8 @@ struct Supervisor {
     paths: DomainPaths,
     shared: Arc<Shared>,
     roles: RoleStore,
+    /// Which file of each disk holds this node's newest data (what `start` boots).
+    disk_copy: DiskCopyStore,
     runtime: Runtime,
     lease: Option<LeaseKeeper>,
     fence: FenceRun,
@@ -590,6 +595,15 @@ impl Supervisor {
                 );
                 return;
             }
+        }
+        // The replicas are about to receive the peer's data: from now on they, not the
+        // images, are this node's newest copy. Recorded before the first write can land.
+        if let Err(e) = self.disk_copy.set(
+            DiskCopy::Replica,
+            &format!("backup of {}", self.shared.config.peer.name),
+        ) {
+            self.alarm(&format!("refusing replication: {e}"));
+            return;
         }
         // A new session supersedes a half-open one (the primary reconnected).
         self.end_session().await;
@@ -1349,7 +1363,9 @@ impl Supervisor {
         }
         self.runtime = Runtime::Idle;
         self.apply(Event::StartUnprotected, "operator: start");
-        let vm = match RunningVm::start(&self.d, self.paths.clone(), &Netns::current()).await {
+        let copy = self.disk_copy.current();
+        let vm = match RunningVm::start(&self.d, self.paths.clone(), &Netns::current(), copy).await
+        {
             Ok(vm) => vm,
             Err(e) => {
                 self.apply(Event::Stop, "start failed");
@@ -1370,7 +1386,9 @@ impl Supervisor {
         self.next_protect = Instant::now();
         self.alarm("running unprotected: waiting for the peer to accept as backup");
         Ok(format!(
-            "VM started (QEMU pid {pid}); protecting it to {}",
+            "VM started from its {}s (QEMU pid {pid}; {}); protecting it to {}",
+            copy.name(),
+            self.disk_copy.cause(),
             self.shared.config.peer.name
         ))
     }

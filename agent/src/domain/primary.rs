@@ -31,6 +31,7 @@ use crate::config::{self, DomainConfig};
 use crate::domain::adapters::{
     spawn_disk_forwarder, NamedBuffer, NicBuffers, PrimaryDisk, PrimaryDisks, QemuVm,
 };
+use crate::domain::disk_copy::DiskCopy;
 use crate::domain::spec::{qemu_spec, NicWiring};
 use crate::domain::DomainPaths;
 
@@ -160,16 +161,38 @@ pub enum Launch {
 }
 
 impl RunningVm {
-    /// Starts the domain's VM, unprotected, with its NICs in `netns`, booting fresh from its
-    /// images.
+    /// Starts the domain's VM, unprotected, with its NICs in `netns`, booting fresh from
+    /// `copy` of its disks: the configured images, or the replicas (see
+    /// [`crate::domain::disk_copy`]). A replica is used only as its last committed epoch,
+    /// and only when it is a consistent image (no resync half done).
     ///
     /// # Errors
-    /// Any step of the start-up; QEMU's stderr is included when it fails to start.
-    pub async fn start(domain: &DomainConfig, paths: DomainPaths, netns: &Netns) -> Result<Self> {
+    /// A replica mid-resync; any step of the start-up; QEMU's stderr is included when it
+    /// fails to start.
+    pub async fn start(
+        domain: &DomainConfig,
+        paths: DomainPaths,
+        netns: &Netns,
+        copy: DiskCopy,
+    ) -> Result<Self> {
         let mut backends: Vec<Arc<dyn blk_remus::BlockBackend>> = Vec::new();
         for d in &domain.disks {
-            let local = FileBackend::open(&d.image, false)
-                .with_context(|| format!("domain {}: disk {}", domain.name, d.id))?;
+            let what = || format!("domain {}: disk {} ({})", domain.name, d.id, copy.name());
+            let local = match copy {
+                DiskCopy::Image => FileBackend::open(&d.image, false).with_context(what)?,
+                DiskCopy::Replica => {
+                    let cfg = blk_remus::BackupConfig::new(paths.disk_state(&d.id), &d.replica);
+                    let store = blk_remus::BackupStore::open(cfg).with_context(what)?;
+                    store.discard_uncommitted();
+                    store.activate().with_context(|| {
+                        format!(
+                            "{}: {} is this node's newest copy but it is not a whole disk (a resync was interrupted); the complete copy is on the peer",
+                            what(),
+                            d.replica.display()
+                        )
+                    })?
+                }
+            };
             backends.push(Arc::new(local));
         }
         Self::launch(domain, paths, netns, backends, Launch::Fresh).await

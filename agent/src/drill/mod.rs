@@ -263,7 +263,13 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         &o.work_dir.join("pri/state"),
         "drill",
     );
-    let mut vm = RunningVm::start(&domain, pri_paths.clone(), &topo.primary_netns()).await?;
+    let mut vm = RunningVm::start(
+        &domain,
+        pri_paths.clone(),
+        &topo.primary_netns(),
+        crate::domain::disk_copy::DiskCopy::Image,
+    )
+    .await?;
     guest::wait_for(
         &pri_paths.console(),
         Duration::from_secs(90),

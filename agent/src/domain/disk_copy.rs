@@ -1,0 +1,214 @@
+//! Which of this node's two files of each disk holds its newest copy of the domain's data:
+//! the configured `image`, or the `replica` it keeps of the peer's disk.
+//!
+//! A node starts with its images. From the first time it accepts a replication session, its
+//! replicas are where the domain's data arrives, and after an activation they are the disks
+//! the VM runs on; the images are never written again. So a `remusctl start` after both
+//! nodes stopped must boot from the replicas on such a node: booting its images would take
+//! the guest back to whenever this node last ran it from them, silently.
+//!
+//! The choice is persisted (`<state_dir>/<domain>/disk-copy.json`, replaced atomically)
+//! before the first replicated write can reach a replica, because nothing else on disk
+//! tells which file is newer.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// File name of the record in the domain's state directory.
+pub const FILE_NAME: &str = "disk-copy.json";
+
+/// Which file of each disk holds the newest data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskCopy {
+    /// The configured `image` (nothing was ever replicated to this node).
+    Image,
+    /// The `replica` of each disk.
+    Replica,
+}
+
+impl DiskCopy {
+    /// `"image"` or `"replica"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskCopy::Image => "image",
+            DiskCopy::Replica => "replica",
+        }
+    }
+}
+
+/// Errors of the record; each names the file.
+#[derive(Debug, Error)]
+pub enum DiskCopyError {
+    /// The file could not be read.
+    #[error("domain {domain}: reading {path}: {source}")]
+    Read {
+        /// The domain.
+        domain: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a record of ours.
+    #[error("domain {domain}: {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The domain.
+        domain: String,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The file could not be replaced.
+    #[error("domain {domain}: writing {path}: {step}: {source}")]
+    Write {
+        /// The domain.
+        domain: String,
+        /// The file.
+        path: PathBuf,
+        /// The failed step.
+        step: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    copy: DiskCopy,
+    /// When it was set (Unix ms).
+    since_ms: u64,
+    /// Why.
+    cause: String,
+}
+
+/// The persisted choice for one domain.
+#[derive(Debug)]
+pub struct DiskCopyStore {
+    domain: String,
+    path: PathBuf,
+    record: Record,
+}
+
+impl DiskCopyStore {
+    /// Opens the record in `state` (the domain's state directory); a missing file means the
+    /// images (the directory is created on the first [`set`](Self::set)).
+    ///
+    /// # Errors
+    /// Unreadable or corrupt file.
+    pub fn open(domain: &str, state: &Path) -> Result<Self, DiskCopyError> {
+        let path = state.join(FILE_NAME);
+        let record = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DiskCopyError::Corrupt {
+                domain: domain.to_string(),
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Record {
+                copy: DiskCopy::Image,
+                since_ms: 0,
+                cause: "no record: nothing was ever replicated to this node".into(),
+            },
+            Err(source) => {
+                return Err(DiskCopyError::Read {
+                    domain: domain.to_string(),
+                    path,
+                    source,
+                })
+            }
+        };
+        Ok(Self {
+            domain: domain.to_string(),
+            path,
+            record,
+        })
+    }
+
+    /// The file of each disk that holds the newest data.
+    pub fn current(&self) -> DiskCopy {
+        self.record.copy
+    }
+
+    /// Why it is what it is.
+    pub fn cause(&self) -> &str {
+        &self.record.cause
+    }
+
+    /// Records `copy` durably (nothing is written when it is already the choice).
+    ///
+    /// # Errors
+    /// The file could not be replaced; the choice is then unchanged.
+    pub fn set(&mut self, copy: DiskCopy, cause: &str) -> Result<(), DiskCopyError> {
+        if self.record.copy == copy && self.record.since_ms != 0 {
+            return Ok(());
+        }
+        let record = Record {
+            copy,
+            since_ms: remus_ha::auth::unix_millis(),
+            cause: cause.to_string(),
+        };
+        let write_err = |step, source| DiskCopyError::Write {
+            domain: self.domain.clone(),
+            path: self.path.clone(),
+            step,
+            source,
+        };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| write_err("create directory", e))?;
+        }
+        let bytes = serde_json::to_vec_pretty(&record).expect("record serialises");
+        remus_ha::persist::write_atomic(&self.path, &bytes).map_err(|(s, e)| write_err(s, e))?;
+        self.record = record;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_until_a_replica_is_recorded_and_the_record_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("web");
+        let mut s = DiskCopyStore::open("web", &state).unwrap();
+        assert_eq!(s.current(), DiskCopy::Image);
+        assert!(!state.join(FILE_NAME).exists(), "opening writes nothing");
+        s.set(DiskCopy::Replica, "backup of node a").unwrap();
+        let s = DiskCopyStore::open("web", &state).unwrap();
+        assert_eq!(
+            (s.current(), s.cause()),
+            (DiskCopy::Replica, "backup of node a")
+        );
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_record_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, what) in [
+            (&b"not json"[..], "garbage"),
+            (
+                br#"{"copy":"tape","since_ms":1,"cause":"x"}"#,
+                "unknown copy",
+            ),
+            (
+                br#"{"copy":"image","since_ms":1,"cause":"x","extra":1}"#,
+                "unknown field",
+            ),
+        ] {
+            std::fs::write(dir.path().join(FILE_NAME), text).unwrap();
+            let e = DiskCopyStore::open("web", dir.path()).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("domain web: ")
+                    && msg.contains(FILE_NAME)
+                    && msg.contains("corrupt"),
+                "{what}: {msg}"
+            );
+        }
+    }
+}
