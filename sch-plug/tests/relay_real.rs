@@ -271,3 +271,32 @@ async fn teardown_removes_the_tap_and_socket() {
     );
     assert!(relay.buffer(1).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_right_after_one_was_dropped_gets_the_tap() {
+    let ns = TempNetns::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tap = format!("rtd{}", std::process::id() % 100_000);
+    let mut cfg = RelayConfig::new(dir.path().join("a.sock"), &tap);
+    cfg.netns = ns.netns();
+    // Dropped, not torn down (a killed VM's runtime): its tasks close the tap later.
+    for round in 0..5 {
+        let relay = RelayBuffer::start(cfg.clone())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        drop(relay);
+    }
+    // A tap held by a live relay is still refused (after the wait), naming the tap.
+    let held = RelayBuffer::start(cfg.clone()).await.unwrap();
+    let mut other = cfg.clone();
+    other.socket_path = dir.path().join("b.sock");
+    let e = RelayBuffer::start(other)
+        .await
+        .err()
+        .expect("a tap in use must be refused");
+    assert!(
+        e.to_string().contains(&tap) && e.to_string().contains("busy"),
+        "{e}"
+    );
+    drop(held);
+}

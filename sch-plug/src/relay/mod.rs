@@ -26,6 +26,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -43,6 +44,9 @@ use crate::plug::msg;
 use crate::plug::rtnl::{Rtnl, RtnlError};
 use frame::FrameReader;
 use hold::{Accept, Hold};
+
+/// How long a start waits for a just-dropped relay of the same NIC to close its tap.
+const TAP_BUSY_WAIT: Duration = Duration::from_secs(3);
 
 /// Failures of the relay backend.
 #[derive(Debug, Error)]
@@ -232,11 +236,28 @@ impl RelayBuffer {
             tap: tap_name.clone(),
             source,
         };
-        let tap_fd = tap::create(&cfg.tap, &cfg.netns).map_err(|source| RelayError::Tap {
-            tap: cfg.tap.clone(),
-            netns: cfg.netns.to_string(),
-            source,
-        })?;
+        // A relay of the same NIC dropped a moment ago (its VM killed, a new one started)
+        // closes its tap asynchronously (its tasks are aborted, not joined): until then the
+        // exclusive create reports EBUSY. Wait for it a little; a tap held for longer
+        // belongs to someone else and is an error.
+        let busy_until = tokio::time::Instant::now() + TAP_BUSY_WAIT;
+        let tap_fd = loop {
+            match tap::create(&cfg.tap, &cfg.netns) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && tokio::time::Instant::now() < busy_until =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                r => {
+                    break r.map_err(|source| RelayError::Tap {
+                        tap: cfg.tap.clone(),
+                        netns: cfg.netns.to_string(),
+                        source,
+                    })?
+                }
+            }
+        };
         let rtnl = Rtnl::open(&cfg.netns).map_err(nl)?;
         let tap_index = link_index(&rtnl, &cfg.tap)
             .await
