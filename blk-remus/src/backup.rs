@@ -189,6 +189,48 @@ struct Committer {
     consistent: bool,
 }
 
+/// Byte ranges of the replica written by commits while tracking is on: lets a copy of the
+/// replica be taken in two passes, the bulk while commits keep being applied, then only the
+/// ranges written since, while nothing commits (see `remus-agent`'s test activation).
+/// Cloning shares the tracker.
+#[derive(Clone, Debug, Default)]
+pub struct WrittenRanges {
+    /// `(offset, len)` of each write while tracking; `None` while not tracking.
+    inner: Arc<Mutex<Option<Ranges>>>,
+}
+
+type Ranges = Vec<(u64, u64)>;
+
+impl WrittenRanges {
+    /// Starts tracking afresh.
+    pub fn start(&self) {
+        *lock(&self.inner) = Some(Vec::new());
+    }
+
+    /// Stops tracking and returns the ranges written since [`start`](Self::start) as
+    /// `(offset, len)`, sorted and merged.
+    pub fn take(&self) -> Vec<(u64, u64)> {
+        let mut v = lock(&self.inner).take().unwrap_or_default();
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (off, len) in v {
+            match out.last_mut() {
+                Some((o, l)) if off <= *o + *l => *l = (*l).max(off + len - *o),
+                _ => out.push((off, len)),
+            }
+        }
+        out
+    }
+
+    /// Notes a range just written (after the write: a range written while tracking starts
+    /// is either seen by the bulk copy or noted).
+    fn note(&self, off: u64, len: u64) {
+        if let Some(v) = lock(&self.inner).as_mut() {
+            v.push((off, len));
+        }
+    }
+}
+
 /// The backup's replica and its uncommitted epochs. See the module documentation.
 #[derive(Debug)]
 pub struct BackupStore {
@@ -198,6 +240,8 @@ pub struct BackupStore {
     committer: Mutex<Committer>,
     /// Mirrors the committer's last committed epoch so `receive` can check without waiting.
     committed: AtomicU64,
+    /// Ranges written by commits while tracking is on.
+    written: WrittenRanges,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -275,6 +319,7 @@ impl BackupStore {
                 replica,
                 consistent,
             }),
+            written: WrittenRanges::default(),
             cfg,
         })
     }
@@ -471,6 +516,9 @@ impl BackupStore {
         for (_, b) in &taken {
             Self::for_each_record(b, |rec| {
                 apply(replica, rec, consistent)?;
+                if let Record::Write { offset, kind, .. } = rec {
+                    self.written.note(*offset, kind.len());
+                }
                 if let Some(d) = delay {
                     std::thread::sleep(d);
                 }
@@ -621,42 +669,74 @@ impl BackupStore {
         }
     }
 
-    /// Copies the committed replica: the image to `image` and the WAL into `state_dir`, so
-    /// that [`BackupStore::open`] on the copy holds exactly the committed epoch returned
-    /// (uncommitted epochs are not part of it). Runs under the commit lock, so no commit is
-    /// half applied in the copy; receiving goes on meanwhile. Blocking.
+    /// First pass of a copy of the committed replica to `image`: starts tracking the ranges
+    /// commits write, then copies the whole image while commits go on (ranges they write
+    /// meanwhile may be torn in the copy; [`finish_copy`](Self::finish_copy) copies them
+    /// again). Blocking.
     ///
-    /// Used for test activations: the caller pairs the disk with RAM of the same
-    /// checkpoint by calling it while the replication receiver is held still.
+    /// # Errors
+    /// [`BackupError::Copy`] naming the file.
+    pub fn precopy(&self, image: &Path) -> Result<(), BackupError> {
+        self.written.start();
+        std::fs::copy(&self.cfg.replica, image)
+            .map(|_| ())
+            .map_err(|source| BackupError::Copy {
+                from: self.cfg.replica.clone(),
+                to: image.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Last pass of the copy begun by [`precopy`](Self::precopy): under the commit lock,
+    /// copies the ranges commits wrote since, so that `image` is the replica at the committed
+    /// epoch returned (a store opened on it with an empty state directory holds exactly
+    /// that). The caller pairs it with RAM of the same checkpoint by calling it while the
+    /// replication receiver is held still. Returns the epoch and the bytes copied. Blocking.
     ///
     /// # Errors
     /// [`BackupError::Inconsistent`] while a sync is incomplete (the replica is no image the
     /// VM ever had); [`BackupError::Copy`] naming the file.
-    pub fn copy_committed(&self, image: &Path, state_dir: &Path) -> Result<Epoch, BackupError> {
+    pub fn finish_copy(&self, image: &Path) -> Result<(Epoch, u64), BackupError> {
+        use std::os::unix::fs::FileExt;
         let c = lock(&self.committer);
+        let ranges = self.written.take();
         if !c.consistent {
             return Err(BackupError::Inconsistent);
         }
-        c.replica.flush()?;
-        let copy = |from: &Path, to: &Path| {
-            std::fs::copy(from, to)
-                .map(|_| ())
-                .map_err(|source| BackupError::Copy {
-                    from: from.to_path_buf(),
-                    to: to.to_path_buf(),
-                    source,
-                })
-        };
-        copy(&self.cfg.replica, image)?;
-        std::fs::create_dir_all(state_dir).map_err(|source| BackupError::StateDir {
-            path: state_dir.to_path_buf(),
+        let copy_err = |source| BackupError::Copy {
+            from: self.cfg.replica.clone(),
+            to: image.to_path_buf(),
             source,
-        })?;
-        copy(
-            &self.cfg.state_dir.join("wal.log"),
-            &state_dir.join("wal.log"),
-        )?;
-        Ok(self.committed())
+        };
+        let src = File::open(&self.cfg.replica).map_err(copy_err)?;
+        let dst = OpenOptions::new()
+            .write(true)
+            .open(image)
+            .map_err(copy_err)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut copied = 0;
+        for (off, len) in ranges {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                src.read_exact_at(&mut buf[..n], off + done)
+                    .map_err(copy_err)?;
+                dst.write_all_at(&buf[..n], off + done).map_err(copy_err)?;
+                done += n as u64;
+            }
+            copied += len;
+        }
+        Ok((self.committed(), copied))
+    }
+
+    /// The tracker of ranges written to the replica by commits (shared).
+    pub fn written_ranges(&self) -> WrittenRanges {
+        self.written.clone()
+    }
+
+    /// The replica image.
+    pub fn replica_path(&self) -> &Path {
+        &self.cfg.replica
     }
 
     /// The state directory.

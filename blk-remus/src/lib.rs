@@ -36,7 +36,9 @@ pub use backend::{BackendError, BlockBackend, FileBackend};
 
 pub use event::{DiskEvent, Epoch, EventSink, SinkClosed, WriteKind};
 
-pub use backup::{BackupConfig, BackupError, BackupStatus, BackupStore, CommitReport};
+pub use backup::{
+    BackupConfig, BackupError, BackupStatus, BackupStore, CommitReport, WrittenRanges,
+};
 pub use bitmap::{BitmapError, DirtyBitmap};
 pub use primary::{BarrierReport, LinkState, Primary, PrimaryConfig, PrimaryError, PrimaryStatus};
 pub use sync::{SyncError, SyncMode, SyncProgress, SyncReport};

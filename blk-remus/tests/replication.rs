@@ -191,10 +191,11 @@ async fn reopen_keeps_committed_epoch() {
     assert_eq!(read_range(&rimg, 0, 4096), vec![9; 4096]);
 }
 
-/// A copy of the committed replica, taken while a later epoch is held, opens at exactly the
-/// committed epoch; a copy mid-sync is refused.
+/// A copy of the committed replica in two passes: the bulk while commits go on, then the
+/// ranges written since. It opens at exactly the committed epoch, uncommitted epochs are not
+/// in it, and a replica mid-sync is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copy_committed_holds_exactly_the_committed_epoch() {
+async fn a_two_pass_copy_holds_exactly_the_committed_epoch() {
     use blk_remus::{DiskEvent, WriteKind};
     let dir = tempfile::tempdir().unwrap();
     let rimg = dir.path().join("replica.img");
@@ -213,24 +214,35 @@ async fn copy_committed_holds_exactly_the_committed_epoch() {
     b.receive(w(1, 0, 1)).unwrap();
     b.receive(barrier(1)).unwrap();
     b.commit(1).unwrap();
-    // Epoch 2 complete but not committed, epoch 3 still arriving.
-    b.receive(w(2, 4096, 2)).unwrap();
-    b.receive(barrier(2)).unwrap();
-    b.receive(w(3, 8192, 3)).unwrap();
     let copy_img = dir.path().join("copy.img");
-    let copy_state = dir.path().join("copy-state");
-    assert_eq!(b.copy_committed(&copy_img, &copy_state).unwrap(), 1);
-    // The original goes on untouched.
+    b.precopy(&copy_img).unwrap();
+    // Commits go on after the bulk pass: epoch 2 overwrites page 0 and writes page 1.
+    b.receive(w(2, 0, 2)).unwrap();
+    b.receive(barrier(2)).unwrap();
     b.commit(2).unwrap();
-    assert_eq!(read_range(&rimg, 4096, 4096), vec![2; 4096]);
-    let c = BackupStore::open(BackupConfig::new(&copy_state, &copy_img)).unwrap();
+    // Epoch 3 complete but not committed: not part of the copy.
+    b.receive(w(3, 8192, 3)).unwrap();
+    b.receive(barrier(3)).unwrap();
+    let (epoch, copied) = b.finish_copy(&copy_img).unwrap();
+    assert_eq!(
+        (epoch, copied),
+        (2, 4096),
+        "only epoch 2's range copied again"
+    );
+    b.commit(3).unwrap();
+    let c = BackupStore::open(BackupConfig::new(dir.path().join("copy-state"), &copy_img)).unwrap();
     let st = c.status();
     assert_eq!(
         (st.committed, st.backlog_epochs, st.consistent),
-        (1, 0, true)
+        (0, 0, true)
     );
-    assert_eq!(read_range(&copy_img, 0, 4096), vec![1; 4096]);
-    assert_eq!(read_range(&copy_img, 4096, 8192), vec![0; 8192]);
+    assert_eq!(read_range(&copy_img, 0, 4096), vec![2; 4096]);
+    assert_eq!(
+        read_range(&copy_img, 8192, 4096),
+        vec![0; 4096],
+        "epoch 3 not copied"
+    );
+    assert_eq!(read_range(&rimg, 8192, 4096), vec![3; 4096]);
     // Mid-sync the replica is no image the VM had: refused.
     let dir2 = tempfile::tempdir().unwrap();
     let rimg2 = dir2.path().join("replica.img");
@@ -244,8 +256,8 @@ async fn copy_committed_holds_exactly_the_committed_epoch() {
     s.receive(w(1, 0, 7)).unwrap();
     s.receive(barrier(1)).unwrap();
     s.commit(1).unwrap();
-    let err = s
-        .copy_committed(&dir2.path().join("c.img"), &dir2.path().join("c"))
-        .unwrap_err();
+    let c2 = dir2.path().join("c.img");
+    s.precopy(&c2).unwrap();
+    let err = s.finish_copy(&c2).unwrap_err();
     assert!(matches!(err, blk_remus::BackupError::Inconsistent), "{err}");
 }

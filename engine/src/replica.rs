@@ -25,6 +25,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use memmap2::MmapMut;
 use serde::{Deserialize, Serialize};
@@ -169,6 +171,56 @@ pub struct ActivationInputs {
     pub device_state: Vec<u8>,
 }
 
+/// Pages of the replica RAM written while tracking is on: lets a copy of the RAM file be
+/// taken in two passes, the bulk while checkpoints keep being applied, then only the pages
+/// written since, while the receiver is held still (see `remus-agent`'s test activation).
+/// Cloning shares the tracker.
+#[derive(Clone, Debug, Default)]
+pub struct WrittenPages {
+    on: Arc<AtomicBool>,
+    bits: Arc<Mutex<Vec<u64>>>,
+}
+
+impl WrittenPages {
+    /// Starts tracking afresh (forgetting pages noted before) for RAM of `pages` pages.
+    pub fn start(&self, pages: u64) {
+        let mut b = self.bits.lock().unwrap_or_else(|e| e.into_inner());
+        b.clear();
+        b.resize(pages.div_ceil(64) as usize, 0);
+        self.on.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops tracking and returns the pages written since [`start`](Self::start), in order.
+    pub fn take(&self) -> Vec<u64> {
+        self.on.store(false, Ordering::SeqCst);
+        let b = std::mem::take(&mut *self.bits.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = Vec::new();
+        for (w, &word) in b.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let bit = word.trailing_zeros() as u64;
+                out.push(w as u64 * 64 + bit);
+                word &= word - 1;
+            }
+        }
+        out
+    }
+
+    /// Notes pages just written (called after the write, so a page written while tracking
+    /// starts is either seen by the bulk copy or noted).
+    fn note(&self, pfns: impl IntoIterator<Item = u64>) {
+        if !self.on.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut b = self.bits.lock().unwrap_or_else(|e| e.into_inner());
+        for pfn in pfns {
+            if let Some(w) = b.get_mut((pfn / 64) as usize) {
+                *w |= 1 << (pfn % 64);
+            }
+        }
+    }
+}
+
 /// The backup's replica of one domain.
 pub struct ReplicaStore {
     domain: String,
@@ -176,6 +228,7 @@ pub struct ReplicaStore {
     ram_size: u64,
     ram: MmapMut,
     meta: Meta,
+    written: WrittenPages,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -283,6 +336,7 @@ impl ReplicaStore {
             ram_size,
             ram,
             meta,
+            written: WrittenPages::default(),
         };
         store.write_meta()?;
         if let ReplicaState::Applying(k) = store.meta.state {
@@ -375,7 +429,14 @@ impl ReplicaStore {
     pub fn write_first_page(&mut self, pfn: u64, page: &[u8]) -> Result<(), ReplicaError> {
         let off = self.page_offset(pfn)?;
         self.ram[off..off + PAGE].copy_from_slice(page);
+        self.written.note([pfn]);
         Ok(())
+    }
+
+    /// The tracker of pages written to the RAM file (shared: keep it to copy the replica
+    /// while sessions apply checkpoints).
+    pub fn written_pages(&self) -> WrittenPages {
+        self.written.clone()
     }
 
     /// Completes the first checkpoint: its device state is stored and the replica becomes
@@ -496,6 +557,7 @@ impl ReplicaStore {
             let off = self.page_offset(pfn)?;
             self.ram[off..off + PAGE].copy_from_slice(data);
         }
+        self.written.note(pages.iter().map(|(pfn, _)| pfn));
         self.ram
             .flush()
             .map_err(io_err(&self.dir.join("ram"), "msync"))
@@ -577,6 +639,32 @@ mod tests {
 
     fn page(b: u8) -> Vec<u8> {
         vec![b; PAGE]
+    }
+
+    #[test]
+    fn written_pages_are_noted_only_while_tracking() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = ReplicaStore::open("vm", dir.path(), 256 * PAGE as u64).unwrap();
+        let w = r.written_pages();
+        r.begin_session(1).unwrap();
+        r.write_first_page(3, &page(1)).unwrap();
+        w.start(256);
+        r.write_first_page(200, &page(2)).unwrap();
+        r.write_first_page(5, &page(2)).unwrap();
+        r.commit_first(1, b"dev").unwrap();
+        let mut staged = StagedPages::default();
+        staged.put(64, &page(3));
+        staged.put(5, &page(3));
+        r.stage_and_apply(2, &staged, b"dev2").unwrap();
+        assert_eq!(
+            w.take(),
+            vec![5, 64, 200],
+            "page 3 was written before tracking"
+        );
+        staged.put(7, &page(4));
+        r.mark_committed(2).unwrap();
+        r.stage_and_apply(3, &staged, b"dev3").unwrap();
+        assert!(w.take().is_empty(), "nothing is noted after take");
     }
 
     #[test]

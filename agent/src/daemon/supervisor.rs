@@ -1500,25 +1500,15 @@ impl Supervisor {
         );
         let files = r.files.clone();
         let copied = match &r.session {
-            Some(s) => {
-                // Held still after the session's next commit; the copy runs in the task.
-                let (quiesced_tx, quiesced) = oneshot::channel();
-                let (resume, resume_rx) = oneshot::channel();
-                s.quiesce
-                    .try_send(QuiesceRequest {
-                        quiesced: quiesced_tx,
-                        resume: resume_rx,
-                    })
-                    .map_err(|_| anyhow!("the receiver is busy with another copy"))?;
-                Copy::WhenQuiesced { quiesced, resume }
-            }
+            // Both passes run in the task; the receiver is held still for the second.
+            Some(s) => Copy::WhileReceiving(s.quiesce.clone()),
             None => {
                 if r.committed.is_none() {
                     return Err(anyhow!("the replica holds no committed checkpoint"));
                 }
                 // No session can start while the supervisor awaits this.
                 let (f, dir) = (files.clone(), scratch.path.clone());
-                let copy = tokio::task::spawn_blocking(move || f.copy_committed(&dir))
+                let copy = tokio::task::spawn_blocking(move || f.finish(f.precopy(&dir)?))
                     .await
                     .context("the copying task failed")??;
                 Copy::Done(Box::new(copy))
@@ -1527,12 +1517,23 @@ impl Supervisor {
         let d = self.d.clone();
         Ok(async move {
             let started = Instant::now();
-            let (test_domain, test_paths, epoch, held) = match copied {
-                Copy::Done(c) => {
-                    let (dom, paths, epoch) = *c;
-                    (dom, paths, epoch, None)
-                }
-                Copy::WhenQuiesced { quiesced, resume } => {
+            let (copy, held) = match copied {
+                Copy::Done(c) => (*c, None),
+                Copy::WhileReceiving(quiesce) => {
+                    let (f, dir) = (files.clone(), scratch.path.clone());
+                    let pre = tokio::task::spawn_blocking(move || f.precopy(&dir))
+                        .await
+                        .context("the copying task failed")??;
+                    let (quiesced_tx, quiesced) = oneshot::channel();
+                    let (resume, resume_rx) = oneshot::channel();
+                    quiesce
+                        .try_send(QuiesceRequest {
+                            quiesced: quiesced_tx,
+                            resume: resume_rx,
+                        })
+                        .map_err(|_| {
+                            anyhow!("the replication session ended during the copy (or another copy holds the receiver)")
+                        })?;
                     let at = tokio::time::timeout(QUIESCE_WAIT, quiesced)
                         .await
                         .map_err(|_| {
@@ -1540,20 +1541,24 @@ impl Supervisor {
                         })?
                         .map_err(|_| anyhow!("the replication session ended before a checkpoint committed"))?;
                     let held_from = Instant::now();
-                    let dir = scratch.path.clone();
-                    let copy = tokio::task::spawn_blocking(move || files.copy_committed(&dir))
+                    let copy = tokio::task::spawn_blocking(move || files.finish(pre))
                         .await
                         .context("the copying task failed");
                     drop(resume);
-                    let (dom, paths, epoch) = copy??;
-                    if epoch != at {
+                    let held = held_from.elapsed();
+                    let copy = copy??;
+                    if copy.epoch != at {
                         return Err(anyhow!(
-                            "copied checkpoint {epoch}, but the receiver held {at}"
+                            "copied checkpoint {}, but the receiver held {at}",
+                            copy.epoch
                         ));
                     }
-                    (dom, paths, epoch, Some(held_from.elapsed()))
+                    (copy, Some(held))
                 }
             };
+            let epoch = copy.epoch;
+            let final_pass = copy.final_pass_bytes;
+            let (test_domain, test_paths) = (copy.domain, copy.paths);
             let copied_in = started.elapsed();
             let netns = IsolatedNetns::create(&d)?;
             let (mut vm, from) = ReplicaDomain::open(&test_domain, test_paths)?
@@ -1578,7 +1583,7 @@ impl Supervisor {
                 || "copied between sessions".to_string(),
                 |h| {
                     format!(
-                        "receiver held still {} ms for the copy, protection uninterrupted",
+                        "receiver held still {} ms for the last {final_pass} bytes of the copy, protection uninterrupted",
                         h.as_millis()
                     )
                 },
@@ -1697,12 +1702,10 @@ impl Supervisor {
 /// How a test activation gets its copy.
 enum Copy {
     /// Already taken (between sessions).
-    Done(Box<(DomainConfig, crate::domain::DomainPaths, u64)>),
-    /// To be taken once the receiver holds still; dropping `resume` lets it go on.
-    WhenQuiesced {
-        quiesced: oneshot::Receiver<u64>,
-        resume: oneshot::Sender<()>,
-    },
+    Done(Box<crate::domain::backup::ReplicaCopy>),
+    /// To be taken while a session runs: first pass alongside it, second pass with its
+    /// receiver held still through this channel.
+    WhileReceiving(mpsc::Sender<QuiesceRequest>),
 }
 
 /// A test activation's scratch directory, removed on drop (also when the test is aborted).

@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use remus_engine::backup::{Backup, BackupError, BackupExit, BackupStatus, QuiesceRequest};
-use remus_engine::replica::ReplicaStore;
+use remus_engine::replica::{ReplicaState, ReplicaStore, WrittenPages};
 use remus_engine::session::BackupSession;
+use remus_stream::PAGE_SIZE;
 use sch_plug::Netns;
 use tokio::sync::{mpsc, watch};
 use tracing::info;
@@ -127,6 +128,7 @@ impl ReplicaDomain {
         ReplicaFiles {
             domain: self.domain.clone(),
             paths: self.paths.clone(),
+            ram_written: self.replica().written_pages(),
             disks: self.disks.iter().map(|(_, s)| s.clone()).collect(),
         }
     }
@@ -175,49 +177,114 @@ impl ReplicaDomain {
 }
 
 /// The files of a domain's replica, for copying the committed checkpoint (a test
-/// activation boots the copy).
+/// activation boots the copy) while replication goes on.
+///
+/// The copy takes two passes, as a live migration would: [`precopy`](Self::precopy) starts
+/// tracking what the receiver writes and copies everything while checkpoints keep being
+/// applied; [`finish`](Self::finish), called while the receiver is held still right after a
+/// commit (or between sessions), copies only what was written since, plus the device state
+/// and the checkpoint metadata. The hold lasts as long as the second pass: the pages and disk
+/// ranges of the few checkpoints applied during the first, not the guest's whole RAM and
+/// disks.
 #[derive(Clone)]
 pub struct ReplicaFiles {
     domain: DomainConfig,
     paths: DomainPaths,
+    ram_written: WrittenPages,
     disks: Vec<Arc<blk_remus::BackupStore>>,
 }
 
+/// A copy whose first pass is done (see [`ReplicaFiles::precopy`]).
+pub struct Precopy {
+    domain: DomainConfig,
+    paths: DomainPaths,
+}
+
+/// A finished copy of the committed replica.
+pub struct ReplicaCopy {
+    /// The domain as the copy must be started (disks pointing at the copies).
+    pub domain: DomainConfig,
+    /// The copy's files.
+    pub paths: DomainPaths,
+    /// The checkpoint it holds.
+    pub epoch: u64,
+    /// Bytes the second pass copied (RAM pages and disk ranges written during the first).
+    pub final_pass_bytes: u64,
+}
+
 impl ReplicaFiles {
-    /// Copies the committed replica (RAM, device state, checkpoint metadata, each disk's
-    /// committed image and WAL) under `scratch`. Call it only while nothing applies a
-    /// checkpoint: between sessions, or while the receiver is held still
-    /// ([`ReceiveControls::quiesce`]); the copy is checked to be of one checkpoint (RAM and
-    /// every disk at the same epoch). Returns the domain as the copy must be started (disks
-    /// pointing at the copies), its paths and the checkpoint. Blocking.
+    /// First pass: starts tracking the RAM pages and disk ranges the receiver writes, then
+    /// copies the RAM file and each disk's image under `scratch` while replication goes on.
+    /// Blocking.
+    ///
+    /// # Errors
+    /// File errors, naming the file.
+    pub fn precopy(&self, scratch: &std::path::Path) -> Result<Precopy> {
+        let name = &self.domain.name;
+        let paths = DomainPaths::new(&scratch.join("run"), &scratch.join("state"), name);
+        paths.create()?;
+        let bytes = self.domain.qemu.memory_mib << 20;
+        self.ram_written.start(bytes / PAGE_SIZE as u64);
+        let (src, dst) = (self.paths.replica(), paths.replica());
+        std::fs::create_dir_all(&dst).with_context(|| format!("creating {}", dst.display()))?;
+        std::fs::copy(src.join("ram"), dst.join("ram"))
+            .with_context(|| format!("domain {name}: copying {}", src.join("ram").display()))?;
+        let mut domain = self.domain.clone();
+        let disks_dir = scratch.join("disks");
+        std::fs::create_dir_all(&disks_dir)
+            .with_context(|| format!("creating {}", disks_dir.display()))?;
+        for (d, store) in domain.disks.iter_mut().zip(&self.disks) {
+            let to = disks_dir.join(format!("{}.img", d.id));
+            store
+                .precopy(&to)
+                .with_context(|| format!("domain {name}: disk {}: copying the replica", d.id))?;
+            d.replica = to;
+        }
+        Ok(Precopy { domain, paths })
+    }
+
+    /// Second pass: call it only while nothing applies a checkpoint (the receiver held
+    /// still, or between sessions). Copies the RAM pages and disk ranges written since the
+    /// first pass, the device state and the checkpoint metadata, and checks that RAM and
+    /// every disk are at the same committed checkpoint. Blocking.
     ///
     /// # Errors
     /// File errors, naming the file; a replica with no committed checkpoint or mid-sync; RAM
     /// and disks at different checkpoints.
-    pub fn copy_committed(
-        &self,
-        scratch: &std::path::Path,
-    ) -> Result<(DomainConfig, DomainPaths, u64)> {
+    pub fn finish(&self, pre: Precopy) -> Result<ReplicaCopy> {
+        use std::os::unix::fs::FileExt;
         let name = &self.domain.name;
-        let paths = DomainPaths::new(&scratch.join("run"), &scratch.join("state"), name);
-        paths.create()?;
-        copy_dir(&self.paths.replica(), &paths.replica())?;
-        let mut domain = self.domain.clone();
-        std::fs::create_dir_all(scratch.join("disks"))
-            .with_context(|| format!("creating {}", scratch.join("disks").display()))?;
+        let (src, dst) = (self.paths.replica(), pre.paths.replica());
+        let pages = self.ram_written.take();
+        let ram_err = || format!("domain {name}: copying RAM pages to {}", dst.display());
+        let from = std::fs::File::open(src.join("ram")).with_context(ram_err)?;
+        let to = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dst.join("ram"))
+            .with_context(ram_err)?;
+        let mut page = vec![0u8; PAGE_SIZE];
+        for &pfn in &pages {
+            let off = pfn * PAGE_SIZE as u64;
+            from.read_exact_at(&mut page, off).with_context(ram_err)?;
+            to.write_all_at(&page, off).with_context(ram_err)?;
+        }
+        let mut final_pass_bytes = pages.len() as u64 * PAGE_SIZE as u64;
+        for f in ["devstate", "checkpoint.json"] {
+            std::fs::copy(src.join(f), dst.join(f))
+                .with_context(|| format!("domain {name}: copying {}", src.join(f).display()))?;
+        }
         let mut disk_epochs = Vec::new();
-        for (d, store) in domain.disks.iter_mut().zip(&self.disks) {
-            let to = scratch.join("disks").join(format!("{}.img", d.id));
-            let epoch = store
-                .copy_committed(&to, &paths.disk_state(&d.id))
+        for (d, store) in pre.domain.disks.iter().zip(&self.disks) {
+            let (epoch, bytes) = store
+                .finish_copy(&d.replica)
                 .with_context(|| format!("domain {name}: disk {}: copying the replica", d.id))?;
+            final_pass_bytes += bytes;
             disk_epochs.push((d.id.clone(), epoch));
-            d.replica = to;
         }
         let bytes = self.domain.qemu.memory_mib << 20;
-        let copy = ReplicaStore::open(name, &paths.replica(), bytes)
+        let copy = ReplicaStore::open(name, &dst, bytes)
             .with_context(|| format!("domain {name}: opening the copied replica"))?;
-        let remus_engine::replica::ReplicaState::Committed(epoch) = copy.state() else {
+        let ReplicaState::Committed(epoch) = copy.state() else {
             bail!(
                 "domain {name}: the replica holds no committed checkpoint ({})",
                 copy.state()
@@ -226,26 +293,11 @@ impl ReplicaFiles {
         if let Some((disk, e)) = disk_epochs.iter().find(|(_, e)| *e != epoch) {
             bail!("domain {name}: the copy is not of one checkpoint: RAM at {epoch}, disk {disk} at {e}");
         }
-        Ok((domain, paths, epoch))
+        Ok(ReplicaCopy {
+            domain: pre.domain,
+            paths: pre.paths,
+            epoch,
+            final_pass_bytes,
+        })
     }
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    let entries = match std::fs::read_dir(from) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", from.display())),
-    };
-    for e in entries {
-        let e = e.with_context(|| format!("reading {}", from.display()))?;
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        if e.file_type()?.is_dir() {
-            copy_dir(&src, &dst)?;
-        } else {
-            std::fs::copy(&src, &dst)
-                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-        }
-    }
-    Ok(())
 }
