@@ -102,7 +102,10 @@ async fn a_script_that_fails_twice_then_succeeds_gets_the_environment() {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let f = cmd(&[script.to_str().unwrap()], 2000, 3);
+    // Run through sh rather than exec'ing the file just written: another test of this
+    // binary forking at that moment holds its write fd until its exec, and exec of a file
+    // open for writing fails with ETXTBSY (a spawn failure that counts as an attempt).
+    let f = cmd(&["/bin/sh", script.to_str().unwrap()], 2000, 3);
     let out = f.fence("web", "nodeb").await.unwrap();
     assert_eq!(out.attempts, 3);
     assert_eq!(
@@ -111,7 +114,7 @@ async fn a_script_that_fails_twice_then_succeeds_gets_the_environment() {
     );
     // With fewer retries it fails, and the error carries the command's output.
     std::fs::remove_file(&count).unwrap();
-    let e = cmd(&[script.to_str().unwrap()], 2000, 1)
+    let e = cmd(&["/bin/sh", script.to_str().unwrap()], 2000, 1)
         .fence("web", "nodeb")
         .await
         .unwrap_err();
