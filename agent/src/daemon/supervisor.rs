@@ -1306,7 +1306,8 @@ impl Supervisor {
                 v.protection = Some(p);
                 v.acks = Acks::Flowing;
                 self.last_ack_at = Instant::now();
-                v.output_held = true;
+                // Held from now on, unless buffering is switched off (unsafe): then it never is.
+                v.output_held = self.d.netbuf.output_buffering;
                 self.seen_acked = None;
                 self.apply(
                     Event::BackupReturned {
