@@ -81,6 +81,10 @@ pub struct DaemonStatus {
     pub peer: String,
     /// Heartbeat view of the peer.
     pub peer_liveness: PeerLiveness,
+    /// How long ago replication traffic from the peer (a checkpoint received or an ACK)
+    /// was last reported to the failure detector as proof of life; `None` if never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_heard_ms_ago: Option<u64>,
     /// Seconds since the daemon started.
     pub uptime_s: u64,
     /// One entry per configured domain, in configuration order.

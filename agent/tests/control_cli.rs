@@ -16,7 +16,7 @@ const REMUSCTL: &str = env!("CARGO_BIN_EXE_remusctl");
 
 /// The human status of [`sample_status`], exactly.
 const HUMAN: &str = "\
-node alpha, peer beta: alive (1/2 links); up 1h 2m 5s
+node alpha, peer beta: alive (1/2 links); replication heard 40 ms ago; up 1h 2m 5s
 domain web: primary (backup beta, protected since epoch 10)
   vm: pid 4242, running, output held
   protection: running epoch 812, last acked epoch 811, 1 in flight, tracker compare

@@ -428,7 +428,8 @@ impl TrafficProbe {
         self.wake.notify_one();
     }
 
-    fn last_seen(&self) -> Option<Instant> {
+    /// When traffic was last reported, if ever.
+    pub fn last_seen(&self) -> Option<Instant> {
         match self.last.load(Ordering::Relaxed) {
             0 => None,
             ns => Some(self.base + Duration::from_nanos(ns)),

@@ -72,9 +72,12 @@ pub fn render(s: &DaemonStatus) -> String {
             format!("lost (declared after {detected_after_ms} ms of silence)")
         }
     };
+    let replication = s
+        .replication_heard_ms_ago
+        .map_or_else(String::new, |ms| format!("; replication heard {ms} ms ago"));
     let _ = writeln!(
         out,
-        "node {}, peer {}: {}; up {}",
+        "node {}, peer {}: {}{replication}; up {}",
         s.node,
         s.peer,
         peer,

@@ -58,6 +58,11 @@ impl ControlHandler for DaemonHandler {
             node: self.shared.config.node.name.clone(),
             peer: self.shared.config.peer.name.clone(),
             peer_liveness: self.peer_liveness(),
+            replication_heard_ms_ago: self
+                .shared
+                .traffic
+                .last_seen()
+                .map(|t| t.elapsed().as_millis() as u64),
             uptime_s: self.shared.started.elapsed().as_secs(),
             domains: self
                 .supervisors

@@ -44,6 +44,9 @@ pub struct Shared {
     pub liveness: watch::Receiver<PeerLiveness>,
     /// The peer's advertised per-domain view.
     pub peer_view: watch::Receiver<Option<remus_ha::heartbeat::PeerView>>,
+    /// Replication traffic from the peer counts as proof of life (a replication link busy
+    /// with checkpoints may delay heartbeats): supervisors report it here.
+    pub traffic: remus_ha::heartbeat::TrafficProbe,
     /// The witness, when one is configured.
     pub witness: Option<Arc<WitnessClient>>,
     /// The runtime of the heartbeat detector and the lease keepers (see [`HaRuntime`]).
@@ -123,6 +126,7 @@ pub async fn run(config: Config) -> Result<()> {
         psk,
         liveness: detector.liveness(),
         peer_view: detector.peer_view(),
+        traffic: detector.traffic_probe(),
         witness,
         ha: ha.handle.clone(),
         started: Instant::now(),

@@ -629,6 +629,10 @@ impl Supervisor {
             let res = rd.receive(session, controls).await;
             (rd, res)
         });
+        tokio::spawn(report_backup_traffic(
+            st_rx.clone(),
+            self.shared.traffic.clone(),
+        ));
         r.session = Some(Receiving {
             task,
             status: st_rx,
@@ -1303,6 +1307,10 @@ impl Supervisor {
         match protect(&v.vm, &opts).await {
             Ok(p) => {
                 info!(domain = %self.d.name, sync = ?opts.disk_sync, "protection session opened");
+                tokio::spawn(report_primary_traffic(
+                    p.handle.status.clone(),
+                    self.shared.traffic.clone(),
+                ));
                 v.protection = Some(p);
                 v.acks = Acks::Flowing;
                 self.last_ack_at = Instant::now();
@@ -1755,6 +1763,42 @@ impl IsolatedNetns {
 impl Drop for IsolatedNetns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Reports every record the peer's primary makes this receiver act on (a checkpoint begun,
+/// committed or refused) to the heartbeat detector as proof of life, as it happens; ends
+/// with the session.
+async fn report_backup_traffic(
+    mut status: watch::Receiver<Option<watch::Receiver<BackupStatus>>>,
+    probe: remus_ha::heartbeat::TrafficProbe,
+) {
+    let mut st = loop {
+        if let Some(st) = status.borrow_and_update().clone() {
+            break st;
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    };
+    while st.changed().await.is_ok() {
+        probe.seen();
+    }
+}
+
+/// Reports every acknowledgement from the peer's backup to the heartbeat detector as proof
+/// of life (the epoch loop's own phase changes are not traffic); ends with the session.
+async fn report_primary_traffic(
+    mut status: watch::Receiver<remus_engine::primary::PrimaryStatus>,
+    probe: remus_ha::heartbeat::TrafficProbe,
+) {
+    let mut acked = status.borrow_and_update().last_acked;
+    while status.changed().await.is_ok() {
+        let now = status.borrow_and_update().last_acked;
+        if now > acked {
+            probe.seen();
+            acked = now;
+        }
     }
 }
 

@@ -33,6 +33,7 @@ pub fn sample_status() -> DaemonStatus {
             links_up: 1,
             links_total: 2,
         },
+        replication_heard_ms_ago: Some(40),
         uptime_s: 3725,
         domains: vec![
             DomainStatus {

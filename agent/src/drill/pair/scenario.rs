@@ -331,6 +331,20 @@ impl PairDrill {
         });
         let mark = self.console(b);
         let failovers_before = self.observer().with(|l| failovers_of(l.latest(b)).len());
+        // Both daemons count the replication traffic as proof of life: the backup its
+        // checkpoints, the primary its ACKs (each at least every ACK timeout while protected).
+        let heard = self.observer().with(|l| {
+            let of = |h| l.latest(h).and_then(|s| s.replication_heard_ms_ago);
+            (of(p), of(b))
+        });
+        t.verdict(
+            "replication_counts_as_proof_of_life",
+            matches!(heard, (Some(x), Some(y)) if x < 2000 && y < 2000),
+            format!(
+                "replication last heard as proof of life before the failure: {p} {:?} ms ago, {b} {:?} ms ago",
+                heard.0, heard.1
+            ),
+        );
         let killed_at = Instant::now();
         self.topology().cut_uplink(p)?;
         if !isolate {
