@@ -403,6 +403,15 @@ impl Collector for Snapshot {
                 .map(|t| vec![(vec![("peer", peer.clone())], t as i64)])
                 .unwrap_or_default(),
         )?;
+        gauges(
+            e,
+            "remus_peer_replication_heard_ago",
+            "Time since replication traffic from the peer (a checkpoint, an ACK) last counted as proof of life (absent if never).",
+            Some(Unit::Seconds),
+            s.replication_heard_ms_ago
+                .map(|ms| vec![(vec![("peer", peer.clone())], secs_ms(ms))])
+                .unwrap_or_default(),
+        )?;
 
         // Per domain: role and VM.
         let mut roles = Vec::new();

@@ -32,6 +32,10 @@ remus_peer_liveness{peer=\"beta\",state=\"lost\"} 0
 ",
     "remus_peer_links{peer=\"beta\"} 2
 ",
+    "# TYPE remus_peer_replication_heard_ago_seconds gauge
+# UNIT remus_peer_replication_heard_ago_seconds seconds
+remus_peer_replication_heard_ago_seconds{peer=\"beta\"} 0.04
+",
     // one-hot role: exactly one 1 per domain
     "remus_domain_role{domain=\"web\",role=\"stopped\"} 0
 remus_domain_role{domain=\"web\",role=\"standalone\"} 0
@@ -176,7 +180,7 @@ fn exposition_of_a_representative_snapshot() {
             assert!(line.starts_with("remus_"), "{line}");
         }
     }
-    assert_eq!(declared.len(), 41, "{declared:?}");
+    assert_eq!(declared.len(), 42, "{declared:?}");
     // absent sources give no series rather than a misleading zero
     for absent in [
         "remus_last_acked_epoch{domain=\"db\"}",
