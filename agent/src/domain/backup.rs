@@ -29,8 +29,8 @@ pub struct ReceiveControls {
     pub status: Option<watch::Sender<Option<watch::Receiver<BackupStatus>>>>,
     /// Ends the session between two records when it turns `true`.
     pub cancel: Option<watch::Receiver<bool>>,
-    /// Requests to hold the receiver still right after a checkpoint commits (to copy the
-    /// replica with [`ReplicaFiles::copy_committed`] while the session goes on).
+    /// Requests to hold the receiver still right after a checkpoint commits, for the last
+    /// pass of a copy ([`ReplicaFiles::finish`]) taken while the session goes on.
     pub quiesce: Option<mpsc::Receiver<QuiesceRequest>>,
 }
 
