@@ -66,7 +66,7 @@ async fn witness() -> Running {
 async fn client(node: &str, addr: SocketAddr, ttl: Duration) -> Arc<WitnessClient> {
     let cfg = WitnessClientConfig {
         ttl,
-        attempt_timeout: Duration::from_millis(150),
+        attempt_timeout: Duration::from_millis(400),
         ..WitnessClientConfig::new(node, addr, key())
     };
     Arc::new(WitnessClient::new(cfg).await.unwrap())
@@ -89,6 +89,9 @@ async fn acquire_eventually(
             match c.acquire(domain).await {
                 Ok(l) => return (l, Instant::now()),
                 Err(WitnessError::Denied { .. }) => sleep(Duration::from_millis(10)).await,
+                // The witness fsyncs its table before every answer: on a loaded machine an
+                // answer can take longer than this client's short attempt timeouts.
+                Err(WitnessError::Unreachable { .. }) => {}
                 Err(e) => panic!("{e}"),
             }
         }
