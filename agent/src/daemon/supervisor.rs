@@ -217,6 +217,20 @@ struct VmRuntime {
     running: bool,
 }
 
+impl VmRuntime {
+    /// A VM just started or activated here: running, unprotected, its output passing.
+    fn unprotected(vm: RunningVm) -> Self {
+        Self {
+            vm,
+            protection: None,
+            acks: Acks::Stopped,
+            paused: false,
+            output_held: false,
+            running: true,
+        }
+    }
+}
+
 /// Fencing of the peer for the current loss.
 enum FenceRun {
     Idle,
@@ -1199,14 +1213,7 @@ impl Supervisor {
         self.seen_acked = None;
         self.alarms.clear();
         self.alarm("running unprotected: waiting for the peer to return as backup");
-        self.runtime = Runtime::Vm(Box::new(VmRuntime {
-            vm,
-            protection: None,
-            acks: Acks::Stopped,
-            paused: false,
-            output_held: false,
-            running: true,
-        }));
+        self.runtime = Runtime::Vm(Box::new(VmRuntime::unprotected(vm)));
         if self.fencing() == HaFencing::Witness && self.lease.is_none() {
             if let Some(w) = self.shared.witness.clone() {
                 self.lease = Some(self.spawn_keeper(w, None));
@@ -1383,14 +1390,7 @@ impl Supervisor {
             }
         };
         let pid = vm.qemu.pid();
-        self.runtime = Runtime::Vm(Box::new(VmRuntime {
-            vm,
-            protection: None,
-            acks: Acks::Stopped,
-            paused: false,
-            output_held: false,
-            running: true,
-        }));
+        self.runtime = Runtime::Vm(Box::new(VmRuntime::unprotected(vm)));
         self.peer_in_lineage = false;
         self.next_protect = Instant::now();
         self.alarm("running unprotected: waiting for the peer to accept as backup");
