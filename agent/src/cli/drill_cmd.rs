@@ -123,41 +123,8 @@ impl DrillCmd {
             seed: self.seed,
             unsafe_no_output_buffering: self.unsafe_no_output_buffering,
         };
-        let Some(rt) = runtime() else {
-            return ExitCode::from(EXIT_PROBLEMS);
-        };
         // Ctrl-C drops the drill, whose guards kill its QEMUs and delete its namespaces.
-        let outcome = rt.block_on(async {
-            tokio::select! {
-                r = run_local(&opts) => Some(r),
-                _ = tokio::signal::ctrl_c() => None,
-            }
-        });
-        let Some(outcome) = outcome else {
-            eprintln!("remusctl drill: interrupted; cleaned up");
-            return ExitCode::from(EXIT_PROBLEMS);
-        };
-        match outcome {
-            Ok(report) => {
-                if self.json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&report).expect("report serialises")
-                    );
-                } else {
-                    print!("{}", report.render());
-                }
-                ExitCode::from(if report.passed {
-                    EXIT_OK
-                } else {
-                    EXIT_PROBLEMS
-                })
-            }
-            Err(e) => {
-                eprintln!("remusctl drill: {e:#}");
-                ExitCode::from(EXIT_PROBLEMS)
-            }
-        }
+        run_and_report(run_local(&opts), self.json, |r| (r.render(), r.passed))
     }
 }
 
@@ -176,13 +143,23 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 /// Runs the pair drill and prints its report; the exit code says whether it passed.
 fn run_pair_cli(o: &PairOptions, json: bool) -> ExitCode {
+    // Ctrl-C drops the drill: its daemons, QEMUs, witness and namespaces go with it.
+    run_and_report(run_pair(o), json, |r| (r.render(), r.passed))
+}
+
+/// Runs a drill until it ends or Ctrl-C drops it, prints its report (JSON or the text
+/// `summary` gives with whether it passed) and turns the verdict into the exit code.
+fn run_and_report<R: serde::Serialize>(
+    drill: impl std::future::Future<Output = anyhow::Result<R>>,
+    json: bool,
+    summary: impl Fn(&R) -> (String, bool),
+) -> ExitCode {
     let Some(rt) = runtime() else {
         return ExitCode::from(EXIT_PROBLEMS);
     };
-    // Ctrl-C drops the drill: its daemons, QEMUs, witness and namespaces go with it.
     let outcome = rt.block_on(async {
         tokio::select! {
-            r = run_pair(o) => Some(r),
+            r = drill => Some(r),
             _ = tokio::signal::ctrl_c() => None,
         }
     });
@@ -196,19 +173,16 @@ fn run_pair_cli(o: &PairOptions, json: bool) -> ExitCode {
             ExitCode::from(EXIT_PROBLEMS)
         }
         Some(Ok(report)) => {
+            let (text, passed) = summary(&report);
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&report).expect("report serialises")
                 );
             } else {
-                print!("{}", report.render());
+                print!("{text}");
             }
-            ExitCode::from(if report.passed {
-                EXIT_OK
-            } else {
-                EXIT_PROBLEMS
-            })
+            ExitCode::from(if passed { EXIT_OK } else { EXIT_PROBLEMS })
         }
     }
 }
