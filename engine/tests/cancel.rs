@@ -10,20 +10,23 @@
 //! replica's files at exactly the committed checkpoint while the primary keeps sending, and
 //! acknowledges the next checkpoint once let go.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use remus_engine::backup::{Backup, BackupError, BackupStatus, QuiesceRequest};
+use remus_engine::backup::{BackupError, BackupStatus, QuiesceRequest};
 use remus_engine::peer::PreSharedKey;
 use remus_engine::ports::{DiskWriteHeld, PortError, ReplicaDisk};
 use remus_engine::primary::Reply;
 use remus_engine::replica::{ReplicaState, ReplicaStore};
-use remus_engine::session::{accept_backup, open_primary, Identity, PrimarySession};
+use remus_engine::session::PrimarySession;
 use remus_engine::wire::Outgoing;
 use remus_stream::{EncodingChoice, PageEncoding, Record};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use common::{loopback_session, BackupTask};
 
 const PAGE: usize = 4096;
 const RAM: u64 = 64 * PAGE as u64;
@@ -54,11 +57,6 @@ impl ReplicaDisk for GatedDisk {
     }
 }
 
-type BackupTask = tokio::task::JoinHandle<(
-    Result<remus_engine::backup::BackupExit, BackupError>,
-    ReplicaStore,
-)>;
-
 /// What a test holds of the backup side.
 struct Controls {
     cancel: watch::Sender<bool>,
@@ -74,33 +72,16 @@ async fn session(
     disk: Box<dyn ReplicaDisk>,
 ) -> (PrimarySession, BackupTask, Controls) {
     let psk = PreSharedKey::from_bytes(&[9; 40]).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let (quiesce_tx, quiesce_rx) = mpsc::channel(1);
     let (status_tx, status_rx) = oneshot::channel();
     let replica = ReplicaStore::open("vm", &dir.join("replica"), RAM).unwrap();
-    let psk_b = psk.clone();
-    let backup = tokio::spawn(async move {
-        let (sock, _) = listener.accept().await.unwrap();
-        let s = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let (mut b, status) = Backup::new("vm", s.reader, s.replies, replica, disk);
+    let (p, backup) = loopback_session(&psk, replica, disk, move |b, status| {
         b.set_cancel(cancel_rx);
         b.set_quiesce(quiesce_rx);
         let _ = status_tx.send(status);
-        let exit = b.run().await;
-        (exit, b.into_replica().0)
-    });
-    let id = Identity {
-        node: "pri".into(),
-        peer_node: "bak".into(),
-        domain: "vm".into(),
-    };
-    let p = open_primary(&addr, &psk, &id, Duration::from_secs(5))
-        .await
-        .unwrap();
+    })
+    .await;
     let controls = Controls {
         cancel: cancel_tx,
         quiesce: quiesce_tx,
@@ -136,6 +117,22 @@ async fn send_checkpoint(p: &PrimarySession, epoch: u64, fill: u8, end: bool) {
             .await
             .unwrap();
     }
+}
+
+/// Asks the receiver to hold still; returns where it says it holds and the let-go.
+async fn ask_quiesce(
+    requests: &mpsc::Sender<QuiesceRequest>,
+) -> (oneshot::Receiver<u64>, oneshot::Sender<()>) {
+    let (quiesced_tx, quiesced) = oneshot::channel();
+    let (resume, resume_rx) = oneshot::channel();
+    requests
+        .send(QuiesceRequest {
+            quiesced: quiesced_tx,
+            resume: resume_rx,
+        })
+        .await
+        .unwrap();
+    (quiesced, resume)
 }
 
 async fn reply(p: &mut PrimarySession) -> Reply {
@@ -251,15 +248,7 @@ async fn a_quiesced_receiver_holds_the_committed_checkpoint_until_let_go() {
     let status = c.status.await.unwrap();
     // Asked between checkpoints: served right after a commit, the one whose ACK was just
     // seen (if the receiver had not yet looked for requests) or the next one.
-    let (quiesced_tx, quiesced) = oneshot::channel();
-    let (resume, resume_rx) = oneshot::channel();
-    c.quiesce
-        .send(QuiesceRequest {
-            quiesced: quiesced_tx,
-            resume: resume_rx,
-        })
-        .await
-        .unwrap();
+    let (quiesced, resume) = ask_quiesce(&c.quiesce).await;
     send_checkpoint(&p, 2, 0x22, true).await;
     let held_at = tokio::time::timeout(Duration::from_secs(5), quiesced)
         .await
@@ -300,15 +289,7 @@ async fn a_quiesced_receiver_holds_the_committed_checkpoint_until_let_go() {
         assert_eq!(reply(&mut p).await, Reply::Ack(k));
     }
     // A requester that gives up before being served does not hold anything.
-    let (quiesced_tx, quiesced) = oneshot::channel();
-    let (_resume, resume_rx) = oneshot::channel();
-    c.quiesce
-        .send(QuiesceRequest {
-            quiesced: quiesced_tx,
-            resume: resume_rx,
-        })
-        .await
-        .unwrap();
+    let (quiesced, _resume) = ask_quiesce(&c.quiesce).await;
     drop(quiesced);
     send_checkpoint(&p, 4, 0x44, true).await;
     assert_eq!(reply(&mut p).await, Reply::Ack(4));

@@ -13,14 +13,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::*;
-use remus_engine::backup::{Backup, BackupError, BackupExit};
+use remus_engine::backup::{BackupError, BackupExit};
 use remus_engine::peer::PreSharedKey;
 use remus_engine::ports::{DiskWriteHeld, NoDisk, PortError, ReplicaDisk};
 use remus_engine::primary::{Compression, Primary, PrimaryConfig, PrimaryExit, PrimaryParts};
 use remus_engine::replica::{ReplicaState, ReplicaStore};
-use remus_engine::session::{accept_backup, open_primary, Identity};
 use remus_tracker::{CompareTracker, ScanPool};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// Commits of epochs ≥ `block` never finish (the backup hangs without closing anything).
@@ -70,32 +68,17 @@ async fn run(at: u64, stall_final: bool) -> Run {
     });
     let guest = spawn_guest(map(&ram_path), None);
     let psk = PreSharedKey::from_bytes(&[5; 48]).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     let (status_tx, status_rx) = watch::channel(None);
     let block = Arc::new(AtomicU64::new(u64::MAX));
     let replica =
         ReplicaStore::open("vm", &dir.path().join("replica"), (PAGES * PAGE) as u64).unwrap();
-    let (psk_b, disk_block) = (psk.clone(), block.clone());
-    let backup = tokio::spawn(async move {
-        let (sock, _) = listener.accept().await.unwrap();
-        let s = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let disk = Box::new(StallingDisk { block: disk_block });
-        let (mut b, status) = Backup::new("vm", s.reader, s.replies, replica, disk);
-        status_tx.send(Some(status)).unwrap();
-        let exit = b.run().await;
-        (exit, b.into_replica().0)
+    let disk = Box::new(StallingDisk {
+        block: block.clone(),
     });
-    let id = Identity {
-        node: "pri".into(),
-        peer_node: "bak".into(),
-        domain: "vm".into(),
-    };
-    let session = open_primary(&addr, &psk, &id, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let (session, backup) = loopback_session(&psk, replica, disk, move |_, status| {
+        status_tx.send(Some(status)).unwrap();
+    })
+    .await;
     let pool = Arc::new(ScanPool::new(2).unwrap());
     let mut vm = FakeVm::new(guest.clone(), engine_view.clone(), None);
     let calls = vm.calls.clone();
@@ -237,27 +220,8 @@ async fn a_hand_off_of_an_uncommitted_checkpoint_is_refused() {
 
     let dir = tempfile::tempdir().unwrap();
     let psk = PreSharedKey::from_bytes(&[6; 48]).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     let replica = ReplicaStore::open("vm", &dir.path().join("replica"), 16 * PAGE as u64).unwrap();
-    let psk_b = psk.clone();
-    let backup = tokio::spawn(async move {
-        let (sock, _) = listener.accept().await.unwrap();
-        let s = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let (mut b, _) = Backup::new("vm", s.reader, s.replies, replica, Box::new(NoDisk));
-        let exit = b.run().await;
-        (exit, b.into_replica().0)
-    });
-    let id = Identity {
-        node: "pri".into(),
-        peer_node: "bak".into(),
-        domain: "vm".into(),
-    };
-    let mut p = open_primary(&addr, &psk, &id, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let (mut p, backup) = loopback_session(&psk, replica, Box::new(NoDisk), |_, _| {}).await;
     let epoch = 1;
     for o in [
         Outgoing::Record(Record::CheckpointBegin { epoch }),

@@ -16,18 +16,15 @@ mod common;
 
 use async_trait::async_trait;
 use memmap2::MmapMut;
-use remus_engine::backup::Backup;
 use remus_engine::peer::PreSharedKey;
 use remus_engine::ports::{NoDisk, PortError, VmControl};
 use remus_engine::primary::{
     Compression, GuestMemory, Primary, PrimaryConfig, PrimaryExit, PrimaryParts,
 };
 use remus_engine::replica::ReplicaStore;
-use remus_engine::session::{accept_backup, open_primary, Identity};
 use remus_tracker::{CompareTracker, ScanPool};
-use tokio::net::TcpListener;
 
-use common::{map, CheckedBuffer, Ram, PAGE, PAGES};
+use common::{loopback_session, map, CheckedBuffer, Ram, PAGE, PAGES};
 
 /// The guest: while running, bump a counter (page 0) and scribble on pseudo-random pages.
 struct Guest {
@@ -125,32 +122,14 @@ async fn checkpoints_are_consistent_and_output_waits_for_the_ack() {
     let guest = Arc::new(spawn_guest(map(&ram_path), stop.clone()));
 
     let psk = PreSharedKey::from_bytes(&[42; 48]).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     let (status_tx, committed) = tokio::sync::watch::channel(None);
 
     let replica_dir = dir.path().join("replica");
-    let (psk_b, rdir) = (psk.clone(), replica_dir.clone());
-    let backup = tokio::spawn(async move {
-        let (sock, _) = listener.accept().await.unwrap();
-        let s = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let replica = ReplicaStore::open("vm", &rdir, (PAGES * PAGE) as u64).unwrap();
-        let (mut b, status) = Backup::new("vm", s.reader, s.replies, replica, Box::new(NoDisk));
+    let replica = ReplicaStore::open("vm", &replica_dir, (PAGES * PAGE) as u64).unwrap();
+    let (session, backup) = loopback_session(&psk, replica, Box::new(NoDisk), move |_, status| {
         status_tx.send(Some(status)).unwrap();
-        let exit = b.run().await;
-        (exit, b.into_replica().0)
-    });
-
-    let id = Identity {
-        node: "pri".into(),
-        peer_node: "bak".into(),
-        domain: "vm".into(),
-    };
-    let session = open_primary(&addr, &psk, &id, Duration::from_secs(5))
-        .await
-        .unwrap();
+    })
+    .await;
     let pool = Arc::new(ScanPool::new(2).unwrap());
     let net = CheckedBuffer::new(committed.clone());
     let released = net.released.clone();

@@ -24,13 +24,11 @@ use std::time::Duration;
 
 use blk_remus::{BackupConfig, BackupStore, FileBackend, SyncMode, SyncProgress};
 use common::*;
-use remus_engine::backup::{Backup, BackupExit};
+use remus_engine::backup::BackupExit;
 use remus_engine::peer::PreSharedKey;
 use remus_engine::primary::{Compression, Primary, PrimaryConfig, PrimaryExit, PrimaryParts};
 use remus_engine::replica::{ReplicaState, ReplicaStore};
-use remus_engine::session::{accept_backup, open_primary, Identity};
 use remus_tracker::{CompareTracker, ScanPool};
-use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 struct Setup {
@@ -75,34 +73,16 @@ struct Session {
 }
 
 async fn start_session(s: &Setup, mode: SyncMode) -> Session {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     // Backup restart: both stores are (re)opened from their files.
     let replica = ReplicaStore::open("vm", &s.replica_dir(), (PAGES * PAGE) as u64).unwrap();
     let store = Arc::new(BackupStore::open(s.disk_cfg()).unwrap());
     let weak = Arc::downgrade(&store);
     let (status_tx, mut status_rx) = watch::channel(None);
-    let psk_b = s.psk.clone();
-    let backup = tokio::spawn(async move {
-        let (sock, _) = listener.accept().await.unwrap();
-        let sess = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let disk = Box::new(TestReplicaDisk { store });
-        let (mut b, status) = Backup::new("vm", sess.reader, sess.replies, replica, disk);
+    let disk = Box::new(TestReplicaDisk { store });
+    let (session, backup) = loopback_session(&s.psk, replica, disk, move |_, status| {
         status_tx.send(Some(status)).unwrap();
-        let exit = b.run().await;
-        (exit, b.into_replica().0)
-    });
-
-    let id = Identity {
-        node: "pri".into(),
-        peer_node: "bak".into(),
-        domain: "vm".into(),
-    };
-    let session = open_primary(&addr, &s.psk, &id, Duration::from_secs(5))
-        .await
-        .unwrap();
+    })
+    .await;
 
     // The disk joins the session at epoch 1, then streams its sync.
     let (tx, rx) = tokio::sync::mpsc::channel(1024);

@@ -3,7 +3,8 @@
 //! (a real `blk_remus::Primary` over a real image file); a stand-in VM whose `stop` parks the
 //! guest and which records every stop/cont; an output buffer that checks the output-commit
 //! invariant; and adapters from the engine's disk ports to `blk-remus` (the daemon's own
-//! adapters live in the agent crate; these are the same few calls, for one disk).
+//! adapters live in the agent crate; these are the same few calls, for one disk); and a
+//! loopback replication session whose backup end runs in a task (`loopback_session`).
 #![allow(dead_code)]
 
 use std::fs::OpenOptions;
@@ -16,14 +17,18 @@ use async_trait::async_trait;
 use blk_remus::{BlockBackend, DiskEvent, WriteKind};
 use bytes::Bytes;
 use memmap2::MmapMut;
-use remus_engine::backup::BackupStatus;
+use remus_engine::backup::{Backup, BackupError, BackupExit, BackupStatus};
+use remus_engine::peer::PreSharedKey;
 use remus_engine::ports::{
     DiskBarrier, DiskOpHeld, DiskWriteHeld, OutputBuffer, PortError, ReplicaDisk, VmControl,
 };
 use remus_engine::primary::GuestMemory;
-use remus_engine::replica::ReplicaState;
+use remus_engine::replica::{ReplicaState, ReplicaStore};
+use remus_engine::session::{accept_backup, open_primary, Identity, PrimarySession};
 use remus_engine::wire::{Outgoing, StreamSender};
 use remus_stream::{DiskOp, DiskWrite, Record};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 pub const PAGES: usize = 2048;
@@ -408,4 +413,45 @@ pub async fn let_guest_run(guest: &Guest, steps: u64) {
     })
     .await
     .expect("the guest runs");
+}
+
+/// The backup as the session tests build it.
+pub type TestBackup = Backup<OwnedReadHalf, OwnedWriteHalf>;
+
+/// The backup end of a loopback session: how its `run` ended, and its replica.
+pub type BackupTask = tokio::task::JoinHandle<(Result<BackupExit, BackupError>, ReplicaStore)>;
+
+/// A replication session over an encrypted TCP connection on 127.0.0.1, node "pri" to
+/// node "bak", domain "vm": the backup accepts it and runs a `Backup` of `replica` and
+/// `disk`, after `configure` has seen it and its status channel (to set a cancel or quiesce
+/// channel, or to hand the status to the test). Returns the primary's end and the backup's
+/// task.
+pub async fn loopback_session(
+    psk: &PreSharedKey,
+    replica: ReplicaStore,
+    disk: Box<dyn ReplicaDisk>,
+    configure: impl FnOnce(&mut TestBackup, watch::Receiver<BackupStatus>) + Send + 'static,
+) -> (PrimarySession, BackupTask) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let psk_b = psk.clone();
+    let backup = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.unwrap();
+        let s = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (mut b, status) = Backup::new("vm", s.reader, s.replies, replica, disk);
+        configure(&mut b, status);
+        let exit = b.run().await;
+        (exit, b.into_replica().0)
+    });
+    let id = Identity {
+        node: "pri".into(),
+        peer_node: "bak".into(),
+        domain: "vm".into(),
+    };
+    let session = open_primary(&addr, psk, &id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    (session, backup)
 }
