@@ -6,6 +6,13 @@
 //! directory (cargo releases its build lock before running tests), then take them from
 //! next to the test executable. A stale binary is never used silently: the build runs every
 //! time (a no-op when nothing changed).
+//!
+//! The build is `cargo test --workspace --no-run`, the very selection the suite runs with
+//! (`scripts/test.sh`), not `cargo build` of the two binaries: a `build` resolves features
+//! without the dev-dependencies, so it compiled a second copy of most dependencies into the
+//! same target directory, and CI ran out of disk doing so. With the same selection the
+//! build is a no-op in the suite; `remus-agent` and `remus-ha` have integration tests, so
+//! their binaries are part of it.
 
 #![allow(dead_code)]
 
@@ -33,22 +40,12 @@ fn build() -> Result<Binaries> {
     let t = Instant::now();
     let out = Command::new(&cargo)
         .current_dir(workspace_root())
-        .args([
-            "build",
-            "-p",
-            "remus-agent",
-            "--bin",
-            "remusd",
-            "-p",
-            "remus-ha",
-            "--bin",
-            "remus-witness",
-        ])
+        .args(["test", "--workspace", "--no-run"])
         .output()
         .with_context(|| format!("running {cargo:?} build"))?;
     if !out.status.success() {
         bail!(
-            "building remusd and remus-witness failed:\n{}",
+            "building the workspace (for remusd and remus-witness) failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
