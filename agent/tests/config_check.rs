@@ -153,6 +153,24 @@ fn broken_configs_name_the_line() {
             "id = \"net0\"\nmac = \"52:54:00:00:00:09\"",
             "duplicate NIC id `net0`",
         ),
+        (
+            "tls asked for",
+            |t| t.replacen("mode = \"psk\"", "mode = \"tls\"", 1),
+            "mode = \"tls\"",
+            "auth.mode = \"tls\" is not supported",
+        ),
+        (
+            "certificate beside the key",
+            |t| {
+                t.replacen(
+                    "psk_file = \"/etc/remus/psk\"",
+                    "psk_file = \"/etc/remus/psk\"\ncert = \"/etc/remus/a.crt\"",
+                    1,
+                )
+            },
+            "cert =",
+            "auth.cert is not used",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let base = minimal();

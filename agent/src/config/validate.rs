@@ -382,7 +382,7 @@ fn build(cx: &mut Ctx<'_>, root: Spanned<DeTable<'_>>) -> Option<Config> {
             cx,
             &s,
             "auth",
-            "mode = \"psk\" or \"tls\"; authentication cannot be turned off",
+            "mode = \"psk\" and psk_file; authentication cannot be turned off",
         );
     }
 
@@ -613,42 +613,38 @@ fn heartbeat(cx: &mut Ctx<'_>, h: Option<&Spanned<RawHeartbeat>>) -> HeartbeatCo
 fn auth(cx: &mut Ctx<'_>, a: &Spanned<RawAuth>) -> Option<AuthConfig> {
     let at = a.span();
     let r = a.get_ref();
-    let mode = cx.required(r.mode.clone(), &at, "[auth]", "mode", "\"psk\" or \"tls\"")?;
-    match mode.get_ref() {
-        AuthMode::Psk => {
-            cx.unused(&r.cert, "auth.cert", "with mode = \"psk\"");
-            cx.unused(&r.key, "auth.key", "with mode = \"psk\"");
-            cx.unused(&r.ca, "auth.ca", "with mode = \"psk\"");
-            let f = cx.required(
-                r.psk_file.clone(),
-                &at,
-                "[auth]",
-                "psk_file",
-                "a file holding at least 32 bytes of key",
-            )?;
-            Some(AuthConfig::Psk {
-                key_file: cx.abs_path(&f, "auth.psk_file"),
-            })
-        }
-        AuthMode::Tls => {
-            cx.unused(&r.psk_file, "auth.psk_file", "with mode = \"tls\"");
-            let cert = cx.required(
-                r.cert.clone(),
-                &at,
-                "[auth]",
-                "cert",
-                "PEM certificate chain",
+    let mode = cx.required(r.mode.clone(), &at, "[auth]", "mode", "\"psk\"")?;
+    if *mode.get_ref() == AuthMode::Tls {
+        cx.error(
+            mode.span(),
+            "auth.mode = \"tls\" is not supported: one pre-shared key authenticates the \
+             replication stream, the UDP heartbeats and the witness, and certificates could \
+             stand in for it on the stream only; use mode = \"psk\" with psk_file",
+        );
+        return None;
+    }
+    for (v, key) in [
+        (&r.cert, "auth.cert"),
+        (&r.key, "auth.key"),
+        (&r.ca, "auth.ca"),
+    ] {
+        if let Some(v) = v {
+            cx.error(
+                v.span(),
+                format!("{key} is not used (authentication is by pre-shared key); remove it"),
             );
-            let key = cx.required(r.key.clone(), &at, "[auth]", "key", "PEM private key");
-            let ca = cx.required(r.ca.clone(), &at, "[auth]", "ca", "PEM CA of the peer");
-            let (cert, key, ca) = (cert?, key?, ca?);
-            Some(AuthConfig::Tls {
-                cert: cx.abs_path(&cert, "auth.cert"),
-                key: cx.abs_path(&key, "auth.key"),
-                ca: cx.abs_path(&ca, "auth.ca"),
-            })
         }
     }
+    let f = cx.required(
+        r.psk_file.clone(),
+        &at,
+        "[auth]",
+        "psk_file",
+        "a file holding at least 32 bytes of key",
+    )?;
+    Some(AuthConfig::Psk {
+        key_file: cx.abs_path(&f, "auth.psk_file"),
+    })
 }
 
 fn witness(cx: &mut Ctx<'_>, w: &Spanned<RawWitness>) -> Option<WitnessConfig> {

@@ -63,12 +63,7 @@ pub struct Shared {
 /// A host-wide service could not start (key, heartbeat sockets, witness socket, replication
 /// listener, control socket). Failures of one domain are handled by its supervisor.
 pub async fn run(config: Config) -> Result<()> {
-    let AuthConfig::Psk { key_file } = &config.auth else {
-        anyhow::bail!(
-            "[auth] mode = \"tls\" is not implemented yet; use mode = \"psk\" (see \
-             docs/configuration.md)"
-        );
-    };
+    let AuthConfig::Psk { key_file } = &config.auth;
     let key = std::fs::read(key_file)
         .with_context(|| format!("reading the pre-shared key {}", key_file.display()))?;
     let psk = PreSharedKey::from_bytes(&key)
