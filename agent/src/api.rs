@@ -28,10 +28,14 @@ pub enum Request {
     Status,
     /// Start a domain's VM here, unprotected, and protect it to the peer as soon as the
     /// peer's agent accepts. Refused unless this node's role is `stopped` and the peer does
-    /// not run the VM.
+    /// not run the VM, nor advertises a newer copy of the domain's data than this node's
+    /// (unless `older_copy`).
     Start {
         /// The domain.
         domain: String,
+        /// Start from this node's copy even when the peer's is newer (rolls the guest back).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        older_copy: bool,
     },
     /// Planned, lossless handover of the primary role to the peer (asked of the primary).
     Switchover {
@@ -139,6 +143,10 @@ pub struct DomainStatus {
     pub resyncs: Vec<ResyncRecord>,
     /// Checkpoint counters since the daemon started (for the exporter).
     pub counters: DomainCounters,
+    /// The stamp on this node's copy of the domain's data (which node's copy is newer:
+    /// [`remus_ha::lineage`]); advertised in the heartbeats.
+    #[serde(default)]
+    pub copy: remus_ha::lineage::CopyStamp,
 }
 
 /// A QEMU process of this node.

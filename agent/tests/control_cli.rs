@@ -22,17 +22,20 @@ domain web: primary (backup beta, protected since epoch 10)
   protection: running epoch 812, last acked epoch 811, 1 in flight, tracker compare
   pause p50 12.3 ms, p99 25.0 ms; ack latency p50 1.2 ms, p99 3.4 ms; output held p50 30.0 ms, p99 61.5 ms (last 800 epochs)
   lease: held
+  data copy: generation 4, ran the VM
   checkpoints 801, refused 0, protection lost 1, failovers 0
   alarms: none
 domain db: backup (primary beta)
   vm: none
   replica: committed epoch 300; receiver: committed checkpoint 300, receiving 301
+  data copy: generation 7, received as backup
   checkpoints 290, refused 2, protection lost 0, failovers 1
   last failover: from epoch 120, detection 520 ms, fencing 35 ms, activation 780 ms, proof command
   alarms:
     ! fencing command failed twice: fence-beta exited 1
 domain idle: stopped
   vm: none
+  data copy: no copy
   checkpoints 0, refused 0, protection lost 0, failovers 0
   alarms: none
 ";
@@ -129,6 +132,7 @@ fn commands_exit_codes_and_messages() {
             "",
             Request::Start {
                 domain: "idle".into(),
+                older_copy: false,
             },
         ),
         (
@@ -138,6 +142,17 @@ fn commands_exit_codes_and_messages() {
             "remusctl start: start web: refused: role is not stopped\n",
             Request::Start {
                 domain: "web".into(),
+                older_copy: false,
+            },
+        ),
+        (
+            &["start", "web", "--older-copy"],
+            1,
+            "",
+            "remusctl start: start web: refused: role is not stopped\n",
+            Request::Start {
+                domain: "web".into(),
+                older_copy: true,
             },
         ),
         (

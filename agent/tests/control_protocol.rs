@@ -149,12 +149,14 @@ async fn commands_answered_in_order_on_one_connection() {
         (
             Request::Start {
                 domain: "idle".into(),
+                older_copy: false,
             },
             Ok("idle: started on alpha, protection to beta pending"),
         ),
         (
             Request::Start {
                 domain: "web".into(),
+                older_copy: false,
             },
             Err("start web: refused: role is not stopped"),
         ),

@@ -15,13 +15,14 @@
 //! checkpoint data counts as proof of life: a busy replication link may delay heartbeats
 //! that share it, while the data itself shows the peer is running.
 //!
-//! # Datagram (version 1, fixed layout, big-endian)
+//! # Datagram (version 2, fixed layout, big-endian)
 //! ```text
-//!   0 magic "RMHB" | 4 version u8 = 1 | 5 node_len u8 | 6 domain_count u8 | 7 flags u8 = 0
+//!   0 magic "RMHB" | 4 version u8 = 2 | 5 node_len u8 | 6 domain_count u8 | 7 flags u8 = 0
 //!   8 seq u64            strictly increasing per sender, ≥ its wall clock in µs (replays)
 //!  16 uptime_us u64      sender's monotonic time since its detector started (restarts)
 //!  24 node name
-//!     per domain: name_len u8 | name | role u8 | epoch u64   (the sender's view)
+//!     per domain: name_len u8 | name | role u8 | epoch u64 | copy generation u64 |
+//!                 copy holder u8   (the sender's view; the copy stamp: [`crate::lineage`])
 //!     tag[32]            HMAC-SHA256 over everything before it
 //! ```
 //! A datagram with a bad tag, from another node than the configured peer (including our own
@@ -41,6 +42,7 @@ use tokio::time::{sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::auth::{HaKey, SequenceSource, TAG_LEN};
+use crate::lineage::{CopyHolder, CopyStamp};
 use crate::role::Role;
 
 /// Default time between heartbeats on each link.
@@ -53,9 +55,11 @@ pub const MAX_NAME: usize = 64;
 pub const MAX_DOMAINS: usize = 16;
 
 const MAGIC: &[u8; 4] = b"RMHB";
-const VERSION: u8 = 1;
+/// 2 added the copy stamp per domain.
+const VERSION: u8 = 2;
 const HEADER: usize = 24;
-const MAX_DATAGRAM: usize = HEADER + MAX_NAME + MAX_DOMAINS * (1 + MAX_NAME + 1 + 8) + TAG_LEN;
+const MAX_DATAGRAM: usize =
+    HEADER + MAX_NAME + MAX_DOMAINS * (1 + MAX_NAME + 1 + 8 + 8 + 1) + TAG_LEN;
 
 /// Errors of the heartbeat detector; each names the link or the setting.
 #[derive(Debug, Error)]
@@ -150,6 +154,8 @@ pub struct DomainView {
     pub role: ViewRole,
     /// Primary: last acknowledged epoch; backup: last committed epoch.
     pub epoch: u64,
+    /// The sender's stamp on its copy of the domain's data.
+    pub copy: CopyStamp,
 }
 
 /// A decoded, authenticated heartbeat.
@@ -183,6 +189,8 @@ impl Beat {
             b.extend_from_slice(d.domain.as_bytes());
             b.push(d.role as u8);
             b.extend_from_slice(&d.epoch.to_be_bytes());
+            b.extend_from_slice(&d.copy.generation.to_be_bytes());
+            b.push(d.copy.holder.to_u8());
         }
         key.seal(&mut b);
         b
@@ -216,10 +224,13 @@ impl Beat {
             let domain = text(take(len)?)?;
             let role = ViewRole::from_u8(take(1)?[0]).ok_or(bad)?;
             let epoch = u64::from_be_bytes(take(8)?.try_into().map_err(|_| bad)?);
+            let generation = u64::from_be_bytes(take(8)?.try_into().map_err(|_| bad)?);
+            let holder = CopyHolder::from_u8(take(1)?[0]).ok_or(bad)?;
             domains.push(DomainView {
                 domain,
                 role,
                 epoch,
+                copy: CopyStamp { generation, holder },
             });
         }
         if at != b.len() || node.is_empty() {
@@ -857,11 +868,16 @@ mod tests {
                     domain: "web".into(),
                     role: ViewRole::Primary,
                     epoch: 17,
+                    copy: CopyStamp {
+                        generation: 4,
+                        holder: CopyHolder::Ran,
+                    },
                 },
                 DomainView {
                     domain: "db".into(),
                     role: ViewRole::Backup,
                     epoch: 3,
+                    copy: CopyStamp::NONE,
                 },
             ],
         }
@@ -880,13 +896,18 @@ mod tests {
                     domain: format!("{i:0>64}"),
                     role: ViewRole::Resyncing,
                     epoch: u64::MAX,
+                    copy: CopyStamp {
+                        generation: u64::MAX,
+                        holder: CopyHolder::Received,
+                    },
                 })
                 .collect(),
             ..beat()
         };
         let bytes = full.encode(&k);
+        // One unfragmented datagram on a 1500-byte MTU even over IPv6 (40 + 8 header bytes).
         assert!(
-            bytes.len() <= MAX_DATAGRAM && bytes.len() < 1400,
+            bytes.len() <= MAX_DATAGRAM && bytes.len() <= 1500 - 48,
             "{}",
             bytes.len()
         );
@@ -910,12 +931,13 @@ mod tests {
             ("runt", vec![0; 5], DecodeError::BadTag),
             ("short", with(&|b| b.truncate(20)), DecodeError::Malformed),
             ("magic", with(&|b| b[0] = b'X'), DecodeError::Malformed),
-            ("version", with(&|b| b[4] = 2), DecodeError::Malformed),
+            ("version", with(&|b| b[4] = 1), DecodeError::Malformed),
             ("flags", with(&|b| b[7] = 1), DecodeError::Malformed),
             ("too many domains", with(&|b| b[6] = 17), DecodeError::Malformed),
             ("count past end", with(&|b| b[6] = 3), DecodeError::Malformed),
             ("trailing", with(&|b| b.push(0)), DecodeError::Malformed),
             ("unknown role", with(&|b| { let at = HEADER + 5 + 1 + 3; b[at] = 200 }), DecodeError::Malformed),
+            ("unknown copy holder", with(&|b| { let at = HEADER + 5 + 1 + 3 + 1 + 8 + 8; b[at] = 9 }), DecodeError::Malformed),
             ("empty node", with(&|b| b[5] = 0), DecodeError::Malformed),
         ];
         for (what, d, want) in cases {

@@ -7,6 +7,8 @@
 //!   view of a lease always ends before the witness's;
 //! - [`fence`]: proving the peer gone (a command, the lease, or — unsafely — nothing);
 //! - [`role`]: the per-domain role state machine, persisted before anyone acts on it;
+//! - [`lineage`]: which node holds the newest copy of a domain's data (advertised in the
+//!   heartbeats, so an operator's start never boots the older copy);
 //! - [`decide`]: the pure rule table the daemon consults to turn all of the above into an
 //!   action on the VM.
 //!
@@ -32,6 +34,7 @@ pub mod auth;
 pub mod decide;
 pub mod fence;
 pub mod heartbeat;
+pub mod lineage;
 pub mod persist;
 pub mod role;
 pub mod witness;

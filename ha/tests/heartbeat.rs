@@ -12,6 +12,7 @@ use std::time::Duration;
 use remus_ha::heartbeat::{
     Beat, Detector, DomainView, HeartbeatConfig, Link, PeerLiveness, ViewRole,
 };
+use remus_ha::lineage::{CopyHolder, CopyStamp};
 use remus_ha::HaKey;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
@@ -299,6 +300,10 @@ async fn forged_foreign_and_replayed_datagrams_are_dropped_and_counted() {
         domain: "web".into(),
         role: ViewRole::Primary,
         epoch: 41,
+        copy: CopyStamp {
+            generation: 3,
+            holder: CopyHolder::Ran,
+        },
     }])
     .unwrap();
     let mut pv = p.b.peer_view();
@@ -313,7 +318,8 @@ async fn forged_foreign_and_replayed_datagrams_are_dropped_and_counted() {
     })
     .await
     .unwrap();
-    assert_eq!(pv.borrow().as_ref().unwrap().domains[0].epoch, 41);
+    let seen = pv.borrow().as_ref().unwrap().domains[0].clone();
+    assert_eq!((seen.epoch, seen.copy.generation), (41, 3));
 
     // Stop the real traffic so only the test's datagrams reach B.
     p.relays[0].set_cut(true);

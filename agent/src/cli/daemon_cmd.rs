@@ -79,6 +79,17 @@ pub struct DomainCmd {
     pub daemon: DaemonArgs,
 }
 
+/// `remusctl start DOMAIN`.
+#[derive(Debug, Args)]
+pub struct StartCmd {
+    #[command(flatten)]
+    pub cmd: DomainCmd,
+    /// Start from this node's copy even when the peer advertises a newer one (the guest
+    /// goes back to this node's copy; what only the peer's copy holds is lost).
+    #[arg(long)]
+    pub older_copy: bool,
+}
+
 /// `remusctl failover DOMAIN`: a forced failover needs the operator's confirmation.
 #[derive(Debug, Args)]
 pub struct FailoverCmd {
@@ -92,8 +103,8 @@ pub struct FailoverCmd {
 /// Which command a [`DomainCmd`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Start the VM here and protect it.
-    Start,
+    /// Start the VM here and protect it (`older_copy`: even from an older copy).
+    Start { older_copy: bool },
     /// Planned handover to the peer.
     Switchover,
     /// Forced failover to this node's replica.
@@ -105,7 +116,7 @@ pub enum Action {
 impl Action {
     fn name(self) -> &'static str {
         match self {
-            Action::Start => "start",
+            Action::Start { .. } => "start",
             Action::Switchover => "switchover",
             Action::Failover => "failover",
             Action::TestActivate => "test-activate",
@@ -114,7 +125,7 @@ impl Action {
 
     fn request(self, domain: String) -> Request {
         match self {
-            Action::Start => Request::Start { domain },
+            Action::Start { older_copy } => Request::Start { domain, older_copy },
             Action::Switchover => Request::Switchover { domain },
             Action::Failover => Request::Failover { domain },
             Action::TestActivate => Request::TestActivate { domain },

@@ -51,7 +51,7 @@ pub enum Group {
     /// Show the running daemon's state: peer, roles, VMs, epochs, latencies, alarms.
     Status(status_cmd::StatusCmd),
     /// Start a domain's VM on this node and protect it to the peer.
-    Start(daemon_cmd::DomainCmd),
+    Start(daemon_cmd::StartCmd),
     /// Hand the primary role of a domain to the peer without losing state (asked of the
     /// primary).
     Switchover(daemon_cmd::DomainCmd),
@@ -89,7 +89,9 @@ where
         Group::Drill(cmd) => cmd.run(),
         Group::Netbuf(cmd) => cmd.run(),
         Group::Status(cmd) => cmd.run(),
-        Group::Start(cmd) => cmd.run(daemon_cmd::Action::Start),
+        Group::Start(s) => s.cmd.run(daemon_cmd::Action::Start {
+            older_copy: s.older_copy,
+        }),
         Group::Switchover(cmd) => cmd.run(daemon_cmd::Action::Switchover),
         Group::Failover(cmd) => cmd.run(),
         Group::TestActivate(cmd) => cmd.run(daemon_cmd::Action::TestActivate),

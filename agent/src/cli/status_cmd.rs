@@ -145,6 +145,7 @@ fn domain(out: &mut String, d: &DomainStatus) {
     if let Some(lease) = &d.lease {
         let _ = writeln!(out, "  lease: {lease}");
     }
+    let _ = writeln!(out, "  data copy: {}", d.copy);
     let c = &d.counters;
     let _ = writeln!(
         out,

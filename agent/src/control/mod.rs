@@ -130,7 +130,7 @@ pub fn describe(request: &crate::api::Request) -> String {
     use crate::api::Request;
     match request {
         Request::Status => "status".to_string(),
-        Request::Start { domain } => format!("start {domain}"),
+        Request::Start { domain, .. } => format!("start {domain}"),
         Request::Switchover { domain } => format!("switchover {domain}"),
         Request::Failover { domain } => format!("failover {domain}"),
         Request::TestActivate { domain } => format!("test-activate {domain}"),

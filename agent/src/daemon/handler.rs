@@ -79,7 +79,7 @@ impl ControlHandler for DaemonHandler {
                     message: "status is not a command".into(),
                 }
             }
-            Request::Start { domain }
+            Request::Start { domain, .. }
             | Request::Switchover { domain }
             | Request::Failover { domain }
             | Request::TestActivate { domain } => domain.clone(),
@@ -133,6 +133,7 @@ pub async fn advertise(handler: Arc<DaemonHandler>, detector: Detector) {
                         .and_then(|p| p.last_acked)
                         .or(st.committed_epoch)
                         .unwrap_or(0),
+                    copy: st.copy,
                 }
             })
             .collect();

@@ -62,6 +62,7 @@ use crate::domain::disk_copy::{DiskCopy, DiskCopyStore};
 use crate::domain::primary::{protect, ProtectOptions, Protection, RunningVm};
 use crate::domain::DomainPaths;
 use crate::iproute::{ip, ip_in};
+use remus_ha::lineage::CopyStamp;
 
 /// Time between protection attempts while the VM runs unprotected.
 const PROTECT_RETRY: Duration = Duration::from_secs(1);
@@ -127,6 +128,7 @@ pub fn spawn(
         failovers: Vec::new(),
         resyncs: Vec::new(),
         counters: DomainCounters::default(),
+        copy: disk_copy.stamp(),
     };
     let (status_tx, status_rx) = watch::channel(initial);
     let sup = Supervisor {
@@ -614,6 +616,7 @@ impl Supervisor {
         // images, are this node's newest copy. Recorded before the first write can land.
         if let Err(e) = self.disk_copy.set(
             DiskCopy::Replica,
+            CopyStamp::received_from(self.peer_stamp()),
             &format!("backup of {}", self.shared.config.peer.name),
         ) {
             self.alarm(&format!("refusing replication: {e}"));
@@ -1191,6 +1194,17 @@ impl Supervisor {
         if !self.apply(Event::Resuming, "resuming the activated guest") {
             return Err(anyhow!("the role refused resuming"));
         }
+        // This node now runs the guest as its authority: a new generation of its data,
+        // recorded before the guest can write to it. A failure to record it is an alarm,
+        // not a reason to leave the guest stopped: the stamp only guides a later `start`.
+        let stamp = CopyStamp::next_run(self.disk_copy.stamp(), self.peer_stamp());
+        let copy = self.disk_copy.current();
+        if let Err(e) = self.disk_copy.set(copy, stamp, "activated the replica") {
+            self.alarm(&format!(
+                "cannot record the copy's generation {}: {e}",
+                stamp.generation
+            ));
+        }
         self.publish();
         test_hold("activated").await;
         vm.resume_activated().await?;
@@ -1341,7 +1355,7 @@ impl Supervisor {
 
     async fn command(&mut self, req: Request) -> Response {
         let r = match req {
-            Request::Start { .. } => self.start().await,
+            Request::Start { older_copy, .. } => self.start(older_copy).await,
             Request::Failover { .. } => self.operator_failover().await,
             Request::Switchover { .. } => self.switchover().await,
             Request::TestActivate { .. } => Err(anyhow!("a test activation answers by itself")),
@@ -1356,13 +1370,38 @@ impl Supervisor {
         }
     }
 
-    async fn start(&mut self) -> Result<String> {
+    /// An operator's start: refused unless this node's role is `stopped`, the peer's is
+    /// too, and the peer advertises no newer copy of the domain's data than this node's
+    /// (`older_copy` overrides the last check only).
+    async fn start(&mut self, older_copy: bool) -> Result<String> {
         let role = self.role();
         if role != Role::Stopped {
             return Err(anyhow!(
                 "role is {}: only a stopped domain can be started",
                 role.name()
             ));
+        }
+        // A daemon that has just started may not have heard the peer yet, and a peer that
+        // has just started may not advertise its domains yet: wait until the peer's stamp
+        // for this domain is known or the peer is declared lost (at most the heartbeat
+        // timeout and a second), so that the copy check below sees the peer's stamp
+        // whenever the peer is up.
+        let deadline = tokio::time::Instant::now()
+            + self.shared.config.heartbeat.timeout
+            + Duration::from_secs(1);
+        let mut live = self.shared.liveness.clone();
+        let mut view = self.shared.peer_view.clone();
+        loop {
+            let lost = matches!(*live.borrow_and_update(), PeerLiveness::Lost { .. });
+            view.borrow_and_update();
+            if lost || self.peer_stamp().is_some() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                r = live.changed() => if r.is_err() { break },
+                r = view.changed() => if r.is_err() { break },
+            }
         }
         if let Some(view) = self.shared.peer_view.borrow().as_ref() {
             if let Some(dv) = view.domains.iter().find(|x| x.domain == self.d.name) {
@@ -1374,12 +1413,38 @@ impl Supervisor {
                 }
             }
         }
+        let own = self.disk_copy.stamp();
+        let peer_stamp = self.peer_stamp();
+        let lineage = match peer_stamp {
+            Some(p) if p > own && !older_copy => {
+                return Err(anyhow!(
+                    "{peer} holds a newer copy of the domain's data ({p}) than this node \
+                     ({own}): start it on {peer}; to go back to this node's copy instead, \
+                     losing what only {peer}'s holds, pass --older-copy",
+                    peer = self.shared.config.peer.name
+                ));
+            }
+            Some(p) if p > own => format!(
+                "OLDER than {}'s copy ({p}): started anyway (--older-copy)",
+                self.shared.config.peer.name
+            ),
+            Some(_) => format!("not older than {}'s copy", self.shared.config.peer.name),
+            None => format!(
+                "{} not heard: could not check that its copy is not newer",
+                self.shared.config.peer.name
+            ),
+        };
         if self.fencing() == HaFencing::Witness {
             self.acquire_lease(LEASE_WAIT).await?;
         }
+        let copy = self.disk_copy.current();
+        let stamp = CopyStamp::next_run(own, peer_stamp);
+        if let Err(e) = self.disk_copy.set(copy, stamp, "started by the operator") {
+            self.stop_lease(true).await;
+            return Err(e.into());
+        }
         self.runtime = Runtime::Idle;
         self.apply(Event::StartUnprotected, "operator: start");
-        let copy = self.disk_copy.current();
         let vm = match RunningVm::start(&self.d, self.paths.clone(), &Netns::current(), copy).await
         {
             Ok(vm) => vm,
@@ -1395,9 +1460,10 @@ impl Supervisor {
         self.next_protect = Instant::now();
         self.alarm("running unprotected: waiting for the peer to accept as backup");
         Ok(format!(
-            "VM started from its {}s (QEMU pid {pid}; {}); protecting it to {}",
+            "VM started from its {}s (QEMU pid {pid}; copy {own}, {lineage}; now generation \
+             {}); protecting it to {}",
             copy.name(),
-            self.disk_copy.cause(),
+            stamp.generation,
             self.shared.config.peer.name
         ))
     }
@@ -1635,6 +1701,19 @@ impl Supervisor {
         ))
     }
 
+    /// The peer's last advertised stamp on its copy of this domain (`None`: never heard,
+    /// or it does not advertise the domain).
+    fn peer_stamp(&self) -> Option<CopyStamp> {
+        self.shared
+            .peer_view
+            .borrow()
+            .as_ref()?
+            .domains
+            .iter()
+            .find(|x| x.domain == self.d.name)
+            .map(|x| x.copy)
+    }
+
     // ---------------------------------------------------------------- reporting
 
     fn publish(&mut self) {
@@ -1677,6 +1756,7 @@ impl Supervisor {
             failovers: self.failovers.clone(),
             resyncs: self.resyncs.clone(),
             counters: self.counters,
+            copy: self.disk_copy.stamp(),
         };
         self.status.send_replace(st);
     }

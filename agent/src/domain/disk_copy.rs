@@ -10,9 +10,15 @@
 //! The choice is persisted (`<state_dir>/<domain>/disk-copy.json`, replaced atomically)
 //! before the first replicated write can reach a replica, because nothing else on disk
 //! tells which file is newer.
+//!
+//! The same record keeps the node's [`CopyStamp`]: which node of the pair holds the newer
+//! copy ([`remus_ha::lineage`]). It is written before the VM runs from a copy (a start or an
+//! activation) and before a replica receives a primary's data, and is advertised in the
+//! heartbeats, so that `start` can refuse to boot a copy the peer's stamp shows to be older.
 
 use std::path::{Path, PathBuf};
 
+use remus_ha::lineage::CopyStamp;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -84,6 +90,10 @@ struct Record {
     since_ms: u64,
     /// Why.
     cause: String,
+    /// The stamp on this node's copy (absent in records written before stamps existed:
+    /// no copy, the oldest).
+    #[serde(default)]
+    stamp: CopyStamp,
 }
 
 /// The persisted choice for one domain.
@@ -112,6 +122,7 @@ impl DiskCopyStore {
                 copy: DiskCopy::Image,
                 since_ms: 0,
                 cause: "no record: nothing was ever replicated to this node".into(),
+                stamp: CopyStamp::NONE,
             },
             Err(source) => {
                 return Err(DiskCopyError::Read {
@@ -138,18 +149,29 @@ impl DiskCopyStore {
         &self.record.cause
     }
 
-    /// Records `copy` durably (nothing is written when it is already the choice).
+    /// The stamp on this node's copy.
+    pub fn stamp(&self) -> CopyStamp {
+        self.record.stamp
+    }
+
+    /// Records `copy` and `stamp` durably (nothing is written when both are already so).
     ///
     /// # Errors
-    /// The file could not be replaced; the choice is then unchanged.
-    pub fn set(&mut self, copy: DiskCopy, cause: &str) -> Result<(), DiskCopyError> {
-        if self.record.copy == copy && self.record.since_ms != 0 {
+    /// The file could not be replaced; the record is then unchanged.
+    pub fn set(
+        &mut self,
+        copy: DiskCopy,
+        stamp: CopyStamp,
+        cause: &str,
+    ) -> Result<(), DiskCopyError> {
+        if self.record.copy == copy && self.record.stamp == stamp && self.record.since_ms != 0 {
             return Ok(());
         }
         let record = Record {
             copy,
             since_ms: remus_ha::auth::unix_millis(),
             cause: cause.to_string(),
+            stamp,
         };
         let write_err = |step, source| DiskCopyError::Write {
             domain: self.domain.clone(),
@@ -178,11 +200,32 @@ mod tests {
         let mut s = DiskCopyStore::open("web", &state).unwrap();
         assert_eq!(s.current(), DiskCopy::Image);
         assert!(!state.join(FILE_NAME).exists(), "opening writes nothing");
-        s.set(DiskCopy::Replica, "backup of node a").unwrap();
+        assert_eq!(s.stamp(), CopyStamp::NONE);
+        let received = CopyStamp::received_from(Some(CopyStamp {
+            generation: 3,
+            holder: remus_ha::lineage::CopyHolder::Ran,
+        }));
+        s.set(DiskCopy::Replica, received, "backup of node a")
+            .unwrap();
         let s = DiskCopyStore::open("web", &state).unwrap();
         assert_eq!(
-            (s.current(), s.cause()),
-            (DiskCopy::Replica, "backup of node a")
+            (s.current(), s.cause(), s.stamp()),
+            (DiskCopy::Replica, "backup of node a", received)
+        );
+    }
+
+    #[test]
+    fn a_record_from_before_stamps_reads_as_the_oldest_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            br#"{"copy":"replica","since_ms":5,"cause":"backup of b"}"#,
+        )
+        .unwrap();
+        let s = DiskCopyStore::open("web", dir.path()).unwrap();
+        assert_eq!(
+            (s.current(), s.stamp()),
+            (DiskCopy::Replica, CopyStamp::NONE)
         );
     }
 

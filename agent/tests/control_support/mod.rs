@@ -6,6 +6,7 @@
 
 #![allow(dead_code)] // each test binary uses part of it
 
+use remus_ha::lineage::{CopyHolder, CopyStamp};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,6 +105,10 @@ pub fn sample_status() -> DaemonStatus {
                     bytes_copied: 1_048_576,
                     bytes_zero: 4096,
                 }],
+                copy: CopyStamp {
+                    generation: 4,
+                    holder: CopyHolder::Ran,
+                },
                 counters: DomainCounters {
                     checkpoints: 801,
                     refused: 0,
@@ -137,6 +142,10 @@ pub fn sample_status() -> DaemonStatus {
                     from_epoch: 120,
                 }],
                 resyncs: vec![],
+                copy: CopyStamp {
+                    generation: 7,
+                    holder: CopyHolder::Received,
+                },
                 counters: DomainCounters {
                     checkpoints: 290,
                     refused: 2,
@@ -155,6 +164,7 @@ pub fn sample_status() -> DaemonStatus {
                 alarms: vec![],
                 failovers: vec![],
                 resyncs: vec![],
+                copy: CopyStamp::NONE,
                 counters: DomainCounters::default(),
             },
         ],
@@ -201,10 +211,10 @@ impl ControlHandler for Stub {
     async fn command(&self, request: Request) -> Response {
         self.commands.lock().unwrap().push(request.clone());
         let response = match &request {
-            Request::Start { domain } if domain == "idle" => Response::Done {
+            Request::Start { domain, .. } if domain == "idle" => Response::Done {
                 message: format!("{domain}: started on alpha, protection to beta pending"),
             },
-            Request::Start { domain } => Response::Error {
+            Request::Start { domain, .. } => Response::Error {
                 message: format!("start {domain}: refused: role is not stopped"),
             },
             Request::Switchover { domain } => Response::Done {

@@ -125,7 +125,10 @@ mod tests {
             };
             let r = Control::new(&path)
                 .call(
-                    &Request::Start { domain: "d".into() },
+                    &Request::Start {
+                        domain: "d".into(),
+                        older_copy: false,
+                    },
                     Duration::from_secs(5),
                 )
                 .await;

@@ -438,6 +438,7 @@ impl PairDrill {
                 Host::Pri,
                 &Request::Start {
                     domain: DOMAIN.into(),
+                    older_copy: false,
                 },
                 Duration::from_secs(120),
             )
