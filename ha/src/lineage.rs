@@ -3,8 +3,9 @@
 //! After both nodes stopped (a double failure, or an operator who stopped both), each holds
 //! a copy of the guest's disks and nothing in the files says which is newer. Starting the
 //! older one takes the guest back in time, silently. So each node stamps its copy, keeps
-//! the stamp with its disk-copy record, and advertises it in every heartbeat; `start`
-//! refuses a copy that the peer's stamp shows to be older.
+//! the stamp with its disk-copy record, advertises it in every heartbeat and records it at
+//! the witness (which keeps the newest per domain); `start` refuses a copy that the peer's
+//! stamp or the witness's record shows to be older.
 //!
 //! A stamp is a *generation* and a *holder*:
 //! - the generation grows by one each time a node begins to run the VM as its authority

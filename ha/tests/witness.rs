@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use remus_ha::lineage::{CopyHolder, CopyStamp};
 use remus_ha::witness::{
     LeaseKeeper, LeaseState, Op, Request, WitnessClient, WitnessClientConfig, WitnessError,
     WitnessServer, WitnessServerConfig,
@@ -289,6 +290,7 @@ async fn bad_tag_and_replayed_requests_are_refused() {
         nonce: 1_000,
         generation: 0,
         ttl_ms: 1000,
+        copy: CopyStamp::NONE,
     }
     .encode(&key())
     .unwrap();
@@ -392,6 +394,60 @@ async fn a_restarted_witness_does_not_grant_a_lease_again_within_its_ttl() {
     );
     // Replay counters survived too: alpha's old nonces are still refused, new ones work.
     assert_eq!(denied_by(a.acquire("web").await), "beta");
+}
+
+/// The real `remus-witness` keeps the newest copy stamp per domain, names the node that
+/// recorded it, and still knows it after a crash and restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_witness_remembers_the_newest_copy_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("psk");
+    std::fs::write(&key_file, MATERIAL).unwrap();
+    let state = dir.path().join("witness.json");
+    let mut w = WitnessProcess::start(SocketAddr::new(lo(), 0), &key_file, &state);
+    let addr = w.addr;
+    let ttl = Duration::from_millis(1500);
+    let (a, b) = (
+        client("alpha", addr, ttl).await,
+        client("beta", addr, ttl).await,
+    );
+    let stamp = |generation, holder| CopyStamp { generation, holder };
+    let r = a
+        .record_copy("web", stamp(1, CopyHolder::Ran))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.stamp, r.node.as_deref()),
+        (stamp(1, CopyHolder::Ran), Some("alpha"))
+    );
+    let r = b
+        .record_copy("web", stamp(2, CopyHolder::Ran))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.stamp, r.node.as_deref()),
+        (stamp(2, CopyHolder::Ran), Some("beta"))
+    );
+    // alpha, asking with its older copy, learns of beta's newer one.
+    let r = a
+        .record_copy("web", stamp(1, CopyHolder::Ran))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.stamp, r.node.as_deref()),
+        (stamp(2, CopyHolder::Ran), Some("beta"))
+    );
+
+    w.kill();
+    let _w2 = WitnessProcess::start(addr, &key_file, &state);
+    let r = a.record_copy("web", CopyStamp::NONE).await.unwrap();
+    assert_eq!(
+        (r.stamp, r.node.as_deref()),
+        (stamp(2, CopyHolder::Ran), Some("beta")),
+        "the newest stamp was durable before the answer"
+    );
+    let r = a.record_copy("db", CopyStamp::NONE).await.unwrap();
+    assert_eq!((r.stamp, r.node), (CopyStamp::NONE, None));
 }
 
 #[tokio::test]

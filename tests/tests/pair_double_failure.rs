@@ -1,10 +1,12 @@
 //! The pair drill, double failure: the primary fails, the backup takes over and the guest
-//! moves on, then the new primary fails too. Both daemons restart with the VM stopped. The
-//! nodes' copy stamps (advertised in the heartbeats) must show the takeover node's copy as
-//! the newer; `remusctl start` on the old primary must be refused, naming the other node,
-//! and must start nothing; on the other node it must start the guest from its disks with
-//! every value the client saw before the second failure still there (the counter continues
-//! above the last value seen, not from the old primary's older copy).
+//! moves on, then the new primary fails too. The old primary's daemon restarts alone, and
+//! `remusctl start` there must be refused on the witness's record of the newer copy. Then
+//! the other daemon restarts, both with the VM stopped. The nodes' copy stamps (advertised
+//! in the heartbeats) must show the takeover node's copy as the newer; `start` on the old
+//! primary must be refused, naming the other node, and must start nothing; on the other
+//! node it must start the guest from its disks with every value the client saw before the
+//! second failure still there (the counter continues above the last value seen, not from
+//! the old primary's older copy).
 
 mod pair_support;
 

@@ -50,7 +50,7 @@ use remus_ha::witness::{LeaseKeeper, LeaseState};
 use sch_plug::Netns;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Shared;
 use crate::api::{
@@ -1205,6 +1205,7 @@ impl Supervisor {
                 stamp.generation
             ));
         }
+        self.record_at_witness(stamp);
         self.publish();
         test_hold("activated").await;
         vm.resume_activated().await?;
@@ -1434,6 +1435,35 @@ impl Supervisor {
                 self.shared.config.peer.name
             ),
         };
+        // Then the witness, which keeps the newest stamp any node recorded: it knows of a
+        // newer copy even when the node holding it is down for good.
+        let mut lineage = lineage;
+        if let Some(w) = self.shared.witness.clone() {
+            match w.record_copy(&self.d.name, own).await {
+                Ok(r) if r.stamp > own && !older_copy => {
+                    let by = r.node.unwrap_or_else(|| "another node".into());
+                    return Err(anyhow!(
+                        "the witness recorded a newer copy of the domain's data ({}) from {by} \
+                         than this node's ({own}): start it on {by}; to go back to this \
+                         node's copy instead, losing what only {by}'s holds, pass --older-copy",
+                        r.stamp
+                    ));
+                }
+                Ok(r) if r.stamp > own => lineage.push_str(&format!(
+                    "; OLDER than the witness's record ({}): started anyway (--older-copy)",
+                    r.stamp
+                )),
+                Ok(_) => lineage.push_str("; not older than the witness's record"),
+                Err(e) => {
+                    warn!(
+                        domain = %self.d.name,
+                        error = %e,
+                        "start: cannot compare this node's copy with the witness's record"
+                    );
+                    lineage.push_str("; the witness could not be asked");
+                }
+            }
+        }
         if self.fencing() == HaFencing::Witness {
             self.acquire_lease(LEASE_WAIT).await?;
         }
@@ -1443,6 +1473,7 @@ impl Supervisor {
             self.stop_lease(true).await;
             return Err(e.into());
         }
+        self.record_at_witness(stamp);
         self.runtime = Runtime::Idle;
         self.apply(Event::StartUnprotected, "operator: start");
         let vm = match RunningVm::start(&self.d, self.paths.clone(), &Netns::current(), copy).await
@@ -1699,6 +1730,28 @@ impl Supervisor {
             "activated checkpoint {epoch}; the VM runs on {}",
             self.shared.config.node.name
         ))
+    }
+
+    /// Sends a new stamp to the witness, if one is configured, in the background: the
+    /// guest must not wait for it. The local record is already durable; the witness's copy
+    /// lets a node whose peer is down for good learn that its own copy is older.
+    fn record_at_witness(&self, stamp: CopyStamp) {
+        let Some(w) = self.shared.witness.clone() else {
+            return;
+        };
+        let domain = self.d.name.clone();
+        tokio::spawn(async move {
+            match w.record_copy(&domain, stamp).await {
+                Ok(r) if r.stamp > stamp => warn!(
+                    %domain,
+                    recorded = %r.stamp,
+                    by = ?r.node,
+                    "the witness holds a newer copy stamp than the one this node runs"
+                ),
+                Ok(_) => debug!(%domain, %stamp, "copy stamp recorded at the witness"),
+                Err(e) => warn!(%domain, error = %e, "cannot record the copy stamp at the witness"),
+            }
+        });
     }
 
     /// The peer's last advertised stamp on its copy of this domain (`None`: never heard,

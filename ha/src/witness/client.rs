@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::proto::{reason, Op, Request, Response, Status, MAX_DATAGRAM, MAX_NAME};
 use super::{WitnessError, DEFAULT_TTL, DRIFT_DIVISOR};
 use crate::auth::{HaKey, SequenceSource};
+use crate::lineage::CopyStamp;
 
 /// How a node talks to the witness.
 #[derive(Clone, Debug)]
@@ -88,6 +89,15 @@ pub struct LeaseInfo {
 /// A client of one witness. Share it (`Arc`) among all domains of a node: its nonces must
 /// increase per (node, domain), which one client guarantees and two clients racing for the
 /// same domain would not.
+/// The newest copy stamp the witness recorded for a domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedCopy {
+    /// The stamp ([`CopyStamp::NONE`] when nothing was recorded).
+    pub stamp: CopyStamp,
+    /// The node that recorded it.
+    pub node: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct WitnessClient {
     cfg: WitnessClientConfig,
@@ -187,6 +197,28 @@ impl WitnessClient {
         }
     }
 
+    /// Records this node's copy stamp for `domain` at the witness (which keeps the newest it
+    /// was ever sent) and returns the newest recorded, with the node that recorded it. A
+    /// node about to start a domain learns from it whether a newer copy exists even when
+    /// the peer that holds it is down.
+    ///
+    /// # Errors
+    /// Unreachable witness, or a refusal.
+    pub async fn record_copy(
+        &self,
+        domain: &str,
+        copy: CopyStamp,
+    ) -> Result<RecordedCopy, WitnessError> {
+        let (r, _) = self.exchange_with(Op::Record, domain, 0, copy).await?;
+        match r.status {
+            Status::Recorded => Ok(RecordedCopy {
+                stamp: r.copy,
+                node: (!r.holder.is_empty()).then_some(r.holder),
+            }),
+            _ => Err(self.refused(&r, Op::Record)),
+        }
+    }
+
     async fn grant(&self, domain: &str, generation: u64) -> Result<Lease, WitnessError> {
         let (r, sent_at) = self.exchange(Op::Acquire, domain, generation).await?;
         match r.status {
@@ -232,6 +264,17 @@ impl WitnessClient {
         domain: &str,
         generation: u64,
     ) -> Result<(Response, Instant), WitnessError> {
+        self.exchange_with(op, domain, generation, CopyStamp::NONE)
+            .await
+    }
+
+    async fn exchange_with(
+        &self,
+        op: Op,
+        domain: &str,
+        generation: u64,
+        copy: CopyStamp,
+    ) -> Result<(Response, Instant), WitnessError> {
         check_name("domain", domain)?;
         let _one_at_a_time = self.exchange_lock.lock().await;
         let addr = self.cfg.witness;
@@ -244,6 +287,7 @@ impl WitnessClient {
                 nonce: self.seq.next(),
                 generation,
                 ttl_ms: u32::try_from(self.cfg.ttl.as_millis()).unwrap_or(u32::MAX),
+                copy,
             };
             let bytes = req
                 .encode(&self.cfg.key)

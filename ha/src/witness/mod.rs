@@ -29,12 +29,20 @@
 //! are tagged, so an old "granted" cannot be replayed to a client. Each grant has a
 //! generation; a release names the generation it gives up, so a delayed release cannot free a
 //! lease its sender acquired again since.
+//!
+//! # The newest copy of each domain
+//! The witness also keeps, per domain, the newest copy stamp ([`crate::lineage`]) any node
+//! recorded (op `record`), with that node's name, durable like the leases. Nodes record a
+//! stamp whenever they start or activate a VM, and ask before an operator's start: a node
+//! learns that its copy is older even when the node holding the newer one is down for good.
 
 mod client;
 mod proto;
 mod server;
 
-pub use client::{Lease, LeaseKeeper, LeaseState, WitnessClient, WitnessClientConfig};
+pub use client::{
+    Lease, LeaseKeeper, LeaseState, RecordedCopy, WitnessClient, WitnessClientConfig,
+};
 pub use proto::{reason, Op, ProtoError, Request, Response, Status, MAX_NAME};
 pub use server::{Handled, LeaseTable, WitnessServer, WitnessServerConfig, WitnessStats};
 

@@ -3,13 +3,19 @@
 //!
 //! ```text
 //! request  (magic "RMWQ"):
-//!   0 magic[4] | 4 version u8 = 1 | 5 op u8 | 6 node_len u8 | 7 domain_len u8
-//!   8 nonce u64 | 16 generation u64 | 24 ttl_ms u32 | 28 node | domain | tag[32]
+//!   0 magic[4] | 4 version u8 = 2 | 5 op u8 | 6 node_len u8 | 7 domain_len u8
+//!   8 nonce u64 | 16 generation u64 | 24 ttl_ms u32 | 28 copy_generation u64
+//!   36 copy_holder u8 | 37 reserved[3] = 0 | 40 node | domain | tag[32]
 //! response (magic "RMWR"):
-//!   0 magic[4] | 4 version u8 = 1 | 5 status u8 | 6 node_len u8 | 7 domain_len u8
+//!   0 magic[4] | 4 version u8 = 2 | 5 status u8 | 6 node_len u8 | 7 domain_len u8
 //!   8 nonce u64 | 16 generation u64 | 24 ttl_ms u32 | 28 holder_len u8 | 29 reason u8
-//!   30 reserved[2] = 0 | 32 node | domain | holder | tag[32]
+//!   30 copy_holder u8 | 31 reserved u8 = 0 | 32 copy_generation u64
+//!   40 node | domain | holder | tag[32]
 //! ```
+//!
+//! `generation` is the lease's; `copy_*` is a copy stamp ([`crate::lineage`]): in a
+//! `record` request the sender's, in every response the newest the witness recorded for
+//! the domain (with `holder` naming the node that recorded it, in a `recorded` answer).
 //!
 //! The tag is checked before any field is interpreted; names are bounded by [`MAX_NAME`], so
 //! a datagram never exceeds 1 KiB and decoding never allocates more than that.
@@ -17,17 +23,19 @@
 use thiserror::Error;
 
 use crate::auth::{HaKey, TAG_LEN};
+use crate::lineage::{CopyHolder, CopyStamp};
 
 /// Longest node or domain name, in bytes.
 pub const MAX_NAME: usize = 64;
 /// Largest datagram either side sends (receivers size their buffers from it).
-pub const MAX_DATAGRAM: usize = 32 + 3 * MAX_NAME + TAG_LEN;
+pub const MAX_DATAGRAM: usize = 40 + 3 * MAX_NAME + TAG_LEN;
 
 const REQ_MAGIC: &[u8; 4] = b"RMWQ";
 const RESP_MAGIC: &[u8; 4] = b"RMWR";
-const VERSION: u8 = 1;
-const REQ_HEADER: usize = 28;
-const RESP_HEADER: usize = 32;
+/// 2 added the copy stamps and the `record` op.
+const VERSION: u8 = 2;
+const REQ_HEADER: usize = 40;
+const RESP_HEADER: usize = 40;
 
 /// Why a datagram was not accepted.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +58,9 @@ pub enum ProtoError {
     /// A name is empty where required, not UTF-8, or the lengths do not add up.
     #[error("malformed name")]
     BadName,
+    /// A reserved byte is not zero.
+    #[error("reserved bytes not zero")]
+    Reserved,
 }
 
 /// What a request asks.
@@ -61,6 +72,8 @@ pub enum Op {
     Release = 2,
     /// Who holds the lease, for how long.
     Query = 3,
+    /// Record a copy stamp for the domain; the answer holds the newest recorded.
+    Record = 4,
 }
 
 impl Op {
@@ -69,6 +82,7 @@ impl Op {
             1 => Op::Acquire,
             2 => Op::Release,
             3 => Op::Query,
+            4 => Op::Record,
             o => return Err(ProtoError::BadCode(o)),
         })
     }
@@ -79,6 +93,7 @@ impl Op {
             Op::Acquire => "acquire",
             Op::Release => "release",
             Op::Query => "query",
+            Op::Record => "record",
         }
     }
 }
@@ -100,6 +115,8 @@ pub enum Status {
     Held = 6,
     /// The request cannot be served; `reason` says why.
     Refused = 7,
+    /// A `record` was served.
+    Recorded = 8,
 }
 
 impl Status {
@@ -112,6 +129,7 @@ impl Status {
             5 => Status::Free,
             6 => Status::Held,
             7 => Status::Refused,
+            8 => Status::Recorded,
             o => return Err(ProtoError::BadCode(o)),
         })
     }
@@ -154,6 +172,8 @@ pub struct Request {
     pub generation: u64,
     /// Acquire: the requested lease length.
     pub ttl_ms: u32,
+    /// Record: the sender's copy stamp ([`CopyStamp::NONE`] otherwise).
+    pub copy: CopyStamp,
 }
 
 /// The witness's response.
@@ -171,10 +191,12 @@ pub struct Response {
     pub generation: u64,
     /// Granted: the TTL granted. Denied/Held: the time the lease still has at the witness.
     pub ttl_ms: u32,
-    /// Denied/Held: the holder; otherwise empty.
+    /// Denied/Held: the holder; Recorded: the node that recorded `copy`; otherwise empty.
     pub holder: String,
     /// Refused: a [`reason`] code.
     pub reason: u8,
+    /// The newest copy stamp the witness recorded for the domain.
+    pub copy: CopyStamp,
 }
 
 fn name_len(s: &str) -> Result<u8, ProtoError> {
@@ -193,6 +215,13 @@ fn take_name(body: &[u8], at: &mut usize, len: usize) -> Result<String, ProtoErr
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn copy_at(b: &[u8], generation_at: usize, holder: u8) -> Result<CopyStamp, ProtoError> {
+    Ok(CopyStamp {
+        generation: u64_at(b, generation_at),
+        holder: CopyHolder::from_u8(holder).ok_or(ProtoError::BadCode(holder))?,
+    })
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -214,6 +243,9 @@ impl Request {
         b.extend_from_slice(&self.nonce.to_be_bytes());
         b.extend_from_slice(&self.generation.to_be_bytes());
         b.extend_from_slice(&self.ttl_ms.to_be_bytes());
+        b.extend_from_slice(&self.copy.generation.to_be_bytes());
+        b.push(self.copy.holder.to_u8());
+        b.extend_from_slice(&[0, 0, 0]);
         b.extend_from_slice(self.node.as_bytes());
         b.extend_from_slice(self.domain.as_bytes());
         key.seal(&mut b);
@@ -237,6 +269,10 @@ impl Request {
             return Err(ProtoError::BadVersion(b[4]));
         }
         let op = Op::from_u8(b[5])?;
+        let copy = copy_at(b, 28, b[36])?;
+        if b[37..40] != [0, 0, 0] {
+            return Err(ProtoError::Reserved);
+        }
         let mut at = REQ_HEADER;
         let node = take_name(b, &mut at, usize::from(b[6]))?;
         let domain = take_name(b, &mut at, usize::from(b[7]))?;
@@ -250,6 +286,7 @@ impl Request {
             nonce: u64_at(b, 8),
             generation: u64_at(b, 16),
             ttl_ms: u32_at(b, 24),
+            copy,
         })
     }
 }
@@ -271,7 +308,9 @@ impl Response {
         b.extend_from_slice(&self.ttl_ms.to_be_bytes());
         b.push(name_len(&self.holder)?);
         b.push(self.reason);
-        b.extend_from_slice(&[0, 0]);
+        b.push(self.copy.holder.to_u8());
+        b.push(0);
+        b.extend_from_slice(&self.copy.generation.to_be_bytes());
         b.extend_from_slice(self.node.as_bytes());
         b.extend_from_slice(self.domain.as_bytes());
         b.extend_from_slice(self.holder.as_bytes());
@@ -295,6 +334,10 @@ impl Response {
             return Err(ProtoError::BadVersion(b[4]));
         }
         let status = Status::from_u8(b[5])?;
+        let copy = copy_at(b, 32, b[30])?;
+        if b[31] != 0 {
+            return Err(ProtoError::Reserved);
+        }
         let mut at = RESP_HEADER;
         let node = take_name(b, &mut at, usize::from(b[6]))?;
         let domain = take_name(b, &mut at, usize::from(b[7]))?;
@@ -311,6 +354,7 @@ impl Response {
             ttl_ms: u32_at(b, 24),
             holder,
             reason: b[29],
+            copy,
         })
     }
 }
@@ -331,6 +375,7 @@ mod tests {
             nonce: 77,
             generation: 0,
             ttl_ms: 2000,
+            copy: CopyStamp::NONE,
         }
     }
 
@@ -339,6 +384,15 @@ mod tests {
         let k = key();
         let r = req();
         assert_eq!(Request::decode(&k, &r.encode(&k).unwrap()), Ok(r));
+        let rec = Request {
+            op: Op::Record,
+            copy: CopyStamp {
+                generation: u64::MAX,
+                holder: CopyHolder::Received,
+            },
+            ..req()
+        };
+        assert_eq!(Request::decode(&k, &rec.encode(&k).unwrap()), Ok(rec));
         let resp = Response {
             status: Status::Denied,
             node: "node-b".into(),
@@ -348,6 +402,10 @@ mod tests {
             ttl_ms: 1500,
             holder: "node-a".into(),
             reason: reason::NONE,
+            copy: CopyStamp {
+                generation: 12,
+                holder: CopyHolder::Ran,
+            },
         };
         let bytes = resp.encode(&k).unwrap();
         assert!(bytes.len() <= MAX_DATAGRAM);
@@ -383,7 +441,13 @@ mod tests {
                 with(&|b| b[..4].copy_from_slice(b"RMWR")),
                 ProtoError::BadMagic,
             ),
-            ("version 2", with(&|b| b[4] = 2), ProtoError::BadVersion(2)),
+            ("version 1", with(&|b| b[4] = 1), ProtoError::BadVersion(1)),
+            (
+                "copy holder 7",
+                with(&|b| b[36] = 7),
+                ProtoError::BadCode(7),
+            ),
+            ("reserved byte", with(&|b| b[38] = 1), ProtoError::Reserved),
             ("op 9", with(&|b| b[5] = 9), ProtoError::BadCode(9)),
             (
                 "node length past end",
@@ -401,7 +465,7 @@ mod tests {
             ),
             (
                 "non-UTF-8 node",
-                with(&|b| b[28] = 0xff),
+                with(&|b| b[40] = 0xff),
                 ProtoError::BadName,
             ),
         ];

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use super::proto::{reason, Op, ProtoError, Request, Response, Status, MAX_DATAGRAM};
 use super::{WitnessError, MAX_TTL, MIN_TTL};
 use crate::auth::HaKey;
+use crate::lineage::CopyStamp;
 use crate::persist::write_atomic;
 
 /// Most domains (and most node/domain nonce records) the witness keeps: only key holders can
@@ -59,6 +60,8 @@ pub struct LeaseTable {
     nonces: BTreeMap<String, BTreeMap<String, u64>>,
     /// Generation of the next grant (strictly increasing over the witness's life).
     next_generation: u64,
+    /// domain → the newest copy stamp recorded for it, and the node that recorded it.
+    stamps: BTreeMap<String, (CopyStamp, String)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,6 +70,16 @@ struct StateFile {
     next_generation: u64,
     leases: Vec<PersistedLease>,
     nonces: Vec<PersistedNonce>,
+    /// Absent in files written before copy stamps were recorded.
+    #[serde(default)]
+    stamps: Vec<PersistedStamp>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedStamp {
+    domain: String,
+    node: String,
+    stamp: CopyStamp,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -112,6 +125,10 @@ impl LeaseTable {
         if last.is_some_and(|n| req.nonce <= n) {
             return Handled::Replay;
         }
+        let recorded = self
+            .stamps
+            .get(&req.domain)
+            .map_or(CopyStamp::NONE, |(s, _)| *s);
         let reply = |status, generation, ttl_ms, holder: &str, why| Response {
             status,
             node: req.node.clone(),
@@ -121,6 +138,7 @@ impl LeaseTable {
             ttl_ms,
             holder: holder.to_string(),
             reason: why,
+            copy: recorded,
         };
         let refuse = |why| Handled::Reply {
             response: reply(Status::Refused, 0, 0, "", why),
@@ -200,6 +218,27 @@ impl LeaseTable {
                     }
                 }
             }
+            Op::Record => {
+                let newer = req.copy > recorded;
+                if newer
+                    && !self.stamps.contains_key(&req.domain)
+                    && self.stamps.len() >= MAX_ENTRIES
+                {
+                    return refuse(reason::TOO_MANY);
+                }
+                if newer {
+                    self.stamps
+                        .insert(req.domain.clone(), (req.copy, req.node.clone()));
+                }
+                let (stamp, by) = self
+                    .stamps
+                    .get(&req.domain)
+                    .cloned()
+                    .unwrap_or((CopyStamp::NONE, String::new()));
+                let mut r = reply(Status::Recorded, 0, 0, &by, reason::NONE);
+                r.copy = stamp;
+                (r, newer)
+            }
             Op::Release => match self.leases.get(&req.domain) {
                 Some(h) if h.holder == req.node && h.generation == req.generation => {
                     self.leases.remove(&req.domain);
@@ -239,6 +278,15 @@ impl LeaseTable {
                     })
                 })
                 .collect(),
+            stamps: self
+                .stamps
+                .iter()
+                .map(|(d, (stamp, node))| PersistedStamp {
+                    domain: d.clone(),
+                    node: node.clone(),
+                    stamp: *stamp,
+                })
+                .collect(),
         }
     }
 
@@ -265,6 +313,9 @@ impl LeaseTable {
                 .entry(n.node)
                 .or_default()
                 .insert(n.domain, n.nonce);
+        }
+        for s in f.stamps {
+            t.stamps.insert(s.domain, (s.stamp, s.node));
         }
         t
     }
@@ -504,6 +555,7 @@ mod tests {
             nonce,
             generation,
             ttl_ms: 1000,
+            copy: CopyStamp::NONE,
         }
     }
 
@@ -668,5 +720,68 @@ mod tests {
             r.handle(t1, &req(Op::Acquire, "a", 1, 0), lim),
             Handled::Replay
         );
+    }
+
+    #[test]
+    fn the_newest_copy_stamp_is_kept_per_domain_and_survives_a_reload() {
+        use crate::lineage::CopyHolder::{Ran, Received};
+        let lim = (MIN_TTL, MAX_TTL);
+        let t0 = Instant::now();
+        let stamp = |generation, holder| CopyStamp { generation, holder };
+        let record = |node: &str, nonce, s: CopyStamp| Request {
+            copy: s,
+            ..req(Op::Record, node, nonce, 0)
+        };
+        let answer = |h: &Handled| match h {
+            Handled::Reply { response, persist } => (
+                response.status,
+                response.copy,
+                response.holder.clone(),
+                *persist,
+            ),
+            Handled::Replay => panic!("unexpected replay"),
+        };
+        let mut t = LeaseTable::new();
+        // (request, expected (status, newest, its node, persist))
+        let steps = [
+            (
+                record("a", 1, stamp(1, Ran)),
+                (Status::Recorded, stamp(1, Ran), "a", true),
+            ),
+            // An older or equal stamp changes nothing and names who holds the newer.
+            (
+                record("b", 1, stamp(1, Received)),
+                (Status::Recorded, stamp(1, Ran), "a", false),
+            ),
+            (
+                record("a", 2, stamp(1, Ran)),
+                (Status::Recorded, stamp(1, Ran), "a", false),
+            ),
+            (
+                record("b", 2, stamp(2, Ran)),
+                (Status::Recorded, stamp(2, Ran), "b", true),
+            ),
+            (
+                record("a", 3, CopyStamp::NONE),
+                (Status::Recorded, stamp(2, Ran), "b", false),
+            ),
+        ];
+        for (i, (r, want)) in steps.into_iter().enumerate() {
+            let got = answer(&t.handle(t0, &r, lim));
+            assert_eq!((got.0, got.1, got.2.as_str(), got.3), want, "step {i}");
+        }
+        // Every answer carries the newest stamp, e.g. a query's.
+        let q = t.handle(t0, &req(Op::Query, "a", 4, 0), lim);
+        assert_eq!(answer(&q).1, stamp(2, Ran));
+        // Another domain has none.
+        let other = Request {
+            domain: "db".into(),
+            ..record("a", 1, CopyStamp::NONE)
+        };
+        assert_eq!(answer(&t.handle(t0, &other, lim)).1, CopyStamp::NONE);
+        // Reloaded from its state file, the witness still knows.
+        let mut r = LeaseTable::from_file(t.to_file(), t0);
+        let got = answer(&r.handle(t0, &record("a", 9, stamp(1, Ran)), lim));
+        assert_eq!((got.1, got.2.as_str()), (stamp(2, Ran), "b"));
     }
 }

@@ -44,9 +44,11 @@ pub enum Scenario {
     /// Test activation on the backup: the primary's protection never stops.
     TestActivate,
     /// Both hosts fail, one after the other: the primary (the backup takes over and the
-    /// guest moves on), then the new primary. Both daemons restart with the VM stopped;
-    /// `start` must refuse the node whose copy is older, naming the other, and start the
-    /// guest from the newer copy with nothing the client saw lost.
+    /// guest moves on), then the new primary. The old primary's daemon restarts alone:
+    /// `start` there must be refused on the witness's record of the newer copy. Then the
+    /// other daemon restarts, both with the VM stopped; `start` must refuse the node whose
+    /// copy is older, naming the other (from the heartbeats), and start the guest from
+    /// the newer copy with nothing the client saw lost.
     DoubleFailure,
 }
 
@@ -917,9 +919,23 @@ impl PairDrill {
             "client: last value before the first failure {seen_before_first}, last seen \
              {last_seen} (on {b} after its takeover)"
         ));
-        // Both hosts come back; nothing starts the guest by itself.
+        let start = Request::Start {
+            domain: DOMAIN.into(),
+            older_copy: false,
+        };
+        // The old primary's host comes back first, alone: its peer is down, but the
+        // witness recorded bak's newer copy when bak took over.
         self.topology().restore_uplink(p)?;
         self.start_daemon(p, None).await?;
+        let alone = self.request(p, &start, Duration::from_secs(120)).await?;
+        let ok = matches!(&alone, Response::Error { message }
+            if message.contains("witness recorded a newer copy") && message.contains(b.name()));
+        t.verdict(
+            "witness_refuses_the_older_copy_while_the_peer_is_down",
+            ok,
+            format!("start on {p} with {b} down: {alone:?}"),
+        );
+        // Then the other host; nothing starts the guest by itself.
         self.start_daemon(b, None).await?;
         let stopped = self
             .observer()
@@ -959,14 +975,10 @@ impl PairDrill {
             matches!(stamps, (Some(x), Some(y)) if y > x),
             format!("{p}: {:?}; {b}: {:?}", stamps.0, stamps.1),
         );
-        // The operator starts the domain on the old primary first: refused, naming b.
-        let start = Request::Start {
-            domain: DOMAIN.into(),
-            older_copy: false,
-        };
+        // The operator starts the domain on the old primary again: refused, naming b.
         let refused = self.request(p, &start, Duration::from_secs(120)).await?;
         let ok = matches!(&refused, Response::Error { message }
-            if message.contains("newer copy") && message.contains(b.name()));
+            if message.contains(&format!("{} holds a newer copy", b.name())));
         t.verdict(
             "older_copy_refused",
             ok,
