@@ -412,31 +412,18 @@ async fn the_witness_remembers_the_newest_copy_across_a_restart() {
         client("beta", addr, ttl).await,
     );
     let stamp = |generation, holder| CopyStamp { generation, holder };
-    let r = a
-        .record_copy("web", stamp(1, CopyHolder::Ran))
-        .await
-        .unwrap();
-    assert_eq!(
-        (r.stamp, r.node.as_deref()),
-        (stamp(1, CopyHolder::Ran), Some("alpha"))
-    );
-    let r = b
-        .record_copy("web", stamp(2, CopyHolder::Ran))
-        .await
-        .unwrap();
-    assert_eq!(
-        (r.stamp, r.node.as_deref()),
-        (stamp(2, CopyHolder::Ran), Some("beta"))
-    );
-    // alpha, asking with its older copy, learns of beta's newer one.
-    let r = a
-        .record_copy("web", stamp(1, CopyHolder::Ran))
-        .await
-        .unwrap();
-    assert_eq!(
-        (r.stamp, r.node.as_deref()),
-        (stamp(2, CopyHolder::Ran), Some("beta"))
-    );
+    let (ran1, ran2) = (stamp(1, CopyHolder::Ran), stamp(2, CopyHolder::Ran));
+    // (who records, what, the newest the witness then answers, recorded by)
+    let steps = [
+        (&a, ran1, ran1, "alpha"),
+        (&b, ran2, ran2, "beta"),
+        // alpha, asking with its older copy, learns of beta's newer one.
+        (&a, ran1, ran2, "beta"),
+    ];
+    for (i, (c, sent, newest, by)) in steps.into_iter().enumerate() {
+        let r = c.record_copy("web", sent).await.unwrap();
+        assert_eq!((r.stamp, r.node.as_deref()), (newest, Some(by)), "step {i}");
+    }
 
     w.kill();
     let _w2 = WitnessProcess::start(addr, &key_file, &state);
