@@ -56,6 +56,18 @@ pub struct ClientLog {
     pub rtts: Vec<Duration>,
 }
 
+impl ClientLog {
+    /// The largest value among the replies that arrived before `t` (0 if none).
+    pub fn max_value_before(&self, t: Instant) -> u64 {
+        self.replies
+            .iter()
+            .filter(|r| r.at < t)
+            .map(|r| r.value)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// A running client.
 pub struct Client {
     stop: watch::Sender<bool>,
@@ -273,7 +285,7 @@ fn p50(mut v: Vec<Duration>) -> u64 {
 pub fn analyse(log: &ClientLog, m: &Moments, activated_console: &[u64]) -> ClientVerdict {
     let (before, after): (Vec<&Reply>, Vec<&Reply>) =
         log.replies.iter().partition(|r| r.at < m.activation);
-    let max_before = before.iter().map(|r| r.value).max().unwrap_or(0);
+    let max_before = log.max_value_before(m.activation);
     let regenerated: std::collections::HashSet<u64> = activated_console
         .iter()
         .copied()

@@ -386,14 +386,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     // Let the client reach the activated guest (or give up on a dead connection and
     // reconnect), and the counter run past everything the client saw from the primary, so
     // every value the failover lost has been produced again.
-    let max_before = client
-        .log()
-        .replies
-        .iter()
-        .filter(|r| r.at < activation_at)
-        .map(|r| r.value)
-        .max()
-        .unwrap_or(0);
+    let max_before = client.log().max_value_before(activation_at);
     let _ = client
         .wait_for(client::STALL_LIMIT + Duration::from_secs(10), |l| {
             l.replies.iter().filter(|r| r.at >= activation_at).count() >= 5

@@ -907,14 +907,8 @@ impl PairDrill {
         // Second failure: the new primary, before the old one is back.
         self.kill_daemon(b)?;
         let log = client.stop().await;
-        let last_seen = log.replies.iter().map(|r| r.value).max().unwrap_or(0);
-        let seen_before_first = log
-            .replies
-            .iter()
-            .filter(|r| r.at < first)
-            .map(|r| r.value)
-            .max()
-            .unwrap_or(0);
+        let last_seen = log.max_value_before(Instant::now());
+        let seen_before_first = log.max_value_before(first);
         t.notes.push(format!(
             "client: last value before the first failure {seen_before_first}, last seen \
              {last_seen} (on {b} after its takeover)"
