@@ -201,6 +201,23 @@ pub struct QuiesceRequest {
     pub resume: oneshot::Receiver<()>,
 }
 
+impl QuiesceRequest {
+    /// A request with the requester's ends: where the receiver says it holds (the
+    /// checkpoint), and the let-go (send, or drop, to let it go on).
+    pub fn new() -> (Self, oneshot::Receiver<u64>, oneshot::Sender<()>) {
+        let (quiesced, held) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        (
+            Self {
+                quiesced,
+                resume: resume_rx,
+            },
+            held,
+            resume,
+        )
+    }
+}
+
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
     /// A receiver over an authenticated channel whose replication header was already read
     /// by `reader` or will be read first.

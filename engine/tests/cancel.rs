@@ -123,15 +123,8 @@ async fn send_checkpoint(p: &PrimarySession, epoch: u64, fill: u8, end: bool) {
 async fn ask_quiesce(
     requests: &mpsc::Sender<QuiesceRequest>,
 ) -> (oneshot::Receiver<u64>, oneshot::Sender<()>) {
-    let (quiesced_tx, quiesced) = oneshot::channel();
-    let (resume, resume_rx) = oneshot::channel();
-    requests
-        .send(QuiesceRequest {
-            quiesced: quiesced_tx,
-            resume: resume_rx,
-        })
-        .await
-        .unwrap();
+    let (request, quiesced, resume) = QuiesceRequest::new();
+    requests.send(request).await.unwrap();
     (quiesced, resume)
 }
 
