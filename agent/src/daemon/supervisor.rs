@@ -1416,44 +1416,38 @@ impl Supervisor {
         }
         let own = self.disk_copy.stamp();
         let peer_stamp = self.peer_stamp();
-        let lineage = match peer_stamp {
-            Some(p) if p > own && !older_copy => {
-                return Err(anyhow!(
-                    "{peer} holds a newer copy of the domain's data ({p}) than this node \
-                     ({own}): start it on {peer}; to go back to this node's copy instead, \
-                     losing what only {peer}'s holds, pass --older-copy",
-                    peer = self.shared.config.peer.name
-                ));
-            }
-            Some(p) if p > own => format!(
-                "OLDER than {}'s copy ({p}): started anyway (--older-copy)",
-                self.shared.config.peer.name
-            ),
-            Some(_) => format!("not older than {}'s copy", self.shared.config.peer.name),
-            None => format!(
-                "{} not heard: could not check that its copy is not newer",
-                self.shared.config.peer.name
-            ),
+        let peer = self.shared.config.peer.name.as_str();
+        let mut lineage = match peer_stamp {
+            Some(p) => against_newer(own, p, older_copy, peer, &format!("{peer}'s copy"), || {
+                format!(
+                    "{peer} holds a newer copy of the domain's data ({p}) than this \
+                         node ({own})"
+                )
+            })?,
+            None => format!("{peer} not heard: could not check that its copy is not newer"),
         };
         // Then the witness, which keeps the newest stamp any node recorded: it knows of a
         // newer copy even when the node holding it is down for good.
-        let mut lineage = lineage;
         if let Some(w) = self.shared.witness.clone() {
             match w.record_copy(&self.d.name, own).await {
-                Ok(r) if r.stamp > own && !older_copy => {
+                Ok(r) => {
                     let by = r.node.unwrap_or_else(|| "another node".into());
-                    return Err(anyhow!(
-                        "the witness recorded a newer copy of the domain's data ({}) from {by} \
-                         than this node's ({own}): start it on {by}; to go back to this \
-                         node's copy instead, losing what only {by}'s holds, pass --older-copy",
-                        r.stamp
-                    ));
+                    let verdict = against_newer(
+                        own,
+                        r.stamp,
+                        older_copy,
+                        &by,
+                        "the witness's record",
+                        || {
+                            format!(
+                                "the witness recorded a newer copy of the domain's data ({}) \
+                                 from {by} than this node's ({own})",
+                                r.stamp
+                            )
+                        },
+                    )?;
+                    lineage.push_str(&format!("; {verdict}"));
                 }
-                Ok(r) if r.stamp > own => lineage.push_str(&format!(
-                    "; OLDER than the witness's record ({}): started anyway (--older-copy)",
-                    r.stamp
-                )),
-                Ok(_) => lineage.push_str("; not older than the witness's record"),
                 Err(e) => {
                     warn!(
                         domain = %self.d.name,
@@ -1630,13 +1624,9 @@ impl Supervisor {
                     let pre = tokio::task::spawn_blocking(move || f.precopy(&dir))
                         .await
                         .context("the copying task failed")??;
-                    let (quiesced_tx, quiesced) = oneshot::channel();
-                    let (resume, resume_rx) = oneshot::channel();
+                    let (request, quiesced, resume) = QuiesceRequest::new();
                     quiesce
-                        .try_send(QuiesceRequest {
-                            quiesced: quiesced_tx,
-                            resume: resume_rx,
-                        })
+                        .try_send(request)
                         .map_err(|_| {
                             anyhow!("the replication session ended during the copy (or another copy holds the receiver)")
                         })?;
@@ -1897,6 +1887,32 @@ impl Drop for IsolatedNetns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);
     }
+}
+
+/// One rule for a start against another holder's stamp (the peer's, the witness's record):
+/// refused when `other` is newer than `own` unless `older_copy`, the refusal saying `newer()`
+/// and naming `by` as the node to start on; otherwise the phrase for the start's message.
+fn against_newer(
+    own: CopyStamp,
+    other: CopyStamp,
+    older_copy: bool,
+    by: &str,
+    whose: &str,
+    newer: impl FnOnce() -> String,
+) -> Result<String> {
+    if other <= own {
+        return Ok(format!("not older than {whose}"));
+    }
+    if older_copy {
+        return Ok(format!(
+            "OLDER than {whose} ({other}): started anyway (--older-copy)"
+        ));
+    }
+    Err(anyhow!(
+        "{}: start it on {by}; to go back to this node's copy instead, losing what only \
+         {by}'s holds, pass --older-copy",
+        newer()
+    ))
 }
 
 /// Reports every record the peer's primary makes this receiver act on (a checkpoint begun,
