@@ -357,83 +357,102 @@ impl Drop for WitnessProcess {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_witness_does_not_grant_a_lease_again_within_its_ttl() {
+/// A real `remus-witness` process with its key and state files in a temporary directory,
+/// and clients "alpha" and "beta" of it with a 1.5 s lease.
+struct ProcessPair {
+    /// Kept for the witness's files; removed with the pair.
+    _dir: tempfile::TempDir,
+    key_file: std::path::PathBuf,
+    state: std::path::PathBuf,
+    w: WitnessProcess,
+    addr: SocketAddr,
+    ttl: Duration,
+    a: Arc<WitnessClient>,
+    b: Arc<WitnessClient>,
+}
+
+async fn process_pair() -> ProcessPair {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("psk");
     std::fs::write(&key_file, MATERIAL).unwrap();
     let state = dir.path().join("witness.json");
-    let mut w = WitnessProcess::start(SocketAddr::new(lo(), 0), &key_file, &state);
+    let w = WitnessProcess::start(SocketAddr::new(lo(), 0), &key_file, &state);
     let addr = w.addr;
     let ttl = Duration::from_millis(1500);
     let (a, b) = (
         client("alpha", addr, ttl).await,
         client("beta", addr, ttl).await,
     );
-    let la = a.acquire("web").await.unwrap();
+    ProcessPair {
+        _dir: dir,
+        key_file,
+        state,
+        w,
+        addr,
+        ttl,
+        a,
+        b,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_witness_does_not_grant_a_lease_again_within_its_ttl() {
+    let mut p = process_pair().await;
+    let la = p.a.acquire("web").await.unwrap();
     // The grant was durable before the answer.
-    let persisted = std::fs::read_to_string(&state).unwrap();
+    let persisted = std::fs::read_to_string(&p.state).unwrap();
     assert!(persisted.contains("\"holder\": \"alpha\""), "{persisted}");
 
     // Crash and restart on the same address.
-    w.kill();
+    p.w.kill();
     let restarted_at = Instant::now();
-    let _w2 = WitnessProcess::start(addr, &key_file, &state);
-    assert_eq!(denied_by(b.acquire("web").await), "alpha");
-    let (lb, won_at) = acquire_eventually(&b, "web").await;
+    let _w2 = WitnessProcess::start(p.addr, &p.key_file, &p.state);
+    assert_eq!(denied_by(p.b.acquire("web").await), "alpha");
+    let (lb, won_at) = acquire_eventually(&p.b, "web").await;
     println!(
-        "after restart: beta won {:?} after the restart began (TTL {ttl:?}); alpha's own view had \
+        "after restart: beta won {:?} after the restart began (TTL {:?}); alpha's own view had \
          ended {:?} before that",
         won_at - restarted_at,
+        p.ttl,
         won_at.saturating_duration_since(la.expires_at_local)
     );
-    assert!(won_at - restarted_at >= ttl, "re-granted early");
+    assert!(won_at - restarted_at >= p.ttl, "re-granted early");
     assert!(
         lb.generation > la.generation,
         "generations continue across restarts"
     );
     // Replay counters survived too: alpha's old nonces are still refused, new ones work.
-    assert_eq!(denied_by(a.acquire("web").await), "beta");
+    assert_eq!(denied_by(p.a.acquire("web").await), "beta");
 }
 
 /// The real `remus-witness` keeps the newest copy stamp per domain, names the node that
 /// recorded it, and still knows it after a crash and restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_witness_remembers_the_newest_copy_across_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("psk");
-    std::fs::write(&key_file, MATERIAL).unwrap();
-    let state = dir.path().join("witness.json");
-    let mut w = WitnessProcess::start(SocketAddr::new(lo(), 0), &key_file, &state);
-    let addr = w.addr;
-    let ttl = Duration::from_millis(1500);
-    let (a, b) = (
-        client("alpha", addr, ttl).await,
-        client("beta", addr, ttl).await,
-    );
+    let mut p = process_pair().await;
     let stamp = |generation, holder| CopyStamp { generation, holder };
     let (ran1, ran2) = (stamp(1, CopyHolder::Ran), stamp(2, CopyHolder::Ran));
     // (who records, what, the newest the witness then answers, recorded by)
     let steps = [
-        (&a, ran1, ran1, "alpha"),
-        (&b, ran2, ran2, "beta"),
+        (&p.a, ran1, ran1, "alpha"),
+        (&p.b, ran2, ran2, "beta"),
         // alpha, asking with its older copy, learns of beta's newer one.
-        (&a, ran1, ran2, "beta"),
+        (&p.a, ran1, ran2, "beta"),
     ];
     for (i, (c, sent, newest, by)) in steps.into_iter().enumerate() {
         let r = c.record_copy("web", sent).await.unwrap();
         assert_eq!((r.stamp, r.node.as_deref()), (newest, Some(by)), "step {i}");
     }
 
-    w.kill();
-    let _w2 = WitnessProcess::start(addr, &key_file, &state);
-    let r = a.record_copy("web", CopyStamp::NONE).await.unwrap();
+    p.w.kill();
+    let _w2 = WitnessProcess::start(p.addr, &p.key_file, &p.state);
+    let r = p.a.record_copy("web", CopyStamp::NONE).await.unwrap();
     assert_eq!(
         (r.stamp, r.node.as_deref()),
         (stamp(2, CopyHolder::Ran), Some("beta")),
         "the newest stamp was durable before the answer"
     );
-    let r = a.record_copy("db", CopyStamp::NONE).await.unwrap();
+    let r = p.a.record_copy("db", CopyStamp::NONE).await.unwrap();
     assert_eq!((r.stamp, r.node), (CopyStamp::NONE, None));
 }
 
