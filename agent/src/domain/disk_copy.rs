@@ -242,6 +242,14 @@ mod tests {
                 br#"{"copy":"image","since_ms":1,"cause":"x","extra":1}"#,
                 "unknown field",
             ),
+            (
+                br#"{"copy":"replica","since_ms":1,"cause":"x","stamp":{"generation":2,"holder":"tape"}}"#,
+                "unknown copy holder",
+            ),
+            (
+                br#"{"copy":"replica","since_ms":1,"cause":"x","stamp":{"generation":-1,"holder":"ran"}}"#,
+                "negative generation",
+            ),
         ] {
             std::fs::write(dir.path().join(FILE_NAME), text).unwrap();
             let e = DiskCopyStore::open("web", dir.path()).unwrap_err();
