@@ -42,18 +42,30 @@
 //!   already waits for them, and declaring the backup lost on one slow epoch would drop
 //!   protection needlessly.
 
+use crate::heartbeat::PeerLiveness;
 use crate::lineage::CopyStamp;
 use crate::role::Role;
 
-/// What the heartbeat detector says about the peer (see [`crate::heartbeat::PeerLiveness`]).
+/// The detector's verdict on the peer, as coarse as the rules need it (from
+/// [`PeerLiveness`], the one liveness type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Peer {
     /// Heard within the timeout on some link.
     Alive,
-    /// Silent for a while, not yet past the timeout.
+    /// Silent for a while (or not heard yet), not yet past the timeout.
     Suspect,
     /// Silent on every link for the timeout.
     Lost,
+}
+
+impl From<&PeerLiveness> for Peer {
+    fn from(l: &PeerLiveness) -> Self {
+        match l {
+            PeerLiveness::Alive { .. } => Peer::Alive,
+            PeerLiveness::Starting | PeerLiveness::Suspect => Peer::Suspect,
+            PeerLiveness::Lost { .. } => Peer::Lost,
+        }
+    }
 }
 
 /// The primary's view of its backup's acknowledgements.
@@ -131,7 +143,10 @@ pub enum PeerClaim {
 impl PeerClaim {
     /// Whether the peer may be (or become) this node's backup: it runs nothing.
     pub fn can_be_backup(self) -> bool {
-        matches!(self, PeerClaim::Unknown | PeerClaim::Stopped | PeerClaim::Backup)
+        matches!(
+            self,
+            PeerClaim::Unknown | PeerClaim::Stopped | PeerClaim::Backup
+        )
     }
 }
 
@@ -531,7 +546,11 @@ mod tests {
             failover: Failover::Automatic,
             has_committed_checkpoint: true,
             replication_ended_here: false,
-            vm: if role.runs_vm() { Vm::Running } else { Vm::Absent },
+            vm: if role.runs_vm() {
+                Vm::Running
+            } else {
+                Vm::Absent
+            },
         }
     }
 
@@ -799,23 +818,87 @@ mod tests {
         let rows: Vec<Row<'_>> = vec![
             (Start, &Role::Stopped, C::Unknown, false, Ok(())),
             (Start, &Role::Stopped, C::Stopped, false, Ok(())),
-            (Start, &Role::Stopped, C::Backup, false, Err(Refusal::PeerNotStopped(C::Backup))),
-            (Start, &Role::Stopped, C::Runs, false, Err(Refusal::PeerNotStopped(C::Runs))),
-            (Start, &backup, C::Stopped, true, Err(Refusal::NotStopped("backup"))),
-            (Start, &Role::Standalone, C::Stopped, false, Err(Refusal::NotStopped("standalone"))),
+            (
+                Start,
+                &Role::Stopped,
+                C::Backup,
+                false,
+                Err(Refusal::PeerNotStopped(C::Backup)),
+            ),
+            (
+                Start,
+                &Role::Stopped,
+                C::Runs,
+                false,
+                Err(Refusal::PeerNotStopped(C::Runs)),
+            ),
+            (
+                Start,
+                &backup,
+                C::Stopped,
+                true,
+                Err(Refusal::NotStopped("backup")),
+            ),
+            (
+                Start,
+                &Role::Standalone,
+                C::Stopped,
+                false,
+                Err(Refusal::NotStopped("standalone")),
+            ),
             (Failover, &backup, C::Unknown, true, Ok(())),
             (Failover, &fencing, C::Unknown, true, Ok(())),
-            (Failover, &backup, C::Unknown, false, Err(Refusal::NothingCommitted)),
-            (Failover, &primary, C::Backup, false, Err(Refusal::NotBackup("primary"))),
-            (Failover, &Role::Stopped, C::Unknown, true, Err(Refusal::NotBackup("stopped"))),
+            (
+                Failover,
+                &backup,
+                C::Unknown,
+                false,
+                Err(Refusal::NothingCommitted),
+            ),
+            (
+                Failover,
+                &primary,
+                C::Backup,
+                false,
+                Err(Refusal::NotBackup("primary")),
+            ),
+            (
+                Failover,
+                &Role::Stopped,
+                C::Unknown,
+                true,
+                Err(Refusal::NotBackup("stopped")),
+            ),
             (Switchover, &primary, C::Backup, false, Ok(())),
-            (Switchover, &Role::Standalone, C::Stopped, false, Err(Refusal::NotPrimary("standalone"))),
-            (Switchover, &backup, C::Runs, true, Err(Refusal::NotPrimary("backup"))),
+            (
+                Switchover,
+                &Role::Standalone,
+                C::Stopped,
+                false,
+                Err(Refusal::NotPrimary("standalone")),
+            ),
+            (
+                Switchover,
+                &backup,
+                C::Runs,
+                true,
+                Err(Refusal::NotPrimary("backup")),
+            ),
             (TestActivate, &backup, C::Runs, true, Ok(())),
-            (TestActivate, &fencing, C::Unknown, true, Err(Refusal::NotBackupForTest("fencing"))),
+            (
+                TestActivate,
+                &fencing,
+                C::Unknown,
+                true,
+                Err(Refusal::NotBackupForTest("fencing")),
+            ),
         ];
         for (cmd, role, claim, committed, want) in rows {
-            assert_eq!(admit(cmd, role, claim, committed), want, "{cmd:?} in {role:?}, peer {claim:?}");
+            assert_eq!(
+                admit(cmd, role, claim, committed),
+                want,
+                "{cmd:?} in {role:?}, peer {claim:?}"
+            );
         }
     }
 
@@ -835,7 +918,11 @@ mod tests {
             (ran3, CopyStamp::NONE, false, CopyVerdict::NotOlder),
         ];
         for (own, other, older_copy, want) in rows {
-            assert_eq!(against_newer(own, other, older_copy), want, "{own} vs {other}");
+            assert_eq!(
+                against_newer(own, other, older_copy),
+                want,
+                "{own} vs {other}"
+            );
         }
     }
 }

@@ -21,13 +21,18 @@
 //!   8 seq u64            strictly increasing per sender, ≥ its wall clock in µs (replays)
 //!  16 uptime_us u64      sender's monotonic time since its detector started (restarts)
 //!  24 node name
-//!     per domain: name_len u8 | name | role u8 | epoch u64 | copy generation u64 |
-//!                 copy holder u8   (the sender's view; the copy stamp: [`crate::lineage`])
+//!     per domain: name_len u8 | name | payload [18]   (opaque to the detector)
 //!     tag[32]            HMAC-SHA256 over everything before it
 //! ```
 //! A datagram with a bad tag, from another node than the configured peer (including our own
 //! datagrams reflected back), malformed, or whose sequence number is not above the last one
 //! accepted on that link, is dropped and counted per link.
+//!
+//! # What the detector does not know
+//! Roles, epochs and copy stamps are the daemon's business: each domain's entry carries a
+//! fixed-size payload the detector passes through untouched ([`DomainView::payload`]). Its
+//! layout belongs to the daemon (`remus-agent`'s `daemon::advert`) and is versioned with
+//! the datagram: version 2 carries exactly [`DOMAIN_PAYLOAD_LEN`] bytes per domain.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,8 +47,6 @@ use tokio::time::{sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::auth::{HaKey, SequenceSource, TAG_LEN};
-use crate::lineage::{CopyHolder, CopyStamp};
-use crate::role::Role;
 
 /// Default time between heartbeats on each link.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
@@ -58,8 +61,10 @@ const MAGIC: &[u8; 4] = b"RMHB";
 /// 2 added the copy stamp per domain.
 const VERSION: u8 = 2;
 const HEADER: usize = 24;
+/// Bytes of each domain's payload in a version-2 datagram.
+pub const DOMAIN_PAYLOAD_LEN: usize = 18;
 const MAX_DATAGRAM: usize =
-    HEADER + MAX_NAME + MAX_DOMAINS * (1 + MAX_NAME + 1 + 8 + 8 + 1) + TAG_LEN;
+    HEADER + MAX_NAME + MAX_DOMAINS * (1 + MAX_NAME + DOMAIN_PAYLOAD_LEN) + TAG_LEN;
 
 /// Errors of the heartbeat detector; each names the link or the setting.
 #[derive(Debug, Error)]
@@ -88,74 +93,13 @@ pub enum DecodeError {
     Malformed,
 }
 
-/// A role as advertised in heartbeats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ViewRole {
-    /// See [`Role::Stopped`].
-    Stopped = 0,
-    /// See [`Role::Standalone`].
-    Standalone = 1,
-    /// See [`Role::Primary`].
-    Primary = 2,
-    /// See [`Role::Backup`].
-    Backup = 3,
-    /// See [`Role::Fencing`].
-    Fencing = 4,
-    /// See [`Role::Fenced`].
-    Fenced = 5,
-    /// See [`Role::Activating`].
-    Activating = 6,
-    /// See [`Role::Activated`].
-    Activated = 7,
-    /// See [`Role::Resyncing`].
-    Resyncing = 8,
-}
-
-impl ViewRole {
-    fn from_u8(v: u8) -> Option<Self> {
-        use ViewRole::*;
-        Some(match v {
-            0 => Stopped,
-            1 => Standalone,
-            2 => Primary,
-            3 => Backup,
-            4 => Fencing,
-            5 => Fenced,
-            6 => Activating,
-            7 => Activated,
-            8 => Resyncing,
-            _ => return None,
-        })
-    }
-}
-
-impl From<&Role> for ViewRole {
-    fn from(r: &Role) -> Self {
-        match r {
-            Role::Stopped => ViewRole::Stopped,
-            Role::Standalone => ViewRole::Standalone,
-            Role::Primary { .. } => ViewRole::Primary,
-            Role::Backup { .. } => ViewRole::Backup,
-            Role::Fencing { .. } => ViewRole::Fencing,
-            Role::Fenced { .. } => ViewRole::Fenced,
-            Role::Activating { .. } => ViewRole::Activating,
-            Role::Activated { .. } => ViewRole::Activated,
-            Role::Resyncing { .. } => ViewRole::Resyncing,
-        }
-    }
-}
-
 /// One domain as the sender sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DomainView {
     /// The domain.
     pub domain: String,
-    /// The sender's role for it.
-    pub role: ViewRole,
-    /// Primary: last acknowledged epoch; backup: last committed epoch.
-    pub epoch: u64,
-    /// The sender's stamp on its copy of the domain's data.
-    pub copy: CopyStamp,
+    /// What the sender says of it, in the daemon's layout (opaque here).
+    pub payload: [u8; DOMAIN_PAYLOAD_LEN],
 }
 
 /// A decoded, authenticated heartbeat.
@@ -187,10 +131,7 @@ impl Beat {
         for d in &self.domains {
             b.push(u8::try_from(d.domain.len()).unwrap_or(0));
             b.extend_from_slice(d.domain.as_bytes());
-            b.push(d.role as u8);
-            b.extend_from_slice(&d.epoch.to_be_bytes());
-            b.extend_from_slice(&d.copy.generation.to_be_bytes());
-            b.push(d.copy.holder.to_u8());
+            b.extend_from_slice(&d.payload);
         }
         key.seal(&mut b);
         b
@@ -222,16 +163,8 @@ impl Beat {
         for _ in 0..count {
             let len = usize::from(take(1)?[0]);
             let domain = text(take(len)?)?;
-            let role = ViewRole::from_u8(take(1)?[0]).ok_or(bad)?;
-            let epoch = u64::from_be_bytes(take(8)?.try_into().map_err(|_| bad)?);
-            let generation = u64::from_be_bytes(take(8)?.try_into().map_err(|_| bad)?);
-            let holder = CopyHolder::from_u8(take(1)?[0]).ok_or(bad)?;
-            domains.push(DomainView {
-                domain,
-                role,
-                epoch,
-                copy: CopyStamp { generation, holder },
-            });
+            let payload = take(DOMAIN_PAYLOAD_LEN)?.try_into().map_err(|_| bad)?;
+            domains.push(DomainView { domain, payload });
         }
         if at != b.len() || node.is_empty() {
             return Err(bad);
@@ -343,15 +276,6 @@ impl PeerLiveness {
     /// Whether the peer is lost.
     pub fn is_lost(&self) -> bool {
         matches!(self, PeerLiveness::Lost { .. })
-    }
-
-    /// The coarse verdict [`crate::decide`] uses.
-    pub fn summary(&self) -> crate::decide::Peer {
-        match self {
-            PeerLiveness::Alive { .. } => crate::decide::Peer::Alive,
-            PeerLiveness::Starting | PeerLiveness::Suspect => crate::decide::Peer::Suspect,
-            PeerLiveness::Lost { .. } => crate::decide::Peer::Lost,
-        }
     }
 }
 
@@ -866,18 +790,11 @@ mod tests {
             domains: vec![
                 DomainView {
                     domain: "web".into(),
-                    role: ViewRole::Primary,
-                    epoch: 17,
-                    copy: CopyStamp {
-                        generation: 4,
-                        holder: CopyHolder::Ran,
-                    },
+                    payload: [7; DOMAIN_PAYLOAD_LEN],
                 },
                 DomainView {
                     domain: "db".into(),
-                    role: ViewRole::Backup,
-                    epoch: 3,
-                    copy: CopyStamp::NONE,
+                    payload: [0; DOMAIN_PAYLOAD_LEN],
                 },
             ],
         }
@@ -894,12 +811,7 @@ mod tests {
             domains: (0..MAX_DOMAINS)
                 .map(|i| DomainView {
                     domain: format!("{i:0>64}"),
-                    role: ViewRole::Resyncing,
-                    epoch: u64::MAX,
-                    copy: CopyStamp {
-                        generation: u64::MAX,
-                        holder: CopyHolder::Received,
-                    },
+                    payload: [0xff; DOMAIN_PAYLOAD_LEN],
                 })
                 .collect(),
             ..beat()
@@ -936,8 +848,7 @@ mod tests {
             ("too many domains", with(&|b| b[6] = 17), DecodeError::Malformed),
             ("count past end", with(&|b| b[6] = 3), DecodeError::Malformed),
             ("trailing", with(&|b| b.push(0)), DecodeError::Malformed),
-            ("unknown role", with(&|b| { let at = HEADER + 5 + 1 + 3; b[at] = 200 }), DecodeError::Malformed),
-            ("unknown copy holder", with(&|b| { let at = HEADER + 5 + 1 + 3 + 1 + 8 + 8; b[at] = 9 }), DecodeError::Malformed),
+            ("payload cut short", with(&|b| { let n = b.len(); b.truncate(n - 1) }), DecodeError::Malformed),
             ("empty node", with(&|b| b[5] = 0), DecodeError::Malformed),
         ];
         for (what, d, want) in cases {

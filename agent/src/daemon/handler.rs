@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use remus_ha::heartbeat::{Detector, DomainView, PeerLiveness as HbLiveness, ViewRole};
+use remus_ha::heartbeat::{Detector, DomainView, PeerLiveness as HbLiveness};
+
+use super::advert::DomainAdvert;
 use tokio::sync::oneshot;
 
 use super::supervisor::SupervisorHandle;
@@ -124,16 +126,15 @@ pub async fn advertise(handler: Arc<DaemonHandler>, detector: Detector) {
             .iter()
             .map(|s| {
                 let st = s.status.borrow();
+                let epoch = st
+                    .protection
+                    .as_ref()
+                    .and_then(|p| p.last_acked)
+                    .or(st.committed_epoch)
+                    .unwrap_or(0);
                 DomainView {
                     domain: st.name.clone(),
-                    role: ViewRole::from(&st.role),
-                    epoch: st
-                        .protection
-                        .as_ref()
-                        .and_then(|p| p.last_acked)
-                        .or(st.committed_epoch)
-                        .unwrap_or(0),
-                    copy: st.copy,
+                    payload: DomainAdvert::new(&st.role, epoch, st.copy).encode(),
                 }
             })
             .collect();

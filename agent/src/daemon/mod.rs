@@ -16,6 +16,7 @@
 //! what it was doing ([`supervisor`] documents each case); it never activates a checkpoint
 //! twice.
 
+pub mod advert;
 pub mod handler;
 pub mod listener;
 pub mod supervisor;

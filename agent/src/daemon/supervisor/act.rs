@@ -1,8 +1,8 @@
 //! Acting: carrying out what [`decide`] chose (each action persists its role change
 //! first).
 
-use super::*;
 use super::sessions::report_primary_traffic;
+use super::*;
 
 impl Supervisor {
     /// [`Action::RunUnprotected`]: resume the VM if it was paused, release output that no
@@ -373,5 +373,4 @@ impl Supervisor {
             }
         });
     }
-
 }

@@ -40,12 +40,14 @@ use remus_engine::replica::ReplicaState;
 use remus_engine::session::{BackupSession, Identity};
 use remus_ha::auth::unix_millis;
 use remus_ha::decide::{
-    admit, against_newer, decide, incoming_session, must_win_lease, Acks, Action, Command as HaCommand,
-    CopyVerdict, Failover as HaFailover, FenceProgress, Fencing as HaFencing, Lease, PeerClaim,
-    SessionVerdict, Situation, Vm,
+    admit, against_newer, decide, incoming_session, must_win_lease, Acks, Action,
+    Command as HaCommand, CopyVerdict, Failover as HaFailover, FenceProgress, Fencing as HaFencing,
+    Lease, Peer, PeerClaim, SessionVerdict, Situation, Vm,
 };
 use remus_ha::fence::{CommandFencer, FenceError, FenceOutcome, Fencer, NoFencer, WitnessFencer};
-use remus_ha::heartbeat::{PeerLiveness, ViewRole};
+use remus_ha::heartbeat::PeerLiveness;
+
+use super::advert::DomainAdvert;
 use remus_ha::role::{Event, FenceProof, Role, RoleStore};
 use remus_ha::witness::{LeaseKeeper, LeaseState};
 use sch_plug::Netns;
@@ -360,7 +362,6 @@ impl Supervisor {
         self.teardown().await;
     }
 
-
     // ---------------------------------------------------------------- role
 
     /// Persists `event`; on refusal the error is logged and the role is unchanged.
@@ -386,7 +387,6 @@ impl Supervisor {
     fn clear_alarms(&mut self, prefix: &str) {
         self.alarms.retain(|a| !a.starts_with(prefix));
     }
-
 
     // ---------------------------------------------------------------- deciding
 

@@ -22,7 +22,7 @@ impl Supervisor {
         };
         Situation {
             role,
-            peer: self.shared.liveness.borrow().summary(),
+            peer: Peer::from(&*self.shared.liveness.borrow()),
             claim: self.peer_claim(),
             acks,
             acks_fresh,
@@ -42,22 +42,25 @@ impl Supervisor {
 
     /// What the peer's heartbeats say of this domain.
     pub(super) fn peer_claim(&self) -> PeerClaim {
+        self.peer_advert().map_or(PeerClaim::Unknown, |a| a.claim())
+    }
+
+    /// The peer's advert of this domain (`None`: never heard, it does not advertise the
+    /// domain, or in a form this node cannot read: logged at debug, the rules then see
+    /// [`PeerClaim::Unknown`]).
+    pub(super) fn peer_advert(&self) -> Option<DomainAdvert> {
         let view = self.shared.peer_view.borrow();
-        let Some(dv) = view
-            .as_ref()
-            .and_then(|v| v.domains.iter().find(|x| x.domain == self.d.name))
-        else {
-            return PeerClaim::Unknown;
-        };
-        match dv.role {
-            ViewRole::Stopped => PeerClaim::Stopped,
-            ViewRole::Backup => PeerClaim::Backup,
-            ViewRole::Fencing | ViewRole::Fenced => PeerClaim::TakingOver,
-            ViewRole::Standalone
-            | ViewRole::Primary
-            | ViewRole::Resyncing
-            | ViewRole::Activating
-            | ViewRole::Activated => PeerClaim::Runs,
+        let dv = view
+            .as_ref()?
+            .domains
+            .iter()
+            .find(|x| x.domain == self.d.name)?;
+        match DomainAdvert::decode(&dv.payload) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                debug!(domain = %self.d.name, error = %e, "unreadable peer advert");
+                None
+            }
         }
     }
 
@@ -93,7 +96,6 @@ impl Supervisor {
             _ => None,
         }
     }
-
 
     pub(super) async fn observe_vm(&mut self) {
         let Runtime::Vm(v) = &mut self.runtime else {
@@ -202,18 +204,9 @@ impl Supervisor {
         }
     }
 
-
     /// The peer's last advertised stamp on its copy of this domain (`None`: never heard,
     /// or it does not advertise the domain).
     pub(super) fn peer_stamp(&self) -> Option<CopyStamp> {
-        self.shared
-            .peer_view
-            .borrow()
-            .as_ref()?
-            .domains
-            .iter()
-            .find(|x| x.domain == self.d.name)
-            .map(|x| x.copy)
+        self.peer_advert().map(|a| a.copy)
     }
-
 }

@@ -283,7 +283,6 @@ impl Supervisor {
             }
         }
     }
-
 }
 
 /// Reports every record the peer's primary makes this receiver act on (a checkpoint begun,

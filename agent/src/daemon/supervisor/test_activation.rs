@@ -152,7 +152,6 @@ impl Supervisor {
             ))
         })
     }
-
 }
 
 /// How a test activation gets its copy.
