@@ -296,7 +296,7 @@ fn main() {
     );
     measure(
         &format!("pool dispatch, {threads} items"),
-        "persistent threads; late helpers withdrawn",
+        "persistent threads, caller takes part",
         &mut |_, _| {
             let t = Instant::now();
             black_box(pooln.map((0..threads).collect(), |i| i + 1));

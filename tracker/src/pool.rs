@@ -1,84 +1,46 @@
 //! A persistent pool of scan threads for the work done while the VM is stopped.
 //!
 //! Why persistent: a collect runs every epoch (every ~100–200 ms) inside the VM's stop
-//! window; keeping the threads parked on a channel avoids spawning and joining them each time.
-//! Why not a general-purpose pool: the jobs borrow the caller's slices (the RAM mapping, the
-//! shadow, the output buffers) for exactly the duration of one call, which needs a scoped
-//! hand-off that `'static` thread pools cannot express safely.
+//! window; keeping the threads parked avoids spawning and joining them each time. The threads
+//! are a [`rayon::ThreadPool`], whose scopes let the jobs borrow the caller's slices (the RAM
+//! mapping, the shadow, the output buffers) for exactly the duration of one call, so this
+//! module has no lifetime erasure and no `unsafe` of its own.
 //!
-//! Each worker a job is handed to gets a *hand-off* cell, shared by reference count (so it
-//! outlives the borrow), whose state moves `Pending -> Running -> Finished` on the worker's
-//! side or `Pending -> Withdrawn` on the caller's side, always under the cell's lock.
-//!
-//! Invariants (what makes the lifetime erasure in [`ScanPool::map`] sound):
-//! - A worker dereferences the job only in `Running`, which it can enter only from `Pending`.
-//! - `map` returns (or unwinds) only after every hand-off is `Finished` or `Withdrawn`: it
-//!   withdraws those still `Pending` and waits for those `Running` (workers catch a job's
-//!   panic, so `Running` always ends in `Finished`).
-//!
-//! Scheduling is dynamic: the items are handed out one at a time from an atomic counter, so a
+//! How a call runs: the caller takes part. It opens an in-place scope (its own share of the
+//! work runs on the calling thread, not on a pool thread), spawns one helper job per pool
+//! thread it can use, and all of them take items one at a time from an atomic counter, so a
 //! thread slowed by another process's load takes fewer items instead of stalling the epoch.
-//! And the caller never waits for a helper that has not started: once the caller has run out
-//! of items it withdraws the hand-offs of helpers still waking up. This matters in the stop
-//! window: measured in a 2-vCPU guest under TCG on a loaded host, waiting for a helper's
-//! wake-up stretched a 12 ms collect to 1–4 s; withdrawing bounds it by the work itself.
+//! The scope returns once every helper job has returned; a helper that wakes after the items
+//! ran out finds none and returns at once.
+//!
+//! What this gave up: the hand-written pool it replaces could withdraw a helper that had not
+//! started yet, so the caller never waited for a wake-up (measured then in a 2-vCPU guest
+//! under TCG on a loaded host: waiting stretched a 12 ms collect to 1–4 s). A rayon scope
+//! always waits for its spawned jobs. Measured back to back on the 2-CPU development host
+//! (load average ~11 from other builds; `REMUS_BENCH_ROUNDS=21 cargo bench -p remus-tracker
+//! --bench collect`, two runs each, median ms, hand-written -> rayon): compare collect with
+//! 2 threads 104 / 80 -> 104 / 87, with XOR delta 107 / 95 -> 87 / 94, listed sync 8.2 / 8.4
+//! -> 4.0 / 9.2, audit slice 0.58 / 0.56 -> 0.53 / 0.52: the same within noise. The one
+//! visible cost is the empty dispatch (2 trivial items): 0.018 / 0.000 -> 0.017 / 0.013, the
+//! helper's wake-up that the old pool could skip; small beside any real collect. The bench
+//! reports min and median, not the tail under a starved host that motivated withdrawal.
 
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::thread::{self, JoinHandle};
-
-/// A job as the workers see it: a call that processes the next items until none remain.
-type Job = dyn Fn() + Sync;
-
-/// A borrowed job whose lifetime was erased for the trip through a channel.
-struct JobRef(*const Job);
-
-// SAFETY: the pointee is `Sync` (shared calls from several threads are fine) and the pool's
-// invariants (module doc) keep it alive until every receiver is done with it.
-unsafe impl Send for JobRef {}
-
-/// Where one worker is with one job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Handoff {
-    /// Sent, not yet picked up: the caller may still withdraw it.
-    Pending,
-    /// The worker is running the job: the caller must wait.
-    Running,
-    /// The worker is done with the job (`true`: it panicked).
-    Finished(bool),
-    /// The caller finished without this worker: it must not touch the job.
-    Withdrawn,
-}
-
-/// A hand-off cell and the signal that it reached `Finished`.
-struct HandoffCell {
-    state: Mutex<Handoff>,
-    finished: Condvar,
-}
-
-struct Task {
-    job: JobRef,
-    handoff: Arc<HandoffCell>,
-}
-
-struct Worker {
-    tx: Option<mpsc::Sender<Task>>,
-    handle: Option<JoinHandle<()>>,
-}
+use std::sync::Mutex;
 
 /// Error starting the pool.
 #[derive(Debug, thiserror::Error)]
-#[error("scan pool: spawning worker thread {index}: {source}")]
+#[error("scan pool: starting {threads} worker threads: {source}")]
 pub struct PoolError {
-    index: usize,
+    threads: usize,
     #[source]
-    source: std::io::Error,
+    source: rayon::ThreadPoolBuildError,
 }
 
 /// Threads that process a list of items in parallel; the calling thread takes part.
 pub struct ScanPool {
-    workers: Vec<Worker>,
+    /// The parked helper threads; `None` when the caller works alone.
+    helpers: Option<rayon::ThreadPool>,
 }
 
 impl std::fmt::Debug for ScanPool {
@@ -93,29 +55,33 @@ impl ScanPool {
     /// A pool of `threads` threads in all: the caller plus `threads - 1` parked workers.
     /// `threads == 0` is treated as 1.
     pub fn new(threads: usize) -> Result<Self, PoolError> {
-        let mut workers = Vec::new();
-        for index in 1..threads.max(1) {
-            let (tx, rx) = mpsc::channel::<Task>();
-            let handle = thread::Builder::new()
-                .name(format!("remus-scan-{index}"))
-                .spawn(move || worker_loop(rx))
-                .map_err(|source| PoolError { index, source })?;
-            workers.push(Worker {
-                tx: Some(tx),
-                handle: Some(handle),
-            });
-        }
-        Ok(ScanPool { workers })
+        let helpers = match threads.saturating_sub(1) {
+            0 => None,
+            workers => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(workers)
+                    .thread_name(|i| format!("remus-scan-{}", i + 1))
+                    .build()
+                    .map_err(|source| PoolError {
+                        threads: workers,
+                        source,
+                    })?,
+            ),
+        };
+        Ok(ScanPool { helpers })
     }
 
     /// A pool with one thread per available CPU.
     pub fn with_available_parallelism() -> Result<Self, PoolError> {
-        Self::new(thread::available_parallelism().map_or(1, |n| n.get()))
+        Self::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
     /// Threads that take part in a call, the caller included.
     pub fn threads(&self) -> usize {
-        self.workers.len() + 1
+        self.helpers
+            .as_ref()
+            .map_or(0, rayon::ThreadPool::current_num_threads)
+            + 1
     }
 
     /// Applies `f` to every item, in parallel, and returns the results in item order.
@@ -142,8 +108,17 @@ impl ScanPool {
             }
         };
         // Only wake as many workers as there are items beyond the caller's first one.
-        let helpers = self.workers.len().min(n - 1);
-        self.run(&job, helpers);
+        let helpers = (self.threads() - 1).min(n - 1);
+        match &self.helpers {
+            Some(pool) if helpers > 0 => pool.in_place_scope(|scope| {
+                let job = &job;
+                for _ in 0..helpers {
+                    scope.spawn(move |_| job());
+                }
+                job();
+            }),
+            _ => job(),
+        }
         results
             .into_iter()
             .map(|m| {
@@ -152,93 +127,6 @@ impl ScanPool {
                     .expect("scan pool: every item was processed")
             })
             .collect()
-    }
-
-    /// Runs `job` on the caller and on up to `helpers` workers; returns when no worker uses
-    /// it any more.
-    fn run(&self, job: &(dyn Fn() + Sync + '_), helpers: usize) {
-        // SAFETY: erases the borrow's lifetime so the reference can travel to the workers.
-        // Workers use it only in `Running`, and this function withdraws or waits out every
-        // hand-off before it returns or unwinds (module doc).
-        let erased: *const Job =
-            unsafe { std::mem::transmute::<&(dyn Fn() + Sync + '_), &'static Job>(job) };
-        let mut handoffs = Vec::with_capacity(helpers);
-        for w in self.workers.iter().take(helpers) {
-            let cell = Arc::new(HandoffCell {
-                state: Mutex::new(Handoff::Pending),
-                finished: Condvar::new(),
-            });
-            let task = Task {
-                job: JobRef(erased),
-                handoff: cell.clone(),
-            };
-            if let Some(tx) = &w.tx {
-                if tx.send(task).is_ok() {
-                    handoffs.push(cell);
-                }
-            }
-        }
-        let mine = panic::catch_unwind(AssertUnwindSafe(job));
-        let mut worker_panicked = false;
-        for cell in &handoffs {
-            let mut state = lock(&cell.state);
-            loop {
-                match *state {
-                    Handoff::Pending => {
-                        *state = Handoff::Withdrawn;
-                        break;
-                    }
-                    Handoff::Running => {
-                        state = cell.finished.wait(state).unwrap_or_else(|e| e.into_inner());
-                    }
-                    Handoff::Finished(panicked) => {
-                        worker_panicked |= panicked;
-                        break;
-                    }
-                    Handoff::Withdrawn => break,
-                }
-            }
-        }
-        if let Err(payload) = mine {
-            panic::resume_unwind(payload);
-        }
-        if worker_panicked {
-            panic!("scan pool: a scan job panicked on a worker thread");
-        }
-    }
-}
-
-impl Drop for ScanPool {
-    fn drop(&mut self) {
-        for w in &mut self.workers {
-            w.tx.take();
-        }
-        for w in &mut self.workers {
-            if let Some(h) = w.handle.take() {
-                let _ = h.join();
-            }
-        }
-    }
-}
-
-fn worker_loop(rx: mpsc::Receiver<Task>) {
-    while let Ok(Task { job, handoff }) = rx.recv() {
-        {
-            let mut state = lock(&handoff.state);
-            if *state != Handoff::Pending {
-                // Withdrawn: the caller finished without us and the job may be gone.
-                continue;
-            }
-            *state = Handoff::Running;
-        }
-        let result = {
-            // SAFETY: we are `Running`, so `ScanPool::run` waits for our `Finished` before the
-            // job's borrow ends; this reference is gone by the end of this block.
-            let job: &Job = unsafe { &*job.0 };
-            panic::catch_unwind(AssertUnwindSafe(job))
-        };
-        *lock(&handoff.state) = Handoff::Finished(result.is_err());
-        handoff.finished.notify_all();
     }
 }
 
@@ -251,6 +139,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::panic::{self, AssertUnwindSafe};
 
     #[test]
     fn map_returns_results_in_order_on_every_pool_size() {
@@ -283,9 +172,9 @@ mod tests {
     }
 
     #[test]
-    fn withdrawn_and_running_handoffs_race_safely() {
-        // Many short calls: helpers are often still waking when the caller runs out of items
-        // (withdrawn), sometimes mid-item (waited for). Every item must be processed once.
+    fn many_short_calls_process_every_item_once() {
+        // Many short calls: helpers are often still waking when the caller runs out of items,
+        // sometimes mid-item. Every item must be processed exactly once.
         let pool = ScanPool::new(3).unwrap();
         for round in 0..5000usize {
             let n = 1 + round % 5;

@@ -79,18 +79,19 @@ impl Ctx<'_> {
         }
     }
 
-    /// A required value; reports `key` missing in `table` at `at`.
+    /// A required value; reports `key` missing in `table` at `at`. Called through
+    /// [`required!`], which takes the key's name from the field.
     fn required<T>(
         &mut self,
         v: Option<Spanned<T>>,
-        at: &Range<usize>,
+        at: Range<usize>,
         table: &str,
         key: &str,
         hint: &str,
     ) -> Option<Spanned<T>> {
         if v.is_none() {
             self.error(
-                at.clone(),
+                at,
                 format!("{table}: missing required key `{key}` ({hint})"),
             );
         }
@@ -228,6 +229,22 @@ impl Ctx<'_> {
             self.error(v.span(), format!("{key} is not used {why}; remove it"));
         }
     }
+}
+
+/// `required!(cx, t, "[table]", key, "hint")`: the value of the required `key` of the table
+/// `t` (a `Spanned` raw section), or `None` after reporting
+/// `[table]: missing required key `key` (hint)` at the table's span. The key named in the
+/// message is the field's own name, so the two cannot drift apart.
+macro_rules! required {
+    ($cx:expr, $t:expr, $table:literal, $key:ident, $hint:literal) => {
+        $cx.required(
+            $t.get_ref().$key.clone(),
+            $t.span(),
+            $table,
+            stringify!($key),
+            $hint,
+        )
+    };
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -392,13 +409,12 @@ fn build(cx: &mut Ctx<'_>, root: Spanned<DeTable<'_>>) -> Option<Config> {
     let auth = s.auth.as_ref().and_then(|a| auth(cx, a));
     let witness = s.witness.as_ref().and_then(|w| witness(cx, w));
     let metrics = s.metrics.as_ref().and_then(|m| {
-        let at = m.span();
-        let l = cx.required(
-            m.get_ref().listen.clone(),
-            &at,
+        let l = required!(
+            cx,
+            m,
             "[metrics]",
-            "listen",
-            "IP:PORT of the Prometheus exporter",
+            listen,
+            "IP:PORT of the Prometheus exporter"
         )?;
         cx.socket_addr(&l, "metrics.listen", AddrRole::Bind)
             .map(|listen| MetricsConfig { listen })
@@ -433,15 +449,8 @@ fn build(cx: &mut Ctx<'_>, root: Spanned<DeTable<'_>>) -> Option<Config> {
 }
 
 fn node(cx: &mut Ctx<'_>, n: &Spanned<RawNode>) -> Option<NodeConfig> {
-    let at = n.span();
     let r = n.get_ref();
-    let name = cx.required(
-        r.name.clone(),
-        &at,
-        "[node]",
-        "name",
-        "this host's node name",
-    );
+    let name = required!(cx, n, "[node]", name, "this host's node name");
     let name_ok = name.as_ref().is_some_and(|v| {
         cx.name(
             v,
@@ -477,13 +486,7 @@ fn node(cx: &mut Ctx<'_>, n: &Spanned<RawNode>) -> Option<NodeConfig> {
 fn peer(cx: &mut Ctx<'_>, p: &Spanned<RawPeer>, node: Option<&NodeConfig>) -> Option<PeerConfig> {
     let at = p.span();
     let r = p.get_ref();
-    let name = cx.required(
-        r.name.clone(),
-        &at,
-        "[peer]",
-        "name",
-        "the peer's [node] name",
-    );
+    let name = required!(cx, p, "[peer]", name, "the peer's [node] name");
     let mut ok = name.as_ref().is_some_and(|v| {
         cx.name(
             v,
@@ -502,14 +505,7 @@ fn peer(cx: &mut Ctx<'_>, p: &Spanned<RawPeer>, node: Option<&NodeConfig>) -> Op
             ok = false;
         }
     }
-    let address = cx
-        .required(
-            r.address.clone(),
-            &at,
-            "[peer]",
-            "address",
-            "the peer's replication IP:PORT",
-        )
+    let address = required!(cx, p, "[peer]", address, "the peer's replication IP:PORT")
         .and_then(|a| cx.socket_addr(&a, "peer.address", AddrRole::Remote));
     let mut links = Vec::new();
     let mut seen = HashSet::new();
@@ -524,25 +520,22 @@ fn peer(cx: &mut Ctx<'_>, p: &Spanned<RawPeer>, node: Option<&NodeConfig>) -> Op
         Some(list) => {
             for l in list {
                 let lat = l.span();
-                let lr = l.get_ref();
-                let local = cx
-                    .required(
-                        lr.local.clone(),
-                        &lat,
-                        "[[peer.link]]",
-                        "local",
-                        "IP:PORT to bind on this host",
-                    )
-                    .and_then(|v| cx.socket_addr(&v, "peer.link.local", AddrRole::Bind));
-                let remote = cx
-                    .required(
-                        lr.remote.clone(),
-                        &lat,
-                        "[[peer.link]]",
-                        "remote",
-                        "the peer's IP:PORT on this link",
-                    )
-                    .and_then(|v| cx.socket_addr(&v, "peer.link.remote", AddrRole::Remote));
+                let local = required!(
+                    cx,
+                    l,
+                    "[[peer.link]]",
+                    local,
+                    "IP:PORT to bind on this host"
+                )
+                .and_then(|v| cx.socket_addr(&v, "peer.link.local", AddrRole::Bind));
+                let remote = required!(
+                    cx,
+                    l,
+                    "[[peer.link]]",
+                    remote,
+                    "the peer's IP:PORT on this link"
+                )
+                .and_then(|v| cx.socket_addr(&v, "peer.link.remote", AddrRole::Remote));
                 match (local, remote) {
                     (Some(local), Some(remote)) => {
                         if local.is_ipv4() != remote.is_ipv4() {
@@ -611,9 +604,8 @@ fn heartbeat(cx: &mut Ctx<'_>, h: Option<&Spanned<RawHeartbeat>>) -> HeartbeatCo
 }
 
 fn auth(cx: &mut Ctx<'_>, a: &Spanned<RawAuth>) -> Option<AuthConfig> {
-    let at = a.span();
     let r = a.get_ref();
-    let mode = cx.required(r.mode.clone(), &at, "[auth]", "mode", "\"psk\"")?;
+    let mode = required!(cx, a, "[auth]", mode, "\"psk\"")?;
     if *mode.get_ref() == AuthMode::Tls {
         cx.error(
             mode.span(),
@@ -635,12 +627,12 @@ fn auth(cx: &mut Ctx<'_>, a: &Spanned<RawAuth>) -> Option<AuthConfig> {
             );
         }
     }
-    let f = cx.required(
-        r.psk_file.clone(),
-        &at,
+    let f = required!(
+        cx,
+        a,
         "[auth]",
-        "psk_file",
-        "a file holding at least 32 bytes of key",
+        psk_file,
+        "a file holding at least 32 bytes of key"
     )?;
     Some(AuthConfig::Psk {
         key_file: cx.abs_path(&f, "auth.psk_file"),
@@ -648,16 +640,9 @@ fn auth(cx: &mut Ctx<'_>, a: &Spanned<RawAuth>) -> Option<AuthConfig> {
 }
 
 fn witness(cx: &mut Ctx<'_>, w: &Spanned<RawWitness>) -> Option<WitnessConfig> {
-    let at = w.span();
     let r = w.get_ref();
     let lease = cx.millis(&r.lease_ms, "witness.lease_ms", 2000, 100..=600_000);
-    let a = cx.required(
-        r.address.clone(),
-        &at,
-        "[witness]",
-        "address",
-        "IP:PORT of remus-witness",
-    )?;
+    let a = required!(cx, w, "[witness]", address, "IP:PORT of remus-witness")?;
     let address = cx.socket_addr(&a, "witness.address", AddrRole::Remote)?;
     Some(WitnessConfig { address, lease })
 }
@@ -666,12 +651,12 @@ fn domain(cx: &mut Ctx<'_>, d: &Spanned<RawDomain>, witness: bool) -> Option<Dom
     let at = d.span();
     let r = d.get_ref();
     let before = cx.errors.len();
-    let name = cx.required(
-        r.name.clone(),
-        &at,
+    let name = required!(
+        cx,
+        d,
         "[[domain]]",
-        "name",
-        "unique, [a-z0-9_-], at most 32 characters",
+        name,
+        "unique, [a-z0-9_-], at most 32 characters"
     );
     if let Some(n) = &name {
         cx.name(n, "domain.name", 32, domain_chars, "a-z, 0-9, '-', '_'");
@@ -700,28 +685,27 @@ fn domain(cx: &mut Ctx<'_>, d: &Spanned<RawDomain>, witness: bool) -> Option<Dom
     let mut disks = Vec::new();
     let mut disk_ids = HashSet::new();
     for disk in r.disk.iter().flatten() {
-        let dat = disk.span();
         let dr = disk.get_ref();
-        let id = cx.required(
-            dr.id.clone(),
-            &dat,
+        let id = required!(
+            cx,
+            disk,
             "[[domain.disk]]",
-            "id",
-            "device id, unique in the domain",
+            id,
+            "device id, unique in the domain"
         );
-        let image = cx.required(
-            dr.image.clone(),
-            &dat,
+        let image = required!(
+            cx,
+            disk,
             "[[domain.disk]]",
-            "image",
-            "image path on the primary",
+            image,
+            "image path on the primary"
         );
-        let replica = cx.required(
-            dr.replica.clone(),
-            &dat,
+        let replica = required!(
+            cx,
+            disk,
             "[[domain.disk]]",
-            "replica",
-            "replica path on the backup",
+            replica,
+            "replica path on the backup"
         );
         if let Some(id) = &id {
             if cx.name(
@@ -751,28 +735,26 @@ fn domain(cx: &mut Ctx<'_>, d: &Spanned<RawDomain>, witness: bool) -> Option<Dom
     let mut nics = Vec::new();
     let mut nic_ids = HashSet::new();
     for nic in r.nic.iter().flatten() {
-        let nat = nic.span();
-        let nr = nic.get_ref();
-        let id = cx.required(
-            nr.id.clone(),
-            &nat,
+        let id = required!(
+            cx,
+            nic,
             "[[domain.nic]]",
-            "id",
-            "device id, unique in the domain",
+            id,
+            "device id, unique in the domain"
         );
-        let mac = cx.required(
-            nr.mac.clone(),
-            &nat,
+        let mac = required!(
+            cx,
+            nic,
             "[[domain.nic]]",
-            "mac",
-            "unicast MAC such as 52:54:00:12:34:56",
+            mac,
+            "unicast MAC such as 52:54:00:12:34:56"
         );
-        let bridge = cx.required(
-            nr.bridge.clone(),
-            &nat,
+        let bridge = required!(
+            cx,
+            nic,
             "[[domain.nic]]",
-            "bridge",
-            "host bridge the tap joins",
+            bridge,
+            "host bridge the tap joins"
         );
         if let Some(id) = &id {
             if cx.name(
@@ -912,13 +894,7 @@ fn qemu(
         None => "q35".to_owned(),
     };
     let accel = r.accel.as_ref().map_or(Accel::Kvm, |a| *a.get_ref());
-    let memory = cx.required(
-        r.memory_mib.clone(),
-        &at,
-        "[domain.qemu]",
-        "memory_mib",
-        "guest RAM in MiB",
-    );
+    let memory = required!(cx, q, "[domain.qemu]", memory_mib, "guest RAM in MiB");
     let memory_mib = cx.number(&memory, "domain.qemu.memory_mib", 0, 16..=(4 << 20));
     let vcpus = cx.number(&r.vcpus, "domain.qemu.vcpus", 1, 1..=288) as u32;
     let boot = match (&r.kernel, &r.boot_disk) {
@@ -997,12 +973,12 @@ fn fencing(
 ) -> FencingPolicy {
     let at = f.span();
     let r = f.get_ref();
-    let Some(mode) = cx.required(
-        r.mode.clone(),
-        &at,
+    let Some(mode) = required!(
+        cx,
+        f,
         "[domain.fencing]",
-        "mode",
-        "\"command\", \"witness\" or \"none\"",
+        mode,
+        "\"command\", \"witness\" or \"none\""
     ) else {
         return FencingPolicy::None;
     };
