@@ -382,9 +382,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
             let received = match next {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    return Err(self.wire(WireError::SenderGone(
-                        "the primary closed the stream after END".into(),
-                    )))
+                    let peer = self.reader.peer().to_string();
+                    return Err(self.wire(WireError::ClosedAfterEnd { peer }));
                 }
                 Err(e) => {
                     if let (WireError::Decode { .. }, Some((epoch, _))) = (&e, self.receiving) {

@@ -47,9 +47,39 @@ pub enum WireError {
     /// A record could not be encoded (a bug: the engine built an invalid record).
     #[error("encoding {what}: {reason}")]
     Encode { what: String, reason: String },
-    /// The sender's threads are gone (the connection failed earlier).
+    /// Connecting to the backup failed.
+    #[error("connecting to the backup at {addr}: {source}")]
+    Connect {
+        /// The backup's address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The backup did not accept the connection in time.
+    #[error("connecting to the backup at {addr}: timed out after {timeout:?}")]
+    ConnectTimeout {
+        /// The backup's address.
+        addr: String,
+        /// How long we waited.
+        timeout: std::time::Duration,
+    },
+    /// The sender's encoder thread could not be started.
+    #[error("starting the replication encoder thread: {0}")]
+    EncoderThread(#[source] std::io::Error),
+    /// The sender's threads stopped on this failure (the connection failed earlier).
     #[error("replication sender stopped: {0}")]
-    SenderGone(String),
+    SenderFailed(#[source] Arc<WireError>),
+    /// The sender was closed without a failure (protection ended, or the connection was
+    /// shut down in order).
+    #[error("replication sender stopped: the connection was closed")]
+    SenderClosed,
+    /// The primary closed the replication stream after its `END` record, while the backup
+    /// still expected records.
+    #[error("stream from {peer}: the primary closed the stream after END")]
+    ClosedAfterEnd {
+        /// The primary's address.
+        peer: String,
+    },
 }
 
 /// One thing to send, in stream order.
@@ -90,6 +120,21 @@ pub enum Outgoing {
     },
 }
 
+impl Outgoing {
+    /// Names the item for errors: "PAGE_DATA of epoch 4", "CheckpointBegin record".
+    pub fn describe(&self) -> String {
+        match self {
+            Outgoing::Record(r) => format!("{:?} record", r.record_type()),
+            Outgoing::Pages { epoch, pfns, .. } => {
+                format!("PAGE_DATA of epoch {epoch} ({} pages)", pfns.len())
+            }
+            Outgoing::DeviceState { epoch, .. } => format!("DEVICE_STATE of epoch {epoch}"),
+            Outgoing::DiskBarrier(epoch) => format!("DISK_BARRIER of epoch {epoch}"),
+            Outgoing::CheckpointEnd { epoch, .. } => format!("CHECKPOINT_END of epoch {epoch}"),
+        }
+    }
+}
+
 /// What one checkpoint took on the wire.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SentStats {
@@ -105,28 +150,45 @@ pub struct SentStats {
 #[derive(Clone, Debug)]
 pub struct StreamSender {
     tx: mpsc::Sender<Outgoing>,
-    failure: Arc<std::sync::Mutex<Option<String>>>,
+    failure: Failure,
+}
+
+/// The first failure of a sender's encoder thread or I/O task, shared with every
+/// [`StreamSender`] so a producer learns why its queue closed.
+type Failure = Arc<std::sync::Mutex<Option<Arc<WireError>>>>;
+
+/// Records `e` as the sender's failure unless an earlier one is already recorded.
+fn record_failure(failure: &Failure, e: WireError) {
+    let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+    if f.is_none() {
+        *f = Some(Arc::new(e));
+    }
 }
 
 impl StreamSender {
     /// Queues one item; waits while the queue is full.
     ///
     /// # Errors
-    /// [`WireError::SenderGone`] with the cause when the connection has failed.
+    /// [`WireError::SenderFailed`] with the cause when the connection has failed,
+    /// [`WireError::SenderClosed`] when it was closed without one.
     pub async fn send(&self, item: Outgoing) -> Result<(), WireError> {
         self.tx.send(item).await.map_err(|_| self.gone())
     }
 
-    /// The reason the sender stopped, if it has.
-    pub fn failure(&self) -> Option<String> {
-        self.failure.lock().expect("failure lock").clone()
+    /// The failure that stopped the sender, if one did.
+    pub fn failure(&self) -> Option<Arc<WireError>> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    fn gone(&self) -> WireError {
-        WireError::SenderGone(
-            self.failure()
-                .unwrap_or_else(|| "the connection was closed".into()),
-        )
+    /// Why the sender is gone: its recorded failure, or an orderly close.
+    pub fn gone(&self) -> WireError {
+        match self.failure() {
+            Some(cause) => WireError::SenderFailed(cause),
+            None => WireError::SenderClosed,
+        }
     }
 
     /// True once the sending side has stopped.
@@ -149,7 +211,7 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<Outgoing>(256);
     let (btx, mut brx) = mpsc::channel::<Vec<u8>>(16);
-    let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+    let failure: Failure = Arc::new(std::sync::Mutex::new(None));
     let mut encoder = Encoder::new();
     let mut first = Vec::new();
     encoder
@@ -166,8 +228,8 @@ where
             let mut stats = SentStats::default();
             while let Some(item) = rx.blocking_recv() {
                 if let Err(e) = encode_item(&mut encoder, &mut buf, item, &mut stats) {
-                    *fail.lock().expect("failure lock") = Some(e.to_string());
                     tracing::error!(error = %e, "replication encoder stopped");
+                    record_failure(&fail, e);
                     return;
                 }
                 if (buf.len() >= FLUSH_BYTES || rx.is_empty())
@@ -180,7 +242,7 @@ where
                 let _ = btx.blocking_send(buf);
             }
         })
-        .map_err(|e| WireError::SenderGone(format!("cannot start encoder thread: {e}")))?;
+        .map_err(WireError::EncoderThread)?;
     let fail = failure.clone();
     let io = tokio::spawn(async move {
         let result: Result<(), WireError> = async {
@@ -194,13 +256,19 @@ where
             Ok(())
         }
         .await;
-        if let Err(e) = &result {
-            let mut f = fail.lock().expect("failure lock");
-            if f.is_none() {
-                *f = Some(e.to_string());
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = Arc::new(e);
+                {
+                    let mut f = fail.lock().unwrap_or_else(|p| p.into_inner());
+                    if f.is_none() {
+                        *f = Some(e.clone());
+                    }
+                }
+                Err(WireError::SenderFailed(e))
             }
         }
-        result
     });
     Ok((StreamSender { tx, failure }, io))
 }
@@ -325,6 +393,11 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             expect_kind: kind,
             peer: peer.to_string(),
         }
+    }
+
+    /// The peer's address, as errors name it.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// The stream's header, once read.

@@ -26,6 +26,7 @@ use blk_remus::{BackupConfig, BackupStore, FileBackend, SyncMode, SyncProgress};
 use common::*;
 use remus_engine::backup::BackupExit;
 use remus_engine::peer::PreSharedKey;
+use remus_engine::ports::PortError;
 use remus_engine::primary::{Compression, Primary, PrimaryConfig, PrimaryExit, PrimaryParts};
 use remus_engine::replica::{ReplicaState, ReplicaStore};
 use remus_tracker::{CompareTracker, ScanPool};
@@ -101,10 +102,14 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
             return;
         }
         let (ptx, _) = watch::channel(SyncProgress::default());
-        let r = disk.sync_async(mode, ptx).await;
-        let _ = sync_tx.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        if let Ok(r) = r {
-            let _ = report_tx.send(r);
+        match disk.sync_async(mode, ptx).await {
+            Ok(r) => {
+                let _ = sync_tx.send(Ok(()));
+                let _ = report_tx.send(r);
+            }
+            Err(e) => {
+                let _ = sync_tx.send(Err(PortError::new("disk", "sync", e)));
+            }
         }
     });
 

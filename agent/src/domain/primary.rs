@@ -391,6 +391,7 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         let (ptx, _prx) = watch::channel(SyncProgress::default());
         let p = disk.primary.clone();
         let id = disk.id.clone();
+        let object = format!("disk {}/{}", d.name, disk.id);
         let mode = opts.disk_sync;
         let done = disk_syncs.clone();
         syncs.push(tokio::spawn(async move {
@@ -406,7 +407,9 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
                             report,
                         });
                 })
-                .map_err(|e| format!("disk {id}: {mode:?} sync: {e}"))
+                .map_err(|e| {
+                    remus_engine::ports::PortError::new(object, format!("{mode:?} sync"), e)
+                })
         }));
         disks.push(PrimaryDisk {
             object: format!("disk {}/{}", d.name, disk.id),
@@ -415,13 +418,20 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         });
     }
     let (sync_tx, sync_rx) = oneshot::channel();
+    let syncs_of = format!("domain {} disks", d.name);
     tokio::spawn(async move {
         let mut result = Ok(());
         for s in syncs {
             match s.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => result = Err(e),
-                Err(e) => result = Err(format!("disk sync task: {e}")),
+                Err(e) => {
+                    result = Err(remus_engine::ports::PortError::new(
+                        syncs_of.clone(),
+                        "initial sync task",
+                        e,
+                    ))
+                }
             }
         }
         let _ = sync_tx.send(result);
