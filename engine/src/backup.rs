@@ -437,6 +437,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                         };
                         pd.decode_into(&mut self.scratch, &mut r)
                     };
+                    crate::copies::add(crate::copies::Stage::Decode, (n * PAGE_SIZE) as u64);
+                    crate::copies::pages_received(n as u64);
+                    crate::copies::add(
+                        if first {
+                            crate::copies::Stage::Apply
+                        } else {
+                            crate::copies::Stage::Stage
+                        },
+                        (n * PAGE_SIZE) as u64,
+                    );
                     if let Err(e) = decoded {
                         let msg = format!("PAGE_DATA at offset {}: {e}", received.offset);
                         return Err(self.refuse(epoch, NackReason::Protocol, msg).await);

@@ -9,6 +9,7 @@
 //! `sch-plug` and `blk-remus`.
 
 pub mod backup;
+pub mod copies;
 pub mod metrics;
 pub mod peer;
 pub mod ports;

@@ -47,6 +47,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::copies;
 use crate::metrics::{EpochReport, EpochSummary, EpochWindow};
 use crate::ports::{DiskBarrier, OutputBuffer, PortError, VmControl};
 use crate::wire::{Outgoing, StreamSender, WireError};
@@ -833,6 +834,10 @@ impl Primary {
         })
         .await
         .expect("pre-copy scan thread panicked");
+        copies::add(
+            copies::Stage::Capture,
+            (dirty.len() * PAGE_SIZE + dirty.captured_bytes()) as u64,
+        );
         self.precopy = Some(tracker);
         self.shadow = Some(shadow);
         self.dirty = Some(dirty);
@@ -1121,6 +1126,10 @@ impl Primary {
         .await
         .expect("collect thread panicked");
         let lens = (self.memory.bytes().len(), shadow.len());
+        copies::add(
+            copies::Stage::Capture,
+            (dirty.len() * PAGE_SIZE + dirty.captured_bytes()) as u64,
+        );
         self.tracker = Some(tracker);
         self.audit = Some(audit);
         self.shadow = Some(shadow);
@@ -1185,6 +1194,11 @@ fn build_batches(
         if pfns.is_empty() {
             return;
         }
+        copies::add(
+            copies::Stage::Gather,
+            (new.len() + old.as_ref().map_or(0, Vec::len)) as u64,
+        );
+        copies::pages_sent(pfns.len() as u64);
         out.push(Outgoing::Pages {
             epoch,
             pfns: std::mem::take(pfns),

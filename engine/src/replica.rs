@@ -558,6 +558,7 @@ impl ReplicaStore {
             self.ram[off..off + PAGE].copy_from_slice(data);
         }
         self.written.note(pages.iter().map(|(pfn, _)| pfn));
+        crate::copies::add(crate::copies::Stage::Apply, (pages.len() * PAGE) as u64);
         self.ram
             .flush()
             .map_err(io_err(&self.dir.join("ram"), "msync"))
@@ -585,6 +586,9 @@ impl ReplicaStore {
         for (_, data) in pages.iter() {
             buf.extend_from_slice(data);
         }
+        let page_bytes = (pages.len() * PAGE) as u64;
+        crate::copies::add(crate::copies::Stage::StagingBuffer, page_bytes);
+        crate::copies::add(crate::copies::Stage::StagingWrite, page_bytes);
         buf.extend_from_slice(dev);
         let crc = crc32c::crc32c(&buf);
         buf.extend_from_slice(&crc.to_le_bytes());

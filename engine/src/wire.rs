@@ -19,12 +19,13 @@ use std::sync::Arc;
 
 use remus_stream::{
     DecodeError, Decoder, DecoderConfig, Encoder, EncodingChoice, EpochError, EpochSummary,
-    EpochVerifier, Item, PageEncoding, Record, StreamHeader, StreamKind, PAGE_SIZE,
+    EpochVerifier, Item, PageEncoding, Record, RecordRef, StreamHeader, StreamKind, PAGE_SIZE,
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::copies;
 use crate::peer::{PeerError, SecureReader, SecureWriter};
 
 /// Device state is sent in chunks of this size, so no record is huge.
@@ -319,6 +320,7 @@ fn encode_item(
             .map_err(err(format!("PAGE_DATA of epoch {epoch}")))?;
             stats.page_bytes_raw += new.len() as u64;
             stats.page_bytes_encoded += (buf.len() - before) as u64;
+            copies::add(copies::Stage::Encode, (buf.len() - before) as u64);
             let slot = match encoding {
                 PageEncoding::Raw => 0,
                 PageEncoding::Zero => 1,
@@ -454,6 +456,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             let before = input.len();
             let item = self.decoder.decode_frame(&mut input);
             self.pos += before - input.len();
+            copies::add(copies::Stage::Assemble, (before - input.len()) as u64);
             match item.map_err(|source| WireError::Decode {
                 peer: self.peer.clone(),
                 source,
@@ -464,6 +467,12 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                     return Ok(Some(Step::Header));
                 }
                 Some(Item::Record(frame)) => {
+                    if let RecordRef::PageData(pd) = &frame.record {
+                        copies::add(
+                            copies::Stage::OwnedRecord,
+                            (pd.payload().len() + pd.count() * 8) as u64,
+                        );
+                    }
                     let verdict = match &mut self.verifier {
                         Some(v) => v.observe(&frame.record, frame.crc),
                         None => Ok(None),
