@@ -57,7 +57,7 @@ async fn run(compression: Compression, checkpoints: u64) -> Copies {
         replies: session.replies,
         initial_sync: None,
     };
-    let (primary, handle) = Primary::new(cfg, parts);
+    let (primary, handle) = Primary::new(cfg, parts).expect("primary loop");
     let task = tokio::spawn(primary.run());
     let acked = |n: u64| {
         let mut status = handle.status.clone();

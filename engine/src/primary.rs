@@ -413,6 +413,12 @@ pub enum PrimaryError {
         live: usize,
         shadow: usize,
     },
+    /// The page-scan thread could not be started, or stopped (a bug: a job panicked).
+    #[error("domain {domain}: page-scan thread: {source}")]
+    ScanThread {
+        domain: String,
+        source: std::io::Error,
+    },
     /// The backup acknowledged epoch `epoch`, but its network output could not be released:
     /// the buffer holds output a client may be waiting for, so protection cannot go on.
     #[error("domain {domain}: releasing the output of acknowledged epoch {epoch}: {source}")]
@@ -464,19 +470,8 @@ pub struct Primary {
     vm: Box<dyn VmControl>,
     net: Box<dyn OutputBuffer>,
     disk: Box<dyn DiskBarrier>,
-    memory: Arc<dyn GuestMemory>,
-    /// The method that finds dirty pages while the VM is stopped.
-    tracker: Option<Box<dyn DirtyTracker>>,
-    /// Pre-copy's compare tracker (see the module doc for why it is always compare).
-    precopy: Option<CompareTracker>,
-    /// Compares a slice of RAM with the shadow every epoch (all of it every N epochs): a
-    /// page the tracker missed is found, resent and counted instead of silently diverging.
-    audit: Option<ReplicaAudit>,
-    /// Guest RAM as of the last checkpoint: the compare baseline, and the source of each
-    /// checkpoint's new page contents while the VM runs on.
-    shadow: Option<Vec<u8>>,
-    /// The last collect's dirty pages (buffers reused across epochs).
-    dirty: Option<DirtySet>,
+    /// The thread that owns the page scan's state (trackers, audit, shadow, dirty set).
+    scan: ScanThread,
     out: StreamSender,
     replies: mpsc::Receiver<Reply>,
     status: watch::Sender<PrimaryStatus>,
@@ -537,8 +532,15 @@ pub struct PrimaryParts {
 }
 
 impl Primary {
-    /// Builds the loop; nothing runs until [`run`](Self::run).
-    pub fn new(cfg: PrimaryConfig, parts: PrimaryParts) -> (Self, PrimaryHandle) {
+    /// Builds the loop and starts its page-scan thread; nothing else runs until
+    /// [`run`](Self::run).
+    ///
+    /// # Errors
+    /// [`PrimaryError::ScanThread`]: the scan thread cannot be started.
+    pub fn new(
+        cfg: PrimaryConfig,
+        parts: PrimaryParts,
+    ) -> Result<(Self, PrimaryHandle), PrimaryError> {
         let len = parts.memory.bytes().len();
         let (status_tx, status_rx) = watch::channel(PrimaryStatus {
             phase: EpochPhase::Idle,
@@ -553,22 +555,28 @@ impl Primary {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (handoff_tx, handoff_rx) = watch::channel(false);
         let capture = cfg.compression.capture();
+        let mut shadow = vec![0u8; len];
+        // Fault every page in now: a first write into fresh zero pages inside the stop
+        // window costs a fault each (and cross-CPU TLB flushes).
+        remus_tracker::prefault(&mut shadow);
+        let scan = Scan {
+            memory: parts.memory,
+            tracker: parts.tracker,
+            precopy: CompareTracker::new(parts.pool.clone()),
+            audit: ReplicaAudit::new(len, AuditConfig::default(), parts.pool),
+            shadow,
+            dirty: DirtySet::new(capture),
+        };
+        let scan =
+            ScanThread::start(scan, &cfg.domain).map_err(|source| PrimaryError::ScanThread {
+                domain: cfg.domain.clone(),
+                source,
+            })?;
         let p = Self {
             vm: parts.vm,
             net: parts.net,
             disk: parts.disk,
-            memory: parts.memory,
-            tracker: Some(parts.tracker),
-            precopy: Some(CompareTracker::new(parts.pool.clone())),
-            audit: Some(ReplicaAudit::new(len, AuditConfig::default(), parts.pool)),
-            shadow: Some({
-                let mut shadow = vec![0u8; len];
-                // Fault every page in now: a first write into fresh zero pages inside the
-                // stop window costs a fault each (and cross-CPU TLB flushes).
-                remus_tracker::prefault(&mut shadow);
-                shadow
-            }),
-            dirty: Some(DirtySet::new(capture)),
+            scan,
             out: parts.out,
             replies: parts.replies,
             status: status_tx,
@@ -581,14 +589,14 @@ impl Primary {
             initial_sync: parts.initial_sync,
             cfg,
         };
-        (
+        Ok((
             p,
             PrimaryHandle {
                 status: status_rx,
                 shutdown: stop_tx,
                 handoff: handoff_tx,
             },
-        )
+        ))
     }
 
     fn set_phase(&self, phase: EpochPhase) {
@@ -819,35 +827,26 @@ impl Primary {
 
     /// One live compare round; returns the pages found changed (now in the dirty set).
     async fn precopy_round(&mut self, round: u32) -> Result<u64, Halt> {
-        let mut tracker = self.precopy.take().expect("precopy tracker present");
-        let mut shadow = self.shadow.take().expect("shadow present");
-        let mut dirty = self.dirty.take().expect("dirty set present");
-        let memory = self.memory.clone();
-        let (tracker, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
-            dirty.clear();
-            // Not true (the VM runs), and documented in the module doc: a compare tracker
-            // stays correct because the stopped collect of the first checkpoint compares
-            // all of RAM again.
-            let token = VmStopped::caller_asserts_vm_stopped();
-            let r = tracker.collect(&token, memory.bytes(), &mut shadow, &mut dirty);
-            (tracker, shadow, dirty, r)
-        })
-        .await
-        .expect("pre-copy scan thread panicked");
-        copies::add(
-            copies::Stage::Capture,
-            (dirty.len() * PAGE_SIZE + dirty.captured_bytes()) as u64,
-        );
-        self.precopy = Some(tracker);
-        self.shadow = Some(shadow);
-        self.dirty = Some(dirty);
-        let stats = res.map_err(|source| PrimaryError::PreCopy {
-            domain: self.cfg.domain.clone(),
-            round,
-            source,
-        })?;
+        let stats = self
+            .scan
+            .run(Scan::precopy_round)
+            .await
+            .ok_or_else(|| self.scan_gone())?
+            .map_err(|source| PrimaryError::PreCopy {
+                domain: self.cfg.domain.clone(),
+                round,
+                source,
+            })?;
         debug!(round, pages = stats.pages_dirty, "pre-copy round");
         Ok(stats.pages_dirty)
+    }
+
+    /// The error for a scan thread that is gone (it panicked: a bug).
+    fn scan_gone(&self) -> PrimaryError {
+        PrimaryError::ScanThread {
+            domain: self.cfg.domain.clone(),
+            source: std::io::Error::other("the page-scan thread stopped (it panicked)"),
+        }
     }
 
     /// Waits until the output buffer and the in-flight limit allow closing another epoch.
@@ -1089,51 +1088,17 @@ impl Primary {
         Ok(())
     }
 
-    /// The stopped collect, on a blocking thread (the tracker splits it across cores).
+    /// The stopped collect, on the scan thread (the tracker splits it across cores).
     /// Returns the collect's statistics and the number of pages the audit had to repair.
     async fn collect(
         &mut self,
         epoch: u64,
     ) -> Result<(remus_tracker::CollectStats, u64), PrimaryError> {
-        let mut tracker = self.tracker.take().expect("tracker present");
-        let mut audit = self.audit.take().expect("audit present");
-        let mut shadow = self.shadow.take().expect("shadow present");
-        let mut dirty = self.dirty.take().expect("dirty set present");
-        let memory = self.memory.clone();
-        let (tracker, audit, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
-            dirty.clear();
-            // The VM was stopped by the caller (`checkpoint`) and is resumed only after this
-            // returns.
-            let token = VmStopped::caller_asserts_vm_stopped();
-            let live = memory.bytes();
-            let r = if live.len() != shadow.len() {
-                Err(None)
-            } else {
-                tracker
-                    .collect(&token, live, &mut shadow, &mut dirty)
-                    .and_then(|stats| {
-                        let report = audit.run(&token, live, &mut shadow, &mut dirty)?;
-                        if !report.mismatched.is_empty() {
-                            // The tracker missed writes: compare everything next time.
-                            tracker.rearm();
-                        }
-                        Ok((stats, report.mismatched.len() as u64))
-                    })
-                    .map_err(Some)
-            };
-            (tracker, audit, shadow, dirty, r)
-        })
-        .await
-        .expect("collect thread panicked");
-        let lens = (self.memory.bytes().len(), shadow.len());
-        copies::add(
-            copies::Stage::Capture,
-            (dirty.len() * PAGE_SIZE + dirty.captured_bytes()) as u64,
-        );
-        self.tracker = Some(tracker);
-        self.audit = Some(audit);
-        self.shadow = Some(shadow);
-        self.dirty = Some(dirty);
+        let res = self
+            .scan
+            .run(Scan::collect)
+            .await
+            .ok_or_else(|| self.scan_gone())?;
         if let Ok((_, repaired)) = &res {
             if *repaired > 0 {
                 warn!(
@@ -1143,36 +1108,155 @@ impl Primary {
             }
         }
         res.map_err(|e| match e {
-            Some(source) => PrimaryError::Tracker {
+            CollectError::Tracker(source) => PrimaryError::Tracker {
                 domain: self.cfg.domain.clone(),
                 epoch,
                 source,
             },
-            None => PrimaryError::RamSize {
+            CollectError::RamSize { live, shadow } => PrimaryError::RamSize {
                 domain: self.cfg.domain.clone(),
-                live: lens.0,
-                shadow: lens.1,
+                live,
+                shadow,
             },
         })
     }
 
     /// Queues the pages of the last collect as `PAGE_DATA` batches of `epoch`.
-    async fn transmit_pages(&mut self, epoch: u64) -> Result<(), BackupLoss> {
-        let shadow = self.shadow.take().expect("shadow present");
-        let dirty = self.dirty.take().expect("dirty set present");
+    async fn transmit_pages(&mut self, epoch: u64) -> Result<(), Halt> {
         let choice = self.cfg.compression.choice();
-        let (shadow, dirty, batches) = tokio::task::spawn_blocking(move || {
-            let batches = build_batches(epoch, &shadow, &dirty, choice);
-            (shadow, dirty, batches)
-        })
-        .await
-        .expect("batch thread panicked");
-        self.shadow = Some(shadow);
-        self.dirty = Some(dirty);
+        let batches = self
+            .scan
+            .run(move |scan| build_batches(epoch, &scan.shadow, &scan.dirty, choice))
+            .await
+            .ok_or_else(|| self.scan_gone())?;
         for b in batches {
             self.send(b).await?;
         }
         Ok(())
+    }
+}
+
+/// The page scan's state. One thread owns it for the life of the loop ([`ScanThread`]): the
+/// loop sends it jobs (a pre-copy round, a stopped collect, building a checkpoint's batches)
+/// and awaits each result, so nothing is taken out and put back, and a job can never find a
+/// part missing.
+struct Scan {
+    /// Live guest RAM.
+    memory: Arc<dyn GuestMemory>,
+    /// The method that finds dirty pages while the VM is stopped.
+    tracker: Box<dyn DirtyTracker>,
+    /// Pre-copy's compare tracker (see the module doc for why it is always compare).
+    precopy: CompareTracker,
+    /// Compares a slice of RAM with the shadow every epoch (all of it every N epochs): a
+    /// page the tracker missed is found, resent and counted instead of silently diverging.
+    audit: ReplicaAudit,
+    /// Guest RAM as of the last checkpoint: the compare baseline, and the source of each
+    /// checkpoint's new page contents while the VM runs on.
+    shadow: Vec<u8>,
+    /// The last collect's dirty pages (buffers reused across epochs).
+    dirty: DirtySet,
+}
+
+/// Why a stopped collect failed.
+enum CollectError {
+    Tracker(remus_tracker::TrackerError),
+    RamSize { live: usize, shadow: usize },
+}
+
+impl Scan {
+    /// One live compare round against the shadow, into the dirty set.
+    fn precopy_round(
+        &mut self,
+    ) -> Result<remus_tracker::CollectStats, remus_tracker::TrackerError> {
+        self.dirty.clear();
+        // Not true (the VM runs), and documented in the module doc: a compare tracker stays
+        // correct because the stopped collect of the first checkpoint compares all of RAM
+        // again.
+        let token = VmStopped::caller_asserts_vm_stopped();
+        let r = self.precopy.collect(
+            &token,
+            self.memory.bytes(),
+            &mut self.shadow,
+            &mut self.dirty,
+        );
+        self.count_capture();
+        r
+    }
+
+    /// The stopped collect and the replica audit; returns the collect's statistics and the
+    /// number of pages the audit had to repair.
+    fn collect(&mut self) -> Result<(remus_tracker::CollectStats, u64), CollectError> {
+        self.dirty.clear();
+        // The VM was stopped by the caller (`checkpoint`) and is resumed only after this
+        // returns.
+        let token = VmStopped::caller_asserts_vm_stopped();
+        let live = self.memory.bytes();
+        if live.len() != self.shadow.len() {
+            return Err(CollectError::RamSize {
+                live: live.len(),
+                shadow: self.shadow.len(),
+            });
+        }
+        let r = self
+            .tracker
+            .collect(&token, live, &mut self.shadow, &mut self.dirty)
+            .and_then(|stats| {
+                let report = self
+                    .audit
+                    .run(&token, live, &mut self.shadow, &mut self.dirty)?;
+                if !report.mismatched.is_empty() {
+                    // The tracker missed writes: compare everything next time.
+                    self.tracker.rearm();
+                }
+                Ok((stats, report.mismatched.len() as u64))
+            })
+            .map_err(CollectError::Tracker);
+        self.count_capture();
+        r
+    }
+
+    fn count_capture(&self) {
+        copies::add(
+            copies::Stage::Capture,
+            (self.dirty.len() * PAGE_SIZE + self.dirty.captured_bytes()) as u64,
+        );
+    }
+}
+
+/// A job for the scan thread.
+type ScanJob = Box<dyn FnOnce(&mut Scan) + Send>;
+
+/// The thread that owns the [`Scan`]; it ends when the loop (the job sender) is dropped.
+struct ScanThread {
+    jobs: std::sync::mpsc::Sender<ScanJob>,
+}
+
+impl ScanThread {
+    fn start(mut scan: Scan, domain: &str) -> std::io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::channel::<ScanJob>();
+        std::thread::Builder::new()
+            .name(format!("remus-scan-{domain}"))
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut scan);
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `job` on the scan state and returns its result; `None` if the thread is gone
+    /// (a job panicked).
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Scan) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |scan: &mut Scan| {
+                let _ = tx.send(job(scan));
+            }))
+            .ok()?;
+        rx.await.ok()
     }
 }
 

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use remus_stream::{
     DecodeError, Decoder, DecoderConfig, Encoder, EncodingChoice, EpochError, EpochSummary,
-    EpochVerifier, Item, PageEncoding, Record, RecordRef, StreamHeader, StreamKind, PAGE_SIZE,
+    EpochVerifier, Item, PageDataRef, PageEncoding, Record, RecordRef, StreamHeader, StreamKind,
+    PAGE_SIZE,
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -361,12 +362,53 @@ pub struct Received {
     pub verdict: Result<Option<EpochSummary>, EpochError>,
 }
 
+/// Where a reader puts `PAGE_DATA` batches instead of returning them as owned records: the
+/// backup decodes each batch straight out of the decoder's buffer into its staging place.
+pub trait PageSink {
+    /// Why the sink refused a batch.
+    type Error;
+    /// Takes one batch (already checked by the epoch verifier, when the reader verifies);
+    /// `offset` is the record's stream offset, for messages.
+    ///
+    /// # Errors
+    /// The sink's own refusal (a batch of the wrong checkpoint, pages that do not decode).
+    fn pages(&mut self, offset: u64, batch: &PageDataRef<'_>) -> Result<(), Self::Error>;
+}
+
+/// A sink that takes no batch: [`RecordReader::next`] returns them as owned records.
+struct NoSink;
+
+impl PageSink for NoSink {
+    type Error = std::convert::Infallible;
+    fn pages(&mut self, _offset: u64, _batch: &PageDataRef<'_>) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// What [`RecordReader::next_with`] delivers.
+#[derive(Debug)]
+pub enum Incoming<E> {
+    /// Any record but `PAGE_DATA`, owned.
+    Record(Received),
+    /// A `PAGE_DATA` batch, handed to the sink (unless the verifier refused it).
+    Pages {
+        /// Stream offset of the record.
+        offset: u64,
+        /// The batch's checkpoint.
+        epoch: u64,
+        /// The verifier's verdict on the record; the sink saw the batch only if it is `Ok`.
+        verdict: Result<(), EpochError>,
+        /// What the sink made of it.
+        sunk: Result<(), E>,
+    },
+}
+
 /// What one decoding step produced.
-enum Step {
+enum Step<E> {
     /// The stream header (kept in the reader).
     Header,
-    /// A record.
-    Record(Received),
+    /// A record or a sunk batch.
+    Incoming(Incoming<E>),
 }
 
 /// Reads records from an encrypted channel.
@@ -416,9 +458,9 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             if let Some(h) = &self.header {
                 return Ok(h.clone());
             }
-            match self.decode_buffered()? {
+            match self.decode_buffered::<NoSink>(None)? {
                 Some(Step::Header) => {}
-                Some(Step::Record(_)) => {
+                Some(Step::Incoming(_)) => {
                     return Err(WireError::Header {
                         peer: self.peer.clone(),
                         reason: "a record arrived before the stream header".into(),
@@ -435,9 +477,35 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     /// Channel failures, malformed streams, a header of the wrong kind.
     pub async fn next(&mut self) -> Result<Option<Received>, WireError> {
         loop {
-            match self.decode_buffered()? {
+            match self.decode_buffered::<NoSink>(None)? {
                 Some(Step::Header) => {}
-                Some(Step::Record(r)) => return Ok(Some(r)),
+                Some(Step::Incoming(Incoming::Record(r))) => return Ok(Some(r)),
+                // Without a sink every record comes back owned.
+                Some(Step::Incoming(Incoming::Pages { .. })) => {}
+                None => match self.refill().await {
+                    Ok(()) => {}
+                    Err(WireError::Peer(PeerError::Closed { .. })) if self.decoder.is_ended() => {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// As [`next`](Self::next), but `PAGE_DATA` batches go to `sink`, decoded from the
+    /// receive buffer without an owned copy of the record.
+    ///
+    /// # Errors
+    /// As [`next`](Self::next).
+    pub async fn next_with<S: PageSink>(
+        &mut self,
+        sink: &mut S,
+    ) -> Result<Option<Incoming<S::Error>>, WireError> {
+        loop {
+            match self.decode_buffered(Some(&mut *sink))? {
+                Some(Step::Header) => {}
+                Some(Step::Incoming(i)) => return Ok(Some(i)),
                 None => match self.refill().await {
                     Ok(()) => {}
                     Err(WireError::Peer(PeerError::Closed { .. })) if self.decoder.is_ended() => {
@@ -450,7 +518,10 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     }
 
     /// Decodes the next item from the bytes already received; `None` when more are needed.
-    fn decode_buffered(&mut self) -> Result<Option<Step>, WireError> {
+    fn decode_buffered<S: PageSink>(
+        &mut self,
+        mut sink: Option<&mut S>,
+    ) -> Result<Option<Step<S::Error>>, WireError> {
         while self.pos < self.chunk.len() {
             let mut input = &self.chunk[self.pos..];
             let before = input.len();
@@ -467,21 +538,36 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                     return Ok(Some(Step::Header));
                 }
                 Some(Item::Record(frame)) => {
+                    let verdict = match &mut self.verifier {
+                        Some(v) => v.observe(&frame.record, frame.crc),
+                        None => Ok(None),
+                    };
+                    if let (Some(sink), RecordRef::PageData(batch)) =
+                        (sink.as_deref_mut(), &frame.record)
+                    {
+                        let verdict = verdict.map(|_| ());
+                        let sunk = match verdict {
+                            Ok(()) => sink.pages(frame.offset, batch),
+                            Err(_) => Ok(()),
+                        };
+                        return Ok(Some(Step::Incoming(Incoming::Pages {
+                            offset: frame.offset,
+                            epoch: batch.epoch,
+                            verdict,
+                            sunk,
+                        })));
+                    }
                     if let RecordRef::PageData(pd) = &frame.record {
                         copies::add(
                             copies::Stage::OwnedRecord,
                             (pd.payload().len() + pd.count() * 8) as u64,
                         );
                     }
-                    let verdict = match &mut self.verifier {
-                        Some(v) => v.observe(&frame.record, frame.crc),
-                        None => Ok(None),
-                    };
-                    return Ok(Some(Step::Record(Received {
+                    return Ok(Some(Step::Incoming(Incoming::Record(Received {
                         offset: frame.offset,
                         record: frame.record.to_owned_record(),
                         verdict,
-                    })));
+                    }))));
                 }
                 None => {}
             }

@@ -114,7 +114,8 @@ async fn run(at: u64, stall_final: bool) -> Run {
             replies: session.replies,
             initial_sync: None,
         },
-    );
+    )
+    .unwrap();
     *trigger.lock().unwrap() = Some(handle.handoff.clone());
     let exit = tokio::time::timeout(Duration::from_secs(60), primary.run())
         .await

@@ -75,7 +75,8 @@ async fn a_failed_release_is_its_own_error_with_its_cause() {
             replies: session.replies,
             initial_sync: None,
         },
-    );
+    )
+    .unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(60), primary.run())
         .await
         .expect("the loop ends");

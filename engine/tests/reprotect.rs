@@ -141,7 +141,8 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
             replies: session.replies,
             initial_sync: Some(sync_rx),
         },
-    );
+    )
+    .unwrap();
     let primary = tokio::spawn(primary.run());
     // The session begins on the backup before any record is read (the stream header goes
     // out with the primary's first record): from here until its first checkpoint commits,

@@ -501,7 +501,8 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         replies: session.replies,
         initial_sync: Some(sync_rx),
     };
-    let (primary, handle) = Primary::new(cfg, parts);
+    let (primary, handle) =
+        Primary::new(cfg, parts).with_context(|| format!("domain {}: epoch loop", d.name))?;
     let served: Vec<Arc<blk_remus::Primary>> = vm.disks.iter().map(|d| d.primary.clone()).collect();
     let task = tokio::spawn(async move {
         let exit = primary.run().await;
