@@ -2,8 +2,9 @@
 //!
 //! Each trait is small and names only the operations an epoch performs, so the epoch logic
 //! can be unit-tested with in-memory stand-ins, while the daemon plugs in the real
-//! implementations (the QEMU driver, `sch-plug`, `blk-remus`), which are tested for real in
-//! their own crates and together in the end-to-end tests.
+//! implementations (the QEMU driver, `sch-plug`; `blk-remus` through the engine's own
+//! [`crate::disk`]), which are tested for real in their own crates and together in the
+//! end-to-end tests.
 
 use std::time::Duration;
 

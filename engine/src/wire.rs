@@ -18,9 +18,9 @@
 use std::sync::Arc;
 
 use remus_stream::{
-    DecodeError, Decoder, DecoderConfig, Encoder, EncodingChoice, EpochError, EpochSummary,
-    EpochVerifier, Item, PageDataRef, PageEncoding, Record, RecordRef, StreamHeader, StreamKind,
-    PAGE_SIZE,
+    DecodeError, Decoder, DecoderConfig, DiskOpRef, DiskWriteRef, Encoder, EncodingChoice,
+    EpochError, EpochSummary, EpochVerifier, Item, PageDataRef, PageEncoding, Record, RecordRef,
+    StreamHeader, StreamKind, PAGE_SIZE,
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -110,6 +110,18 @@ pub enum Outgoing {
         /// The saved state.
         blob: Arc<Vec<u8>>,
     },
+    /// A guest disk write, its data still in the buffer the NBD server read it into (the
+    /// encoder copies it into the record: the one copy before encryption).
+    DiskWrite {
+        /// The epoch the VM was in when it wrote.
+        epoch: u64,
+        /// Which disk (index in the domain's disk list).
+        disk: u16,
+        /// Byte offset on the disk.
+        offset: u64,
+        /// What the write does.
+        op: DiskWriteOp,
+    },
     /// `DISK_BARRIER(epoch)` with the encoder's own counts of the epoch's disk writes.
     DiskBarrier(u64),
     /// `CHECKPOINT_END(epoch)` with the encoder's counts and digest; the reply carries what
@@ -122,6 +134,17 @@ pub enum Outgoing {
     },
 }
 
+/// What a queued disk write does.
+#[derive(Debug)]
+pub enum DiskWriteOp {
+    /// These bytes (shared with `blk-remus`, not copied).
+    Data(bytes::Bytes),
+    /// Zeroes over this many bytes.
+    Zeroes(u32),
+    /// Discard this many bytes.
+    Trim(u32),
+}
+
 impl Outgoing {
     /// Names the item for errors: "PAGE_DATA of epoch 4", "CheckpointBegin record".
     pub fn describe(&self) -> String {
@@ -131,6 +154,12 @@ impl Outgoing {
                 format!("PAGE_DATA of epoch {epoch} ({} pages)", pfns.len())
             }
             Outgoing::DeviceState { epoch, .. } => format!("DEVICE_STATE of epoch {epoch}"),
+            Outgoing::DiskWrite {
+                epoch,
+                disk,
+                offset,
+                ..
+            } => format!("DISK_WRITE of epoch {epoch} (disk {disk}, offset {offset})"),
             Outgoing::DiskBarrier(epoch) => format!("DISK_BARRIER of epoch {epoch}"),
             Outgoing::CheckpointEnd { epoch, .. } => format!("CHECKPOINT_END of epoch {epoch}"),
         }
@@ -333,6 +362,26 @@ fn encode_item(
         Outgoing::DeviceState { epoch, blob } => {
             enc.device_state(buf, epoch, &blob, DEVICE_STATE_CHUNK)
                 .map_err(err(format!("DEVICE_STATE of epoch {epoch}")))?;
+        }
+        Outgoing::DiskWrite {
+            epoch,
+            disk,
+            offset,
+            op,
+        } => {
+            let op = match &op {
+                DiskWriteOp::Data(d) => DiskOpRef::Data(d),
+                DiskWriteOp::Zeroes(n) => DiskOpRef::Zeroes(*n),
+                DiskWriteOp::Trim(n) => DiskOpRef::Trim(*n),
+            };
+            let write = DiskWriteRef {
+                epoch,
+                disk,
+                offset,
+                op,
+            };
+            enc.disk_write(buf, &write)
+                .map_err(err(format!("DISK_WRITE of epoch {epoch}")))?;
         }
         Outgoing::DiskBarrier(epoch) => {
             enc.disk_barrier(buf, epoch)

@@ -25,6 +25,7 @@ use std::time::Duration;
 use blk_remus::{BackupConfig, BackupStore, FileBackend, SyncMode, SyncProgress};
 use common::*;
 use remus_engine::backup::BackupExit;
+use remus_engine::disk::{spawn_disk_forwarder, PrimaryDisk, PrimaryDisks, ReplicaDisks};
 use remus_engine::peer::PreSharedKey;
 use remus_engine::ports::PortError;
 use remus_engine::primary::{Compression, Primary, PrimaryConfig, PrimaryExit, PrimaryParts};
@@ -79,7 +80,7 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
     let store = Arc::new(BackupStore::open(s.disk_cfg()).unwrap());
     let weak = Arc::downgrade(&store);
     let (status_tx, mut status_rx) = watch::channel(None);
-    let disk = Box::new(TestReplicaDisk { store });
+    let disk = Box::new(ReplicaDisks::new(vec![("disk vm/d0".into(), store)]));
     let (session, backup) = loopback_session(&s.psk, replica, disk, move |_, status| {
         status_tx.send(Some(status)).unwrap();
     })
@@ -88,7 +89,7 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
     // The disk joins the session at epoch 1, then streams its sync.
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let (fw_tx, fw_rx) = watch::channel(0u64);
-    spawn_forwarder(rx, session.sender.clone(), fw_tx);
+    spawn_disk_forwarder(0, rx, session.sender.clone(), fw_tx);
     s.disk.connect_session(Arc::new(tx), 1).unwrap();
     let dirty_at_connect = s.disk.status().dirty_chunks;
     let (sync_tx, sync_rx) = oneshot::channel();
@@ -130,9 +131,12 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
         PrimaryParts {
             vm: Box::new(vm),
             net: Box::new(net),
-            disk: Box::new(TestPrimaryDisk {
-                primary: s.disk.clone(),
-                forwarded: fw_rx,
+            disk: Box::new(PrimaryDisks {
+                disks: vec![PrimaryDisk {
+                    object: "disk vm/d0".into(),
+                    primary: s.disk.clone(),
+                    forwarded: fw_rx,
+                }],
             }),
             memory: s.engine_view.clone(),
             tracker: Box::new(CompareTracker::new(s.pool.clone())),

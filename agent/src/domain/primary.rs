@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blk_remus::{DiskEvent, FileBackend, SyncMode, SyncProgress};
+use remus_engine::disk::{spawn_disk_forwarder, PrimaryDisk, PrimaryDisks};
 use remus_engine::peer::PreSharedKey;
 use remus_engine::primary::{
     Compression, GuestMemory, Primary, PrimaryConfig, PrimaryExit, PrimaryHandle, PrimaryParts,
@@ -28,9 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::info;
 
 use crate::config::{self, DomainConfig};
-use crate::domain::adapters::{
-    spawn_disk_forwarder, NamedBuffer, NicBuffers, PrimaryDisk, PrimaryDisks, QemuVm,
-};
+use crate::domain::adapters::{NamedBuffer, NicBuffers, QemuVm};
 use crate::domain::disk_copy::DiskCopy;
 use crate::domain::spec::{qemu_spec, NicWiring};
 use crate::domain::DomainPaths;
