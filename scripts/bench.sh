@@ -16,6 +16,26 @@ print("|---|---|---|---|---|")
 print("| %s | %.1f ms | %.1f ms | %.1f ms | %.2f |" % (r["tracker"], r["pause_p50_us"]/1e3, r["pause_p99_us"]/1e3, f/1e3, r["pause_p50_us"]/max(f,1)))
 print("| soft-dirty | n/a: this kernel lacks CONFIG_MEM_SOFT_DIRTY (its correctness runs in the kernel harness) | | | |")'
 
+echo; echo "== bytes of page data written per dirty page, before and after one owner of the scan state and decoding into the staging slots =="
+# "before" was measured at commit ab119a5 (counters added, page path unchanged) with the same
+# command as "now" below; the table's rows are remus_engine::copies stages.
+cat <<'TABLE'
+command: cargo bench -p remus-engine --bench page_copies (40 checkpoints after the first, 8 MiB guest)
+| side, encoding | before (ab119a5) | after |
+|---|---|---|
+| primary, xor-lz4 (default) | 16479 | 16479 |
+| backup, xor-lz4 (default) | 20606 | 12383 |
+| primary, lz4 | 8347 | 8339 |
+| backup, lz4 | 20686 | 12435 |
+| primary, none | 20508 | 20508 |
+| backup, none | 36899 | 24604 |
+backup stages gone: owned record (payload copied out of the decoder), decode scratch -> staged
+copy (4096), staging-file buffer (4096). Primary unchanged: capture (RAM -> shadow, and the old
+copy for XOR) and the gather into a contiguous batch (an LZ4 block needs one) remain.
+TABLE
+echo "now, by stage:"
+cargo bench --quiet -p remus-engine --bench page_copies
+
 echo; echo "== dirty-page tracker collect vs memory floors (cargo bench -p remus-tracker --bench collect) =="
 cargo bench --quiet -p remus-tracker --bench collect
 

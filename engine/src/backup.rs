@@ -22,8 +22,7 @@
 //! than what clients have seen and must never be activated.
 
 use remus_stream::{
-    Encoder, FlatMemory, Nack, NackReason, PageReference, Record, StreamHeader, StreamKind,
-    PAGE_SIZE,
+    Encoder, FlatMemory, Nack, NackReason, PageDataRef, Record, StreamHeader, StreamKind, PAGE_SIZE,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -31,10 +30,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::copies;
 use crate::peer::SecureWriter;
 use crate::ports::{DiskOpHeld, DiskWriteHeld, PortError, ReplicaDisk};
 use crate::replica::{ReplicaError, ReplicaState, ReplicaStore, StagedPages};
-use crate::wire::{RecordReader, WireError};
+use crate::wire::{Incoming, PageSink, RecordReader, WireError};
 
 /// Longest NACK text the stream format allows (`docs/stream-format.md`, CHECKPOINT_NACK).
 const MAX_NACK_MESSAGE: usize = 4096;
@@ -375,16 +375,37 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
 
     async fn receive(&mut self) -> Result<BackupExit, BackupError> {
         loop {
-            let next = match or_cancel(self.cancel.as_mut(), self.reader.next()).await {
+            let mut sink = StageBatch {
+                receiving: self.receiving,
+                staged: &mut self.staged,
+                replica: &mut self.replica,
+                scratch: &mut self.scratch,
+            };
+            let next = match or_cancel(self.cancel.as_mut(), self.reader.next_with(&mut sink)).await
+            {
                 Some(next) => next,
                 None => return Err(self.cancelled()),
             };
             let received = match next {
-                Ok(Some(r)) => r,
+                Ok(Some(Incoming::Record(r))) => r,
+                Ok(Some(Incoming::Pages {
+                    epoch,
+                    verdict,
+                    sunk,
+                    ..
+                })) => {
+                    if let Err(e) = verdict {
+                        return Err(self.refuse(epoch, e.nack_reason(), e.to_string()).await);
+                    }
+                    if let Err(refusal) = sunk {
+                        let msg = refusal.to_string();
+                        return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
+                    }
+                    continue;
+                }
                 Ok(None) => {
-                    return Err(self.wire(WireError::SenderGone(
-                        "the primary closed the stream after END".into(),
-                    )))
+                    let peer = self.reader.peer().to_string();
+                    return Err(self.wire(WireError::ClosedAfterEnd { peer }));
                 }
                 Err(e) => {
                     if let (WireError::Decode { .. }, Some((epoch, _))) = (&e, self.receiving) {
@@ -424,43 +445,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                 }
                 Record::DomainConfig(c) => self.config = Some(c.json),
                 Record::CheckpointBegin { epoch } => self.begin(epoch).await?,
-                Record::PageData(pd) => {
-                    let (epoch, first) = self.expect_receiving(pd.epoch).await?;
-                    let n = pd.pfns.len();
-                    self.scratch.resize(n * PAGE_SIZE, 0);
-                    let decoded = if first {
-                        let mut r = FlatMemory(self.replica.ram());
-                        pd.decode_into(&mut self.scratch, &mut r)
-                    } else {
-                        let mut r = StagedOrReplica {
-                            staged: &self.staged,
-                            replica: FlatMemory(self.replica.ram()),
-                        };
-                        pd.decode_into(&mut self.scratch, &mut r)
-                    };
-                    if let Err(e) = decoded {
-                        let msg = format!("PAGE_DATA at offset {}: {e}", received.offset);
-                        return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
-                    }
-                    for (i, &pfn) in pd.pfns.iter().enumerate() {
-                        let page = &self.scratch[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-                        if first {
-                            if let Err(e) = self.replica.write_first_page(pfn, page) {
-                                return Err(self
-                                    .refuse(epoch, NackReason::Protocol, e.to_string())
-                                    .await);
-                            }
-                        } else if pfn
-                            .checked_mul(PAGE_SIZE as u64)
-                            .is_none_or(|o| o >= self.replica.ram_size())
-                        {
-                            let msg = format!("page frame {pfn} is beyond guest RAM");
-                            return Err(self.refuse(epoch, NackReason::Protocol, msg).await);
-                        } else {
-                            self.staged.put(pfn, page);
-                        }
-                    }
-                }
+                // Never here: `next_with` hands every batch to the `StageBatch` sink.
+                Record::PageData(_) => {}
                 Record::DeviceState(ds) => {
                     self.expect_receiving(ds.epoch).await?;
                     if ds.offset == 0 {
@@ -714,15 +700,85 @@ async fn or_cancel<T>(
     }
 }
 
-/// XOR references for an incremental checkpoint: a page staged earlier in the same
-/// checkpoint, else the replica's committed copy.
-struct StagedOrReplica<'a> {
-    staged: &'a StagedPages,
-    replica: FlatMemory<'a>,
+/// Why a `PAGE_DATA` batch was refused (the checkpoint is NACKed as a protocol error).
+#[derive(Debug, Error)]
+enum PageRefusal {
+    /// The batch belongs to another checkpoint than the one being received.
+    #[error("record of checkpoint {epoch} while receiving {receiving:?}")]
+    NotReceiving { epoch: u64, receiving: Option<u64> },
+    /// The batch does not decode.
+    #[error("PAGE_DATA at offset {offset}: {source}")]
+    Decode {
+        offset: u64,
+        source: remus_stream::PageError,
+    },
+    /// A page lies past the end of guest RAM.
+    #[error("page frame {pfn} is beyond guest RAM")]
+    BeyondRam { pfn: u64 },
+    /// The replica refused a page of the first checkpoint.
+    #[error(transparent)]
+    Replica(ReplicaError),
 }
 
-impl<'a> PageReference<'a> for StagedOrReplica<'a> {
-    fn page(&mut self, pfn: u64) -> Option<&'a [u8]> {
-        self.staged.get(pfn).or_else(|| self.replica.page(pfn))
+/// Puts each `PAGE_DATA` batch in its place as it is decoded from the receive buffer: an
+/// incremental checkpoint's pages straight into their staging slots (XOR references from
+/// pages staged earlier in the checkpoint, else the committed replica), the first
+/// checkpoint's into the replica RAM (through one batch buffer: an LZ4 block unpacks to
+/// contiguous pages, the replica's are scattered).
+struct StageBatch<'a> {
+    /// The checkpoint being received, and whether it is the session's first.
+    receiving: Option<(u64, bool)>,
+    staged: &'a mut StagedPages,
+    replica: &'a mut ReplicaStore,
+    /// The first checkpoint's batch buffer; its length only grows (no zero-fill per batch).
+    scratch: &'a mut Vec<u8>,
+}
+
+impl PageSink for StageBatch<'_> {
+    type Error = PageRefusal;
+
+    fn pages(&mut self, offset: u64, batch: &PageDataRef<'_>) -> Result<(), PageRefusal> {
+        let first = match self.receiving {
+            Some((e, first)) if e == batch.epoch => first,
+            other => {
+                return Err(PageRefusal::NotReceiving {
+                    epoch: batch.epoch,
+                    receiving: other.map(|o| o.0),
+                })
+            }
+        };
+        let n = batch.count();
+        let decode = |source| PageRefusal::Decode { offset, source };
+        copies::pages_received(n as u64);
+        copies::add(copies::Stage::Decode, (n * PAGE_SIZE) as u64);
+        if first {
+            if self.scratch.len() < n * PAGE_SIZE {
+                self.scratch.resize(n * PAGE_SIZE, 0);
+            }
+            let out = &mut self.scratch[..n * PAGE_SIZE];
+            batch
+                .decode_into(out, &mut FlatMemory(self.replica.ram()))
+                .map_err(decode)?;
+            for (i, page) in out.chunks_exact(PAGE_SIZE).enumerate() {
+                self.replica
+                    .write_first_page(batch.pfn(i), page)
+                    .map_err(PageRefusal::Replica)?;
+            }
+            copies::add(copies::Stage::Apply, (n * PAGE_SIZE) as u64);
+        } else {
+            let ram = self.replica.ram_size();
+            if let Some(pfn) = batch
+                .pfns()
+                .find(|&pfn| pfn.checked_mul(PAGE_SIZE as u64).is_none_or(|o| o >= ram))
+            {
+                return Err(PageRefusal::BeyondRam { pfn });
+            }
+            let moved = self
+                .staged
+                .decode(batch, self.replica.ram())
+                .map_err(decode)?;
+            copies::add(copies::Stage::Stage, moved);
+        }
+        Ok(())
     }
 }

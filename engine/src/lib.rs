@@ -5,10 +5,13 @@
 //! k only when it holds all of checkpoint k (pages, device state) and every disk write
 //! tagged ≤ k durably, and the primary releases epoch k's network output only after that
 //! acknowledgement. Side effects (the VM, the network buffer, the disk) sit behind the
-//! traits in [`ports`], so the logic is testable; the daemon plugs in the real QEMU driver,
-//! `sch-plug` and `blk-remus`.
+//! traits in [`ports`], so the logic is testable; the daemon plugs in the real QEMU driver
+//! and `sch-plug`. The disk path ([`disk`]) is the engine's own: it drives `blk-remus`
+//! directly, because a disk write and a checkpoint share one stream and one barrier.
 
 pub mod backup;
+pub mod copies;
+pub mod disk;
 pub mod metrics;
 pub mod peer;
 pub mod ports;

@@ -557,6 +557,7 @@ impl<W: AsyncWrite + Unpin> SecureWriter<W> {
                 source,
             })?;
         self.nonce += 1;
+        crate::copies::add(crate::copies::Stage::Seal, n as u64);
         debug_assert_eq!(n, plain.len() + TAG_LEN);
         self.frame[start..start + 2].copy_from_slice(&(n as u16).to_be_bytes());
         self.frame.truncate(start + 2 + n);
@@ -567,6 +568,7 @@ impl<W: AsyncWrite + Unpin> SecureWriter<W> {
         if self.frame.is_empty() {
             return Ok(());
         }
+        crate::copies::add(crate::copies::Stage::SocketWrite, self.frame.len() as u64);
         self.io
             .write_all(&self.frame)
             .await
@@ -599,6 +601,11 @@ impl<R: AsyncRead + Unpin> SecureReader<R> {
             })?;
         self.nonce += 1;
         out.truncate(n);
+        crate::copies::add(
+            crate::copies::Stage::SocketRead,
+            2 + self.cipher.len() as u64,
+        );
+        crate::copies::add(crate::copies::Stage::Open, n as u64);
         Ok(())
     }
 }

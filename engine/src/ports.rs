@@ -2,37 +2,42 @@
 //!
 //! Each trait is small and names only the operations an epoch performs, so the epoch logic
 //! can be unit-tested with in-memory stand-ins, while the daemon plugs in the real
-//! implementations (the QEMU driver, `sch-plug`, `blk-remus`), which are tested for real in
-//! their own crates and together in the end-to-end tests.
+//! implementations (the QEMU driver, `sch-plug`; `blk-remus` through the engine's own
+//! [`crate::disk`]), which are tested for real in their own crates and together in the
+//! end-to-end tests.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use thiserror::Error;
 
+/// The cause of a [`PortError`]: the adapter's own error, kept whole so its chain of
+/// sources reaches the log.
+pub type PortCause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A failure of a side effect, with the object and operation named by the adapter.
 #[derive(Debug, Error)]
-#[error("{object}: {operation}: {message}")]
+#[error("{object}: {operation}: {source}")]
 pub struct PortError {
     /// What failed: "vm web1", "netbuf tap-web1", "disk disk0".
     pub object: String,
     /// The operation: "stop", "save device state", "release epoch 42".
     pub operation: String,
-    /// The underlying cause, already rendered.
-    pub message: String,
+    /// The underlying cause (an adapter's error, or a sentence when there is none).
+    pub source: PortCause,
 }
 
 impl PortError {
-    /// Builds an error from any displayable cause.
+    /// Builds an error from a cause: any error type (kept as the source), or a sentence.
     pub fn new(
         object: impl Into<String>,
         operation: impl Into<String>,
-        cause: impl std::fmt::Display,
+        cause: impl Into<PortCause>,
     ) -> Self {
         Self {
             object: object.into(),
             operation: operation.into(),
-            message: cause.to_string(),
+            source: cause.into(),
         }
     }
 }

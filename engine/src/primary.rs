@@ -15,8 +15,11 @@
 //! The period is measured from epoch start, so the interval is a true fixed period and not
 //! interval + checkpoint time (Xen Remus's drift). A late ACK delays the next boundary; the
 //! wait is reported as `ack_wait`. An ACK that does not come within `ack_timeout`, a NACK,
-//! or a failed connection ends the loop with [`PrimaryExit::BackupLost`]: the caller decides
-//! (release output and run unprotected if it may, per the failover policy).
+//! or a failed connection ends the loop with [`PrimaryExit::BackupLost`] and a
+//! [`BackupLoss`] saying which: the caller decides (release output and run unprotected if it
+//! may, per the failover policy). A failure here (the VM, the output buffer, the disk, the
+//! tracker) is a [`PrimaryError`] instead: in particular output the backup acknowledged but
+//! the buffer could not release is [`PrimaryError::Release`], not a lost backup.
 //!
 //! Planned switchover ([`PrimaryHandle::hand_off`]): at the next boundary the loop takes a
 //! final checkpoint and does not resume the VM; once that checkpoint and every earlier one
@@ -44,9 +47,10 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::copies;
 use crate::metrics::{EpochReport, EpochSummary, EpochWindow};
 use crate::ports::{DiskBarrier, OutputBuffer, PortError, VmControl};
-use crate::wire::{Outgoing, StreamSender};
+use crate::wire::{Outgoing, StreamSender, WireError};
 
 /// The epoch of a session's first checkpoint. Epoch 0 names the state both sides start from
 /// (an empty replica RAM, the base disk image), as in `blk-remus`.
@@ -216,7 +220,7 @@ pub struct PrimaryStatus {
 }
 
 /// A reply from the backup, as the primary's reader task delivers it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Reply {
     /// The backup holds checkpoint `epoch` durably.
     Ack(u64),
@@ -224,15 +228,136 @@ pub enum Reply {
     Nack {
         /// The refused checkpoint.
         epoch: u64,
-        /// Why, as the backup said it.
+        /// Why, as the backup said it (text from the wire).
         reason: String,
     },
-    /// The reply channel failed.
-    Lost(String),
+    /// The reply stream ended; nothing follows. Shared so the reply stays cloneable.
+    Lost(Arc<RepliesEnded>),
+}
+
+impl Reply {
+    /// The last reply of a stream that ended for `why`.
+    pub fn lost(why: RepliesEnded) -> Self {
+        Reply::Lost(Arc::new(why))
+    }
+}
+
+impl PartialEq for Reply {
+    /// Replies are equal when they say the same thing; two losses when they read the same
+    /// (a stream error has no equality of its own).
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Reply::Ack(a), Reply::Ack(b)) => a == b,
+            (
+                Reply::Nack { epoch, reason },
+                Reply::Nack {
+                    epoch: e,
+                    reason: r,
+                },
+            ) => epoch == e && reason == r,
+            (Reply::Lost(a), Reply::Lost(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        }
+    }
+}
+
+/// Why the backup's reply stream ended.
+#[derive(Debug, Error)]
+pub enum RepliesEnded {
+    /// The backup's reply header names another replication session.
+    #[error("the backup answered for session {got:#x}, this is {expected:#x}")]
+    WrongSession {
+        /// The session the backup answered for.
+        got: u64,
+        /// This session.
+        expected: u64,
+    },
+    /// The backup sent `END` on its reply stream.
+    #[error("the backup ended the session")]
+    Ended,
+    /// The backup closed the reply stream after its `END`.
+    #[error("the backup closed the session")]
+    Closed,
+    /// Reading the reply stream failed.
+    #[error("reply stream: {0}")]
+    Stream(#[source] WireError),
+}
+
+/// Why the primary considers its backup lost: the `reason` of [`PrimaryExit::BackupLost`].
+/// Each is about the link or the backup's answers; a local failure (the VM, the output
+/// buffer, the disk, the tracker) is a [`PrimaryError`] instead.
+#[derive(Debug, Error)]
+pub enum BackupLoss {
+    /// Queueing a record for the backup failed: the replication stream is gone.
+    #[error("sending {what} to the backup: {source}")]
+    Send {
+        /// The record or batch, e.g. "PAGE_DATA of epoch 4".
+        what: String,
+        /// Why the stream is gone.
+        source: WireError,
+    },
+    /// The reply stream from the backup ended.
+    #[error("{0}")]
+    Replies(#[source] Arc<RepliesEnded>),
+    /// The reply channel closed without a last reply (its reader task ended).
+    #[error("the backup's reply channel closed: {0}")]
+    RepliesClosed(#[source] WireError),
+    /// The backup refused a checkpoint (`NACK`).
+    #[error("the backup refused checkpoint {epoch}: {reason}")]
+    Refused {
+        /// The refused checkpoint.
+        epoch: u64,
+        /// The backup's reason, as sent.
+        reason: String,
+    },
+    /// A checkpoint's acknowledgement did not come in time.
+    #[error("no acknowledgement of checkpoint {epoch} within {timeout:?}")]
+    AckTimeout {
+        /// The checkpoint waited for.
+        epoch: u64,
+        /// The limit (`ack_timeout`).
+        timeout: Duration,
+    },
+    /// An acknowledgement arrived with no checkpoint in flight.
+    #[error("the backup acknowledged checkpoint {epoch}, but none is in flight")]
+    AckUnexpected {
+        /// The acknowledged epoch.
+        epoch: u64,
+    },
+    /// An acknowledgement arrived out of order.
+    #[error("the backup acknowledged checkpoint {epoch}, expected {expected}")]
+    AckOutOfOrder {
+        /// The acknowledged epoch.
+        epoch: u64,
+        /// The oldest checkpoint in flight.
+        expected: u64,
+    },
+    /// The initial disk synchronisation failed.
+    #[error("initial disk synchronisation: {0}")]
+    InitialSync(#[source] PortError),
+    /// The initial disk synchronisation ended without saying whether it completed.
+    #[error("initial disk synchronisation was abandoned")]
+    InitialSyncAbandoned,
+    /// A planned switchover's final checkpoint was not the last one acknowledged.
+    #[error("the final checkpoint {epoch} was not acknowledged (last: {last_acked:?})")]
+    FinalNotAcked {
+        /// The final checkpoint.
+        epoch: u64,
+        /// The last acknowledged one.
+        last_acked: Option<u64>,
+    },
+    /// A planned switchover was given up (the VM was resumed here).
+    #[error("switchover at checkpoint {epoch} abandoned: {source}")]
+    SwitchoverAbandoned {
+        /// The final checkpoint that was not handed over.
+        epoch: u64,
+        /// Why.
+        source: Box<BackupLoss>,
+    },
 }
 
 /// Why the loop ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum PrimaryExit {
     /// Shutdown was requested; every sent checkpoint was acknowledged or abandoned.
     Shutdown {
@@ -251,7 +376,7 @@ pub enum PrimaryExit {
     /// acknowledged in time: the VM was resumed here and nothing was handed over.)
     BackupLost {
         /// What happened.
-        reason: String,
+        reason: BackupLoss,
         /// Last acknowledged checkpoint.
         last_acked: Option<u64>,
     },
@@ -274,6 +399,13 @@ pub enum PrimaryError {
         epoch: u64,
         source: remus_tracker::TrackerError,
     },
+    /// A pre-copy round's tracker failed.
+    #[error("domain {domain}: pre-copy round {round}: {source}")]
+    PreCopy {
+        domain: String,
+        round: u32,
+        source: remus_tracker::TrackerError,
+    },
     /// Guest RAM and the shadow disagree in size (the VM was reconfigured underneath).
     #[error("domain {domain}: guest RAM is {live} bytes, the shadow {shadow}")]
     RamSize {
@@ -281,6 +413,40 @@ pub enum PrimaryError {
         live: usize,
         shadow: usize,
     },
+    /// The page-scan thread could not be started, or stopped (a bug: a job panicked).
+    #[error("domain {domain}: page-scan thread: {source}")]
+    ScanThread {
+        domain: String,
+        source: std::io::Error,
+    },
+    /// The backup acknowledged epoch `epoch`, but its network output could not be released:
+    /// the buffer holds output a client may be waiting for, so protection cannot go on.
+    #[error("domain {domain}: releasing the output of acknowledged epoch {epoch}: {source}")]
+    Release {
+        domain: String,
+        epoch: u64,
+        source: PortError,
+    },
+}
+
+/// Why a step of the loop could not go on: the backup is lost (reported as
+/// [`PrimaryExit::BackupLost`]; the caller decides), or a local failure ends the loop.
+#[derive(Debug)]
+enum Halt {
+    Lost(BackupLoss),
+    Fatal(PrimaryError),
+}
+
+impl From<BackupLoss> for Halt {
+    fn from(reason: BackupLoss) -> Self {
+        Halt::Lost(reason)
+    }
+}
+
+impl From<PrimaryError> for Halt {
+    fn from(e: PrimaryError) -> Self {
+        Halt::Fatal(e)
+    }
 }
 
 /// Whether a checkpoint resumes the VM (every one but a hand-off's final checkpoint).
@@ -304,19 +470,8 @@ pub struct Primary {
     vm: Box<dyn VmControl>,
     net: Box<dyn OutputBuffer>,
     disk: Box<dyn DiskBarrier>,
-    memory: Arc<dyn GuestMemory>,
-    /// The method that finds dirty pages while the VM is stopped.
-    tracker: Option<Box<dyn DirtyTracker>>,
-    /// Pre-copy's compare tracker (see the module doc for why it is always compare).
-    precopy: Option<CompareTracker>,
-    /// Compares a slice of RAM with the shadow every epoch (all of it every N epochs): a
-    /// page the tracker missed is found, resent and counted instead of silently diverging.
-    audit: Option<ReplicaAudit>,
-    /// Guest RAM as of the last checkpoint: the compare baseline, and the source of each
-    /// checkpoint's new page contents while the VM runs on.
-    shadow: Option<Vec<u8>>,
-    /// The last collect's dirty pages (buffers reused across epochs).
-    dirty: Option<DirtySet>,
+    /// The thread that owns the page scan's state (trackers, audit, shadow, dirty set).
+    scan: ScanThread,
     out: StreamSender,
     replies: mpsc::Receiver<Reply>,
     status: watch::Sender<PrimaryStatus>,
@@ -327,7 +482,7 @@ pub struct Primary {
     window: EpochWindow,
     last_acked: Option<u64>,
     precopy_pages: Vec<u64>,
-    initial_sync: Option<oneshot::Receiver<Result<(), String>>>,
+    initial_sync: Option<oneshot::Receiver<Result<(), PortError>>>,
 }
 
 /// Handles the caller keeps: status, shutdown and hand-off.
@@ -373,12 +528,19 @@ pub struct PrimaryParts {
     /// Completes when the initial disk synchronisation has handed every region to the
     /// stream; pre-copy goes on until then, so the first checkpoint commits memory and disk
     /// together. `None` when there is nothing to wait for.
-    pub initial_sync: Option<oneshot::Receiver<Result<(), String>>>,
+    pub initial_sync: Option<oneshot::Receiver<Result<(), PortError>>>,
 }
 
 impl Primary {
-    /// Builds the loop; nothing runs until [`run`](Self::run).
-    pub fn new(cfg: PrimaryConfig, parts: PrimaryParts) -> (Self, PrimaryHandle) {
+    /// Builds the loop and starts its page-scan thread; nothing else runs until
+    /// [`run`](Self::run).
+    ///
+    /// # Errors
+    /// [`PrimaryError::ScanThread`]: the scan thread cannot be started.
+    pub fn new(
+        cfg: PrimaryConfig,
+        parts: PrimaryParts,
+    ) -> Result<(Self, PrimaryHandle), PrimaryError> {
         let len = parts.memory.bytes().len();
         let (status_tx, status_rx) = watch::channel(PrimaryStatus {
             phase: EpochPhase::Idle,
@@ -393,22 +555,28 @@ impl Primary {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (handoff_tx, handoff_rx) = watch::channel(false);
         let capture = cfg.compression.capture();
+        let mut shadow = vec![0u8; len];
+        // Fault every page in now: a first write into fresh zero pages inside the stop
+        // window costs a fault each (and cross-CPU TLB flushes).
+        remus_tracker::prefault(&mut shadow);
+        let scan = Scan {
+            memory: parts.memory,
+            tracker: parts.tracker,
+            precopy: CompareTracker::new(parts.pool.clone()),
+            audit: ReplicaAudit::new(len, AuditConfig::default(), parts.pool),
+            shadow,
+            dirty: DirtySet::new(capture),
+        };
+        let scan =
+            ScanThread::start(scan, &cfg.domain).map_err(|source| PrimaryError::ScanThread {
+                domain: cfg.domain.clone(),
+                source,
+            })?;
         let p = Self {
             vm: parts.vm,
             net: parts.net,
             disk: parts.disk,
-            memory: parts.memory,
-            tracker: Some(parts.tracker),
-            precopy: Some(CompareTracker::new(parts.pool.clone())),
-            audit: Some(ReplicaAudit::new(len, AuditConfig::default(), parts.pool)),
-            shadow: Some({
-                let mut shadow = vec![0u8; len];
-                // Fault every page in now: a first write into fresh zero pages inside the
-                // stop window costs a fault each (and cross-CPU TLB flushes).
-                remus_tracker::prefault(&mut shadow);
-                shadow
-            }),
-            dirty: Some(DirtySet::new(capture)),
+            scan,
             out: parts.out,
             replies: parts.replies,
             status: status_tx,
@@ -421,14 +589,14 @@ impl Primary {
             initial_sync: parts.initial_sync,
             cfg,
         };
-        (
+        Ok((
             p,
             PrimaryHandle {
                 status: status_rx,
                 shutdown: stop_tx,
                 handoff: handoff_tx,
             },
-        )
+        ))
     }
 
     fn set_phase(&self, phase: EpochPhase) {
@@ -463,9 +631,17 @@ impl Primary {
         exit
     }
 
+    /// The exit for a loop stopped by `halt`.
+    fn halted(&self, halt: Halt) -> Result<PrimaryExit, PrimaryError> {
+        match halt {
+            Halt::Lost(reason) => Ok(self.lost(reason)),
+            Halt::Fatal(e) => Err(e),
+        }
+    }
+
     async fn run_inner(&mut self) -> Result<PrimaryExit, PrimaryError> {
-        if let Err(reason) = self.precopy().await {
-            return Ok(self.lost(reason));
+        if let Err(halt) = self.precopy().await {
+            return self.halted(halt);
         }
         let mut epoch = FIRST_EPOCH;
         loop {
@@ -477,24 +653,24 @@ impl Primary {
                         last_acked: self.last_acked,
                     })
                 }
-                Err(reason) => return Ok(self.lost(reason)),
+                Err(halt) => return self.halted(halt),
             };
             if *self.handoff.borrow() {
                 return self.hand_off(epoch, ack_wait).await;
             }
-            if let Err(reason) = self
+            if let Err(halt) = self
                 .checkpoint(epoch, ack_wait, Resume::Yes)
                 .instrument(info_span!("epoch", epoch))
-                .await?
+                .await
             {
-                return Ok(self.lost(reason));
+                return self.halted(halt);
             }
             epoch += 1;
             self.set_phase(EpochPhase::Running { epoch });
             match self.wait_until(started + self.cfg.interval).await {
                 Ok(true) => {}
-                Ok(false) => return Ok(self.finish().await),
-                Err(reason) => return Ok(self.lost(reason)),
+                Ok(false) => return self.finish().await,
+                Err(halt) => return self.halted(halt),
             }
         }
     }
@@ -513,23 +689,27 @@ impl Primary {
             .instrument(info_span!("epoch", epoch, final_checkpoint = true))
             .await;
         let acked = match taken {
-            Ok(Ok(())) => self.drain_for_hand_off(epoch).await,
-            Ok(Err(reason)) => Err(reason),
-            Err(fatal) => {
+            Ok(()) => self.drain_for_hand_off(epoch).await,
+            Err(halt) => Err(halt),
+        };
+        match acked {
+            Ok(()) => {}
+            Err(Halt::Fatal(fatal)) => {
                 // The VM may be stopped; try to give it back before reporting the failure.
                 if let Err(e) = self.vm.cont().await {
                     warn!(domain = %self.cfg.domain, error = %e, "resuming the VM after a failed final checkpoint");
                 }
                 return Err(fatal);
             }
-        };
-        if let Err(reason) = acked {
-            self.set_phase(EpochPhase::Resuming { epoch });
-            self.vm.cont().await.map_err(self.port(epoch))?;
-            warn!(domain = %self.cfg.domain, epoch, %reason, "switchover abandoned; the VM runs on here");
-            return Ok(self.lost(format!(
-                "switchover at checkpoint {epoch} abandoned: {reason}"
-            )));
+            Err(Halt::Lost(reason)) => {
+                self.set_phase(EpochPhase::Resuming { epoch });
+                self.vm.cont().await.map_err(self.port(epoch))?;
+                warn!(domain = %self.cfg.domain, epoch, %reason, "switchover abandoned; the VM runs on here");
+                return Ok(self.lost(BackupLoss::SwitchoverAbandoned {
+                    epoch,
+                    source: Box::new(reason),
+                }));
+            }
         }
         // Checkpoint `epoch` is the VM's whole state, including output it produced after
         // `close_epoch` and before it stopped: the backup holds it, so nothing stays held.
@@ -546,7 +726,7 @@ impl Primary {
     /// Waits for the acknowledgement of every checkpoint in flight (the final one last),
     /// each within `ack_timeout` of its transmission. Shutdown requests are not looked at:
     /// the switchover either completes or is abandoned within that bound.
-    async fn drain_for_hand_off(&mut self, epoch: u64) -> Result<(), String> {
+    async fn drain_for_hand_off(&mut self, epoch: u64) -> Result<(), Halt> {
         self.set_phase(EpochPhase::HandingOff { epoch });
         while let Some(front) = self.in_flight.front() {
             let deadline = front.resumed_at + self.cfg.ack_timeout;
@@ -554,23 +734,25 @@ impl Primary {
             tokio::select! {
                 r = self.replies.recv() => self.handle_reply(r).await?,
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    return Err(format!(
-                        "no acknowledgement of checkpoint {waiting} within {:?}",
-                        self.cfg.ack_timeout
-                    ));
+                    return Err(BackupLoss::AckTimeout {
+                        epoch: waiting,
+                        timeout: self.cfg.ack_timeout,
+                    }
+                    .into());
                 }
             }
         }
         if self.last_acked != Some(epoch) {
-            return Err(format!(
-                "the final checkpoint {epoch} was not acknowledged (last: {:?})",
-                self.last_acked
-            ));
+            return Err(BackupLoss::FinalNotAcked {
+                epoch,
+                last_acked: self.last_acked,
+            }
+            .into());
         }
         Ok(())
     }
 
-    fn lost(&self, reason: String) -> PrimaryExit {
+    fn lost(&self, reason: BackupLoss) -> PrimaryExit {
         warn!(domain = %self.cfg.domain, %reason, last_acked = ?self.last_acked, "backup lost");
         PrimaryExit::BackupLost {
             reason,
@@ -578,22 +760,32 @@ impl Primary {
         }
     }
 
-    /// Graceful end: wait (bounded) for the checkpoints in flight, then say END.
-    async fn finish(&mut self) -> PrimaryExit {
+    /// Graceful end: wait (bounded) for the checkpoints in flight, then say END. A lost
+    /// backup only ends the wait; output that cannot be released is still an error.
+    async fn finish(&mut self) -> Result<PrimaryExit, PrimaryError> {
         let deadline = Instant::now() + self.cfg.ack_timeout;
+        let mut failed = None;
         while !self.in_flight.is_empty() && Instant::now() < deadline {
-            if self.wait_reply(deadline).await.is_err() {
-                break;
+            match self.wait_reply(deadline).await {
+                Ok(()) => {}
+                Err(Halt::Lost(_)) => break,
+                Err(Halt::Fatal(e)) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
         let _ = self.out.send(Outgoing::Record(Record::End)).await;
-        PrimaryExit::Shutdown {
-            last_acked: self.last_acked,
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(PrimaryExit::Shutdown {
+                last_acked: self.last_acked,
+            }),
         }
     }
 
     /// Live pre-copy rounds, sending pages of the first checkpoint while the VM runs.
-    async fn precopy(&mut self) -> Result<(), String> {
+    async fn precopy(&mut self) -> Result<(), Halt> {
         self.send(Outgoing::Record(Record::CheckpointBegin {
             epoch: FIRST_EPOCH,
         }))
@@ -615,7 +807,8 @@ impl Primary {
                 let next = tokio::time::sleep(self.cfg.interval);
                 tokio::select! {
                     r = &mut rx => {
-                        r.map_err(|_| "initial disk sync was abandoned".to_string())??;
+                        r.map_err(|_| BackupLoss::InitialSyncAbandoned)?
+                            .map_err(BackupLoss::InitialSync)?;
                         break;
                     }
                     _ = next => {}
@@ -633,33 +826,32 @@ impl Primary {
     }
 
     /// One live compare round; returns the pages found changed (now in the dirty set).
-    async fn precopy_round(&mut self, round: u32) -> Result<u64, String> {
-        let mut tracker = self.precopy.take().expect("precopy tracker present");
-        let mut shadow = self.shadow.take().expect("shadow present");
-        let mut dirty = self.dirty.take().expect("dirty set present");
-        let memory = self.memory.clone();
-        let (tracker, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
-            dirty.clear();
-            // Not true (the VM runs), and documented in the module doc: a compare tracker
-            // stays correct because the stopped collect of the first checkpoint compares
-            // all of RAM again.
-            let token = VmStopped::caller_asserts_vm_stopped();
-            let r = tracker.collect(&token, memory.bytes(), &mut shadow, &mut dirty);
-            (tracker, shadow, dirty, r)
-        })
-        .await
-        .expect("pre-copy scan thread panicked");
-        self.precopy = Some(tracker);
-        self.shadow = Some(shadow);
-        self.dirty = Some(dirty);
-        let stats = res.map_err(|e| format!("pre-copy round {round}: {e}"))?;
+    async fn precopy_round(&mut self, round: u32) -> Result<u64, Halt> {
+        let stats = self
+            .scan
+            .run(Scan::precopy_round)
+            .await
+            .ok_or_else(|| self.scan_gone())?
+            .map_err(|source| PrimaryError::PreCopy {
+                domain: self.cfg.domain.clone(),
+                round,
+                source,
+            })?;
         debug!(round, pages = stats.pages_dirty, "pre-copy round");
         Ok(stats.pages_dirty)
     }
 
+    /// The error for a scan thread that is gone (it panicked: a bug).
+    fn scan_gone(&self) -> PrimaryError {
+        PrimaryError::ScanThread {
+            domain: self.cfg.domain.clone(),
+            source: std::io::Error::other("the page-scan thread stopped (it panicked)"),
+        }
+    }
+
     /// Waits until the output buffer and the in-flight limit allow closing another epoch.
     /// Returns the time waited, or `None` on shutdown.
-    async fn make_room(&mut self, epoch: u64) -> Result<Option<Duration>, String> {
+    async fn make_room(&mut self, epoch: u64) -> Result<Option<Duration>, Halt> {
         let start = Instant::now();
         let limit = self
             .net
@@ -669,8 +861,10 @@ impl Primary {
         while self.in_flight.len() >= limit {
             let oldest = self.in_flight.front().map_or(epoch, |f| f.epoch);
             self.set_phase(EpochPhase::AwaitingAck { epoch: oldest });
-            let deadline =
-                self.in_flight.front().expect("non-empty").resumed_at + self.cfg.ack_timeout;
+            let Some(oldest_sent) = self.in_flight.front().map(|f| f.resumed_at) else {
+                break;
+            };
+            let deadline = oldest_sent + self.cfg.ack_timeout;
             if *self.shutdown.borrow() {
                 return Ok(None);
             }
@@ -680,7 +874,7 @@ impl Primary {
     }
 
     /// Processes replies until `boundary`. Returns `false` on shutdown.
-    async fn wait_until(&mut self, boundary: Instant) -> Result<bool, String> {
+    async fn wait_until(&mut self, boundary: Instant) -> Result<bool, Halt> {
         loop {
             if *self.shutdown.borrow() {
                 return Ok(false);
@@ -707,51 +901,52 @@ impl Primary {
     }
 
     /// Waits for one reply or `deadline`; an overdue ACK is an error.
-    async fn wait_reply(&mut self, deadline: Instant) -> Result<(), String> {
+    async fn wait_reply(&mut self, deadline: Instant) -> Result<(), Halt> {
         let mut stop = self.shutdown.clone();
         tokio::select! {
             r = self.replies.recv() => self.handle_reply(r).await,
             _ = stop.changed() => Ok(()),
             _ = tokio::time::sleep_until(deadline.into()) => {
                 match self.in_flight.front() {
-                    Some(f) if f.resumed_at.elapsed() >= self.cfg.ack_timeout => Err(format!(
-                        "no acknowledgement of checkpoint {} within {:?}",
-                        f.epoch, self.cfg.ack_timeout
-                    )),
+                    Some(f) if f.resumed_at.elapsed() >= self.cfg.ack_timeout => {
+                        Err(BackupLoss::AckTimeout {
+                            epoch: f.epoch,
+                            timeout: self.cfg.ack_timeout,
+                        }
+                        .into())
+                    }
                     _ => Ok(()),
                 }
             }
         }
     }
 
-    async fn handle_reply(&mut self, reply: Option<Reply>) -> Result<(), String> {
+    async fn handle_reply(&mut self, reply: Option<Reply>) -> Result<(), Halt> {
         match reply {
-            None => Err(self
-                .out
-                .failure()
-                .unwrap_or_else(|| "the backup's reply channel closed".into())),
-            Some(Reply::Lost(reason)) => Err(reason),
+            None => Err(BackupLoss::RepliesClosed(self.out.gone()).into()),
+            Some(Reply::Lost(why)) => Err(BackupLoss::Replies(why).into()),
             Some(Reply::Nack { epoch, reason }) => {
-                Err(format!("the backup refused checkpoint {epoch}: {reason}"))
+                Err(BackupLoss::Refused { epoch, reason }.into())
             }
             Some(Reply::Ack(epoch)) => {
-                let Some(front) = self.in_flight.front() else {
-                    return Err(format!(
-                        "the backup acknowledged checkpoint {epoch}, but none is in flight"
-                    ));
+                let mut f = match self.in_flight.pop_front() {
+                    Some(f) if f.epoch == epoch => f,
+                    Some(f) => {
+                        let expected = f.epoch;
+                        self.in_flight.push_front(f);
+                        return Err(BackupLoss::AckOutOfOrder { epoch, expected }.into());
+                    }
+                    None => return Err(BackupLoss::AckUnexpected { epoch }.into()),
                 };
-                if front.epoch != epoch {
-                    return Err(format!(
-                        "the backup acknowledged checkpoint {epoch}, expected {}",
-                        front.epoch
-                    ));
-                }
-                let mut f = self.in_flight.pop_front().expect("checked");
                 self.disk.acknowledged(epoch);
                 self.net
                     .release(epoch)
                     .await
-                    .map_err(|e| format!("releasing the output of epoch {epoch}: {e}"))?;
+                    .map_err(|source| PrimaryError::Release {
+                        domain: self.cfg.domain.clone(),
+                        epoch,
+                        source,
+                    })?;
                 let now = Instant::now();
                 f.report.output_commit_delay = now - f.closed_at;
                 f.report.ack_latency = now - f.resumed_at;
@@ -786,18 +981,24 @@ impl Primary {
         }
     }
 
-    async fn send(&mut self, item: Outgoing) -> Result<(), String> {
-        self.out.send(item).await.map_err(|e| e.to_string())
+    /// Queues `item` for the backup; a failure means the stream (so the backup) is lost.
+    async fn send(&mut self, item: Outgoing) -> Result<(), BackupLoss> {
+        let what = item.describe();
+        self.out
+            .send(item)
+            .await
+            .map_err(|source| BackupLoss::Send { what, source })
     }
 
-    /// Takes checkpoint `epoch`. The outer error is fatal (VM, buffer, disk, tracker); the
-    /// inner one means the backup was lost.
+    /// Takes checkpoint `epoch`. Fails with [`Halt::Fatal`] when the VM, the buffer, the
+    /// disk or the tracker failed, with [`Halt::Lost`] when the backup was lost (after the
+    /// VM was resumed: the stop window always ends).
     async fn checkpoint(
         &mut self,
         epoch: u64,
         ack_wait: Duration,
         resume: Resume,
-    ) -> Result<Result<(), String>, PrimaryError> {
+    ) -> Result<(), Halt> {
         let mut report = EpochReport {
             epoch,
             ack_wait,
@@ -851,9 +1052,7 @@ impl Primary {
         let resumed_at = Instant::now();
         report.resume = resumed_at - t;
         report.pause = resumed_at - stopping_at;
-        if let Err(reason) = barrier_sent {
-            return Ok(Err(reason));
-        }
+        barrier_sent?;
 
         self.set_phase(EpochPhase::Transmitting { epoch });
         let t = Instant::now();
@@ -874,14 +1073,11 @@ impl Primary {
                 done: Some(tx),
             })
             .await?;
-            Ok::<_, String>(rx)
+            Ok::<_, Halt>(rx)
         }
         .await;
         report.transmit = t.elapsed();
-        let rx = match sent {
-            Ok(rx) => rx,
-            Err(reason) => return Ok(Err(reason)),
-        };
+        let rx = sent?;
         self.in_flight.push_back(InFlight {
             epoch,
             closed_at,
@@ -889,50 +1085,20 @@ impl Primary {
             report,
             sent: Some(rx),
         });
-        Ok(Ok(()))
+        Ok(())
     }
 
-    /// The stopped collect, on a blocking thread (the tracker splits it across cores).
+    /// The stopped collect, on the scan thread (the tracker splits it across cores).
     /// Returns the collect's statistics and the number of pages the audit had to repair.
     async fn collect(
         &mut self,
         epoch: u64,
     ) -> Result<(remus_tracker::CollectStats, u64), PrimaryError> {
-        let mut tracker = self.tracker.take().expect("tracker present");
-        let mut audit = self.audit.take().expect("audit present");
-        let mut shadow = self.shadow.take().expect("shadow present");
-        let mut dirty = self.dirty.take().expect("dirty set present");
-        let memory = self.memory.clone();
-        let (tracker, audit, shadow, dirty, res) = tokio::task::spawn_blocking(move || {
-            dirty.clear();
-            // The VM was stopped by the caller (`checkpoint`) and is resumed only after this
-            // returns.
-            let token = VmStopped::caller_asserts_vm_stopped();
-            let live = memory.bytes();
-            let r = if live.len() != shadow.len() {
-                Err(None)
-            } else {
-                tracker
-                    .collect(&token, live, &mut shadow, &mut dirty)
-                    .and_then(|stats| {
-                        let report = audit.run(&token, live, &mut shadow, &mut dirty)?;
-                        if !report.mismatched.is_empty() {
-                            // The tracker missed writes: compare everything next time.
-                            tracker.rearm();
-                        }
-                        Ok((stats, report.mismatched.len() as u64))
-                    })
-                    .map_err(Some)
-            };
-            (tracker, audit, shadow, dirty, r)
-        })
-        .await
-        .expect("collect thread panicked");
-        let lens = (self.memory.bytes().len(), shadow.len());
-        self.tracker = Some(tracker);
-        self.audit = Some(audit);
-        self.shadow = Some(shadow);
-        self.dirty = Some(dirty);
+        let res = self
+            .scan
+            .run(Scan::collect)
+            .await
+            .ok_or_else(|| self.scan_gone())?;
         if let Ok((_, repaired)) = &res {
             if *repaired > 0 {
                 warn!(
@@ -942,36 +1108,155 @@ impl Primary {
             }
         }
         res.map_err(|e| match e {
-            Some(source) => PrimaryError::Tracker {
+            CollectError::Tracker(source) => PrimaryError::Tracker {
                 domain: self.cfg.domain.clone(),
                 epoch,
                 source,
             },
-            None => PrimaryError::RamSize {
+            CollectError::RamSize { live, shadow } => PrimaryError::RamSize {
                 domain: self.cfg.domain.clone(),
-                live: lens.0,
-                shadow: lens.1,
+                live,
+                shadow,
             },
         })
     }
 
     /// Queues the pages of the last collect as `PAGE_DATA` batches of `epoch`.
-    async fn transmit_pages(&mut self, epoch: u64) -> Result<(), String> {
-        let shadow = self.shadow.take().expect("shadow present");
-        let dirty = self.dirty.take().expect("dirty set present");
+    async fn transmit_pages(&mut self, epoch: u64) -> Result<(), Halt> {
         let choice = self.cfg.compression.choice();
-        let (shadow, dirty, batches) = tokio::task::spawn_blocking(move || {
-            let batches = build_batches(epoch, &shadow, &dirty, choice);
-            (shadow, dirty, batches)
-        })
-        .await
-        .expect("batch thread panicked");
-        self.shadow = Some(shadow);
-        self.dirty = Some(dirty);
+        let batches = self
+            .scan
+            .run(move |scan| build_batches(epoch, &scan.shadow, &scan.dirty, choice))
+            .await
+            .ok_or_else(|| self.scan_gone())?;
         for b in batches {
             self.send(b).await?;
         }
         Ok(())
+    }
+}
+
+/// The page scan's state. One thread owns it for the life of the loop ([`ScanThread`]): the
+/// loop sends it jobs (a pre-copy round, a stopped collect, building a checkpoint's batches)
+/// and awaits each result, so nothing is taken out and put back, and a job can never find a
+/// part missing.
+struct Scan {
+    /// Live guest RAM.
+    memory: Arc<dyn GuestMemory>,
+    /// The method that finds dirty pages while the VM is stopped.
+    tracker: Box<dyn DirtyTracker>,
+    /// Pre-copy's compare tracker (see the module doc for why it is always compare).
+    precopy: CompareTracker,
+    /// Compares a slice of RAM with the shadow every epoch (all of it every N epochs): a
+    /// page the tracker missed is found, resent and counted instead of silently diverging.
+    audit: ReplicaAudit,
+    /// Guest RAM as of the last checkpoint: the compare baseline, and the source of each
+    /// checkpoint's new page contents while the VM runs on.
+    shadow: Vec<u8>,
+    /// The last collect's dirty pages (buffers reused across epochs).
+    dirty: DirtySet,
+}
+
+/// Why a stopped collect failed.
+enum CollectError {
+    Tracker(remus_tracker::TrackerError),
+    RamSize { live: usize, shadow: usize },
+}
+
+impl Scan {
+    /// One live compare round against the shadow, into the dirty set.
+    fn precopy_round(
+        &mut self,
+    ) -> Result<remus_tracker::CollectStats, remus_tracker::TrackerError> {
+        self.dirty.clear();
+        // Not true (the VM runs), and documented in the module doc: a compare tracker stays
+        // correct because the stopped collect of the first checkpoint compares all of RAM
+        // again.
+        let token = VmStopped::caller_asserts_vm_stopped();
+        let r = self.precopy.collect(
+            &token,
+            self.memory.bytes(),
+            &mut self.shadow,
+            &mut self.dirty,
+        );
+        self.count_capture();
+        r
+    }
+
+    /// The stopped collect and the replica audit; returns the collect's statistics and the
+    /// number of pages the audit had to repair.
+    fn collect(&mut self) -> Result<(remus_tracker::CollectStats, u64), CollectError> {
+        self.dirty.clear();
+        // The VM was stopped by the caller (`checkpoint`) and is resumed only after this
+        // returns.
+        let token = VmStopped::caller_asserts_vm_stopped();
+        let live = self.memory.bytes();
+        if live.len() != self.shadow.len() {
+            return Err(CollectError::RamSize {
+                live: live.len(),
+                shadow: self.shadow.len(),
+            });
+        }
+        let r = self
+            .tracker
+            .collect(&token, live, &mut self.shadow, &mut self.dirty)
+            .and_then(|stats| {
+                let report = self
+                    .audit
+                    .run(&token, live, &mut self.shadow, &mut self.dirty)?;
+                if !report.mismatched.is_empty() {
+                    // The tracker missed writes: compare everything next time.
+                    self.tracker.rearm();
+                }
+                Ok((stats, report.mismatched.len() as u64))
+            })
+            .map_err(CollectError::Tracker);
+        self.count_capture();
+        r
+    }
+
+    fn count_capture(&self) {
+        copies::add(
+            copies::Stage::Capture,
+            (self.dirty.len() * PAGE_SIZE + self.dirty.captured_bytes()) as u64,
+        );
+    }
+}
+
+/// A job for the scan thread.
+type ScanJob = Box<dyn FnOnce(&mut Scan) + Send>;
+
+/// The thread that owns the [`Scan`]; it ends when the loop (the job sender) is dropped.
+struct ScanThread {
+    jobs: std::sync::mpsc::Sender<ScanJob>,
+}
+
+impl ScanThread {
+    fn start(mut scan: Scan, domain: &str) -> std::io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::channel::<ScanJob>();
+        std::thread::Builder::new()
+            .name(format!("remus-scan-{domain}"))
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut scan);
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `job` on the scan state and returns its result; `None` if the thread is gone
+    /// (a job panicked).
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Scan) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |scan: &mut Scan| {
+                let _ = tx.send(job(scan));
+            }))
+            .ok()?;
+        rx.await.ok()
     }
 }
 
@@ -993,6 +1278,11 @@ fn build_batches(
         if pfns.is_empty() {
             return;
         }
+        copies::add(
+            copies::Stage::Gather,
+            (new.len() + old.as_ref().map_or(0, Vec::len)) as u64,
+        );
+        copies::pages_sent(pfns.len() as u64);
         out.push(Outgoing::Pages {
             epoch,
             pfns: std::mem::take(pfns),

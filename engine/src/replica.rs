@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use memmap2::MmapMut;
+use remus_stream::{FlatMemory, PageDataRef, PageReference};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -105,10 +106,20 @@ struct Meta {
 }
 
 /// Pages of one checkpoint held in memory until the checkpoint is verified complete.
+///
+/// One slot per distinct page, in arrival order, all in one buffer: a `PAGE_DATA` batch is
+/// decoded straight into the next free slots ([`decode`](Self::decode)), and the staging
+/// file and the apply read the pages where they were decoded, so a page is written once
+/// between the received record and the staging file. The buffer keeps its length between
+/// checkpoints (only the slots are forgotten), so a checkpoint overwrites stale bytes instead
+/// of zero-filling first.
 #[derive(Debug, Default)]
 pub struct StagedPages {
+    /// The page in each slot; its length is the number of slots in use.
     pfns: Vec<u64>,
+    /// Slot `i` is `data[i * PAGE..(i + 1) * PAGE]`; bytes past the last slot are stale.
     data: Vec<u8>,
+    /// The slot of each staged page.
     index: std::collections::HashMap<u64, usize>,
 }
 
@@ -116,14 +127,61 @@ impl StagedPages {
     /// Adds or replaces the page `pfn`.
     pub fn put(&mut self, pfn: u64, page: &[u8]) {
         debug_assert_eq!(page.len(), PAGE);
-        match self.index.get(&pfn) {
-            Some(&i) => self.data[i * PAGE..(i + 1) * PAGE].copy_from_slice(page),
-            None => {
-                self.index.insert(pfn, self.pfns.len());
-                self.pfns.push(pfn);
-                self.data.extend_from_slice(page);
+        let slot = match self.index.get(&pfn) {
+            Some(&i) => i,
+            None => self.new_slot(pfn),
+        };
+        self.data[slot * PAGE..(slot + 1) * PAGE].copy_from_slice(page);
+    }
+
+    /// Decodes one `PAGE_DATA` batch straight into the staged pages: a page already staged
+    /// by this checkpoint is replaced, XOR-delta pages refer to the copy staged earlier in
+    /// this checkpoint, else to `replica` (the committed RAM). Returns the bytes moved
+    /// again after decoding (pages this checkpoint already carried; normally none).
+    ///
+    /// # Errors
+    /// The batch does not decode; nothing of it is staged then.
+    pub fn decode(
+        &mut self,
+        batch: &PageDataRef<'_>,
+        replica: &[u8],
+    ) -> Result<u64, remus_stream::PageError> {
+        let n = batch.count();
+        let first = self.pfns.len();
+        let (start, end) = (first * PAGE, (first + n) * PAGE);
+        if self.data.len() < end {
+            self.data.resize(end, 0);
+        }
+        let (staged, free) = self.data.split_at_mut(start);
+        let staged: &[u8] = staged;
+        let index = &self.index;
+        let mut reference = |pfn: u64| match index.get(&pfn) {
+            Some(&i) => staged.get(i * PAGE..(i + 1) * PAGE),
+            None => FlatMemory(replica).page(pfn),
+        };
+        batch.decode_into(&mut free[..n * PAGE], &mut reference)?;
+        // Give each page its slot: a new page keeps the one it was decoded into (moved down
+        // if an earlier page of the batch replaced an older copy), a replacing page goes to
+        // the older copy's slot.
+        let mut moved = 0u64;
+        for i in 0..n {
+            let pfn = batch.pfn(i);
+            let at = start + i * PAGE;
+            let to = match self.index.get(&pfn) {
+                Some(&slot) => slot,
+                None => {
+                    let slot = self.pfns.len();
+                    self.index.insert(pfn, slot);
+                    self.pfns.push(pfn);
+                    slot
+                }
+            };
+            if to * PAGE != at {
+                self.data.copy_within(at..at + PAGE, to * PAGE);
+                moved += PAGE as u64;
             }
         }
+        Ok(moved)
     }
 
     /// The staged copy of `pfn`, if this checkpoint carried it.
@@ -143,11 +201,25 @@ impl StagedPages {
         self.pfns.is_empty()
     }
 
-    /// Drops everything (a discarded checkpoint).
+    /// Drops everything (a discarded or applied checkpoint); the buffer is kept for reuse.
     pub fn clear(&mut self) {
         self.pfns.clear();
-        self.data.clear();
         self.index.clear();
+    }
+
+    fn new_slot(&mut self, pfn: u64) -> usize {
+        let slot = self.pfns.len();
+        self.index.insert(pfn, slot);
+        self.pfns.push(pfn);
+        if self.data.len() < (slot + 1) * PAGE {
+            self.data.resize((slot + 1) * PAGE, 0);
+        }
+        slot
+    }
+
+    /// Every staged page, slot by slot, as one slice.
+    fn bytes(&self) -> &[u8] {
+        &self.data[..self.pfns.len() * PAGE]
     }
 
     fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
@@ -251,9 +323,16 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Rep
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReplicaError> {
+    write_atomic_parts(path, &[bytes])
+}
+
+/// [`write_atomic`] of the concatenation of `parts`, without building it in memory.
+fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<(), ReplicaError> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(io_err(&tmp, "create"))?;
-    f.write_all(bytes).map_err(io_err(&tmp, "write"))?;
+    for part in parts {
+        f.write_all(part).map_err(io_err(&tmp, "write"))?;
+    }
     f.sync_all().map_err(io_err(&tmp, "fsync"))?;
     drop(f);
     fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))?;
@@ -558,6 +637,7 @@ impl ReplicaStore {
             self.ram[off..off + PAGE].copy_from_slice(data);
         }
         self.written.note(pages.iter().map(|(pfn, _)| pfn));
+        crate::copies::add(crate::copies::Stage::Apply, (pages.len() * PAGE) as u64);
         self.ram
             .flush()
             .map_err(io_err(&self.dir.join("ram"), "msync"))
@@ -574,21 +654,24 @@ impl ReplicaStore {
         pages: &StagedPages,
         dev: &[u8],
     ) -> Result<(), ReplicaError> {
-        let mut buf = Vec::with_capacity(40 + pages.len() * (8 + PAGE) + dev.len());
-        buf.extend_from_slice(STAGING_MAGIC);
-        buf.extend_from_slice(&epoch.to_le_bytes());
-        buf.extend_from_slice(&(pages.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&(dev.len() as u64).to_le_bytes());
-        for (pfn, _) in pages.iter() {
-            buf.extend_from_slice(&pfn.to_le_bytes());
+        // Layout: magic, epoch, page count, device-state length, the pfns, the pages, the
+        // device state, CRC32C of all of it. The pages are written from where they were
+        // staged, not copied into one buffer first.
+        let mut head = Vec::with_capacity(32 + pages.len() * 8);
+        head.extend_from_slice(STAGING_MAGIC);
+        head.extend_from_slice(&epoch.to_le_bytes());
+        head.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(dev.len() as u64).to_le_bytes());
+        for &pfn in &pages.pfns {
+            head.extend_from_slice(&pfn.to_le_bytes());
         }
-        for (_, data) in pages.iter() {
-            buf.extend_from_slice(data);
-        }
-        buf.extend_from_slice(dev);
-        let crc = crc32c::crc32c(&buf);
-        buf.extend_from_slice(&crc.to_le_bytes());
-        write_atomic(&self.dir.join("staging"), &buf)
+        let body = pages.bytes();
+        crate::copies::add(crate::copies::Stage::StagingWrite, body.len() as u64);
+        let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&head), body), dev);
+        write_atomic_parts(
+            &self.dir.join("staging"),
+            &[&head, body, dev, &crc.to_le_bytes()],
+        )
     }
 
     fn read_staging(&self, epoch: u64) -> Result<(StagedPages, Vec<u8>), ReplicaError> {
@@ -639,6 +722,96 @@ mod tests {
 
     fn page(b: u8) -> Vec<u8> {
         vec![b; PAGE]
+    }
+
+    /// Encodes `pages` (one per pfn) as one `PAGE_DATA` record of a replication stream,
+    /// XOR-delta against `old` where given, and hands its borrowed batch to `f`.
+    fn with_batch(
+        pfns: &[u64],
+        pages: &[u8],
+        old: Option<&[u8]>,
+        f: impl FnOnce(&PageDataRef<'_>),
+    ) {
+        use remus_stream::{
+            Decoder, Encoder, EncodingChoice, Item, PageEncoding, RecordRef, StreamHeader,
+            StreamKind,
+        };
+        let mut enc = Encoder::new();
+        let mut buf = Vec::new();
+        let header = StreamHeader {
+            kind: StreamKind::Replication,
+            session_id: 1,
+            node: "pri".into(),
+            domain: "vm".into(),
+        };
+        enc.header(&mut buf, &header).unwrap();
+        let choice = match old {
+            Some(_) => EncodingChoice::Fixed(PageEncoding::XorLz4),
+            None => EncodingChoice::Fixed(PageEncoding::Raw),
+        };
+        let mut reference = |pfn: u64| {
+            let i = pfns.iter().position(|&p| p == pfn)?;
+            old.map(|o| &o[i * PAGE..(i + 1) * PAGE])
+        };
+        enc.page_data(&mut buf, 2, pfns, pages, choice, &mut reference)
+            .unwrap();
+        let mut dec = Decoder::default();
+        let mut input = &buf[..];
+        assert!(matches!(
+            dec.decode_frame(&mut input).unwrap(),
+            Some(Item::Header(_))
+        ));
+        match dec.decode_frame(&mut input).unwrap() {
+            Some(Item::Record(frame)) => match &frame.record {
+                RecordRef::PageData(batch) => f(batch),
+                other => panic!("expected PAGE_DATA, got {other:?}"),
+            },
+            other => panic!("expected a record, got {other:?}"),
+        }
+    }
+
+    /// A batch is decoded straight into the staging slots: a page the checkpoint already
+    /// carried is replaced in its slot (and the later pages of the batch close the gap), an
+    /// XOR-delta page refers to the copy staged earlier in the checkpoint, else to the
+    /// replica.
+    #[test]
+    fn batches_decode_into_their_slots() {
+        let replica: Vec<u8> = (0..8 * PAGE).map(|i| (i / PAGE) as u8).collect();
+        let mut staged = StagedPages::default();
+        // Batch 1: pages 1 and 3, raw.
+        let b1 = [page(0x11), page(0x33)].concat();
+        with_batch(&[1, 3], &b1, None, |b| {
+            assert_eq!(staged.decode(b, &replica).unwrap(), 0);
+        });
+        // Batch 2: pages 2, 3 (again) and 5, XOR against what the backup holds: page 3 as
+        // staged by batch 1, pages 2 and 5 as in the replica.
+        let new2 = [page(0x22), page(0x34), page(0x55)].concat();
+        let old2 = [page(2), page(0x33), page(5)].concat();
+        with_batch(&[2, 3, 5], &new2, Some(&old2), |b| {
+            assert_eq!(
+                staged.decode(b, &replica).unwrap(),
+                2 * PAGE as u64,
+                "page 3 goes to its slot, page 5 moves down one"
+            );
+        });
+        assert_eq!(staged.len(), 4);
+        for (pfn, byte) in [(1, 0x11), (2, 0x22), (3, 0x34), (5, 0x55)] {
+            assert_eq!(staged.get(pfn), Some(&page(byte)[..]), "page {pfn}");
+        }
+        assert_eq!(staged.pfns, vec![1, 3, 2, 5]);
+        assert_eq!(staged.bytes().len(), 4 * PAGE);
+        // The next checkpoint reuses the buffer: its first page lands in slot 0.
+        staged.clear();
+        assert!(staged.is_empty() && staged.get(1).is_none());
+        with_batch(&[4], &page(0x44), None, |b| {
+            staged.decode(b, &replica).unwrap();
+        });
+        assert_eq!(
+            staged.get(4),
+            Some(&page(0x44)[..]),
+            "stale bytes overwritten"
+        );
+        assert_eq!(staged.pfns, vec![4]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use crate::backup::ReplyWriter;
 use crate::peer::{self, Expect, Hello, PreSharedKey, CHANNEL_VERSION};
-use crate::primary::Reply;
+use crate::primary::{RepliesEnded, Reply};
 use crate::wire::{spawn_sender, RecordReader, StreamSender, WireError};
 
 /// Who is talking to whom about what.
@@ -49,12 +49,14 @@ pub async fn open_primary(
 ) -> Result<PrimarySession, WireError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| {
-            WireError::SenderGone(format!(
-                "connecting to the backup at {addr}: timed out after {timeout:?}"
-            ))
+        .map_err(|_| WireError::ConnectTimeout {
+            addr: addr.to_string(),
+            timeout,
         })?
-        .map_err(|e| WireError::SenderGone(format!("connecting to the backup at {addr}: {e}")))?;
+        .map_err(|source| WireError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let hello = Hello {
@@ -78,16 +80,16 @@ pub async fn open_primary(
         match reader.read_header().await {
             Ok(h) if h.session_id != session_id => {
                 let _ = tx
-                    .send(Reply::Lost(format!(
-                        "the backup answered for session {:#x}, this is {session_id:#x}",
-                        h.session_id
-                    )))
+                    .send(Reply::lost(RepliesEnded::WrongSession {
+                        got: h.session_id,
+                        expected: session_id,
+                    }))
                     .await;
                 return;
             }
             Ok(_) => {}
             Err(e) => {
-                let _ = tx.send(Reply::Lost(e.to_string())).await;
+                let _ = tx.send(Reply::lost(RepliesEnded::Stream(e))).await;
                 return;
             }
         }
@@ -99,14 +101,14 @@ pub async fn open_primary(
                         epoch: n.epoch,
                         reason: format!("{}: {}", n.reason, n.message),
                     },
-                    Record::End => Reply::Lost("the backup ended the session".into()),
+                    Record::End => Reply::lost(RepliesEnded::Ended),
                     other => {
                         warn!(record = ?other.record_type(), "ignoring an unexpected reply record");
                         continue;
                     }
                 },
-                Ok(None) => Reply::Lost("the backup closed the session".into()),
-                Err(e) => Reply::Lost(format!("reply stream: {e}")),
+                Ok(None) => Reply::lost(RepliesEnded::Closed),
+                Err(e) => Reply::lost(RepliesEnded::Stream(e)),
             };
             let last = matches!(reply, Reply::Lost(_));
             if tx.send(reply).await.is_err() || last {

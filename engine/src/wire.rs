@@ -18,13 +18,15 @@
 use std::sync::Arc;
 
 use remus_stream::{
-    DecodeError, Decoder, DecoderConfig, Encoder, EncodingChoice, EpochError, EpochSummary,
-    EpochVerifier, Item, PageEncoding, Record, StreamHeader, StreamKind, PAGE_SIZE,
+    DecodeError, Decoder, DecoderConfig, DiskOpRef, DiskWriteRef, Encoder, EncodingChoice,
+    EpochError, EpochSummary, EpochVerifier, Item, PageDataRef, PageEncoding, Record, RecordRef,
+    StreamHeader, StreamKind, PAGE_SIZE,
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::copies;
 use crate::peer::{PeerError, SecureReader, SecureWriter};
 
 /// Device state is sent in chunks of this size, so no record is huge.
@@ -47,9 +49,39 @@ pub enum WireError {
     /// A record could not be encoded (a bug: the engine built an invalid record).
     #[error("encoding {what}: {reason}")]
     Encode { what: String, reason: String },
-    /// The sender's threads are gone (the connection failed earlier).
+    /// Connecting to the backup failed.
+    #[error("connecting to the backup at {addr}: {source}")]
+    Connect {
+        /// The backup's address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The backup did not accept the connection in time.
+    #[error("connecting to the backup at {addr}: timed out after {timeout:?}")]
+    ConnectTimeout {
+        /// The backup's address.
+        addr: String,
+        /// How long we waited.
+        timeout: std::time::Duration,
+    },
+    /// The sender's encoder thread could not be started.
+    #[error("starting the replication encoder thread: {0}")]
+    EncoderThread(#[source] std::io::Error),
+    /// The sender's threads stopped on this failure (the connection failed earlier).
     #[error("replication sender stopped: {0}")]
-    SenderGone(String),
+    SenderFailed(#[source] Arc<WireError>),
+    /// The sender was closed without a failure (protection ended, or the connection was
+    /// shut down in order).
+    #[error("replication sender stopped: the connection was closed")]
+    SenderClosed,
+    /// The primary closed the replication stream after its `END` record, while the backup
+    /// still expected records.
+    #[error("stream from {peer}: the primary closed the stream after END")]
+    ClosedAfterEnd {
+        /// The primary's address.
+        peer: String,
+    },
 }
 
 /// One thing to send, in stream order.
@@ -78,6 +110,18 @@ pub enum Outgoing {
         /// The saved state.
         blob: Arc<Vec<u8>>,
     },
+    /// A guest disk write, its data still in the buffer the NBD server read it into (the
+    /// encoder copies it into the record: the one copy before encryption).
+    DiskWrite {
+        /// The epoch the VM was in when it wrote.
+        epoch: u64,
+        /// Which disk (index in the domain's disk list).
+        disk: u16,
+        /// Byte offset on the disk.
+        offset: u64,
+        /// What the write does.
+        op: DiskWriteOp,
+    },
     /// `DISK_BARRIER(epoch)` with the encoder's own counts of the epoch's disk writes.
     DiskBarrier(u64),
     /// `CHECKPOINT_END(epoch)` with the encoder's counts and digest; the reply carries what
@@ -88,6 +132,38 @@ pub enum Outgoing {
         /// Gets the epoch's encoded sizes once the END is encoded.
         done: Option<oneshot::Sender<SentStats>>,
     },
+}
+
+/// What a queued disk write does.
+#[derive(Debug)]
+pub enum DiskWriteOp {
+    /// These bytes (shared with `blk-remus`, not copied).
+    Data(bytes::Bytes),
+    /// Zeroes over this many bytes.
+    Zeroes(u32),
+    /// Discard this many bytes.
+    Trim(u32),
+}
+
+impl Outgoing {
+    /// Names the item for errors: "PAGE_DATA of epoch 4", "CheckpointBegin record".
+    pub fn describe(&self) -> String {
+        match self {
+            Outgoing::Record(r) => format!("{:?} record", r.record_type()),
+            Outgoing::Pages { epoch, pfns, .. } => {
+                format!("PAGE_DATA of epoch {epoch} ({} pages)", pfns.len())
+            }
+            Outgoing::DeviceState { epoch, .. } => format!("DEVICE_STATE of epoch {epoch}"),
+            Outgoing::DiskWrite {
+                epoch,
+                disk,
+                offset,
+                ..
+            } => format!("DISK_WRITE of epoch {epoch} (disk {disk}, offset {offset})"),
+            Outgoing::DiskBarrier(epoch) => format!("DISK_BARRIER of epoch {epoch}"),
+            Outgoing::CheckpointEnd { epoch, .. } => format!("CHECKPOINT_END of epoch {epoch}"),
+        }
+    }
 }
 
 /// What one checkpoint took on the wire.
@@ -105,28 +181,45 @@ pub struct SentStats {
 #[derive(Clone, Debug)]
 pub struct StreamSender {
     tx: mpsc::Sender<Outgoing>,
-    failure: Arc<std::sync::Mutex<Option<String>>>,
+    failure: Failure,
+}
+
+/// The first failure of a sender's encoder thread or I/O task, shared with every
+/// [`StreamSender`] so a producer learns why its queue closed.
+type Failure = Arc<std::sync::Mutex<Option<Arc<WireError>>>>;
+
+/// Records `e` as the sender's failure unless an earlier one is already recorded.
+fn record_failure(failure: &Failure, e: WireError) {
+    let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+    if f.is_none() {
+        *f = Some(Arc::new(e));
+    }
 }
 
 impl StreamSender {
     /// Queues one item; waits while the queue is full.
     ///
     /// # Errors
-    /// [`WireError::SenderGone`] with the cause when the connection has failed.
+    /// [`WireError::SenderFailed`] with the cause when the connection has failed,
+    /// [`WireError::SenderClosed`] when it was closed without one.
     pub async fn send(&self, item: Outgoing) -> Result<(), WireError> {
         self.tx.send(item).await.map_err(|_| self.gone())
     }
 
-    /// The reason the sender stopped, if it has.
-    pub fn failure(&self) -> Option<String> {
-        self.failure.lock().expect("failure lock").clone()
+    /// The failure that stopped the sender, if one did.
+    pub fn failure(&self) -> Option<Arc<WireError>> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    fn gone(&self) -> WireError {
-        WireError::SenderGone(
-            self.failure()
-                .unwrap_or_else(|| "the connection was closed".into()),
-        )
+    /// Why the sender is gone: its recorded failure, or an orderly close.
+    pub fn gone(&self) -> WireError {
+        match self.failure() {
+            Some(cause) => WireError::SenderFailed(cause),
+            None => WireError::SenderClosed,
+        }
     }
 
     /// True once the sending side has stopped.
@@ -149,7 +242,7 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<Outgoing>(256);
     let (btx, mut brx) = mpsc::channel::<Vec<u8>>(16);
-    let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+    let failure: Failure = Arc::new(std::sync::Mutex::new(None));
     let mut encoder = Encoder::new();
     let mut first = Vec::new();
     encoder
@@ -166,8 +259,8 @@ where
             let mut stats = SentStats::default();
             while let Some(item) = rx.blocking_recv() {
                 if let Err(e) = encode_item(&mut encoder, &mut buf, item, &mut stats) {
-                    *fail.lock().expect("failure lock") = Some(e.to_string());
                     tracing::error!(error = %e, "replication encoder stopped");
+                    record_failure(&fail, e);
                     return;
                 }
                 if (buf.len() >= FLUSH_BYTES || rx.is_empty())
@@ -180,7 +273,7 @@ where
                 let _ = btx.blocking_send(buf);
             }
         })
-        .map_err(|e| WireError::SenderGone(format!("cannot start encoder thread: {e}")))?;
+        .map_err(WireError::EncoderThread)?;
     let fail = failure.clone();
     let io = tokio::spawn(async move {
         let result: Result<(), WireError> = async {
@@ -194,13 +287,19 @@ where
             Ok(())
         }
         .await;
-        if let Err(e) = &result {
-            let mut f = fail.lock().expect("failure lock");
-            if f.is_none() {
-                *f = Some(e.to_string());
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = Arc::new(e);
+                {
+                    let mut f = fail.lock().unwrap_or_else(|p| p.into_inner());
+                    if f.is_none() {
+                        *f = Some(e.clone());
+                    }
+                }
+                Err(WireError::SenderFailed(e))
             }
         }
-        result
     });
     Ok((StreamSender { tx, failure }, io))
 }
@@ -251,6 +350,7 @@ fn encode_item(
             .map_err(err(format!("PAGE_DATA of epoch {epoch}")))?;
             stats.page_bytes_raw += new.len() as u64;
             stats.page_bytes_encoded += (buf.len() - before) as u64;
+            copies::add(copies::Stage::Encode, (buf.len() - before) as u64);
             let slot = match encoding {
                 PageEncoding::Raw => 0,
                 PageEncoding::Zero => 1,
@@ -262,6 +362,26 @@ fn encode_item(
         Outgoing::DeviceState { epoch, blob } => {
             enc.device_state(buf, epoch, &blob, DEVICE_STATE_CHUNK)
                 .map_err(err(format!("DEVICE_STATE of epoch {epoch}")))?;
+        }
+        Outgoing::DiskWrite {
+            epoch,
+            disk,
+            offset,
+            op,
+        } => {
+            let op = match &op {
+                DiskWriteOp::Data(d) => DiskOpRef::Data(d),
+                DiskWriteOp::Zeroes(n) => DiskOpRef::Zeroes(*n),
+                DiskWriteOp::Trim(n) => DiskOpRef::Trim(*n),
+            };
+            let write = DiskWriteRef {
+                epoch,
+                disk,
+                offset,
+                op,
+            };
+            enc.disk_write(buf, &write)
+                .map_err(err(format!("DISK_WRITE of epoch {epoch}")))?;
         }
         Outgoing::DiskBarrier(epoch) => {
             enc.disk_barrier(buf, epoch)
@@ -291,12 +411,53 @@ pub struct Received {
     pub verdict: Result<Option<EpochSummary>, EpochError>,
 }
 
+/// Where a reader puts `PAGE_DATA` batches instead of returning them as owned records: the
+/// backup decodes each batch straight out of the decoder's buffer into its staging place.
+pub trait PageSink {
+    /// Why the sink refused a batch.
+    type Error;
+    /// Takes one batch (already checked by the epoch verifier, when the reader verifies);
+    /// `offset` is the record's stream offset, for messages.
+    ///
+    /// # Errors
+    /// The sink's own refusal (a batch of the wrong checkpoint, pages that do not decode).
+    fn pages(&mut self, offset: u64, batch: &PageDataRef<'_>) -> Result<(), Self::Error>;
+}
+
+/// A sink that takes no batch: [`RecordReader::next`] returns them as owned records.
+struct NoSink;
+
+impl PageSink for NoSink {
+    type Error = std::convert::Infallible;
+    fn pages(&mut self, _offset: u64, _batch: &PageDataRef<'_>) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// What [`RecordReader::next_with`] delivers.
+#[derive(Debug)]
+pub enum Incoming<E> {
+    /// Any record but `PAGE_DATA`, owned.
+    Record(Received),
+    /// A `PAGE_DATA` batch, handed to the sink (unless the verifier refused it).
+    Pages {
+        /// Stream offset of the record.
+        offset: u64,
+        /// The batch's checkpoint.
+        epoch: u64,
+        /// The verifier's verdict on the record; the sink saw the batch only if it is `Ok`.
+        verdict: Result<(), EpochError>,
+        /// What the sink made of it.
+        sunk: Result<(), E>,
+    },
+}
+
 /// What one decoding step produced.
-enum Step {
+enum Step<E> {
     /// The stream header (kept in the reader).
     Header,
-    /// A record.
-    Record(Received),
+    /// A record or a sunk batch.
+    Incoming(Incoming<E>),
 }
 
 /// Reads records from an encrypted channel.
@@ -327,6 +488,11 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         }
     }
 
+    /// The peer's address, as errors name it.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
     /// The stream's header, once read.
     pub fn header(&self) -> Option<&StreamHeader> {
         self.header.as_ref()
@@ -341,9 +507,9 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             if let Some(h) = &self.header {
                 return Ok(h.clone());
             }
-            match self.decode_buffered()? {
+            match self.decode_buffered::<NoSink>(None)? {
                 Some(Step::Header) => {}
-                Some(Step::Record(_)) => {
+                Some(Step::Incoming(_)) => {
                     return Err(WireError::Header {
                         peer: self.peer.clone(),
                         reason: "a record arrived before the stream header".into(),
@@ -360,9 +526,35 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     /// Channel failures, malformed streams, a header of the wrong kind.
     pub async fn next(&mut self) -> Result<Option<Received>, WireError> {
         loop {
-            match self.decode_buffered()? {
+            match self.decode_buffered::<NoSink>(None)? {
                 Some(Step::Header) => {}
-                Some(Step::Record(r)) => return Ok(Some(r)),
+                Some(Step::Incoming(Incoming::Record(r))) => return Ok(Some(r)),
+                // Without a sink every record comes back owned.
+                Some(Step::Incoming(Incoming::Pages { .. })) => {}
+                None => match self.refill().await {
+                    Ok(()) => {}
+                    Err(WireError::Peer(PeerError::Closed { .. })) if self.decoder.is_ended() => {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// As [`next`](Self::next), but `PAGE_DATA` batches go to `sink`, decoded from the
+    /// receive buffer without an owned copy of the record.
+    ///
+    /// # Errors
+    /// As [`next`](Self::next).
+    pub async fn next_with<S: PageSink>(
+        &mut self,
+        sink: &mut S,
+    ) -> Result<Option<Incoming<S::Error>>, WireError> {
+        loop {
+            match self.decode_buffered(Some(&mut *sink))? {
+                Some(Step::Header) => {}
+                Some(Step::Incoming(i)) => return Ok(Some(i)),
                 None => match self.refill().await {
                     Ok(()) => {}
                     Err(WireError::Peer(PeerError::Closed { .. })) if self.decoder.is_ended() => {
@@ -375,12 +567,16 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     }
 
     /// Decodes the next item from the bytes already received; `None` when more are needed.
-    fn decode_buffered(&mut self) -> Result<Option<Step>, WireError> {
+    fn decode_buffered<S: PageSink>(
+        &mut self,
+        mut sink: Option<&mut S>,
+    ) -> Result<Option<Step<S::Error>>, WireError> {
         while self.pos < self.chunk.len() {
             let mut input = &self.chunk[self.pos..];
             let before = input.len();
             let item = self.decoder.decode_frame(&mut input);
             self.pos += before - input.len();
+            copies::add(copies::Stage::Assemble, (before - input.len()) as u64);
             match item.map_err(|source| WireError::Decode {
                 peer: self.peer.clone(),
                 source,
@@ -395,11 +591,32 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                         Some(v) => v.observe(&frame.record, frame.crc),
                         None => Ok(None),
                     };
-                    return Ok(Some(Step::Record(Received {
+                    if let (Some(sink), RecordRef::PageData(batch)) =
+                        (sink.as_deref_mut(), &frame.record)
+                    {
+                        let verdict = verdict.map(|_| ());
+                        let sunk = match verdict {
+                            Ok(()) => sink.pages(frame.offset, batch),
+                            Err(_) => Ok(()),
+                        };
+                        return Ok(Some(Step::Incoming(Incoming::Pages {
+                            offset: frame.offset,
+                            epoch: batch.epoch,
+                            verdict,
+                            sunk,
+                        })));
+                    }
+                    if let RecordRef::PageData(pd) = &frame.record {
+                        copies::add(
+                            copies::Stage::OwnedRecord,
+                            (pd.payload().len() + pd.count() * 8) as u64,
+                        );
+                    }
+                    return Ok(Some(Step::Incoming(Incoming::Record(Received {
                         offset: frame.offset,
                         record: frame.record.to_owned_record(),
                         verdict,
-                    })));
+                    }))));
                 }
                 None => {}
             }

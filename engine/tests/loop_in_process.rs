@@ -154,7 +154,8 @@ async fn checkpoints_are_consistent_and_output_waits_for_the_ack() {
             replies: session.replies,
             initial_sync: None,
         },
-    );
+    )
+    .unwrap();
     let run = tokio::spawn(primary.run());
     let mut status = handle.status.clone();
     // Wait for 30 acknowledged checkpoints.

@@ -25,7 +25,9 @@ use std::time::Duration;
 use blk_remus::{BackupConfig, BackupStore, FileBackend, SyncMode, SyncProgress};
 use common::*;
 use remus_engine::backup::BackupExit;
+use remus_engine::disk::{spawn_disk_forwarder, PrimaryDisk, PrimaryDisks, ReplicaDisks};
 use remus_engine::peer::PreSharedKey;
+use remus_engine::ports::PortError;
 use remus_engine::primary::{Compression, Primary, PrimaryConfig, PrimaryExit, PrimaryParts};
 use remus_engine::replica::{ReplicaState, ReplicaStore};
 use remus_tracker::{CompareTracker, ScanPool};
@@ -78,7 +80,7 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
     let store = Arc::new(BackupStore::open(s.disk_cfg()).unwrap());
     let weak = Arc::downgrade(&store);
     let (status_tx, mut status_rx) = watch::channel(None);
-    let disk = Box::new(TestReplicaDisk { store });
+    let disk = Box::new(ReplicaDisks::new(vec![("disk vm/d0".into(), store)]));
     let (session, backup) = loopback_session(&s.psk, replica, disk, move |_, status| {
         status_tx.send(Some(status)).unwrap();
     })
@@ -87,7 +89,7 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
     // The disk joins the session at epoch 1, then streams its sync.
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let (fw_tx, fw_rx) = watch::channel(0u64);
-    spawn_forwarder(rx, session.sender.clone(), fw_tx);
+    spawn_disk_forwarder(0, rx, session.sender.clone(), fw_tx);
     s.disk.connect_session(Arc::new(tx), 1).unwrap();
     let dirty_at_connect = s.disk.status().dirty_chunks;
     let (sync_tx, sync_rx) = oneshot::channel();
@@ -101,10 +103,14 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
             return;
         }
         let (ptx, _) = watch::channel(SyncProgress::default());
-        let r = disk.sync_async(mode, ptx).await;
-        let _ = sync_tx.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        if let Ok(r) = r {
-            let _ = report_tx.send(r);
+        match disk.sync_async(mode, ptx).await {
+            Ok(r) => {
+                let _ = sync_tx.send(Ok(()));
+                let _ = report_tx.send(r);
+            }
+            Err(e) => {
+                let _ = sync_tx.send(Err(PortError::new("disk", "sync", e)));
+            }
         }
     });
 
@@ -125,9 +131,12 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
         PrimaryParts {
             vm: Box::new(vm),
             net: Box::new(net),
-            disk: Box::new(TestPrimaryDisk {
-                primary: s.disk.clone(),
-                forwarded: fw_rx,
+            disk: Box::new(PrimaryDisks {
+                disks: vec![PrimaryDisk {
+                    object: "disk vm/d0".into(),
+                    primary: s.disk.clone(),
+                    forwarded: fw_rx,
+                }],
             }),
             memory: s.engine_view.clone(),
             tracker: Box::new(CompareTracker::new(s.pool.clone())),
@@ -136,7 +145,8 @@ async fn start_session(s: &Setup, mode: SyncMode) -> Session {
             replies: session.replies,
             initial_sync: Some(sync_rx),
         },
-    );
+    )
+    .unwrap();
     let primary = tokio::spawn(primary.run());
     // The session begins on the backup before any record is read (the stream header goes
     // out with the primary's first record): from here until its first checkpoint commits,

@@ -21,8 +21,9 @@ use crate::header::HeaderError;
 use crate::pages::{PackError, PackScratch, Packed};
 use crate::record::{check_owned, check_pfns, BodyError, PAGE_DATA_FIXED};
 use crate::{
-    pad8, CheckpointEnd, DiskBarrier, EncodingChoice, PageEncoding, PageError, PageReference,
-    Record, RecordType, StreamHeader, DEFAULT_MAX_RECORD_BODY, MAX_BATCH_PAGES, PAGE_SIZE,
+    pad8, CheckpointEnd, DiskBarrier, DiskOpRef, DiskWriteRef, EncodingChoice, PageEncoding,
+    PageError, PageReference, Record, RecordType, StreamHeader, DEFAULT_MAX_RECORD_BODY,
+    MAX_BATCH_PAGES, PAGE_SIZE,
 };
 
 /// Why a record could not be encoded. Nothing is written when an error is returned.
@@ -214,6 +215,51 @@ impl Encoder {
         } else {
             self.account(record.epoch(), Counted::of_record(record), crc);
         }
+        Ok(())
+    }
+
+    /// Writes one `DISK_WRITE` from borrowed data: the guest's write is copied once, into
+    /// `out`, with no owned [`Record`] built first (the primary's disk path).
+    ///
+    /// # Errors
+    /// An empty or overflowing range, data over 4 GiB, too large a record.
+    pub fn disk_write<B: BufMut>(
+        &mut self,
+        out: &mut B,
+        write: &DiskWriteRef<'_>,
+    ) -> Result<(), EncodeError> {
+        let rtype = RecordType::DISK_WRITE;
+        let (len, kind, tail): (Option<u32>, u8, &[u8]) = match write.op {
+            DiskOpRef::Data(d) => (u32::try_from(d.len()).ok(), 0, d),
+            DiskOpRef::Zeroes(n) => (Some(n), 1, &[]),
+            DiskOpRef::Trim(n) => (Some(n), 2, &[]),
+        };
+        let len = len.filter(|&l| l > 0 && write.offset.checked_add(u64::from(l)).is_some());
+        let Some(len) = len else {
+            return Err(EncodeError::Body {
+                record: rtype,
+                source: BodyError::DiskRange {
+                    offset: write.offset,
+                    len: write.op.len(),
+                },
+            });
+        };
+        // Layout as `Record::DiskWrite`'s body: epoch, offset, length, disk, kind, 0, data.
+        let mut fixed = [0u8; 24];
+        fixed[..8].copy_from_slice(&write.epoch.to_le_bytes());
+        fixed[8..16].copy_from_slice(&write.offset.to_le_bytes());
+        fixed[16..20].copy_from_slice(&len.to_le_bytes());
+        fixed[20..22].copy_from_slice(&write.disk.to_le_bytes());
+        fixed[22] = kind;
+        let crc = put_record(
+            out,
+            &mut self.index,
+            self.max_record_body,
+            rtype,
+            &[&fixed, tail],
+        )?;
+        let data_bytes = if kind == 0 { tail.len() as u64 } else { 0 };
+        self.account(Some(write.epoch), Counted::DiskWrite { data_bytes }, crc);
         Ok(())
     }
 
@@ -474,5 +520,51 @@ impl<W: Write> StreamWriter<W> {
     /// The inner writer.
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiskOp, DiskWrite};
+
+    /// `disk_write` from borrowed data writes the very bytes (and accounts the same) as the
+    /// owned record, for each kind; an empty range is refused.
+    #[test]
+    fn borrowed_disk_write_matches_the_owned_record() {
+        let data = vec![7u8; 4096];
+        let cases = [
+            (DiskOp::Data(data.clone()), DiskOpRef::Data(&data)),
+            (DiskOp::Zeroes(8192), DiskOpRef::Zeroes(8192)),
+            (DiskOp::Trim(512), DiskOpRef::Trim(512)),
+        ];
+        for (owned, borrowed) in cases {
+            let (mut a, mut b) = (Encoder::new(), Encoder::new());
+            let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+            let record = Record::DiskWrite(DiskWrite {
+                epoch: 3,
+                disk: 1,
+                offset: 1 << 20,
+                op: owned,
+            });
+            a.record(&mut out_a, &record).unwrap();
+            let write = DiskWriteRef {
+                epoch: 3,
+                disk: 1,
+                offset: 1 << 20,
+                op: borrowed,
+            };
+            b.disk_write(&mut out_b, &write).unwrap();
+            assert_eq!(out_a, out_b, "{borrowed:?}");
+            assert_eq!(a.pending_end(3), b.pending_end(3), "{borrowed:?}");
+        }
+        let empty = DiskWriteRef {
+            epoch: 3,
+            disk: 0,
+            offset: 0,
+            op: DiskOpRef::Data(&[]),
+        };
+        let err = Encoder::new().disk_write(&mut Vec::new(), &empty);
+        assert!(matches!(err, Err(EncodeError::Body { .. })), "{err:?}");
     }
 }

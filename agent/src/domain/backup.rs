@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use remus_engine::backup::{Backup, BackupError, BackupExit, BackupStatus, QuiesceRequest};
+use remus_engine::disk::ReplicaDisks;
 use remus_engine::replica::{ReplicaState, ReplicaStore, WrittenPages};
 use remus_engine::session::BackupSession;
 use remus_stream::PAGE_SIZE;
@@ -18,7 +19,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use crate::config::DomainConfig;
-use crate::domain::adapters::ReplicaDisks;
 use crate::domain::primary::{Launch, RunningVm};
 use crate::domain::DomainPaths;
 

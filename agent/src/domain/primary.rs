@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blk_remus::{DiskEvent, FileBackend, SyncMode, SyncProgress};
+use remus_engine::disk::{spawn_disk_forwarder, PrimaryDisk, PrimaryDisks};
 use remus_engine::peer::PreSharedKey;
 use remus_engine::primary::{
     Compression, GuestMemory, Primary, PrimaryConfig, PrimaryExit, PrimaryHandle, PrimaryParts,
@@ -28,9 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::info;
 
 use crate::config::{self, DomainConfig};
-use crate::domain::adapters::{
-    spawn_disk_forwarder, NamedBuffer, NicBuffers, PrimaryDisk, PrimaryDisks, QemuVm,
-};
+use crate::domain::adapters::{NamedBuffer, NicBuffers, QemuVm};
 use crate::domain::disk_copy::DiskCopy;
 use crate::domain::spec::{qemu_spec, NicWiring};
 use crate::domain::DomainPaths;
@@ -391,6 +390,7 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         let (ptx, _prx) = watch::channel(SyncProgress::default());
         let p = disk.primary.clone();
         let id = disk.id.clone();
+        let object = format!("disk {}/{}", d.name, disk.id);
         let mode = opts.disk_sync;
         let done = disk_syncs.clone();
         syncs.push(tokio::spawn(async move {
@@ -406,7 +406,9 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
                             report,
                         });
                 })
-                .map_err(|e| format!("disk {id}: {mode:?} sync: {e}"))
+                .map_err(|e| {
+                    remus_engine::ports::PortError::new(object, format!("{mode:?} sync"), e)
+                })
         }));
         disks.push(PrimaryDisk {
             object: format!("disk {}/{}", d.name, disk.id),
@@ -415,13 +417,20 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         });
     }
     let (sync_tx, sync_rx) = oneshot::channel();
+    let syncs_of = format!("domain {} disks", d.name);
     tokio::spawn(async move {
         let mut result = Ok(());
         for s in syncs {
             match s.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => result = Err(e),
-                Err(e) => result = Err(format!("disk sync task: {e}")),
+                Err(e) => {
+                    result = Err(remus_engine::ports::PortError::new(
+                        syncs_of.clone(),
+                        "initial sync task",
+                        e,
+                    ))
+                }
             }
         }
         let _ = sync_tx.send(result);
@@ -491,7 +500,8 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         replies: session.replies,
         initial_sync: Some(sync_rx),
     };
-    let (primary, handle) = Primary::new(cfg, parts);
+    let (primary, handle) =
+        Primary::new(cfg, parts).with_context(|| format!("domain {}: epoch loop", d.name))?;
     let served: Vec<Arc<blk_remus::Primary>> = vm.disks.iter().map(|d| d.primary.clone()).collect();
     let task = tokio::spawn(async move {
         let exit = primary.run().await;

@@ -2,9 +2,9 @@
 //! thread writing guest RAM (a shared file mapping) and, optionally, a replicated disk
 //! (a real `blk_remus::Primary` over a real image file); a stand-in VM whose `stop` parks the
 //! guest and which records every stop/cont; an output buffer that checks the output-commit
-//! invariant; and adapters from the engine's disk ports to `blk-remus` (the daemon's own
-//! adapters live in the agent crate; these are the same few calls, for one disk); and a
-//! loopback replication session whose backup end runs in a task (`loopback_session`).
+//! invariant; and a loopback replication session whose backup end runs in a task
+//! (`loopback_session`). The disk path is the engine's own (`remus_engine::disk`), the one
+//! the daemon uses.
 #![allow(dead_code)]
 
 use std::fs::OpenOptions;
@@ -14,22 +14,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use blk_remus::{BlockBackend, DiskEvent, WriteKind};
+use blk_remus::BlockBackend;
 use bytes::Bytes;
 use memmap2::MmapMut;
 use remus_engine::backup::{Backup, BackupError, BackupExit, BackupStatus};
 use remus_engine::peer::PreSharedKey;
-use remus_engine::ports::{
-    DiskBarrier, DiskOpHeld, DiskWriteHeld, OutputBuffer, PortError, ReplicaDisk, VmControl,
-};
+use remus_engine::ports::{OutputBuffer, PortError, ReplicaDisk, VmControl};
 use remus_engine::primary::GuestMemory;
 use remus_engine::replica::{ReplicaState, ReplicaStore};
 use remus_engine::session::{accept_backup, open_primary, Identity, PrimarySession};
-use remus_engine::wire::{Outgoing, StreamSender};
-use remus_stream::{DiskOp, DiskWrite, Record};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 pub const PAGES: usize = 2048;
 pub const PAGE: usize = 4096;
@@ -258,148 +254,6 @@ impl OutputBuffer for CheckedBuffer {
     async fn release_all(&mut self) -> Result<(), PortError> {
         self.released_all.store(true, Ordering::SeqCst);
         Ok(())
-    }
-}
-
-/// The control message carrying a disk sync marker (the agent has its own equivalent).
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum SyncMarker {
-    Begin { epoch: u64, full: bool },
-    End { epoch: u64 },
-}
-
-/// Moves one disk's events into the replication stream; `forwarded` follows its barriers.
-pub fn spawn_forwarder(
-    mut events: mpsc::Receiver<DiskEvent>,
-    out: StreamSender,
-    forwarded: watch::Sender<u64>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Some(ev) = events.recv().await {
-            let record = match ev {
-                DiskEvent::Write {
-                    epoch,
-                    offset,
-                    kind,
-                } => Record::DiskWrite(DiskWrite {
-                    epoch,
-                    disk: 0,
-                    offset,
-                    op: match kind {
-                        WriteKind::Data(b) => DiskOp::Data(b.to_vec()),
-                        WriteKind::Zeroes { len } => DiskOp::Zeroes(len as u32),
-                        WriteKind::Trim { len } => DiskOp::Trim(len as u32),
-                    },
-                }),
-                DiskEvent::Barrier { epoch, .. } => {
-                    let _ = forwarded.send(epoch);
-                    continue;
-                }
-                DiskEvent::SyncBegin { epoch, full } => Record::Control(
-                    serde_json::to_string(&SyncMarker::Begin { epoch, full }).unwrap(),
-                ),
-                DiskEvent::SyncEnd { epoch } => {
-                    Record::Control(serde_json::to_string(&SyncMarker::End { epoch }).unwrap())
-                }
-            };
-            if out.send(Outgoing::Record(record)).await.is_err() {
-                return;
-            }
-        }
-    })
-}
-
-/// The primary's disk as the engine's barrier.
-pub struct TestPrimaryDisk {
-    pub primary: Arc<blk_remus::Primary>,
-    pub forwarded: watch::Receiver<u64>,
-}
-
-#[async_trait]
-impl DiskBarrier for TestPrimaryDisk {
-    async fn barrier(&mut self, epoch: u64) -> Result<(), PortError> {
-        let r = self
-            .primary
-            .barrier_async(epoch)
-            .await
-            .map_err(|e| PortError::new("disk", "barrier", e))?;
-        if !r.forwarded {
-            return Err(PortError::new("disk", "barrier", "link down"));
-        }
-        self.forwarded
-            .wait_for(|&e| e >= epoch)
-            .await
-            .map_err(|_| PortError::new("disk", "barrier", "forwarder stopped"))?;
-        Ok(())
-    }
-    fn acknowledged(&mut self, epoch: u64) {
-        self.primary.acknowledged(epoch);
-    }
-}
-
-/// The backup's disk store as the engine's replica disk.
-pub struct TestReplicaDisk {
-    pub store: Arc<blk_remus::BackupStore>,
-}
-
-impl TestReplicaDisk {
-    async fn receive(&self, ev: DiskEvent) -> Result<(), PortError> {
-        let s = self.store.clone();
-        tokio::task::spawn_blocking(move || s.receive(ev))
-            .await
-            .unwrap()
-            .map_err(|e| PortError::new("disk", "receive", e))
-    }
-}
-
-#[async_trait]
-impl ReplicaDisk for TestReplicaDisk {
-    async fn begin_session(&mut self) -> Result<(), PortError> {
-        self.store
-            .begin_session()
-            .map_err(|e| PortError::new("disk", "begin session", e))
-    }
-    async fn hold(&mut self, w: DiskWriteHeld) -> Result<(), PortError> {
-        let kind = match w.op {
-            DiskOpHeld::Data(d) => WriteKind::Data(d.into()),
-            DiskOpHeld::Zeroes(len) => WriteKind::Zeroes { len },
-            DiskOpHeld::Trim(len) => WriteKind::Trim { len },
-        };
-        self.receive(DiskEvent::Write {
-            epoch: w.epoch,
-            offset: w.offset,
-            kind,
-        })
-        .await
-    }
-    async fn barrier(&mut self, epoch: u64, writes: u64, bytes: u64) -> Result<(), PortError> {
-        self.receive(DiskEvent::Barrier {
-            epoch,
-            writes,
-            bytes,
-        })
-        .await
-    }
-    async fn commit(&mut self, epoch: u64) -> Result<(), PortError> {
-        self.store
-            .commit_async(epoch)
-            .await
-            .map(|_| ())
-            .map_err(|e| PortError::new("disk", "commit", e))
-    }
-    async fn discard_uncommitted(&mut self) -> Result<(), PortError> {
-        self.store.discard_uncommitted();
-        Ok(())
-    }
-    async fn control(&mut self, json: &str) -> Result<(), PortError> {
-        match serde_json::from_str::<SyncMarker>(json) {
-            Ok(SyncMarker::Begin { epoch, full }) => {
-                self.receive(DiskEvent::SyncBegin { epoch, full }).await
-            }
-            Ok(SyncMarker::End { epoch }) => self.receive(DiskEvent::SyncEnd { epoch }).await,
-            Err(_) => Ok(()),
-        }
     }
 }
 
