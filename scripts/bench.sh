@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash tests/images/build-guest.sh >/dev/null
-cargo build --quiet -p remus-agent --bin remusctl
+cargo build --quiet -p remus-drill --bin remus-drill
 
 echo "== checkpoint pause, 256 MiB TCG guest at 200 ms, beside the memory-scan floor =="
-"${CARGO_TARGET_DIR:-target}/debug/remusctl" drill --local --memory-mib 256 --checkpoints 50 --json |
+"${CARGO_TARGET_DIR:-target}/debug/remus-drill" --local --memory-mib 256 --checkpoints 50 --json |
     python3 -c 'import json,sys; r=json.load(sys.stdin); f=r["memory_scan_floor_us"]
 print("| tracker | pause p50 | pause p99 | scan floor | p50 / floor |")
 print("|---|---|---|---|---|")

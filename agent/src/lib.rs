@@ -6,6 +6,9 @@
 //! - [`cli`]: `remusctl` commands, one module per command group;
 //! - [`domain`]: one protected domain: its files, its QEMU, and the checkpoint engine wired
 //!   to the real VM, network buffer and disks.
+//!
+//! The failover drills are test tooling and live in their own crate (`drill/`,
+//! `remus-drill`), which uses this library; this crate does not depend on the test guest.
 
 pub mod api;
 pub mod cli;
@@ -13,6 +16,5 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod domain;
-pub mod drill;
 pub mod iproute;
 pub mod metrics;

@@ -14,10 +14,10 @@ use remus_agent::config::Config;
 use remus_agent::domain::disk_copy::DiskCopy;
 use remus_agent::domain::primary::RunningVm;
 use remus_agent::domain::DomainPaths;
-use remus_agent::drill::guest::{self, GuestMachine};
 use remus_agent::iproute::{ip, ip_in};
+use remus_drill::guest::{self, GuestMachine};
+use remus_drill::image::ensure_guest_image;
 use remus_guest::disklog::{DiskLog, Record};
-use remus_tests::guest::ensure_guest_image;
 use sch_plug::Netns;
 
 const DISK_BYTES: u64 = 64 << 20;

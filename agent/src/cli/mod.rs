@@ -1,6 +1,6 @@
 //! `remusctl`: argument parsing and dispatch; each subcommand group lives in its own module.
 //!
-//! Groups are variants of [`Group`]; adding one (netbuf, disk, drill, status…) means a new
+//! Groups are variants of [`Group`]; adding one (netbuf, disk, status…) means a new
 //! module with a clap `Subcommand` enum and a `run` method returning an [`ExitCode`], plus
 //! one variant here. Exit codes are the same for every command: [`EXIT_OK`] when all went
 //! well, [`EXIT_PROBLEMS`] when problems were found or the operation failed, [`EXIT_USAGE`]
@@ -8,7 +8,6 @@
 
 pub mod config_cmd;
 pub mod daemon_cmd;
-pub mod drill_cmd;
 pub mod netbuf_cmd;
 pub mod status_cmd;
 pub mod stream_cmd;
@@ -45,9 +44,15 @@ pub enum Group {
     /// Inspect and drive a device's network egress buffer by hand.
     #[command(subcommand)]
     Netbuf(netbuf_cmd::NetbufCmd),
-    /// Run a failover drill: protect a test guest, kill its primary, activate the backup,
-    /// and report what was measured and checked.
-    Drill(drill_cmd::DrillCmd),
+    /// Moved: the failover drill is test tooling, run by the `remus-drill` binary (crate
+    /// `drill/`) with the same flags. Kept hidden so that `remusctl drill …` says where it
+    /// went instead of "unrecognized subcommand".
+    #[command(hide = true, disable_help_flag = true)]
+    Drill {
+        /// Whatever was given; not parsed.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Show the running daemon's state: peer, roles, VMs, epochs, latencies, alarms.
     Status(status_cmd::StatusCmd),
     /// Start a domain's VM on this node and protect it to the peer.
@@ -86,7 +91,10 @@ where
     match cli.group {
         Group::Config(cmd) => cmd.run(),
         Group::Stream(cmd) => cmd.run(),
-        Group::Drill(cmd) => cmd.run(),
+        Group::Drill { args } => {
+            eprintln!("{}", drill_moved(&args));
+            ExitCode::from(EXIT_USAGE)
+        }
         Group::Netbuf(cmd) => cmd.run(),
         Group::Status(cmd) => cmd.run(),
         Group::Start(s) => s.cmd.run(daemon_cmd::Action::Start {
@@ -95,5 +103,38 @@ where
         Group::Switchover(cmd) => cmd.run(daemon_cmd::Action::Switchover),
         Group::Failover(cmd) => cmd.run(),
         Group::TestActivate(cmd) => cmd.run(daemon_cmd::Action::TestActivate),
+    }
+}
+
+/// What `remusctl drill ARGS` prints: the drill left the product's CLI for `remus-drill`.
+fn drill_moved(args: &[std::ffi::OsString]) -> String {
+    let mut cmd = String::from("remus-drill");
+    for a in args {
+        cmd.push(' ');
+        cmd.push_str(&a.to_string_lossy());
+    }
+    format!(
+        "remusctl drill: the failover drill is test tooling and no longer part of remusctl; \
+         run `{cmd}` (build it with `cargo build -p remus-drill`, or run scripts/drill.sh)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{drill_moved, Cli, Group};
+    use clap::Parser;
+
+    #[test]
+    fn drill_points_at_remus_drill_with_the_same_arguments() {
+        let cli = Cli::try_parse_from(["remusctl", "drill", "--local", "--json", "--seed", "7"])
+            .expect("remusctl drill still parses");
+        let Group::Drill { args } = cli.group else {
+            panic!("parsed as {:?}", cli.group);
+        };
+        let msg = drill_moved(&args);
+        assert!(
+            msg.contains("run `remus-drill --local --json --seed 7`"),
+            "{msg}"
+        );
     }
 }

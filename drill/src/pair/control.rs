@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::api::{DaemonStatus, Request, Response};
-use crate::control::{ControlClient, ControlError};
+use remus_agent::api::{DaemonStatus, Request, Response};
+use remus_agent::control::{ControlClient, ControlError};
 
 /// A daemon's control socket.
 #[derive(Clone, Debug)]

@@ -9,7 +9,7 @@
 mod pair_support;
 
 use anyhow::Result;
-use remus_agent::drill::pair::{PairDrill, PairReport, Scenario};
+use remus_drill::pair::{PairDrill, PairReport, Scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_with_witness_never_runs_two() -> Result<()> {

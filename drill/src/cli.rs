@@ -1,23 +1,29 @@
-//! `remusctl drill`: run a failover drill and report what it measured and checked.
+//! `remus-drill`: run a failover drill and report what it measured and checked.
 //!
 //! By default the pair drill: two real `remusd` daemons in two network namespaces, a
 //! `remus-witness`, a client, and a failure scenario (`--scenario`, `--trials`); see
-//! [`crate::drill::pair`]. It needs the `remusd` and `remus-witness` binaries next to
-//! `remusctl` or in `PATH`. With `--local`, the one-process drill (both roles in this
+//! [`crate::pair`]. It needs the `remusd` and `remus-witness` binaries next to
+//! `remus-drill` or in `PATH`. With `--local`, the one-process drill (both roles in this
 //! process, no daemons): quicker, and it measures the checkpoint path alone.
+//!
+//! The flags are those `remusctl drill` had before the drill left the product; exit codes
+//! follow remusctl's: 0 passed, 1 failed or could not run, 2 bad arguments.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Args;
+use clap::Parser;
+use remus_agent::cli::{EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE};
 
-use super::{EXIT_OK, EXIT_PROBLEMS};
-use crate::drill::pair::{run_pair, PairOptions, Scenario};
-use crate::drill::{default_image_dir, run_local, DrillOptions};
+use crate::image::default_image_dir;
+use crate::local::{run_local, DrillOptions};
+use crate::pair::{run_pair, PairOptions, Scenario};
 
-/// `remusctl drill` arguments.
-#[derive(Debug, Args)]
+/// Run a failover drill: protect a test guest, fail its primary, let the backup take over,
+/// and report what was measured and checked.
+#[derive(Debug, Parser)]
+#[command(name = "remus-drill", version, about)]
 pub struct DrillCmd {
     /// Print the report as JSON.
     #[arg(long)]
@@ -74,6 +80,28 @@ pub struct DrillCmd {
     unsafe_no_output_buffering: bool,
 }
 
+/// Parses the process arguments and runs the drill.
+pub fn main() -> ExitCode {
+    run(std::env::args_os())
+}
+
+/// Parses `args` (including the program name) and runs the drill.
+pub fn run<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match DrillCmd::try_parse_from(args) {
+        Ok(cmd) => cmd.run(),
+        Err(e) => {
+            // --help and --version are "errors" printed to stdout with success.
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            ExitCode::from(code)
+        }
+    }
+}
+
 impl DrillCmd {
     /// Runs the drill.
     pub fn run(self) -> ExitCode {
@@ -94,7 +122,7 @@ impl DrillCmd {
             None => match scratch_dir_in_shm() {
                 Ok(t) => (t.path().to_path_buf(), Some(t)),
                 Err(e) => {
-                    eprintln!("remusctl drill: cannot create a scratch directory in /dev/shm: {e}");
+                    eprintln!("remus-drill: cannot create a scratch directory in /dev/shm: {e}");
                     return ExitCode::from(EXIT_PROBLEMS);
                 }
             },
@@ -135,7 +163,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     {
         Ok(rt) => Some(rt),
         Err(e) => {
-            eprintln!("remusctl drill: cannot start the async runtime: {e}");
+            eprintln!("remus-drill: cannot start the async runtime: {e}");
             None
         }
     }
@@ -165,11 +193,11 @@ fn run_and_report<R: serde::Serialize>(
     });
     match outcome {
         None => {
-            eprintln!("remusctl drill: interrupted; cleaned up");
+            eprintln!("remus-drill: interrupted; cleaned up");
             ExitCode::from(EXIT_PROBLEMS)
         }
         Some(Err(e)) => {
-            eprintln!("remusctl drill: {e:#}");
+            eprintln!("remus-drill: {e:#}");
             ExitCode::from(EXIT_PROBLEMS)
         }
         Some(Ok(report)) => {

@@ -37,11 +37,11 @@ use rand::SeedableRng;
 use super::client::Client;
 use super::guest;
 use super::net::{self, Host, Topology};
-use crate::api::{DaemonStatus, Request, Response};
 use config::{NodeFiles, PairConfig, DOMAIN, WITNESS_PORT};
 use control::Control;
 use hosts::{qemu_pids_under, Binaries, Proc};
 use observe::{Observer, Watched};
+use remus_agent::api::{DaemonStatus, Request, Response};
 pub use report::{PairReport, ProtectionFigures, TrialReport, Verdict};
 pub use scenario::Scenario;
 
@@ -85,7 +85,7 @@ pub struct PairOptions {
 }
 
 impl PairOptions {
-    /// The defaults used by `remusctl drill` and the tests.
+    /// The defaults used by `remus-drill` and the tests.
     pub fn new(kernel: PathBuf, initrd: PathBuf, work_dir: PathBuf, scenario: Scenario) -> Self {
         Self {
             kernel,

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::super::net::{Host, HostAddrs, HOST_BRIDGE};
+use crate::net::{Host, HostAddrs, HOST_BRIDGE};
 
 /// The domain's name in both configurations.
 pub const DOMAIN: &str = "drill";
@@ -94,7 +94,7 @@ impl NodeFiles {
 
     /// The guest's serial console log while this node runs the VM.
     pub fn console(&self) -> PathBuf {
-        crate::domain::DomainPaths::new(&self.run_dir, &self.state_dir, DOMAIN).console()
+        remus_agent::domain::DomainPaths::new(&self.run_dir, &self.state_dir, DOMAIN).console()
     }
 
     /// The persisted role file of the domain.
@@ -166,7 +166,7 @@ mode = "witness"
         lease = c.lease.as_millis(),
         domain = DOMAIN,
         interval = c.interval.as_millis(),
-        machine = crate::drill::guest::GuestMachine {
+        machine = crate::guest::GuestMachine {
             accel: &c.accel,
             memory_mib: c.memory_mib,
             kernel: &c.kernel,
@@ -210,7 +210,7 @@ pub fn write_all(c: &PairConfig) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, FencingPolicy};
+    use remus_agent::config::{Config, FencingPolicy};
 
     fn cfg(dir: &Path) -> PairConfig {
         PairConfig {

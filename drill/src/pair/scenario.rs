@@ -16,9 +16,9 @@ use super::hosts::{describe_pid, qemu_alive, qemu_pids_under};
 use super::observe::{self, RunState, Tick};
 use super::report::{ProtectionFigures, TrialReport};
 use super::{checks_in, console_since, counters_in, PairDrill};
-use crate::api::{DaemonStatus, Request, Response};
-use crate::drill::client::{analyse, Client, ClientLog, Moments, STALL_LIMIT};
-use crate::drill::net::Host;
+use crate::client::{analyse, Client, ClientLog, Moments, STALL_LIMIT};
+use crate::net::Host;
+use remus_agent::api::{DaemonStatus, Request, Response};
 
 /// A failure scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -87,13 +87,13 @@ fn replies_after(log: &ClientLog, t: Instant) -> usize {
     log.replies.iter().filter(|r| r.at >= t).count()
 }
 
-fn failovers_of(s: Option<&DaemonStatus>) -> Vec<crate::api::FailoverRecord> {
+fn failovers_of(s: Option<&DaemonStatus>) -> Vec<remus_agent::api::FailoverRecord> {
     s.and_then(|s| s.domains.first())
         .map(|d| d.failovers.clone())
         .unwrap_or_default()
 }
 
-fn resyncs_of(s: Option<&DaemonStatus>) -> Vec<crate::api::ResyncRecord> {
+fn resyncs_of(s: Option<&DaemonStatus>) -> Vec<remus_agent::api::ResyncRecord> {
     s.and_then(|s| s.domains.first())
         .map(|d| d.resyncs.clone())
         .unwrap_or_default()
@@ -193,7 +193,7 @@ impl PairDrill {
         m: Moments,
     ) {
         let console = self.files(h).console();
-        let _ = crate::drill::guest::wait_for(
+        let _ = crate::guest::wait_for(
             &console,
             Duration::from_secs(30),
             "two check lines",
@@ -213,7 +213,7 @@ impl PairDrill {
                 replies_after(l, m.activation) >= 5
             })
             .await;
-        let _ = crate::drill::guest::wait_for(
+        let _ = crate::guest::wait_for(
             &console,
             Duration::from_secs(10),
             "counter past the client's",
@@ -990,7 +990,7 @@ impl PairDrill {
             Response::Done { message } => t.notes.push(format!("start on {b}: {message}")),
             other => bail!("start on {b} (the newer copy) failed: {other:?}"),
         }
-        let booted = crate::drill::guest::wait_for(
+        let booted = crate::guest::wait_for(
             &self.files(b).console(),
             Duration::from_secs(120),
             "guest boot after the double failure",

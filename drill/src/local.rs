@@ -1,8 +1,8 @@
-//! Failover drills: protect a real guest, kill its primary at a random point of the epoch
+//! The local drill: protect a real guest, kill its primary at a random point of the epoch
 //! cycle, activate the backup, and check that nothing committed was lost and nothing
 //! uncommitted survived.
 //!
-//! This is the local drill: both agents' roles run in this process on one host (separate
+//! Both agents' roles run in this process on one host (separate
 //! directories, the real encrypted replication session over loopback, real QEMU, real NBD
 //! disk replication). The guest is the project's test guest (`tests/images/build-guest.sh`):
 //! a counter that logs every increment to its disk before setting it in memory and prints
@@ -32,11 +32,6 @@
 //! What the local drill does not cover yet is listed in [`DrillReport::not_covered`] and
 //! printed with every report, so the drill never claims more than it checked.
 
-pub mod client;
-pub mod guest;
-pub mod net;
-pub mod pair;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -47,12 +42,15 @@ use remus_engine::session::{accept_backup, Identity};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::config::Config;
-use crate::domain::backup::ReplicaDomain;
-use crate::domain::primary::{protect, ProtectOptions, RunningVm};
-use crate::domain::DomainPaths;
-use client::{analyse, Client, ClientVerdict, Moments};
-use net::Topology;
+use remus_agent::config::Config;
+use remus_agent::domain::backup::{ReceiveControls, ReplicaDomain};
+use remus_agent::domain::disk_copy::DiskCopy;
+use remus_agent::domain::primary::{protect, ProtectOptions, RunningVm};
+use remus_agent::domain::DomainPaths;
+
+use crate::client::{self, analyse, Client, ClientVerdict, Moments};
+use crate::guest;
+use crate::net::{self, Topology};
 
 /// Slots of the guest's disk log (the workload's default).
 const LOG_SLOTS: u64 = 8192;
@@ -251,9 +249,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         let (sock, _) = listener.accept().await?;
         let session =
             accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(10)).await?;
-        let exit = replica
-            .receive(session, crate::domain::backup::ReceiveControls::default())
-            .await;
+        let exit = replica.receive(session, ReceiveControls::default()).await;
         let noticed = Instant::now();
         anyhow::Ok((replica, exit, noticed))
     });
@@ -267,7 +263,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         &domain,
         pri_paths.clone(),
         &topo.primary_netns(),
-        crate::domain::disk_copy::DiskCopy::Image,
+        DiskCopy::Image,
     )
     .await?;
     guest::wait_for(
@@ -645,14 +641,6 @@ fn scan_floor(bytes: u64) -> Duration {
         best = best.min(t.elapsed());
     }
     best
-}
-
-/// Default location of the guest image built by `tests/images/build-guest.sh`.
-pub fn default_image_dir() -> PathBuf {
-    std::env::var_os("REMUS_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/remus-images"))
-        .join("guest")
 }
 
 #[cfg(test)]

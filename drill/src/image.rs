@@ -1,5 +1,6 @@
 //! The test guest image (a Debian kernel + a busybox initramfs with the `remus-guest`
-//! workload), built by `tests/images/build-guest.sh`.
+//! workload), built by `tests/images/build-guest.sh`: where the drill looks for it, and the
+//! build-if-needed step the end-to-end tests run first.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,7 +20,7 @@ pub struct GuestImage {
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("tests/ has a parent")
+        .expect("drill/ has a parent")
         .to_path_buf()
 }
 
@@ -59,4 +60,12 @@ pub fn ensure_guest_image() -> Result<GuestImage> {
         }
     }
     Ok(image)
+}
+
+/// Default location of the guest image built by `tests/images/build-guest.sh`.
+pub fn default_image_dir() -> PathBuf {
+    std::env::var_os("REMUS_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/remus-images"))
+        .join("guest")
 }

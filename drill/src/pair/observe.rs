@@ -17,8 +17,8 @@ use tokio::sync::watch;
 
 use super::control::Control;
 use super::hosts::qemu_pids_under;
-use crate::api::{DaemonStatus, DomainStatus};
-use crate::drill::net::Host;
+use crate::net::Host;
+use remus_agent::api::{DaemonStatus, DomainStatus};
 
 /// Time between two samples.
 pub const SAMPLE_PERIOD: Duration = Duration::from_millis(50);

@@ -10,7 +10,7 @@
 mod pair_support;
 
 use anyhow::Result;
-use remus_agent::drill::pair::{PairDrill, PairReport, Scenario};
+use remus_drill::pair::{PairDrill, PairReport, Scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_test_activate_and_kill_backup() -> Result<()> {

@@ -11,7 +11,7 @@
 mod pair_support;
 
 use anyhow::{ensure, Result};
-use remus_agent::drill::pair::{PairDrill, PairReport, Scenario};
+use remus_drill::pair::{PairDrill, PairReport, Scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_output_buffering_the_pair_drill_reports_lost_state() -> Result<()> {

@@ -9,7 +9,7 @@
 mod pair_support;
 
 use anyhow::Result;
-use remus_agent::drill::pair::{run_pair, Scenario};
+use remus_drill::pair::{run_pair, Scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_primary_ten_trials() -> Result<()> {

@@ -7,7 +7,7 @@
 mod pair_support;
 
 use anyhow::Result;
-use remus_agent::drill::pair::{run_pair, Scenario};
+use remus_drill::pair::{run_pair, Scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_killed_while_activated_never_resumes_twice() -> Result<()> {

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use sch_plug::Netns;
 use thiserror::Error;
 
-use crate::iproute::IpError;
+use remus_agent::iproute::IpError;
 
 /// A step of building the topology that failed.
 #[derive(Debug, Error)]
@@ -148,11 +148,11 @@ impl HostAddrs {
 }
 
 fn ip(args: &[&str]) -> Result<(), TopologyError> {
-    Ok(crate::iproute::ip(args)?)
+    Ok(remus_agent::iproute::ip(args)?)
 }
 
 fn in_ns(ns: &str, args: &[&str]) -> Result<(), TopologyError> {
-    Ok(crate::iproute::ip_in(ns, args)?)
+    Ok(remus_agent::iproute::ip_in(ns, args)?)
 }
 
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), TopologyError> {

@@ -5,7 +5,7 @@
 //! Everything is real: QEMU from Debian, the guest built by `tests/images/build-guest.sh`,
 //! its disk served over NBD by blk-remus and replicated per epoch, checkpoints over the
 //! encrypted peer channel on loopback, the replica applied by the engine's backup. The drill
-//! (`remus_agent::drill`) computes its verdicts from the guest's console and the replica
+//! (`remus_drill::local`) computes its verdicts from the guest's console and the replica
 //! disk; this test checks them and the figures they come from.
 //!
 //! The guest also serves its counter over TCP on a NIC behind the relay egress buffer, in
@@ -18,8 +18,8 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use remus_agent::drill::{run_local, DrillOptions, DrillReport};
-use remus_tests::guest::ensure_guest_image;
+use remus_drill::image::ensure_guest_image;
+use remus_drill::{run_local, DrillOptions, DrillReport};
 
 /// One drill at a time: two TCG guests on this machine's two cores would distort both.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

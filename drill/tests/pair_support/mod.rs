@@ -1,7 +1,7 @@
 //! Shared by the pair tests: the daemon binaries built from this workspace, the guest image,
 //! a scratch directory, and the check that turns a pair report into a test result.
 //!
-//! The binaries: `cargo test -p remus-tests` does not build other packages' binaries, so
+//! The binaries: `cargo test -p remus-drill` does not build other packages' binaries, so
 //! the tests build `remusd` and `remus-witness` themselves with the same cargo and target
 //! directory (cargo releases its build lock before running tests), then take them from
 //! next to the test executable. A stale binary is never used silently: the build runs every
@@ -22,9 +22,9 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use remus_agent::drill::pair::hosts::Binaries;
-use remus_agent::drill::pair::{PairOptions, PairReport, Scenario};
-use remus_tests::guest::{ensure_guest_image, workspace_root};
+use remus_drill::image::{ensure_guest_image, workspace_root};
+use remus_drill::pair::hosts::Binaries;
+use remus_drill::pair::{PairOptions, PairReport, Scenario};
 
 /// Builds (if needed) and locates `remusd` and `remus-witness`.
 pub fn binaries() -> Result<Binaries> {

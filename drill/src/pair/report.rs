@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use super::observe::Tick;
 use super::scenario::Scenario;
-use crate::api::{FailoverRecord, ResyncRecord};
-use crate::drill::client::ClientVerdict;
-use crate::drill::net::Host;
+use crate::client::ClientVerdict;
+use crate::net::Host;
+use remus_agent::api::{FailoverRecord, ResyncRecord};
 
 /// One verdict.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
