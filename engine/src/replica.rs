@@ -32,8 +32,7 @@ use memmap2::MmapMut;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Guest page size.
-pub const PAGE: usize = 4096;
+pub use remus_stream::PAGE_SIZE as PAGE;
 const STAGING_MAGIC: &[u8; 8] = b"RMSTAGE1";
 const META_VERSION: u32 = 1;
 
