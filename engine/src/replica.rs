@@ -33,8 +33,7 @@ use remus_stream::{FlatMemory, PageDataRef, PageReference};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Guest page size.
-pub const PAGE: usize = 4096;
+pub use remus_stream::PAGE_SIZE as PAGE;
 const STAGING_MAGIC: &[u8; 8] = b"RMSTAGE1";
 const META_VERSION: u32 = 1;
 

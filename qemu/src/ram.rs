@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
-/// Granularity of dirty tracking and page transfer (x86 base page).
-pub const PAGE_SIZE: usize = 4096;
+/// Granularity of dirty tracking and page transfer: the workspace's one definition, in
+/// remus-stream.
+pub use remus_stream::PAGE_SIZE;
 
 /// Errors of a RAM mapping, naming the file.
 #[derive(Debug, thiserror::Error)]

@@ -48,8 +48,11 @@ pub const MAGIC: [u8; 8] = *b"\x89REMUS\r\n";
 /// The stream format version this crate writes and the only one it reads.
 pub const VERSION: u16 = 1;
 
-/// Guest page size the stream carries. Fixed; declared in the header so a reader can refuse
-/// a stream from a sender with a different page size instead of misplacing every page.
+/// Guest page size (x86-64 base page): the unit of the guest RAM mapping (remus-qemu), of
+/// dirty tracking (remus-tracker), of transfer (this crate) and of the replica (remus-engine).
+/// Defined here, the one crate all of them depend on, and imported by the others so they
+/// cannot disagree. Fixed; declared in the stream header so a reader can refuse a stream
+/// from a sender with a different page size instead of misplacing every page.
 pub const PAGE_SIZE: usize = 4096;
 
 /// Most pages one `PAGE_DATA` record may carry. Bounds the decoder's work per record and the

@@ -16,8 +16,8 @@
 
 use std::ops::Range;
 
-/// Bytes per guest page (x86-64 base page).
-pub const PAGE_SIZE: usize = 4096;
+/// Bytes per guest page: the workspace's one definition, in remus-stream.
+pub use remus_stream::PAGE_SIZE;
 
 /// A page frame number: the index of a page within the guest RAM file (file offset / 4096),
 /// not a host physical frame.
