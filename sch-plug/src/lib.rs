@@ -9,7 +9,8 @@
 //!   and holds frames in memory (for kernels without sch_plug).
 //!
 //! [`backend`] picks one per domain; [`ctl`] holds the plain functions behind
-//! `remusctl netbuf …`.
+//! `remusctl netbuf …`. `testkit` (feature `testkit`) is real-kernel scaffolding for the
+//! tests, benchmarks and the kernel-harness program, not part of the product.
 
 pub mod backend;
 pub mod buffer;
@@ -18,6 +19,8 @@ pub mod epoch;
 pub mod netns;
 pub mod plug;
 pub mod relay;
+// Test tooling, behind the `testkit` feature so the product build does not compile it.
+#[cfg(feature = "testkit")]
 pub mod testkit;
 
 pub use backend::{open, probe_plug, resolve, Backend, EgressConfig, OpenedBuffer, RelayOptions};

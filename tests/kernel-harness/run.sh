@@ -32,10 +32,10 @@ ROOTFS=$WORK/root
 
 # --- suite API -----------------------------------------------------------------------------
 HARNESS_MODULES=()
-HARNESS_CARGO=()    # "package:bin" pairs, built statically
+HARNESS_CARGO=()    # "package:bin:features" triples, built statically
 HARNESS_PROGRAMS=() # prebuilt static programs (paths)
 harness_modules() { HARNESS_MODULES+=("$@"); }
-harness_cargo_bin() { HARNESS_CARGO+=("$1:$2"); }
+harness_cargo_bin() { HARNESS_CARGO+=("$1:$2:${3:-}"); }
 harness_program() { HARNESS_PROGRAMS+=("$1"); }
 
 suites=("$@")
@@ -56,13 +56,16 @@ initramfs_base "$ROOTFS"
 mkdir -p "$ROOTFS/harness/bin" "$ROOTFS/harness/modules"
 
 if [ ${#HARNESS_CARGO[@]} -gt 0 ]; then
-    args=()
-    for pb in "${HARNESS_CARGO[@]}"; do args+=(-p "${pb%%:*}" --bin "${pb##*:}"); done
     echo "kernel-harness: building ${HARNESS_CARGO[*]} (static, $TARGET_DIR)" >&2
-    (cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$TARGET_DIR" \
-        cargo build --quiet --target "$TRIPLE" "${args[@]}")
-    for pb in "${HARNESS_CARGO[@]}"; do
-        HARNESS_PROGRAMS+=("$TARGET_DIR/$TRIPLE/debug/${pb##*:}")
+    # One cargo run per binary: `--features PKG/FEAT` does not satisfy a binary's
+    # required-features (cargo checks them against the bare feature names).
+    for pbf in "${HARNESS_CARGO[@]}"; do
+        IFS=: read -r pkg bin features <<<"$pbf"
+        args=(-p "$pkg" --bin "$bin")
+        [ -z "$features" ] || args+=(--features "$features")
+        (cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$TARGET_DIR" \
+            cargo build --quiet --target "$TRIPLE" "${args[@]}")
+        HARNESS_PROGRAMS+=("$TARGET_DIR/$TRIPLE/debug/$bin")
     done
 fi
 for p in "${HARNESS_PROGRAMS[@]}"; do
