@@ -93,6 +93,12 @@ psk_file = "{key}"
 
 #[test]
 fn remusd_says_ready_pings_the_watchdog_and_says_stopping() {
+    // Started as from a permissive shell: remusd must not keep this umask.
+    // SAFETY: umask(2) only replaces the file-creation mask of this test process (the only
+    // test of this binary); it cannot fail and touches no memory.
+    unsafe {
+        libc::umask(0o022);
+    }
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path());
     let notify_path = dir.path().join("notify.sock");
@@ -118,6 +124,13 @@ fn remusd_says_ready_pings_the_watchdog_and_says_stopping() {
     }
     // By then the control socket answers.
     assert!(dir.path().join("remusd.sock").exists());
+    // Whatever umask it was started with, remusd creates files for root only.
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", remusd.id())).unwrap();
+    assert!(
+        proc_status.lines().any(|l| l == "Umask:\t0077"),
+        "remusd's umask: {:?}",
+        proc_status.lines().find(|l| l.starts_with("Umask"))
+    );
     let status = seen.iter().find(|m| m.contains("STATUS=")).cloned();
     assert!(
         status.as_deref().is_some_and(|s| s.contains("peer beta")),
