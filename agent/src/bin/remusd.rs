@@ -19,6 +19,15 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Every file remusd and its QEMU create (replica RAM, device state, roles, WAL, disk
+    // replicas, sockets) is the guest's data or decides its fate: readable by root only,
+    // whatever umask the daemon was started with (systemd's unit sets 0027; a shell's is
+    // usually 0022, which made the replica of guest RAM world-readable).
+    // SAFETY: umask(2) only replaces the process's file-creation mask; it cannot fail and
+    // touches no memory. Called before any thread or file exists.
+    unsafe {
+        libc::umask(0o077);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {

@@ -183,6 +183,18 @@ pub async fn run(config: Config) -> Result<()> {
         control = %control_path.display(),
         "remusd running"
     );
+    // systemd (Type=notify): every host-wide service is up and each domain has its
+    // supervisor, so `systemctl start` returns only now and a unit ordered after remusd
+    // finds the control socket answering.
+    notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "running; {} domain(s), peer {}",
+            config.domains.len(),
+            config.peer.name
+        )),
+    ]);
+    let watchdog = watchdog_pings(stop_rx.clone());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -198,12 +210,48 @@ pub async fn run(config: Config) -> Result<()> {
             }
         }
     }
+    notify_systemd(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: supervisors tear their domains down"),
+    ]);
     let _ = stop_tx.send(true);
+    watchdog.abort();
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
     }
     drop(ha);
     Ok(())
+}
+
+/// Tells systemd (`sd_notify(3)`, when `NOTIFY_SOCKET` is set) about the daemon's state;
+/// outside systemd it does nothing. A failure is logged, never fatal: the service runs the
+/// same either way.
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// With `WatchdogSec=` set in the unit, pings systemd at half the watchdog interval from
+/// the main runtime, so a main runtime that stops making progress gets the daemon restarted
+/// (its QEMU dies with it: a failover, as for any other death of the agent).
+fn watchdog_pings(mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    let mut usec = 0u64;
+    let enabled = sd_notify::watchdog_enabled(false, &mut usec);
+    tokio::spawn(async move {
+        if !enabled || usec == 0 {
+            return;
+        }
+        let period = Duration::from_micros(usec / 2);
+        info!(?period, "systemd watchdog enabled");
+        loop {
+            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    })
 }
 
 /// A runtime on a thread of its own for the heartbeat detector, the witness client and the
