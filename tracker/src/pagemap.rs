@@ -149,12 +149,39 @@ impl ClearRefs {
     }
 }
 
+/// Why this kernel's soft-dirty bits cannot be relied on, as [`probe_kernel_support`] saw it.
+/// Not an error of the probe: the probe worked and found the feature missing or inexact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SoftDirtyUnsupported {
+    /// `clear_refs` accepted the write but left the bits set.
+    #[error("writing 4 to /proc/self/clear_refs did not clear pagemap bit 55 (soft-dirty)")]
+    ClearIgnored,
+    /// A store after clearing did not set the bit: the kernel does not track it.
+    #[error(
+        "a page written after clear_refs does not show pagemap bit 55 (entry {entry:#018x}): \
+         the kernel is built without CONFIG_MEM_SOFT_DIRTY"
+    )]
+    WriteNotMarked {
+        /// The written page's pagemap entry, for the operator's report.
+        entry: u64,
+    },
+    /// A page nobody wrote shows the bit: the log would over-report at a coarser grain.
+    #[error(
+        "a page not written after clear_refs shows pagemap bit 55: soft-dirty is not page-exact here"
+    )]
+    NotPageExact,
+}
+
 /// Whether this kernel keeps soft-dirty bits, found by trying it on a scratch page of this
-/// process: `Err` carries the reason it does not.
+/// process.
 ///
 /// The probe clears this process's soft-dirty bits (harmless: the agent's own pages are not
 /// tracked; it costs one write-protect fault per page next written).
-pub fn probe_kernel_support() -> Result<Result<(), String>, PagemapError> {
+///
+/// # Errors
+/// The outer [`PagemapError`] when the probe itself cannot run; the inner
+/// [`SoftDirtyUnsupported`] when it ran and found soft-dirty unusable.
+pub fn probe_kernel_support() -> Result<Result<(), SoftDirtyUnsupported>, PagemapError> {
     let mut page = memmap2::MmapMut::map_anon(2 * PAGE_SIZE).map_err(PagemapError::ProbeMap)?;
     // Fault both pages in so they have page-table entries.
     page[0] = 1;
@@ -168,25 +195,21 @@ pub fn probe_kernel_support() -> Result<Result<(), String>, PagemapError> {
     clear.clear_soft_dirty()?;
     pagemap.read(vaddr, &mut entries, &mut scratch)?;
     if entries.iter().any(|e| e & PM_SOFT_DIRTY != 0) {
-        return Ok(Err(
-            "writing 4 to /proc/self/clear_refs did not clear pagemap bit 55 (soft-dirty)".into(),
-        ));
+        return Ok(Err(SoftDirtyUnsupported::ClearIgnored));
     }
     // SAFETY: `page` is a live, writable anonymous mapping of two pages; the volatile store
     // keeps the compiler from eliding a write whose only observer is the kernel.
     unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 2) };
     pagemap.read(vaddr, &mut entries, &mut scratch)?;
-    match (entries[0] & PM_SOFT_DIRTY != 0, entries[1] & PM_SOFT_DIRTY != 0) {
+    match (
+        entries[0] & PM_SOFT_DIRTY != 0,
+        entries[1] & PM_SOFT_DIRTY != 0,
+    ) {
         (true, false) => Ok(Ok(())),
-        (false, _) => Ok(Err(format!(
-            "a page written after clear_refs does not show pagemap bit 55 (entry {:#018x}): \
-             the kernel is built without CONFIG_MEM_SOFT_DIRTY",
-            entries[0]
-        ))),
-        (true, true) => Ok(Err(
-            "a page not written after clear_refs shows pagemap bit 55: soft-dirty is not page-exact here"
-                .into(),
-        )),
+        (false, _) => Ok(Err(SoftDirtyUnsupported::WriteNotMarked {
+            entry: entries[0],
+        })),
+        (true, true) => Ok(Err(SoftDirtyUnsupported::NotPageExact)),
     }
 }
 

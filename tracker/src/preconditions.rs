@@ -14,7 +14,7 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::pagemap::{probe_kernel_support, Pagemap};
+use crate::pagemap::{probe_kernel_support, ClearRefs, Pagemap, PagemapError};
 use crate::procfs::{
     self, mount_of, parse_status_kb, parse_swaps, proc_path, read_smaps, read_text,
     selected_choice, FileId, MountInfo, RamMapping,
@@ -115,7 +115,7 @@ pub fn check(target: &SoftDirtyTarget<'_>) -> Vec<Unmet> {
 
     match probe_kernel_support() {
         Ok(Ok(())) => {}
-        Ok(Err(reason)) => add(Precondition::KernelSupport, reason),
+        Ok(Err(reason)) => add(Precondition::KernelSupport, reason.to_string()),
         Err(e) => add(Precondition::KernelSupport, format!("probe failed: {e}")),
     }
 
@@ -164,7 +164,7 @@ pub fn check(target: &SoftDirtyTarget<'_>) -> Vec<Unmet> {
     match RamMapping::of_process(target.pid, &file, target.ram_len) {
         Ok(mapping) => {
             if let Err(e) = check_pagemap_access(target.pid, &mapping) {
-                add(Precondition::QemuMapping, e);
+                add(Precondition::QemuMapping, e.to_string());
             }
         }
         Err(e) => add(Precondition::QemuMapping, e.to_string()),
@@ -224,7 +224,7 @@ pub fn check(target: &SoftDirtyTarget<'_>) -> Vec<Unmet> {
             if let Err(reason) =
                 shmem_thp_verdict(global.as_deref(), &per_size, mount.as_ref(), &file)
             {
-                add(Precondition::ShmemThpOff, reason);
+                add(Precondition::ShmemThpOff, reason.to_string());
             }
         }
         Err(e) => add(
@@ -253,14 +253,17 @@ pub fn check(target: &SoftDirtyTarget<'_>) -> Vec<Unmet> {
     unmet
 }
 
-fn check_pagemap_access(pid: i32, mapping: &RamMapping) -> Result<(), String> {
-    let pagemap = Pagemap::open(pid).map_err(|e| e.to_string())?;
+/// Proves the agent may read QEMU's pagemap (one entry of the RAM mapping) and write its
+/// clear_refs.
+///
+/// # Errors
+/// The [`PagemapError`] of the first file that cannot be opened or read.
+fn check_pagemap_access(pid: i32, mapping: &RamMapping) -> Result<(), PagemapError> {
+    let pagemap = Pagemap::open(pid)?;
     let mut entry = [0u64; 1];
-    pagemap
-        .read(mapping.segments[0].vaddr, &mut entry, &mut Vec::new())
-        .map_err(|e| e.to_string())?;
+    pagemap.read(mapping.segments[0].vaddr, &mut entry, &mut Vec::new())?;
     // Opening clear_refs for writing proves the permission without clearing anything.
-    crate::pagemap::ClearRefs::open(pid).map_err(|e| e.to_string())?;
+    ClearRefs::open(pid)?;
     Ok(())
 }
 
@@ -284,6 +287,55 @@ fn per_size_shmem_thp() -> Vec<(String, String)> {
     out
 }
 
+/// Why the kernel may back the RAM file with transparent huge pages, whose splits lose
+/// soft-dirty bits (or, for hugetlbfs and disk filesystems, why the file is unsupported).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShmemThpRisk {
+    /// The global control forces huge pages on every shmem/tmpfs file.
+    #[error("transparent_hugepage/shmem_enabled is [force]: every tmpfs file may use huge pages")]
+    Forced,
+    /// The file is on the kernel's internal mount, which follows the global control.
+    #[error("the RAM file is on the kernel's internal shmem mount and shmem_enabled is [{value}]")]
+    InternalGlobal {
+        /// The selected `shmem_enabled` value.
+        value: String,
+    },
+    /// The file is on the kernel's internal mount and a per-size (mTHP) control allows it.
+    #[error("the RAM file is on the internal shmem mount and {size}/shmem_enabled is [{value}]")]
+    InternalPerSize {
+        /// The control's directory (`hugepages-64kB`, …).
+        size: String,
+        /// Its selected value.
+        value: String,
+    },
+    /// The file's tmpfs mount asks for huge pages.
+    #[error("the RAM file's tmpfs at {mount_point} is mounted huge={value}")]
+    TmpfsHuge {
+        /// The tmpfs mount.
+        mount_point: String,
+        /// Its `huge=` option.
+        value: String,
+    },
+    /// The file is on hugetlbfs.
+    #[error(
+        "the RAM file is on hugetlbfs at {mount_point}: huge-page granularity, not supported by the soft-dirty tracker"
+    )]
+    Hugetlbfs {
+        /// The hugetlbfs mount.
+        mount_point: String,
+    },
+    /// The file is on a disk (or other non-shmem) filesystem.
+    #[error(
+        "the RAM file is on {fstype} at {mount_point}: page cache writeback and reclaim can drop soft-dirty bits; use tmpfs"
+    )]
+    NotShmem {
+        /// The filesystem type.
+        fstype: String,
+        /// Its mount.
+        mount_point: String,
+    },
+}
+
 /// Whether the kernel may back the RAM file with transparent huge pages.
 ///
 /// Kernel rules (mm/shmem.c): the global `shmem_enabled` value `force` turns huge pages on
@@ -291,51 +343,55 @@ fn per_size_shmem_thp() -> Vec<(String, String)> {
 /// `huge=` option (absent = never), while the kernel-internal mount (memfd, SysV shm,
 /// anonymous shared) follows `shmem_enabled` and the per-size controls. hugetlbfs and disk
 /// filesystems are not supported here at all.
+///
+/// # Errors
+/// The [`ShmemThpRisk`] found.
 pub fn shmem_thp_verdict(
     global: Option<&str>,
     per_size: &[(String, String)],
     mount: Option<&MountInfo>,
     file: &FileId,
-) -> Result<(), String> {
+) -> Result<(), ShmemThpRisk> {
     match global {
-        Some("force") => return Err(
-            "transparent_hugepage/shmem_enabled is [force]: every tmpfs file may use huge pages"
-                .into(),
-        ),
+        Some("force") => return Err(ShmemThpRisk::Forced),
         Some("deny") => return Ok(()),
         _ => {}
     }
-    let internal = mount.is_none() || file.path.to_string_lossy().starts_with("/memfd:");
-    if internal {
-        if let Some(v) = global.filter(|v| *v != "never") {
-            return Err(format!(
-                "the RAM file is on the kernel's internal shmem mount and shmem_enabled is [{v}]"
-            ));
+    let memfd = file.path.to_string_lossy().starts_with("/memfd:");
+    let mount = match mount {
+        Some(mount) if !memfd => mount,
+        // The kernel's internal mount.
+        _ => {
+            if let Some(v) = global.filter(|v| *v != "never") {
+                return Err(ShmemThpRisk::InternalGlobal {
+                    value: v.to_owned(),
+                });
+            }
+            if let Some((size, v)) = per_size.iter().find(|(_, v)| {
+                v != "never" && !(v == "inherit" && global.is_none_or(|g| g == "never"))
+            }) {
+                return Err(ShmemThpRisk::InternalPerSize {
+                    size: size.clone(),
+                    value: v.clone(),
+                });
+            }
+            return Ok(());
         }
-        if let Some((size, v)) = per_size
-            .iter()
-            .find(|(_, v)| v != "never" && !(v == "inherit" && global.is_none_or(|g| g == "never")))
-        {
-            return Err(format!(
-                "the RAM file is on the internal shmem mount and {size}/shmem_enabled is [{v}]"
-            ));
-        }
-        return Ok(());
-    }
-    let mount = mount.expect("not internal");
+    };
+    let mount_point = mount.mount_point.clone();
     match mount.fstype.as_str() {
         "tmpfs" => match mount.option("huge") {
             None | Some("never") | Some("deny") => Ok(()),
-            Some(v) => Err(format!("the RAM file's tmpfs at {} is mounted huge={v}", mount.mount_point)),
+            Some(v) => Err(ShmemThpRisk::TmpfsHuge {
+                mount_point,
+                value: v.to_owned(),
+            }),
         },
-        "hugetlbfs" => Err(format!(
-            "the RAM file is on hugetlbfs at {}: huge-page granularity, not supported by the soft-dirty tracker",
-            mount.mount_point
-        )),
-        other => Err(format!(
-            "the RAM file is on {other} at {}: page cache writeback and reclaim can drop soft-dirty bits; use tmpfs",
-            mount.mount_point
-        )),
+        "hugetlbfs" => Err(ShmemThpRisk::Hugetlbfs { mount_point }),
+        other => Err(ShmemThpRisk::NotShmem {
+            fstype: other.to_owned(),
+            mount_point,
+        }),
     }
 }
 

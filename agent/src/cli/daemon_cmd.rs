@@ -16,7 +16,7 @@ use clap::Args;
 
 use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE};
 use crate::api::{Request, Response};
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, ConfigErrors, DEFAULT_CONFIG_PATH};
 use crate::control::{ControlClient, DEFAULT_CONTROL_SOCKET};
 
 /// Where the daemon listens.
@@ -37,8 +37,9 @@ impl DaemonArgs {
     /// must be valid, since its socket may differ from the default.
     ///
     /// # Errors
-    /// A message naming the file and its problems.
-    pub fn socket_path(&self) -> Result<PathBuf, String> {
+    /// [`SocketPathError::ConfigUnusable`] when the configuration file to read the socket
+    /// from cannot be read or is invalid.
+    pub fn socket_path(&self) -> Result<PathBuf, SocketPathError> {
         if let Some(socket) = &self.socket {
             return Ok(socket.clone());
         }
@@ -49,22 +50,43 @@ impl DaemonArgs {
         if !explicit && !path.exists() {
             return Ok(PathBuf::from(DEFAULT_CONTROL_SOCKET));
         }
-        match Config::load(&path) {
-            Ok(config) => Ok(config.node.control_socket),
-            Err(e) => {
-                let mut message = format!(
-                    "cannot find the control socket: {} is unusable ({} error(s)); \
-                     fix it or pass --socket",
-                    path.display(),
-                    e.errors.len()
-                );
-                for d in e.errors.iter().take(5) {
-                    message.push_str(&format!("\n  {d}"));
-                }
-                Err(message)
-            }
-        }
+        Config::load(&path)
+            .map(|config| config.node.control_socket)
+            .map_err(|source| SocketPathError::ConfigUnusable { path, source })
     }
+}
+
+/// Why [`DaemonArgs::socket_path`] cannot tell which socket to connect to.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketPathError {
+    /// The configuration file that names the socket cannot be read or is invalid. The
+    /// message lists its first problems, since it is all the operator sees.
+    #[error(
+        "cannot find the control socket: {} is unusable ({} error(s)); fix it or pass --socket{}",
+        .path.display(),
+        .source.errors.len(),
+        first_problems(.source)
+    )]
+    ConfigUnusable {
+        /// The configuration file.
+        path: PathBuf,
+        /// Its problems.
+        #[source]
+        source: ConfigErrors,
+    },
+}
+
+/// How many of a configuration's problems [`SocketPathError`] lists.
+const LISTED_PROBLEMS: usize = 5;
+
+/// The first [`LISTED_PROBLEMS`] problems, one per indented line, each after a newline.
+fn first_problems(errors: &ConfigErrors) -> String {
+    errors
+        .errors
+        .iter()
+        .take(LISTED_PROBLEMS)
+        .map(|d| format!("\n  {d}"))
+        .collect()
 }
 
 /// A command on one domain.
@@ -172,8 +194,8 @@ impl DomainCmd {
         let name = action.name();
         let socket = match self.daemon.socket_path() {
             Ok(s) => s,
-            Err(message) => {
-                eprintln!("remusctl {name}: {message}");
+            Err(e) => {
+                eprintln!("remusctl {name}: {e}");
                 return ExitCode::from(EXIT_PROBLEMS);
             }
         };
@@ -223,4 +245,38 @@ pub(crate) fn block_on<T>(
         eprintln!("remusctl {name}: {e}");
         ExitCode::from(EXIT_PROBLEMS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Diagnostic, Severity};
+
+    #[test]
+    fn unusable_config_message_lists_the_first_five_problems() {
+        let problem = |line| Diagnostic {
+            severity: Severity::Error,
+            origin: "/etc/remus/remus.toml".into(),
+            line,
+            column: 1,
+            message: format!("problem {line}"),
+        };
+        let err = SocketPathError::ConfigUnusable {
+            path: "/etc/remus/remus.toml".into(),
+            source: ConfigErrors {
+                errors: (1..=7).map(problem).collect(),
+                warnings: Vec::new(),
+            },
+        };
+        let mut want = "cannot find the control socket: /etc/remus/remus.toml is unusable \
+                        (7 error(s)); fix it or pass --socket"
+            .to_owned();
+        for line in 1..=5 {
+            want.push_str(&format!(
+                "\n  /etc/remus/remus.toml:{line}:1: error: problem {line}"
+            ));
+        }
+        assert_eq!(err.to_string(), want);
+        assert!(std::error::Error::source(&err).is_some());
+    }
 }

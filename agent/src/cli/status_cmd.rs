@@ -31,8 +31,8 @@ impl StatusCmd {
     pub fn run(self) -> ExitCode {
         let socket = match self.daemon.socket_path() {
             Ok(s) => s,
-            Err(message) => {
-                eprintln!("remusctl status: {message}");
+            Err(e) => {
+                eprintln!("remusctl status: {e}");
                 return ExitCode::from(EXIT_PROBLEMS);
             }
         };

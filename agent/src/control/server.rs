@@ -267,7 +267,8 @@ async fn connection(stream: UnixStream, handler: Arc<dyn ControlHandler>, id: u6
             Ok(LineRead::Line) => {
                 seq += 1;
                 match parse_request(&line) {
-                    Err(message) => {
+                    Err(e) => {
+                        let message = e.to_string();
                         warn!(conn = id, %message, "control: bad request");
                         Response::Error { message }
                     }
@@ -286,18 +287,36 @@ async fn connection(stream: UnixStream, handler: Arc<dyn ControlHandler>, id: u6
     }
 }
 
-/// Parses one request line; the error is the message sent back to the client.
-pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
-    let text =
-        std::str::from_utf8(line).map_err(|e| format!("control: bad request: not UTF-8 ({e})"))?;
+/// Why a request line is refused. Its message is what the client gets back, so it names the
+/// operation ("control: bad request") and keeps serde's line and column.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadRequest {
+    /// The line is not UTF-8, so it cannot be JSON.
+    #[error("control: bad request: not UTF-8 ({0})")]
+    NotUtf8(#[source] std::str::Utf8Error),
+    /// The line holds only white space.
+    #[error("control: bad request: empty line")]
+    Empty,
+    /// The line is not JSON at all (syntax error or truncated).
+    #[error("control: bad request: invalid JSON: {0}")]
+    InvalidJson(#[source] serde_json::Error),
+    /// The line is JSON but not a known request (unknown variant, missing field, …).
+    #[error("control: bad request: not a valid request: {0}")]
+    NotARequest(#[source] serde_json::Error),
+}
+
+/// Parses one request line.
+///
+/// # Errors
+/// [`BadRequest`], whose message is sent back to the client.
+pub(crate) fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
+    let text = std::str::from_utf8(line).map_err(BadRequest::NotUtf8)?;
     if text.trim().is_empty() {
-        return Err("control: bad request: empty line".to_string());
+        return Err(BadRequest::Empty);
     }
     serde_json::from_str::<Request>(text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            format!("control: bad request: not a valid request: {e}")
-        }
-        _ => format!("control: bad request: invalid JSON: {e}"),
+        serde_json::error::Category::Data => BadRequest::NotARequest(e),
+        _ => BadRequest::InvalidJson(e),
     })
 }
 
@@ -401,13 +420,18 @@ mod tests {
             let got = parse_request(line.as_bytes());
             match (expected, &got) {
                 (Ok(want), Ok(have)) => assert_eq!(want, have, "{line}"),
-                (Err(fragment), Err(message)) => {
+                (Err(fragment), Err(e)) => {
+                    let message = e.to_string();
+                    assert!(
+                        message.starts_with("control: bad request: "),
+                        "{line}: {message}"
+                    );
                     assert!(message.contains(fragment), "{line}: {message}")
                 }
                 _ => panic!("{line}: expected {expected:?}, got {got:?}"),
             }
         }
-        let bad = parse_request(&[0xff, 0xfe]).unwrap_err();
+        let bad = parse_request(&[0xff, 0xfe]).unwrap_err().to_string();
         assert!(bad.contains("not UTF-8"), "{bad}");
     }
 }

@@ -12,12 +12,15 @@
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
+use anyhow::{anyhow, bail, Context};
+
 use sch_plug::ctl::{self, CtlTarget};
-use sch_plug::plug::{msg, setup, PlugBuffer, PlugError};
+use sch_plug::plug::{msg, setup, PlugBuffer};
 use sch_plug::testkit::{link_exists, veth_pair, TempNetns};
 use sch_plug::{Backend, EgressBuffer, EgressError, EpochError};
 
-type Outcome = Result<String, String>;
+/// A test's detail line: what it measured, or why it failed.
+type Outcome = anyhow::Result<String>;
 
 const TESTS: &[&str] = &[
     "plug_hold_release_exact",
@@ -42,16 +45,16 @@ struct Pair {
 
 const R_ADDR: &str = "10.77.0.2:9000";
 
-async fn pair() -> Result<Pair, String> {
-    let s = TempNetns::new().map_err(|e| format!("netns: {e}"))?;
-    let r = TempNetns::new().map_err(|e| format!("netns: {e}"))?;
+async fn pair() -> anyhow::Result<Pair> {
+    let s = TempNetns::new().context("netns")?;
+    let r = TempNetns::new().context("netns")?;
     let dev = "vr0".to_string();
     veth_pair(&s, "vs0", [10, 77, 0, 1], &r, &dev, [10, 77, 0, 2])
         .await
-        .map_err(|e| format!("veth: {e}"))?;
-    let tx = s.udp("10.77.0.1:0").map_err(|e| format!("udp: {e}"))?;
-    let rx = r.udp(R_ADDR).map_err(|e| format!("udp: {e}"))?;
-    rx.set_nonblocking(true).map_err(|e| e.to_string())?;
+        .context("veth")?;
+    let tx = s.udp("10.77.0.1:0").context("udp")?;
+    let rx = r.udp(R_ADDR).context("udp")?;
+    rx.set_nonblocking(true)?;
     Ok(Pair {
         _s: s,
         r,
@@ -62,13 +65,11 @@ async fn pair() -> Result<Pair, String> {
 }
 
 impl Pair {
-    fn send(&self, seqs: std::ops::Range<u32>) -> Result<(), String> {
+    fn send(&self, seqs: std::ops::Range<u32>) -> anyhow::Result<()> {
         for i in seqs {
             let mut p = b"PLUGTEST".to_vec();
             p.extend_from_slice(&i.to_be_bytes());
-            self.tx
-                .send_to(&p, R_ADDR)
-                .map_err(|e| format!("send: {e}"))?;
+            self.tx.send_to(&p, R_ADDR).context("send")?;
         }
         Ok(())
     }
@@ -103,18 +104,18 @@ impl Pair {
     }
 }
 
-fn expect<T: PartialEq + std::fmt::Debug>(what: &str, got: T, want: T) -> Result<(), String> {
+fn expect<T: PartialEq + std::fmt::Debug>(what: &str, got: T, want: T) -> anyhow::Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(format!("{what}: got {got:?}, want {want:?}"))
+        Err(anyhow!("{what}: got {got:?}, want {want:?}"))
     }
 }
 
-async fn setup_plug(p: &Pair, limit: u64) -> Result<PlugBuffer, String> {
+async fn setup_plug(p: &Pair, limit: u64) -> anyhow::Result<PlugBuffer> {
     PlugBuffer::setup(&p.dev, &p.r.netns(), limit)
         .await
-        .map_err(|e| format!("setup: {e}"))
+        .context("setup")
 }
 
 async fn settle() {
@@ -128,10 +129,10 @@ async fn hold_release_exact() -> Outcome {
     settle().await;
     let early = p.received(Duration::from_millis(200));
     expect("received while epoch 1 open", early.len(), 0)?;
-    b.buffer(1).await.map_err(|e| e.to_string())?;
+    b.buffer(1).await?;
     p.send(20..27)?;
     settle().await;
-    let st = b.stats().await.map_err(|e| e.to_string())?;
+    let st = b.stats().await?;
     let held1 = st.closed.first().map(|e| e.counters.packets).unwrap_or(0);
     expect("held in closed epoch 1", held1, 20)?;
     expect("held in open epoch 2", st.open.packets, 7)?;
@@ -140,22 +141,22 @@ async fn hold_release_exact() -> Outcome {
         p.received(Duration::from_millis(200)).len(),
         0,
     )?;
-    let r1 = b.release(1).await.map_err(|e| e.to_string())?;
+    let r1 = b.release(1).await?;
     let got1 = p.received(Duration::from_millis(400));
     expect(
         "released by release(1)",
         got1.clone(),
         (0..20).collect::<Vec<_>>(),
     )?;
-    b.buffer(2).await.map_err(|e| e.to_string())?;
-    let r2 = b.release(2).await.map_err(|e| e.to_string())?;
+    b.buffer(2).await?;
+    let r2 = b.release(2).await?;
     let got2 = p.received(Duration::from_millis(400));
     expect(
         "released by release(2)",
         got2.clone(),
         (20..27).collect::<Vec<_>>(),
     )?;
-    b.teardown().await.map_err(|e| e.to_string())?;
+    b.teardown().await?;
     Ok(format!(
         "sent=20+7 held_epoch1={} released_epoch1={} received_epoch1={} held_epoch2={} released_epoch2={} received_epoch2={} before_release=0",
         held1,
@@ -173,7 +174,7 @@ async fn wrong_order_refused() -> Outcome {
     expect("max closed epochs", b.max_closed_epochs(), 1)?;
     p.send(0..3)?;
     settle().await;
-    b.buffer(1).await.map_err(|e| e.to_string())?;
+    b.buffer(1).await?;
     p.send(3..5)?;
     settle().await;
     match b.buffer(2).await {
@@ -182,13 +183,13 @@ async fn wrong_order_refused() -> Outcome {
             unreleased: 1,
             max: 1,
         })) => {}
-        other => return Err(format!("buffer(2) before release(1): {other:?}")),
+        other => bail!("buffer(2) before release(1): {other:?}"),
     }
     // The refused close sent nothing: release(1) still releases exactly epoch 1.
-    b.release(1).await.map_err(|e| e.to_string())?;
+    b.release(1).await?;
     let got = p.received(Duration::from_millis(400));
     expect("released by release(1)", got.clone(), vec![0, 1, 2])?;
-    b.teardown().await.map_err(|e| e.to_string())?;
+    b.teardown().await?;
     Ok(format!(
         "buffer(2) refused with TooManyClosed; release(1) released {} of 3",
         got.len()
@@ -200,7 +201,7 @@ async fn release_indefinite() -> Outcome {
     let mut b = setup_plug(&p, 1 << 20).await?;
     p.send(0..10)?;
     settle().await;
-    b.buffer(1).await.map_err(|e| e.to_string())?;
+    b.buffer(1).await?;
     p.send(10..15)?;
     settle().await;
     expect(
@@ -208,7 +209,7 @@ async fn release_indefinite() -> Outcome {
         p.received(Duration::from_millis(200)).len(),
         0,
     )?;
-    b.release_indefinite().await.map_err(|e| e.to_string())?;
+    b.release_indefinite().await?;
     let drained = p.received(Duration::from_millis(400));
     expect("drained", drained.clone(), (0..15).collect::<Vec<_>>())?;
     p.send(15..20)?;
@@ -218,9 +219,9 @@ async fn release_indefinite() -> Outcome {
         passed.clone(),
         (15..20).collect::<Vec<_>>(),
     )?;
-    let st = b.stats().await.map_err(|e| e.to_string())?;
+    let st = b.stats().await?;
     expect("flushed count", st.totals.flushed_packets, 15)?;
-    b.teardown().await.map_err(|e| e.to_string())?;
+    b.teardown().await?;
     Ok(format!(
         "held=15 drained={} then passed={} unheld",
         drained.len(),
@@ -234,16 +235,16 @@ async fn limit_drops() -> Outcome {
     let mut b = setup_plug(&p, 300).await?;
     p.send(0..12)?;
     settle().await;
-    b.buffer(1).await.map_err(|e| e.to_string())?;
-    let st = b.stats().await.map_err(|e| e.to_string())?;
+    b.buffer(1).await?;
+    let st = b.stats().await?;
     let c = st.closed[0].counters;
     expect("held at limit", c.packets, 5)?;
     expect("dropped at limit", c.dropped_packets, 7)?;
-    b.release(1).await.map_err(|e| e.to_string())?;
+    b.release(1).await?;
     let got = p.received(Duration::from_millis(400));
     expect("released", got.clone(), (0..5).collect::<Vec<_>>())?;
-    b.set_limit(1 << 20).await.map_err(|e| e.to_string())?;
-    b.teardown().await.map_err(|e| e.to_string())?;
+    b.set_limit(1 << 20).await?;
+    b.teardown().await?;
     Ok(format!(
         "sent=12 limit=300B held={} dropped={} received={}",
         c.packets,
@@ -254,28 +255,20 @@ async fn limit_drops() -> Outcome {
 
 async fn teardown_clean() -> Outcome {
     let p = pair().await?;
-    let rtnl = p.r.rtnl().map_err(|e| e.to_string())?;
-    let before = setup::status(&rtnl, &p.dev)
-        .await
-        .map_err(|e| e.to_string())?;
+    let rtnl = p.r.rtnl()?;
+    let before = setup::status(&rtnl, &p.dev).await?;
     expect("ingress before setup", before.ingress, false)?;
     let mut b = setup_plug(&p, 1 << 20).await?;
-    let during = setup::status(&rtnl, &p.dev)
-        .await
-        .map_err(|e| e.to_string())?;
+    let during = setup::status(&rtnl, &p.dev).await?;
     if !during.complete() {
-        return Err(format!("layout incomplete after setup: {during}"));
+        bail!("layout incomplete after setup: {during}");
     }
     p.send(0..4)?;
     settle().await;
-    b.teardown().await.map_err(|e| e.to_string())?;
-    let after = setup::status(&rtnl, &p.dev)
-        .await
-        .map_err(|e| e.to_string())?;
+    b.teardown().await?;
+    let after = setup::status(&rtnl, &p.dev).await?;
     let ifb_left = link_exists(&rtnl, &msg::ifb_name(&p.dev)).await;
-    let prefs = setup::ingress_filter_prefs(&rtnl, &p.dev)
-        .await
-        .map_err(|e| e.to_string())?;
+    let prefs = setup::ingress_filter_prefs(&rtnl, &p.dev).await?;
     expect("ifb after teardown", ifb_left, false)?;
     expect("ingress after teardown", after.ingress, false)?;
     expect("filters after teardown", prefs.len(), 0)?;
@@ -284,16 +277,14 @@ async fn teardown_clean() -> Outcome {
     let got = p.received(Duration::from_millis(400));
     expect("unheld after teardown", got, vec![4, 5])?;
     // A second teardown of nothing succeeds.
-    let again = setup::teardown(&rtnl, &p.dev)
-        .await
-        .map_err(|e| e.to_string())?;
+    let again = setup::teardown(&rtnl, &p.dev).await?;
     expect("second teardown removes nothing", again, Default::default())?;
     Ok("no ifb, no ingress qdisc, no filter left; traffic flows unheld".into())
 }
 
 async fn adopt_after_restart() -> Outcome {
     let p = pair().await?;
-    let rtnl = p.r.rtnl().map_err(|e| e.to_string())?;
+    let rtnl = p.r.rtnl()?;
     let first = setup_plug(&p, 1 << 20).await?;
     let ifb_index = first.device().ifb_index;
     p.send(0..5)?;
@@ -302,32 +293,28 @@ async fn adopt_after_restart() -> Outcome {
     let mut second = setup_plug(&p, 1 << 20).await?;
     expect("adopted", second.device().adopted, true)?;
     expect("same ifb", second.device().ifb_index, ifb_index)?;
-    let filters = setup::redirect_filter_count(&rtnl, &p.dev)
-        .await
-        .map_err(|e| e.to_string())?;
+    let filters = setup::redirect_filter_count(&rtnl, &p.dev).await?;
     expect("redirect filters after second setup", filters, 1)?;
-    let st = setup::status(&rtnl, &p.dev)
-        .await
-        .map_err(|e| e.to_string())?;
+    let st = setup::status(&rtnl, &p.dev).await?;
     if !st.complete() {
-        return Err(format!("layout incomplete after adoption: {st}"));
+        bail!("layout incomplete after adoption: {st}");
     }
     expect(
         "held across the restart",
         p.received(Duration::from_millis(200)).len(),
         0,
     )?;
-    let s = second.stats().await.map_err(|e| e.to_string())?;
+    let s = second.stats().await?;
     expect("open epoch after adoption", s.open.packets, 5)?;
-    second.buffer(1).await.map_err(|e| e.to_string())?;
-    second.release(1).await.map_err(|e| e.to_string())?;
+    second.buffer(1).await?;
+    second.release(1).await?;
     let got = p.received(Duration::from_millis(400));
     expect(
         "released after adoption",
         got.clone(),
         (0..5).collect::<Vec<_>>(),
     )?;
-    second.teardown().await.map_err(|e| e.to_string())?;
+    second.teardown().await?;
     let ifb_left = link_exists(&rtnl, &msg::ifb_name(&p.dev)).await;
     expect("ifb after teardown", ifb_left, false)?;
     Ok(format!(
@@ -343,45 +330,41 @@ async fn ctl_roundtrip() -> Outcome {
         backend: Backend::Auto,
         netns: p.r.netns(),
     };
-    let st = ctl::setup(&t, 1 << 20).await.map_err(|e| e.to_string())?;
+    let st = ctl::setup(&t, 1 << 20).await?;
     if !st.complete() {
-        return Err(format!("ctl setup: {st}"));
+        bail!("ctl setup: {st}");
     }
     p.send(0..3)?;
     settle().await;
-    let st = ctl::buffer(&t).await.map_err(|e| e.to_string())?;
+    let st = ctl::buffer(&t).await?;
     let queued = st.plug.map(|c| c.backlog_packets).unwrap_or(0);
     expect("queued after buffer", queued, 3)?;
-    ctl::release(&t).await.map_err(|e| e.to_string())?;
+    ctl::release(&t).await?;
     let got = p.received(Duration::from_millis(400));
     expect("released by ctl release", got.clone(), vec![0, 1, 2])?;
     p.send(3..5)?;
     settle().await;
-    ctl::release_all(&t).await.map_err(|e| e.to_string())?;
+    ctl::release_all(&t).await?;
     let got2 = p.received(Duration::from_millis(400));
     expect("released by ctl release-all", got2, vec![3, 4])?;
-    let status = ctl::status(&t).await.map_err(|e| e.to_string())?;
-    let report = ctl::teardown(&t).await.map_err(|e| e.to_string())?;
+    let status = ctl::status(&t).await?;
+    let report = ctl::teardown(&t).await?;
     if !(report.filter_removed && report.ingress_removed && report.ifb_removed) {
-        return Err(format!("ctl teardown: {report:?}"));
+        bail!("ctl teardown: {report:?}");
     }
     match ctl::buffer(&t).await {
         Err(ctl::CtlError::NotSetUp { .. }) => {}
-        other => return Err(format!("buffer after teardown: {other:?}")),
+        other => bail!("buffer after teardown: {other:?}"),
     }
     Ok(format!("status: {status}"))
 }
 
 async fn probe_and_auto() -> Outcome {
-    let ns = TempNetns::new().map_err(|e| e.to_string())?;
-    sch_plug::probe_plug(&ns.netns())
-        .await
-        .map_err(|e: PlugError| e.to_string())?;
-    let kind = sch_plug::resolve(Backend::Auto, &ns.netns())
-        .await
-        .map_err(|e| e.to_string())?;
+    let ns = TempNetns::new()?;
+    sch_plug::probe_plug(&ns.netns()).await?;
+    let kind = sch_plug::resolve(Backend::Auto, &ns.netns()).await?;
     expect("auto backend", kind, sch_plug::BackendKind::Plug)?;
-    let rtnl = ns.rtnl().map_err(|e| e.to_string())?;
+    let rtnl = ns.rtnl()?;
     let tag = std::process::id() % 100_000;
     expect(
         "probe ifb left",
@@ -400,9 +383,9 @@ async fn bench_buffer_release() -> Outcome {
     for epoch in 1..=200u64 {
         p.send(0..2)?;
         let t0 = Instant::now();
-        b.buffer(epoch).await.map_err(|e| e.to_string())?;
+        b.buffer(epoch).await?;
         let t1 = Instant::now();
-        b.release(epoch).await.map_err(|e| e.to_string())?;
+        b.release(epoch).await?;
         let t2 = Instant::now();
         buffer_us.push((t1 - t0).as_micros() as u64);
         release_us.push((t2 - t1).as_micros() as u64);
@@ -410,9 +393,9 @@ async fn bench_buffer_release() -> Outcome {
         received += p.drain();
     }
     // Datagrams still in flight at the last close belong to the open epoch: let them go.
-    b.release_indefinite().await.map_err(|e| e.to_string())?;
+    b.release_indefinite().await?;
     received += p.received(Duration::from_millis(500)).len();
-    b.teardown().await.map_err(|e| e.to_string())?;
+    b.teardown().await?;
     expect("datagrams through 200 epochs", received, 400)?;
     let med = |v: &mut Vec<u64>| {
         v.sort_unstable();
@@ -423,6 +406,23 @@ async fn bench_buffer_release() -> Outcome {
     Ok(format!(
         "BENCH plug epochs=200 buffer_median_us={bm} buffer_p99_us={bp} release_median_us={rm} release_p99_us={rp} (TCG guest)"
     ))
+}
+
+/// The error and its causes on one line, each cause only where the text so far does not
+/// already say it (the crate's errors repeat their cause in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 async fn run(name: &str) -> Option<Outcome> {
@@ -458,7 +458,7 @@ fn main() {
                 .block_on(async { tokio::time::timeout(Duration::from_secs(60), run(name)).await });
             let line = match outcome {
                 Ok(Some(Ok(detail))) => format!("pass {detail}"),
-                Ok(Some(Err(detail))) => format!("fail {detail}"),
+                Ok(Some(Err(e))) => format!("fail {}", one_line(&e)),
                 Ok(None) => format!("fail unknown test {name}"),
                 Err(_) => "fail timed out after 60 s".to_string(),
             };
