@@ -133,7 +133,7 @@ pub async fn advertise(handler: Arc<DaemonHandler>, detector: Detector) {
                         .and_then(|p| p.last_acked)
                         .or(st.committed_epoch)
                         .unwrap_or(0),
-                    copy: st.copy,
+                    copy: st.copy.into(),
                 }
             })
             .collect();
