@@ -7,14 +7,43 @@
 //!
 //! The same [`DaemonStatus`] snapshot feeds `remusctl status`, the drills and the
 //! Prometheus exporter, so the three can never disagree about what the daemon is doing.
+//!
+//! # The protocol owns its schema
+//!
+//! Every type that reaches the wire is defined here (the role and copy stamp in `role`,
+//! the epoch loop's and the receiver's status in `protection`), never borrowed from the
+//! engine or ha crates: those may rename a phase or add a field without a `remusctl` of
+//! another release misreading the daemon. `convert` is the one place that maps the
+//! internal types onto these.
+//!
+//! # Versions
+//!
+//! [`CONTROL_VERSION`] is 1, the protocol of release 0.1.0: these types serialise byte for
+//! byte as that release's daemon did (the golden test in `tests` holds them to it), so a
+//! 0.1.0 `remusctl` and this daemon, or the other way round, understand each other during a
+//! rolling upgrade. Adding an optional field (`#[serde(default)]`, skipped when absent) is
+//! not a change of the wire. Any other change (a renamed field or tag, a new variant an old
+//! client must understand, a changed unit) is: it bumps [`CONTROL_VERSION`], and the client
+//! must then accept both the old and the new version (and the daemon answer in the version
+//! it was asked in) for as long as a rolling upgrade may pair the two releases.
+
+mod convert;
+mod protection;
+mod role;
+#[cfg(test)]
+mod tests;
 
 use async_trait::async_trait;
-use remus_engine::backup::BackupStatus;
-use remus_engine::primary::PrimaryStatus;
-use remus_ha::role::Role;
 use serde::{Deserialize, Serialize};
 
+pub use protection::{
+    EpochPhase, EpochReport, EpochSummary, Percentiles, ProtectionStatus, ReplicaState,
+    ReplicaStatus,
+};
+pub use role::{CopyHolder, CopyStamp, FenceProof, Role};
+
 /// Version of the control protocol; a client refuses a daemon that speaks another one.
+/// Unchanged since 0.1.0 (see the module's *Versions* for what a change requires).
 pub const CONTROL_VERSION: u32 = 1;
 
 /// Largest request or response line accepted, in bytes (status of many domains fits).
@@ -75,7 +104,7 @@ pub enum Response {
 }
 
 /// The daemon as a whole.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DaemonStatus {
     /// [`CONTROL_VERSION`].
     pub version: u32,
@@ -118,7 +147,7 @@ pub enum PeerLiveness {
 }
 
 /// One domain on this node.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DomainStatus {
     /// The domain's name.
     pub name: String,
@@ -127,9 +156,9 @@ pub struct DomainStatus {
     /// This node's QEMU for the domain, if one exists.
     pub vm: Option<VmStatus>,
     /// The primary's epoch loop, while protecting.
-    pub protection: Option<PrimaryStatus>,
+    pub protection: Option<ProtectionStatus>,
     /// The backup's receiver, while receiving.
-    pub replica: Option<BackupStatus>,
+    pub replica: Option<ReplicaStatus>,
     /// Last committed checkpoint of the replica (backup), if any.
     pub committed_epoch: Option<u64>,
     /// The witness lease, when the domain fences with a witness: "held", "lost",
@@ -146,7 +175,7 @@ pub struct DomainStatus {
     /// The stamp on this node's copy of the domain's data (which node's copy is newer:
     /// [`remus_ha::lineage`]); advertised in the heartbeats.
     #[serde(default)]
-    pub copy: remus_ha::lineage::CopyStamp,
+    pub copy: CopyStamp,
 }
 
 /// A QEMU process of this node.

@@ -34,13 +34,14 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use remus_engine::metrics::Percentiles;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::api::{ControlHandler, DaemonStatus, DomainStatus, PeerLiveness};
+use crate::api::{
+    ControlHandler, DaemonStatus, DomainStatus, EpochReport, PeerLiveness, Percentiles,
+};
 
 /// The `Content-Type` of the exposition.
 pub const CONTENT_TYPE_OPENMETRICS: &str =
@@ -552,7 +553,7 @@ impl Collector for Snapshot {
             (
                 "remus_last_epoch_pause",
                 "Latest checkpoint: the VM's whole pause.",
-                (|r| r.pause.as_micros() as u64) as fn(&remus_engine::metrics::EpochReport) -> u64,
+                (|r| r.pause.as_micros() as u64) as fn(&EpochReport) -> u64,
             ),
             (
                 "remus_last_epoch_stop",

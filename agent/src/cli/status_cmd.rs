@@ -8,12 +8,10 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use clap::Args;
-use remus_engine::metrics::Percentiles;
-use remus_ha::role::Role;
 
 use super::daemon_cmd::{block_on, DaemonArgs};
 use super::{EXIT_OK, EXIT_PROBLEMS};
-use crate::api::{DaemonStatus, DomainStatus, PeerLiveness};
+use crate::api::{DaemonStatus, DomainStatus, PeerLiveness, Percentiles, Role};
 use crate::control::ControlClient;
 
 /// `remusctl status` arguments.

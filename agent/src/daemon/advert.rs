@@ -17,8 +17,9 @@
 use remus_ha::decide::PeerClaim;
 use remus_ha::heartbeat::DOMAIN_PAYLOAD_LEN;
 use remus_ha::lineage::{CopyHolder, CopyStamp};
-use remus_ha::role::Role;
 use thiserror::Error;
+
+use crate::api;
 
 /// A payload this node cannot read (an unknown value from a newer or broken peer).
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
@@ -43,7 +44,8 @@ pub struct DomainAdvert {
 }
 
 /// A role's wire value.
-fn role_value(role: &Role) -> u8 {
+fn role_value(role: &api::Role) -> u8 {
+    use api::Role;
     match role {
         Role::Stopped => 0,
         Role::Standalone => 1,
@@ -58,12 +60,13 @@ fn role_value(role: &Role) -> u8 {
 }
 
 impl DomainAdvert {
-    /// What this node advertises in `role`.
-    pub fn new(role: &Role, epoch: u64, copy: CopyStamp) -> Self {
+    /// What this node advertises in `role`: built from the same status snapshot the control
+    /// socket serves, so a peer and an operator never see different roles.
+    pub fn new(role: &api::Role, epoch: u64, copy: api::CopyStamp) -> Self {
         Self {
             role: role_value(role),
             epoch,
-            copy,
+            copy: copy.into(),
         }
     }
 
@@ -116,7 +119,7 @@ impl DomainAdvert {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use remus_ha::role::FenceProof;
+    use remus_ha::role::{FenceProof, Role};
 
     #[test]
     fn every_role_roundtrips_to_its_claim() {
@@ -162,7 +165,7 @@ mod tests {
             holder: CopyHolder::Received,
         };
         for (role, claim) in rows {
-            let a = DomainAdvert::new(&role, 41, copy);
+            let a = DomainAdvert::new(&api::Role::from(&role), 41, copy.into());
             let back = DomainAdvert::decode(&a.encode()).unwrap();
             assert_eq!(back, a, "{role:?}");
             assert_eq!(back.claim(), claim, "{role:?}");

@@ -6,20 +6,15 @@
 
 #![allow(dead_code)] // each test binary uses part of it
 
-use remus_ha::lineage::{CopyHolder, CopyStamp};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use remus_agent::api::{
-    ControlHandler, DaemonStatus, DomainCounters, DomainStatus, FailoverRecord, PeerLiveness,
-    Request, Response, ResyncRecord, VmStatus, CONTROL_VERSION,
+    ControlHandler, CopyHolder, CopyStamp, DaemonStatus, DomainCounters, DomainStatus, EpochPhase,
+    EpochReport, EpochSummary, FailoverRecord, PeerLiveness, Percentiles, ProtectionStatus,
+    ReplicaState, ReplicaStatus, Request, Response, ResyncRecord, Role, VmStatus, CONTROL_VERSION,
 };
-use remus_engine::backup::BackupStatus;
-use remus_engine::metrics::{EpochReport, EpochSummary, Percentiles};
-use remus_engine::primary::{EpochPhase, PrimaryStatus};
-use remus_engine::replica::ReplicaState;
-use remus_ha::role::Role;
 
 /// Two domains seen from node alpha: `web` protected here as primary, `db` a backup here
 /// that failed over once before, plus an unconfigured-looking `idle` stopped domain.
@@ -48,7 +43,7 @@ pub fn sample_status() -> DaemonStatus {
                     running: true,
                     output_held: true,
                 }),
-                protection: Some(PrimaryStatus {
+                protection: Some(ProtectionStatus {
                     phase: EpochPhase::Running { epoch: 812 },
                     last_acked: Some(811),
                     in_flight: 1,
@@ -124,7 +119,7 @@ pub fn sample_status() -> DaemonStatus {
                 },
                 vm: None,
                 protection: None,
-                replica: Some(BackupStatus {
+                replica: Some(ReplicaStatus {
                     replica: ReplicaState::Committed(300),
                     receiving: Some(301),
                     committed_count: 290,
@@ -164,7 +159,7 @@ pub fn sample_status() -> DaemonStatus {
                 alarms: vec![],
                 failovers: vec![],
                 resyncs: vec![],
-                copy: CopyStamp::NONE,
+                copy: CopyStamp::default(),
                 counters: DomainCounters::default(),
             },
         ],

@@ -128,7 +128,7 @@ pub fn spawn(
     let (ses_tx, ses_rx) = mpsc::channel(2);
     let initial = DomainStatus {
         name: domain.name.clone(),
-        role: roles.current().clone(),
+        role: roles.current().into(),
         vm: None,
         protection: None,
         replica: None,
@@ -138,7 +138,7 @@ pub fn spawn(
         failovers: Vec::new(),
         resyncs: Vec::new(),
         counters: DomainCounters::default(),
-        copy: disk_copy.stamp(),
+        copy: disk_copy.stamp().into(),
     };
     let (status_tx, status_rx) = watch::channel(initial);
     let sup = Supervisor {

@@ -1,6 +1,10 @@
 //! Reporting and teardown: the status snapshot published to the control socket.
+//!
+//! The snapshot is in the control protocol's own types: the engine's and ha's are converted
+//! here, through `crate::api`'s conversions, as they are read.
 
 use super::*;
+use crate::api::{ProtectionStatus, ReplicaStatus};
 
 impl Supervisor {
     // ---------------------------------------------------------------- reporting
@@ -15,15 +19,18 @@ impl Supervisor {
                 }),
                 v.protection
                     .as_ref()
-                    .map(|p| p.handle.status.borrow().clone()),
+                    .map(|p| ProtectionStatus::from(&*p.handle.status.borrow())),
                 None,
             ),
             Runtime::Replica(r) => (
                 None,
                 None,
-                r.session
-                    .as_ref()
-                    .and_then(|s| s.status.borrow().as_ref().map(|st| st.borrow().clone())),
+                r.session.as_ref().and_then(|s| {
+                    s.status
+                        .borrow()
+                        .as_ref()
+                        .map(|st| ReplicaStatus::from(&*st.borrow()))
+                }),
             ),
             Runtime::Idle => (None, None, None),
         };
@@ -35,7 +42,7 @@ impl Supervisor {
         });
         let st = DomainStatus {
             name: self.d.name.clone(),
-            role: self.role(),
+            role: (&self.role()).into(),
             vm,
             protection,
             replica,
@@ -45,7 +52,7 @@ impl Supervisor {
             failovers: self.failovers.clone(),
             resyncs: self.resyncs.clone(),
             counters: self.counters,
-            copy: self.disk_copy.stamp(),
+            copy: self.disk_copy.stamp().into(),
         };
         self.status.send_replace(st);
     }
