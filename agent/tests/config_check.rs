@@ -294,6 +294,49 @@ fn unreadable_file_and_usage_errors() {
 }
 
 #[test]
+fn a_key_file_others_can_read_is_refused_naming_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("psk");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.path().join("remus.toml");
+    let text = minimal().replacen(
+        "psk_file = \"/etc/remus/psk\"",
+        &format!("psk_file = \"{}\"", key.display()),
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let want = format!(
+        "{}: mode 0644 lets its group and others read it",
+        key.display()
+    );
+
+    let out = remusctl(&["config", "check", "--files-exist", cfg.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains(&want), "config check:\n{stdout}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_remusd"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&want), "remusd:\n{stderr}");
+
+    // Owner-only: the key problem is gone (the example's kernel files are still missing).
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = remusctl(&["config", "check", "--files-exist", cfg.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("fencing.command"),
+        "the other files are still checked:\n{stdout}"
+    );
+    assert!(!stdout.contains("auth.psk_file"), "{stdout}");
+}
+
+#[test]
 fn remusd_refuses_to_start_on_a_bad_config_or_missing_files() {
     let cfg = configs_dir().join("minimal.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_remusd"))

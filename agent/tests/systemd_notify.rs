@@ -56,6 +56,7 @@ fn read_until(sock: &UnixDatagram, want: &str, limit: Duration) -> Vec<String> {
 fn write_config(dir: &Path) -> std::path::PathBuf {
     let key = dir.join("psk");
     std::fs::write(&key, [0x5au8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let cfg = dir.join("remus.toml");
     std::fs::write(
         &cfg,

@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -193,6 +194,7 @@ impl FileBackend {
             .read(true)
             .write(true)
             .create(true)
+            .mode(0o600)
             .truncate(true)
             .open(&path)
             .map_err(io)?;

@@ -26,6 +26,8 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Seek, SeekFrom};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -274,10 +276,14 @@ impl BackupStore {
     /// # Errors
     /// [`BackupError`] on I/O failures or a WAL that belongs to another disk.
     pub fn open(cfg: BackupConfig) -> Result<Self, BackupError> {
-        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| BackupError::StateDir {
-            path: cfg.state_dir.clone(),
-            source,
-        })?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.state_dir)
+            .map_err(|source| BackupError::StateDir {
+                path: cfg.state_dir.clone(),
+                source,
+            })?;
         if let Ok(rd) = std::fs::read_dir(&cfg.state_dir) {
             for e in rd.flatten() {
                 let name = e.file_name();
@@ -411,6 +417,7 @@ impl BackupStore {
                 .read(true)
                 .write(true)
                 .create(true)
+                .mode(0o600)
                 .truncate(true)
                 .open(&path)
                 .map_err(|source| BackupError::Spill {

@@ -16,6 +16,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RMSBMAP1";
@@ -100,6 +101,7 @@ impl DirtyBitmap {
             .read(true)
             .write(true)
             .create(true)
+            .mode(0o600)
             .truncate(false)
             .open(path)
             .map_err(io("open"))?;

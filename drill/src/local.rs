@@ -224,6 +224,11 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     let o = &o;
     let key: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     std::fs::write(o.work_dir.join("psk"), &key)?;
+    // Owner-only, or remusd refuses the key.
+    std::fs::set_permissions(
+        o.work_dir.join("psk"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     for f in ["primary.img", "replica.img"] {
         std::fs::File::create(o.work_dir.join(f))?.set_len(64 << 20)?;
     }

@@ -24,6 +24,8 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -328,7 +330,13 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReplicaError> {
 /// [`write_atomic`] of the concatenation of `parts`, without building it in memory.
 fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<(), ReplicaError> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(io_err(&tmp, "create"))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp, "create"))?;
     for part in parts {
         f.write_all(part).map_err(io_err(&tmp, "write"))?;
     }
@@ -351,12 +359,17 @@ impl ReplicaStore {
     /// File errors; metadata of another domain or RAM size; a corrupt staging file while
     /// the metadata says a checkpoint is being applied.
     pub fn open(domain: &str, dir: &Path, ram_size: u64) -> Result<Self, ReplicaError> {
-        fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir, "create directory"))?;
         let ram_path = dir.join("ram");
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
+            .mode(0o600)
             .truncate(false)
             .open(&ram_path)
             .map_err(io_err(&ram_path, "open"))?;

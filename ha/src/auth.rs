@@ -41,6 +41,16 @@ pub enum KeyError {
         path: String,
         source: std::io::Error,
     },
+    /// The key file can be read by its group or by others: a secret that is not one.
+    #[error(
+        "ha key file {path}: mode {mode:04o} lets {who} read it; \
+         run `chmod 600 {path}` (keys must be readable by their owner only)"
+    )]
+    Exposed {
+        path: String,
+        mode: u32,
+        who: &'static str,
+    },
     /// The key material is too short to be a secret.
     #[error("ha key file {path}: {len} bytes, at least {MIN_KEY_MATERIAL} required")]
     TooShort { path: String, len: usize },
@@ -82,12 +92,9 @@ impl HaKey {
     /// Reads a PSK file and derives the key from it (see [`HaKey::derive`]).
     ///
     /// # Errors
-    /// [`KeyError::Read`] if unreadable, [`KeyError::TooShort`] under 32 bytes.
+    /// As [`read_key_file`]; [`KeyError::TooShort`] under 32 bytes.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let raw = std::fs::read(path).map_err(|source| KeyError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let raw = read_key_file(path)?;
         Self::derive(&raw).ok_or(KeyError::TooShort {
             path: path.display().to_string(),
             len: raw.len(),
@@ -123,6 +130,45 @@ impl HaKey {
         m.update(body);
         m.verify_slice(tag).ok().map(|()| body)
     }
+}
+
+/// Checks that only the key file's owner may read it: no read, write or execute bit for
+/// group or others (what `ssh` and WireGuard's `wg` insist on too). The one place every
+/// program that reads a key file (remusd, remus-witness, `remusctl config check`) asks.
+///
+/// # Errors
+/// [`KeyError::Read`] if its metadata cannot be read, [`KeyError::Exposed`] if group or
+/// others have any access.
+pub fn check_key_file_mode(path: &Path) -> Result<(), KeyError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    let who = match (mode & 0o070 != 0, mode & 0o007 != 0) {
+        (false, false) => return Ok(()),
+        (true, false) => "its group",
+        (false, true) => "others",
+        (true, true) => "its group and others",
+    };
+    Err(KeyError::Exposed {
+        path: path.display().to_string(),
+        mode,
+        who,
+    })
+}
+
+/// Reads a key file after [`check_key_file_mode`].
+///
+/// # Errors
+/// [`KeyError::Exposed`] or [`KeyError::Read`], naming the file.
+pub fn read_key_file(path: &Path) -> Result<Vec<u8>, KeyError> {
+    check_key_file_mode(path)?;
+    std::fs::read(path).map_err(|source| KeyError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Wall clock in microseconds since the Unix epoch (0 if the clock is before 1970).
@@ -199,10 +245,43 @@ mod tests {
     }
 
     #[test]
+    fn a_key_file_others_can_read_is_refused_naming_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("psk.key");
+        std::fs::write(&p, [7u8; 32]).unwrap();
+        let rows = [
+            (0o600, None),
+            (0o400, None),
+            (0o640, Some("its group")),
+            (0o604, Some("others")),
+            (0o644, Some("its group and others")),
+            (0o610, Some("its group")),
+        ];
+        for (mode, refused) in rows {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            match (HaKey::from_file(&p), refused) {
+                (Ok(_), None) => {}
+                (Err(e @ KeyError::Exposed { .. }), Some(who)) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("psk.key") && e.contains(&format!("{mode:04o}")),
+                        "{e}"
+                    );
+                    assert!(e.contains(&format!("lets {who} read")), "{e}");
+                }
+                (r, want) => panic!("mode {mode:o}: got {r:?}, want refusal {want:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn key_file_errors_name_the_file() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("short.key");
         std::fs::write(&p, b"short").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = HaKey::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("short.key") && e.contains("5 bytes"), "{e}");
         let e = HaKey::from_file(&dir.path().join("missing")).unwrap_err();

@@ -8,6 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Name of the temporary file a write of `path` goes through.
@@ -18,15 +19,20 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` atomically and durably (temporary file, fsync, rename, fsync of
-/// the directory). Returns the failed step's name with the error.
+/// the directory). The file is readable and writable by its owner only (0600). Returns the failed step's name with the error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, io::Error)> {
     let tmp = tmp_path(path);
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
+        .mode(0o600)
         .truncate(true)
         .open(&tmp)
         .map_err(|e| ("create temporary file", e))?;
+    // A temporary file left by a crash keeps the mode it was created with: set it, so the
+    // state file is owner-only whatever the umask or history.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| ("chmod temporary file", e))?;
     f.write_all(bytes)
         .map_err(|e| ("write temporary file", e))?;
     f.sync_all().map_err(|e| ("fsync temporary file", e))?;

@@ -34,6 +34,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -457,7 +458,11 @@ impl RoleStore {
             let path = path.clone();
             move |source| RoleError::Io { path, op, source }
         };
-        fs::create_dir_all(&dir).map_err(io_err("create state directory"))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("create state directory"))?;
         let corrupt = |reason: String| RoleError::Corrupt {
             path: path.clone(),
             reason,

@@ -375,6 +375,11 @@ async fn process_pair() -> ProcessPair {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("psk");
     std::fs::write(&key_file, MATERIAL).unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let state = dir.path().join("witness.json");
     let w = WitnessProcess::start(SocketAddr::new(lo(), 0), &key_file, &state);
     let addr = w.addr;
@@ -461,6 +466,11 @@ async fn witness_binary_refuses_a_short_key_file() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("psk");
     std::fs::write(&key_file, b"short").unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_remus-witness"))
         .args(["--listen", "127.0.0.1:0", "--key-file"])
         .arg(&key_file)
@@ -471,4 +481,27 @@ async fn witness_binary_refuses_a_short_key_file() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("at least 32 required"), "{err}");
+}
+
+#[tokio::test]
+async fn witness_binary_refuses_a_key_file_others_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("psk");
+    std::fs::write(&key_file, MATERIAL).unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_remus-witness"))
+        .args(["--listen", "127.0.0.1:0", "--key-file"])
+        .arg(&key_file)
+        .arg("--state-file")
+        .arg(dir.path().join("s.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!("{}: mode 0640 lets its group read it", key_file.display());
+    assert!(err.contains(&want), "{err}");
 }

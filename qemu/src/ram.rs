@@ -13,6 +13,7 @@
 //!   copies pages it will send only between `stop` and `cont`.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
@@ -165,6 +166,7 @@ impl GuestRamMut {
             .read(true)
             .write(true)
             .create(true)
+            .mode(0o600)
             .truncate(false)
             .open(path)
             .map_err(|source| RamError::Open {

@@ -120,6 +120,10 @@ async fn start_boots_the_newest_copy_of_the_disks() -> Result<()> {
         .tempdir_in("/dev/shm")?;
     let dir = work.path();
     std::fs::write(dir.join("psk"), [7u8; 48])?;
+    std::fs::set_permissions(
+        dir.join("psk"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     for f in ["image.img", "replica.img"] {
         std::fs::File::create(dir.join(f))?.set_len(DISK_BYTES)?;
     }

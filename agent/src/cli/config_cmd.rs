@@ -17,8 +17,8 @@ pub enum ConfigCmd {
         /// Files to check.
         #[arg(default_value = DEFAULT_CONFIG_PATH)]
         files: Vec<PathBuf>,
-        /// Also check that referenced files exist (key files, kernels, fencing programs):
-        /// only meaningful on the host that will use the configuration.
+        /// Also check that referenced files exist (key files, kernels, fencing programs) and
+        /// that the key file is readable by its owner only: only meaningful on the host that will use the configuration.
         #[arg(long)]
         files_exist: bool,
     },

@@ -443,7 +443,11 @@ impl Config {
                     key_file.display(),
                     m.len()
                 )),
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Err(e) = remus_ha::auth::check_key_file_mode(key_file) {
+                        problem(format!("auth.psk_file: {e}"));
+                    }
+                }
                 Err(e) => problem(format!("auth.psk_file {}: {e}", key_file.display())),
             },
         }

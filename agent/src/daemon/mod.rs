@@ -65,8 +65,8 @@ pub struct Shared {
 /// listener, control socket). Failures of one domain are handled by its supervisor.
 pub async fn run(config: Config) -> Result<()> {
     let AuthConfig::Psk { key_file } = &config.auth;
-    let key = std::fs::read(key_file)
-        .with_context(|| format!("reading the pre-shared key {}", key_file.display()))?;
+    // The mode check (owner-only) is the same one remus-witness and `config check` apply.
+    let key = remus_ha::auth::read_key_file(key_file).context("the pre-shared key")?;
     let psk = PreSharedKey::from_bytes(&key)
         .with_context(|| format!("pre-shared key {}", key_file.display()))?;
     let hakey = HaKey::from_file(key_file)

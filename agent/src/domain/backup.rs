@@ -6,6 +6,7 @@
 //! resumes it and announces its MACs. The replica disks become the VM's disks, served over
 //! NBD through `blk-remus` primaries that track dirty regions, ready for failback.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -226,12 +227,19 @@ impl ReplicaFiles {
         let bytes = self.domain.qemu.memory_mib << 20;
         self.ram_written.start(bytes / PAGE_SIZE as u64);
         let (src, dst) = (self.paths.replica(), paths.replica());
-        std::fs::create_dir_all(&dst).with_context(|| format!("creating {}", dst.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dst)
+            .with_context(|| format!("creating {}", dst.display()))?;
         std::fs::copy(src.join("ram"), dst.join("ram"))
             .with_context(|| format!("domain {name}: copying {}", src.join("ram").display()))?;
         let mut domain = self.domain.clone();
         let disks_dir = scratch.join("disks");
-        std::fs::create_dir_all(&disks_dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&disks_dir)
             .with_context(|| format!("creating {}", disks_dir.display()))?;
         for (d, store) in domain.disks.iter_mut().zip(&self.disks) {
             let to = disks_dir.join(format!("{}.img", d.id));

@@ -5,6 +5,7 @@
 //! leaves metadata describing RAM that is gone. Persistent state (disk WAL and spill logs,
 //! dirty bitmaps, the role file) sits under the state directory.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// The files of one domain.
@@ -30,8 +31,14 @@ impl DomainPaths {
     /// # Errors
     /// Directory creation failures.
     pub fn create(&self) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.run)?;
-        std::fs::create_dir_all(&self.state)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.run)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.state)
     }
 
     /// QEMU's QMP socket.

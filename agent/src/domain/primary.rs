@@ -11,6 +11,7 @@
 //!
 //! Until protection starts the buffers pass traffic through (the VM runs standalone).
 
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -217,7 +218,10 @@ impl RunningVm {
         let mut disks = Vec::new();
         let mut served: Vec<(String, Arc<dyn blk_remus::BlockBackend>)> = Vec::new();
         for (d, local) in domain.disks.iter().zip(backends) {
-            std::fs::create_dir_all(paths.disk_state(&d.id))?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(paths.disk_state(&d.id))?;
             let cfg = blk_remus::PrimaryConfig {
                 bitmap_path: Some(paths.disk_state(&d.id).join("dirty.bitmap")),
                 ..Default::default()

@@ -191,6 +191,9 @@ pub fn write_all(c: &PairConfig) -> anyhow::Result<()> {
     let key: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     let psk = psk_path(&c.work_dir);
     std::fs::write(&psk, &key).with_context(|| format!("writing {}", psk.display()))?;
+    // Owner-only, or remusd and the witness refuse the key.
+    std::fs::set_permissions(&psk, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("chmod 600 {}", psk.display()))?;
     for host in Host::BOTH {
         let f = NodeFiles::of(&c.work_dir, host);
         for d in [&f.run_dir, &f.state_dir] {

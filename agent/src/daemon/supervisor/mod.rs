@@ -29,6 +29,7 @@
 //! if it wins the lease back, and kills it if the peer holds the lease.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,7 +120,10 @@ pub fn spawn(
 ) -> Result<(SupervisorHandle, JoinHandle<()>)> {
     let node = &shared.config.node;
     let paths = DomainPaths::new(&node.run_dir, &node.state_dir, &domain.name);
-    std::fs::create_dir_all(&node.state_dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&node.state_dir)
         .with_context(|| format!("creating {}", node.state_dir.display()))?;
     let roles = RoleStore::open(&node.state_dir, &domain.name)
         .with_context(|| format!("domain {}: role file", domain.name))?;
