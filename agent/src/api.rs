@@ -122,6 +122,41 @@ pub struct DaemonStatus {
     pub uptime_s: u64,
     /// One entry per configured domain, in configuration order.
     pub domains: Vec<DomainStatus>,
+    /// What the network doors refused since the daemon started (absent while all zero, so
+    /// a quiet daemon's status is byte-identical to 0.1.0's).
+    #[serde(default, skip_serializing_if = "Doors::is_quiet")]
+    pub doors: Doors,
+}
+
+/// Counters of what anyone on the network can send and this node refused: each is counted
+/// always and logged only at a limited rate (`remus_ha::lograte`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Doors {
+    /// Heartbeats dropped for a bad tag (wrong key, tampered, random bytes), all links.
+    #[serde(default)]
+    pub heartbeat_bad_tag: u64,
+    /// Heartbeats dropped as malformed although authentic.
+    #[serde(default)]
+    pub heartbeat_malformed: u64,
+    /// Authentic heartbeats from another node than the peer.
+    #[serde(default)]
+    pub heartbeat_unknown_node: u64,
+    /// Heartbeats replayed (sequence not above the last accepted).
+    #[serde(default)]
+    pub heartbeat_replayed: u64,
+    /// Replication connections that failed the handshake or its deadline.
+    #[serde(default)]
+    pub handshakes_refused: u64,
+    /// Replication connections closed at once because the unauthenticated ones were at the cap.
+    #[serde(default)]
+    pub connections_shed: u64,
+}
+
+impl Doors {
+    /// All zero.
+    pub fn is_quiet(&self) -> bool {
+        *self == Doors::default()
+    }
 }
 
 /// The heartbeat detector's verdict on the peer.

@@ -300,6 +300,10 @@ fn counters(
 ) -> Result<(), std::fmt::Error> {
     let mut family = enc.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
     for (labels, value) in samples {
+        if labels.is_empty() {
+            // A daemon-wide counter has a single unlabelled sample (no `{}`).
+            return ConstCounter::new(value).encode(family);
+        }
         ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
@@ -412,6 +416,43 @@ impl Collector for Snapshot {
             s.replication_heard_ms_ago
                 .map(|ms| vec![(vec![("peer", peer.clone())], secs_ms(ms))])
                 .unwrap_or_default(),
+        )?;
+
+        // The doors: what anyone on the network sent and this node refused.
+        let d = &s.doors;
+        counters(
+            e,
+            "remus_heartbeat_dropped",
+            "Heartbeat datagrams dropped, by reason (logged at a limited rate).",
+            None,
+            [
+                ("bad_tag", d.heartbeat_bad_tag),
+                ("malformed", d.heartbeat_malformed),
+                ("unknown_node", d.heartbeat_unknown_node),
+                ("replayed", d.heartbeat_replayed),
+            ]
+            .into_iter()
+            .map(|(reason, v)| {
+                (
+                    vec![("peer", peer.clone()), ("reason", reason.to_string())],
+                    v,
+                )
+            })
+            .collect(),
+        )?;
+        counters(
+            e,
+            "remus_replication_handshakes_refused",
+            "Replication connections that failed the handshake or its deadline.",
+            None,
+            vec![(vec![], d.handshakes_refused)],
+        )?;
+        counters(
+            e,
+            "remus_replication_connections_shed",
+            "Replication connections closed on accept: unauthenticated ones were at the cap.",
+            None,
+            vec![(vec![], d.connections_shed)],
         )?;
 
         // Per domain: role and VM.

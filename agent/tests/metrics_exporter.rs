@@ -100,6 +100,18 @@ remus_epoch_output_commit_delay_seconds{domain=\"web\",quantile=\"0.99\"} 0.0615
 ",
     "remus_last_epoch{domain=\"web\"} 811
 ",
+    "# TYPE remus_heartbeat_dropped counter
+remus_heartbeat_dropped_total{peer=\"beta\",reason=\"bad_tag\"} 7
+remus_heartbeat_dropped_total{peer=\"beta\",reason=\"malformed\"} 0
+remus_heartbeat_dropped_total{peer=\"beta\",reason=\"unknown_node\"} 0
+remus_heartbeat_dropped_total{peer=\"beta\",reason=\"replayed\"} 2
+",
+    "# TYPE remus_replication_handshakes_refused counter
+remus_replication_handshakes_refused_total 3
+",
+    "# TYPE remus_replication_connections_shed counter
+remus_replication_connections_shed_total 468
+",
     "remus_last_epoch_pause_seconds{domain=\"web\"} 0.0095
 ",
     "remus_last_epoch_stop_seconds{domain=\"web\"} 0.0015
@@ -180,7 +192,7 @@ fn exposition_of_a_representative_snapshot() {
             assert!(line.starts_with("remus_"), "{line}");
         }
     }
-    assert_eq!(declared.len(), 42, "{declared:?}");
+    assert_eq!(declared.len(), 45, "{declared:?}");
     // absent sources give no series rather than a misleading zero
     for absent in [
         "remus_last_acked_epoch{domain=\"db\"}",

@@ -372,6 +372,17 @@ impl TrafficProbe {
     }
 }
 
+/// Reads the detector's per-link counters (for status and metrics).
+#[derive(Clone, Debug)]
+pub struct StatsReader(Arc<Mutex<DetectorStats>>);
+
+impl StatsReader {
+    /// A snapshot of the per-link counters.
+    pub fn get(&self) -> DetectorStats {
+        self.0.lock().expect("stats lock").clone()
+    }
+}
+
 /// A running detector (the task stops when this is dropped or [`Detector::shutdown`]).
 #[derive(Debug)]
 pub struct Detector {
@@ -455,6 +466,7 @@ impl Detector {
         let probe = TrafficProbe::new();
         let state = State {
             highest_seq: vec![None; cfg.links.len()],
+            quiet: Default::default(),
             last_uptime: None,
             seq: SequenceSource::new(),
             started,
@@ -492,6 +504,11 @@ impl Detector {
     /// A snapshot of the per-link counters.
     pub fn stats(&self) -> DetectorStats {
         self.stats.lock().expect("stats lock").clone()
+    }
+
+    /// A reader of the per-link counters that outlives a move of the detector.
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader(self.stats.clone())
     }
 
     /// A probe for the replication connection to report traffic.
@@ -571,6 +588,9 @@ struct State {
     started: Instant,
     /// Per link: the highest sequence number accepted.
     highest_seq: Vec<Option<u64>>,
+    /// One log limit per kind of dropped datagram (bad tag, malformed, unknown node,
+    /// replay): anyone can send them, so they are counted always and logged rarely.
+    quiet: [crate::lograte::LogLimit; 4],
     /// The peer's uptime in its last heartbeat (a decrease means it restarted).
     last_uptime: Option<u64>,
     live: watch::Sender<PeerLiveness>,
@@ -631,23 +651,42 @@ impl State {
             Ok(b) => b,
             Err(DecodeError::BadTag) => {
                 ls.dropped_bad_tag += 1;
-                warn!(link = m.link, "heartbeat with a bad tag dropped");
+                if let Some(folded) = self.quiet[0].admit(m.at.into_std()) {
+                    warn!(link = m.link, total = ls.dropped_bad_tag, folded, "heartbeat with a bad tag dropped (rate-limited: `folded` more since the last line)");
+                }
                 return;
             }
             Err(DecodeError::Malformed) => {
                 ls.dropped_malformed += 1;
-                warn!(link = m.link, "malformed heartbeat dropped");
+                if let Some(folded) = self.quiet[1].admit(m.at.into_std()) {
+                    warn!(
+                        link = m.link,
+                        total = ls.dropped_malformed,
+                        folded,
+                        "malformed heartbeat dropped (rate-limited)"
+                    );
+                }
                 return;
             }
         };
         if beat.node != self.cfg.peer {
             ls.dropped_unknown_node += 1;
-            warn!(link = m.link, node = %beat.node, "heartbeat from an unknown node dropped");
+            if let Some(folded) = self.quiet[2].admit(m.at.into_std()) {
+                warn!(link = m.link, node = %beat.node, total = ls.dropped_unknown_node, folded, "heartbeat from an unknown node dropped (rate-limited)");
+            }
             return;
         }
         if self.highest_seq[m.link].is_some_and(|h| beat.seq <= h) {
             ls.dropped_replay += 1;
-            warn!(link = m.link, seq = beat.seq, "replayed heartbeat dropped");
+            if let Some(folded) = self.quiet[3].admit(m.at.into_std()) {
+                warn!(
+                    link = m.link,
+                    seq = beat.seq,
+                    total = ls.dropped_replay,
+                    folded,
+                    "replayed heartbeat dropped (rate-limited)"
+                );
+            }
             return;
         }
         self.highest_seq[m.link] = Some(beat.seq);

@@ -9,6 +9,7 @@
 //! - [`role`]: the per-domain role state machine, persisted before anyone acts on it;
 //! - [`lineage`]: which node holds the newest copy of a domain's data (advertised in the
 //!   heartbeats, so an operator's start never boots the older copy);
+//! - [`lograte`]: counted, rate-limited logging of what anyone on the network can cause;
 //! - [`decide`]: the pure rule table the daemon consults to turn all of the above into an
 //!   action on the VM.
 //!
@@ -35,6 +36,7 @@ pub mod decide;
 pub mod fence;
 pub mod heartbeat;
 pub mod lineage;
+pub mod lograte;
 pub mod persist;
 pub mod role;
 pub mod witness;

@@ -185,6 +185,7 @@ fn sample() -> DaemonStatus {
         replication_heard_ms_ago: Some(40),
         uptime_s: 3725,
         domains: vec![web, db, idle],
+        doors: Default::default(),
     }
 }
 
@@ -250,6 +251,25 @@ const RESPONSE_GOLDEN: &str = concat!(
     r#":12,"bytes_copied":1048576,"bytes_zero":4096}],"counters":{"checkpoints":801,"refuse"#,
     r#"d":0,"protection_lost":1,"failovers":0},"copy":{"generation":4,"holder":"ran"}}]}"#,
 );
+
+#[test]
+fn doors_appear_once_anything_was_refused_and_read_back() {
+    let mut s = sample();
+    s.doors.heartbeat_bad_tag = 120_000;
+    s.doors.connections_shed = 468;
+    let text = wire(&s);
+    assert!(
+        text.ends_with(concat!(
+            r#""doors":{"heartbeat_bad_tag":120000,"heartbeat_malformed":0,"heartbeat_unknown_"#,
+            r#"node":0,"heartbeat_replayed":0,"handshakes_refused":0,"connections_shed":468}}"#
+        )),
+        "{text}"
+    );
+    assert_eq!(round_trip(&s), s);
+    // A 0.1.0 daemon's status (no doors) reads as quiet doors.
+    let old: DaemonStatus = serde_json::from_str(SAMPLE_GOLDEN).unwrap();
+    assert!(old.doors.is_quiet());
+}
 
 #[test]
 fn status_round_trips() {

@@ -81,6 +81,20 @@ pub fn render(s: &DaemonStatus) -> String {
         peer,
         uptime(s.uptime_s)
     );
+    if !s.doors.is_quiet() {
+        let d = &s.doors;
+        let _ = writeln!(
+            out,
+            "refused: heartbeats {} bad tag, {} malformed, {} unknown node, {} replayed; \
+             replication {} handshakes refused, {} connections shed",
+            d.heartbeat_bad_tag,
+            d.heartbeat_malformed,
+            d.heartbeat_unknown_node,
+            d.heartbeat_replayed,
+            d.handshakes_refused,
+            d.connections_shed
+        );
+    }
     if s.domains.is_empty() {
         let _ = writeln!(out, "no domains configured");
     }

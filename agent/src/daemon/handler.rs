@@ -52,6 +52,23 @@ impl DaemonHandler {
     }
 }
 
+impl DaemonHandler {
+    /// The doors' counters: heartbeat drops summed over the links, and the listener's.
+    fn doors(&self) -> crate::api::Doors {
+        let mut d = crate::api::Doors::default();
+        for l in &self.shared.heartbeat_stats.get().links {
+            d.heartbeat_bad_tag += l.dropped_bad_tag;
+            d.heartbeat_malformed += l.dropped_malformed;
+            d.heartbeat_unknown_node += l.dropped_unknown_node;
+            d.heartbeat_replayed += l.dropped_replay;
+        }
+        let (refused, shed) = self.shared.listener.get();
+        d.handshakes_refused = refused;
+        d.connections_shed = shed;
+        d
+    }
+}
+
 #[async_trait]
 impl ControlHandler for DaemonHandler {
     async fn status(&self) -> DaemonStatus {
@@ -71,6 +88,7 @@ impl ControlHandler for DaemonHandler {
                 .iter()
                 .map(|s| s.status.borrow().clone())
                 .collect(),
+            doors: self.doors(),
         }
     }
 

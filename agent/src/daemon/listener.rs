@@ -5,21 +5,69 @@
 //! protect is refused and logged with its address. Whether a domain *accepts* an
 //! authenticated session (it will not while it runs the VM itself) is its supervisor's
 //! decision.
+//!
+//! The door is bounded: anyone who can reach the port can open connections, so at most
+//! [`MAX_UNAUTHENTICATED`] may be in their handshake at once (more are closed on accept and
+//! counted as shed), each has [`HANDSHAKE_TIMEOUT`] to finish, and refusals are counted
+//! always but logged at most once per period ([`remus_ha::lograte`]). The real peer opens one
+//! connection per domain and finishes its handshake in a few round trips.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use remus_engine::session::{accept_backup, BackupSession};
+use remus_ha::lograte::LogLimit;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tracing::{info, warn, Instrument};
 
 use super::Shared;
 
-/// Time a connecting peer has to complete the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a connecting peer has to complete the handshake: a few round trips even on a slow
+/// WAN link, far less than a flood of idle connections would like to hold a slot for.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connections allowed in their handshake at once (the peer needs one per domain it
+/// protects here, and only briefly).
+pub const MAX_UNAUTHENTICATED: usize = 32;
+
+/// What the listener refused, for status and metrics.
+#[derive(Debug, Default)]
+pub struct ListenerCounters {
+    refused: AtomicU64,
+    shed: AtomicU64,
+    /// Log limits for refusals and sheds.
+    quiet: Mutex<(LogLimit, LogLimit)>,
+}
+
+impl ListenerCounters {
+    /// (handshakes refused, connections shed at the cap).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.refused.load(Ordering::Relaxed),
+            self.shed.load(Ordering::Relaxed),
+        )
+    }
+
+    fn refused(&self, from: SocketAddr, error: &dyn std::fmt::Display) {
+        let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let admit = self.quiet.lock().map(|mut q| q.0.admit(Instant::now()));
+        if let Ok(Some(folded)) = admit {
+            warn!(%from, %error, total, folded, "refused a replication connection (rate-limited: `folded` more since the last line)");
+        }
+    }
+
+    fn shed(&self, from: SocketAddr) {
+        let total = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
+        let admit = self.quiet.lock().map(|mut q| q.1.admit(Instant::now()));
+        if let Ok(Some(folded)) = admit {
+            warn!(%from, total, folded, cap = MAX_UNAUTHENTICATED, "replication connection closed: too many unauthenticated connections (rate-limited)");
+        }
+    }
+}
 
 /// The bound listener.
 pub struct Listener {
@@ -51,6 +99,7 @@ impl Listener {
         let mut stop = self.shared.shutdown.clone();
         let domains: Vec<String> = self.routes.keys().cloned().collect();
         let routes = Arc::new(self.routes);
+        let handshakes = Arc::new(Semaphore::new(MAX_UNAUTHENTICATED));
         loop {
             let (stream, from) = tokio::select! {
                 r = self.socket.accept() => match r {
@@ -62,6 +111,11 @@ impl Listener {
                     }
                 },
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            };
+            // Over the cap: close at once (dropping the stream), before reading a byte.
+            let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                self.shared.listener.shed(from);
+                continue;
             };
             let shared = self.shared.clone();
             let routes = routes.clone();
@@ -82,10 +136,11 @@ impl Listener {
                     {
                         Ok(s) => s,
                         Err(e) => {
-                            warn!(error = %e, "refused a replication connection");
+                            shared.listener.refused(from, &e);
                             return;
                         }
                     };
+                    drop(slot);
                     let domain = session.header.domain.clone();
                     match routes.get(&domain) {
                         Some(tx) => {

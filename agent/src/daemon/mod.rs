@@ -54,6 +54,10 @@ pub struct Shared {
     pub ha: tokio::runtime::Handle,
     /// When the daemon started.
     pub started: Instant,
+    /// The heartbeat detector's per-link counters (drops by reason).
+    pub heartbeat_stats: remus_ha::heartbeat::StatsReader,
+    /// What the replication listener refused.
+    pub listener: Arc<listener::ListenerCounters>,
     /// Set to stop every supervisor.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -126,6 +130,8 @@ pub async fn run(config: Config) -> Result<()> {
         witness,
         ha: ha.handle.clone(),
         started: Instant::now(),
+        heartbeat_stats: detector.stats_reader(),
+        listener: Arc::default(),
         shutdown: stop_rx.clone(),
     });
 

@@ -163,6 +163,13 @@ pub fn sample_status() -> DaemonStatus {
                 counters: DomainCounters::default(),
             },
         ],
+        doors: remus_agent::api::Doors {
+            heartbeat_bad_tag: 7,
+            heartbeat_replayed: 2,
+            handshakes_refused: 3,
+            connections_shed: 468,
+            ..Default::default()
+        },
     }
 }
 

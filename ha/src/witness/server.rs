@@ -453,6 +453,9 @@ impl WitnessServer {
     ) -> Result<(), WitnessError> {
         tokio::pin!(shutdown);
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        // Anyone can send these: counted always, logged rarely.
+        let mut quiet_tag = crate::lograte::LogLimit::default();
+        let mut quiet_malformed = crate::lograte::LogLimit::default();
         info!(addr = %self.addr, "witness serving");
         loop {
             let (n, from) = tokio::select! {
@@ -464,13 +467,17 @@ impl WitnessServer {
             let req = match Request::decode(&self.cfg.key, &buf[..n]) {
                 Ok(r) => r,
                 Err(ProtoError::BadTag) => {
-                    self.stats.dropped_bad_tag.fetch_add(1, Ordering::Relaxed);
-                    warn!(%from, bytes = n, "witness: dropped datagram with a bad tag");
+                    let total = self.stats.dropped_bad_tag.fetch_add(1, Ordering::Relaxed) + 1;
+                    if let Some(folded) = quiet_tag.admit(std::time::Instant::now()) {
+                        warn!(%from, bytes = n, total, folded, "witness: dropped datagram with a bad tag (rate-limited)");
+                    }
                     continue;
                 }
                 Err(e) => {
-                    self.stats.dropped_malformed.fetch_add(1, Ordering::Relaxed);
-                    warn!(%from, error = %e, "witness: dropped malformed request");
+                    let total = self.stats.dropped_malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                    if let Some(folded) = quiet_malformed.admit(std::time::Instant::now()) {
+                        warn!(%from, error = %e, total, folded, "witness: dropped malformed request (rate-limited)");
+                    }
                     continue;
                 }
             };
