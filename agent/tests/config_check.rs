@@ -171,6 +171,18 @@ fn broken_configs_name_the_line() {
             "cert =",
             "auth.cert is not used",
         ),
+        (
+            "qemu argument not on the allow-list",
+            |t| {
+                t.replacen(
+                    "memory_mib = 1024",
+                    "memory_mib = 1024\nextra_args = [\"-rtc\", \"base=utc\",\n  \"-device\", \"usb-storage\"]",
+                    1,
+                )
+            },
+            "  \"-device\"",
+            "extra_args: `-device` is not allowed",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let base = minimal();

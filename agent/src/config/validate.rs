@@ -29,26 +29,6 @@ const TOP_LEVEL: &[&str] = &[
     "domain",
 ];
 
-/// Options that would let a guest bypass replication or output buffering, or break the
-/// agent's control of QEMU, if passed through `extra_args`.
-const FORBIDDEN_QEMU_ARGS: &[&str] = &[
-    "-drive",
-    "-blockdev",
-    "-hda",
-    "-hdb",
-    "-cdrom",
-    "-netdev",
-    "-nic",
-    "-net",
-    "-incoming",
-    "-daemonize",
-    "-qmp",
-    "-monitor",
-    "-chardev",
-    "-loadvm",
-    "-snapshot",
-];
-
 struct Ctx<'a> {
     map: SourceMap<'a>,
     errors: Vec<Diagnostic>,
@@ -939,18 +919,10 @@ fn qemu(
     };
     let mut extra_args = Vec::new();
     if let Some(args) = &r.extra_args {
-        for a in args.get_ref() {
-            let word = a.get_ref();
-            let opt = word.split('=').next().unwrap_or(word);
-            let opt_dashes = if opt.starts_with("--") {
-                &opt[1..]
-            } else {
-                opt
-            };
-            if FORBIDDEN_QEMU_ARGS.contains(&opt_dashes) {
-                cx.error(a.span(), format!("domain.qemu.extra_args: `{word}` is managed by remusd (disks, NICs, monitors and migration must be declared so they are replicated and buffered)"));
-            }
-            extra_args.push(word.clone());
+        let args = args.get_ref();
+        extra_args = args.iter().map(|a| a.get_ref().clone()).collect();
+        if let Err((i, e)) = super::qemu_args::check(&extra_args) {
+            cx.error(args[i].span(), format!("domain.qemu.extra_args: {e}"));
         }
     }
     Some(QemuConfig {
