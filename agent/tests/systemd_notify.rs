@@ -104,8 +104,12 @@ fn remusd_says_ready_pings_the_watchdog_and_says_stopping() {
     let cfg = write_config(dir.path());
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    let mut remusd = Command::new(env!("CARGO_BIN_EXE_remusd"))
-        .args(["--config", cfg.to_str().unwrap()])
+    // systemd sets WATCHDOG_PID to the main process's pid, and sd_notify ignores
+    // WATCHDOG_USEC meant for another process: exec from a shell that knows its own pid.
+    let mut remusd = Command::new("sh")
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" --config \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_remusd"))
+        .arg(&cfg)
         .env("NOTIFY_SOCKET", &notify_path)
         .env("WATCHDOG_USEC", "200000")
         .stdout(Stdio::null())
