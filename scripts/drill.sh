@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
+# Where install-deps puts a Rust toolchain it had to install.
+export PATH="$HOME/.cargo/bin:$PATH"
 bash tests/images/build-guest.sh >/dev/null
 cargo build --quiet -p remus-agent -p remus-ha -p remus-drill --bins
 target="${CARGO_TARGET_DIR:-target}"

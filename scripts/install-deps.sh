@@ -32,7 +32,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "install-deps: still missing after installing: ${missing[*]}" >&2
     exit 1
 fi
+# A Rust toolchain: Debian 12's cargo (1.63) is too old for this workspace, so a missing
+# cargo is installed with rustup (stable, with rustfmt and clippy for .ci/run) into
+# ~/.cargo; scripts/test.sh, scripts/drill.sh and .ci/run put ~/.cargo/bin on PATH.
+export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "install-deps: cargo not found: install a Rust toolchain (1.85 or newer) first" >&2
-    exit 1
+    echo "install-deps: installing a Rust toolchain with rustup (stable, minimal profile)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        curl ca-certificates gcc libc6-dev >/dev/null
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+        sh -s -- -y --profile minimal --component rustfmt,clippy >/dev/null
+    command -v cargo >/dev/null 2>&1 || {
+        echo "install-deps: rustup finished but cargo is still not on PATH" >&2
+        exit 1
+    }
 fi
