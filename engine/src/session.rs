@@ -163,11 +163,9 @@ pub async fn accept_backup(
     };
     let ch = match peer::accept(r, w, psk, &expect, &addr, timeout).await {
         Ok(ch) => ch,
-        Err(e) => {
-            // Every refused peer is logged: an intruder, or a misconfigured partner.
-            warn!(peer = %addr, error = %e, "replication connection refused");
-            return Err(e.into());
-        }
+        // Not logged here: anyone can cause this, so the caller counts it and logs at a
+        // limited rate (remusd's listener); the error names the address.
+        Err(e) => return Err(e.into()),
     };
     let mut reader = RecordReader::new(ch.reader, StreamKind::Replication, true, &addr);
     let header = tokio::time::timeout(timeout, reader.read_header())

@@ -31,7 +31,7 @@ use remus_ha::heartbeat::{Detector, HeartbeatConfig, Link, PeerLiveness};
 use remus_ha::witness::{WitnessClient, WitnessClientConfig};
 use remus_ha::HaKey;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{AuthConfig, Config};
 
@@ -200,7 +200,11 @@ pub async fn run(config: Config) -> Result<()> {
             config.peer.name
         )),
     ]);
-    let watchdog = watchdog_pings(stop_rx.clone());
+    let progress = supervisors
+        .iter()
+        .map(|h| (h.name.clone(), h.progress.clone()))
+        .collect();
+    let watchdog = watchdog_pings(stop_rx.clone(), progress);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -238,20 +242,47 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// With `WatchdogSec=` set in the unit, pings systemd at half the watchdog interval from
-/// the main runtime, so a main runtime that stops making progress gets the daemon restarted
-/// (its QEMU dies with it: a failover, as for any other death of the agent).
-fn watchdog_pings(mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+/// A supervisor that has not completed a step for this long is wedged. Longer than the
+/// longest wait a step makes on purpose (a switchover waits up to 60 s for the old
+/// primary's engine to hand off), so only a real wedge stops the pings.
+const STALL_LIMIT: Duration = Duration::from_secs(90);
+
+/// With `WatchdogSec=` set in the unit, pings systemd at half the watchdog interval from the
+/// main runtime, but only while every domain's supervisor keeps stepping (within
+/// [`STALL_LIMIT`]; `REMUSD_TEST_STALL_LIMIT_MS` shortens it for tests). A stalled main
+/// runtime stops the pings within the watchdog interval, a wedged supervisor within the
+/// limit; systemd then restarts the daemon (its QEMU dies with it: a failover, as for any
+/// other death of the agent).
+fn watchdog_pings(
+    mut stop: watch::Receiver<bool>,
+    progress: Vec<(String, Arc<supervisor::Progress>)>,
+) -> tokio::task::JoinHandle<()> {
     let mut usec = 0u64;
     let enabled = sd_notify::watchdog_enabled(false, &mut usec);
+    let limit = std::env::var("REMUSD_TEST_STALL_LIMIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(STALL_LIMIT, Duration::from_millis);
     tokio::spawn(async move {
         if !enabled || usec == 0 {
             return;
         }
         let period = Duration::from_micros(usec / 2);
-        info!(?period, "systemd watchdog enabled");
+        info!(?period, ?limit, "systemd watchdog enabled");
+        let mut quiet = remus_ha::lograte::LogLimit::default();
         loop {
-            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            let stalled: Vec<String> = progress
+                .iter()
+                .filter(|(_, p)| p.idle_for() > limit)
+                .map(|(name, p)| format!("{name} ({} s)", p.idle_for().as_secs()))
+                .collect();
+            if stalled.is_empty() {
+                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            } else if let Some(folded) = quiet.admit(std::time::Instant::now()) {
+                let status = format!("watchdog withheld: no progress in {}", stalled.join(", "));
+                error!(folded, "{status}");
+                notify_systemd(&[sd_notify::NotifyState::Status(&status)]);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
                 _ = stop.wait_for(|s| *s) => return,

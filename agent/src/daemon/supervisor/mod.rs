@@ -97,6 +97,35 @@ const TEST_RUN: Duration = Duration::from_secs(5);
 
 type Command = (Request, oneshot::Sender<Response>);
 
+/// When a supervisor's loop last completed a step, for the systemd watchdog: a daemon whose
+/// supervisor is wedged must stop pinging it, so systemd restarts the daemon (and its QEMU
+/// dies with it: the peer takes over, as for any other death of the agent).
+#[derive(Debug)]
+pub struct Progress {
+    since: Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Time since the loop last completed a step.
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(last)
+    }
+}
+
 /// What the daemon keeps of a running supervisor.
 #[derive(Clone)]
 pub struct SupervisorHandle {
@@ -108,6 +137,8 @@ pub struct SupervisorHandle {
     pub commands: mpsc::Sender<Command>,
     /// Where the listener hands it replication sessions.
     pub sessions: mpsc::Sender<BackupSession>,
+    /// When its loop last completed a step.
+    pub progress: Arc<Progress>,
 }
 
 /// Starts the supervisor of `domain`.
@@ -145,7 +176,9 @@ pub fn spawn(
         copy: disk_copy.stamp().into(),
     };
     let (status_tx, status_rx) = watch::channel(initial);
+    let progress = Arc::new(Progress::new());
     let sup = Supervisor {
+        progress: progress.clone(),
         d: domain.clone(),
         paths,
         shared,
@@ -181,6 +214,7 @@ pub fn spawn(
             status: status_rx,
             commands: cmd_tx,
             sessions: ses_tx,
+            progress,
         },
         task,
     ))
@@ -296,6 +330,8 @@ enum Finished {
 }
 
 struct Supervisor {
+    /// Marked after every step, read by the watchdog.
+    progress: Arc<Progress>,
     d: DomainConfig,
     paths: DomainPaths,
     shared: Arc<Shared>,
@@ -338,6 +374,9 @@ impl Supervisor {
         self.recover().await;
         self.step().await;
         self.publish();
+        self.progress.mark();
+        // Test hook: a supervisor that stops stepping (the watchdog must notice).
+        test_hold("stall").await;
         let mut liveness = self.shared.liveness.clone();
         let mut stop = self.shared.shutdown.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -362,6 +401,7 @@ impl Supervisor {
             }
             self.step().await;
             self.publish();
+            self.progress.mark();
         }
         self.teardown().await;
     }
@@ -474,8 +514,10 @@ async fn finished(runtime: &mut Runtime, fence: &mut FenceRun) -> Finished {
     }
 }
 
-/// Test hook: `REMUSD_TEST_HOLD=<role>:<ms>` sleeps right after `role` is persisted during
-/// activation, so a test can kill the daemon at exactly that point.
+/// Test hook: `REMUSD_TEST_HOLD=<point>:<ms>` sleeps at `point`: right after role
+/// `activating` or `activated` is persisted during activation, so a test can kill the daemon
+/// at exactly that point; or `stall`, the supervisor loop after its first step, so a test
+/// can see the watchdog stop.
 async fn test_hold(role: &str) {
     if let Ok(v) = std::env::var("REMUSD_TEST_HOLD") {
         if let Some((r, ms)) = v.split_once(':') {
