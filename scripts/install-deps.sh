@@ -3,7 +3,8 @@
 # Idempotent: a package that is already there is not fetched again.
 set -euo pipefail
 
-need=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio xz-utils zstd binutils kmod bsdutils)
+# lintian: the package test (dist/tests/package.rs) runs it on the built .deb.
+need=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio xz-utils zstd binutils kmod bsdutils lintian)
 # Checked again after each install: installing one package can remove another (Debian's
 # qemu-system-x86 removes a backported qemu-utils that conflicts with it, which left
 # qemu-io and qemu-img missing), so the loop runs until nothing is missing.

@@ -3,20 +3,11 @@
 //! Loads and validates the configuration (refusing to start on any error, logging every
 //! warning), checks the files it names, then runs the daemon until SIGTERM. Logs go to
 //! stderr (journald under systemd); `REMUS_LOG` sets the filter (default `info`).
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use remus_agent::config::{Config, DEFAULT_CONFIG_PATH};
-
-/// The remus high-availability daemon.
-#[derive(Debug, Parser)]
-#[command(name = "remusd", version, about)]
-struct Args {
-    /// Configuration file.
-    #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
-}
+use remus_agent::cli::RemusdArgs as Args;
+use remus_agent::config::Config;
 
 fn main() -> ExitCode {
     // Every file remusd and its QEMU create (replica RAM, device state, roles, WAL, disk

@@ -12,6 +12,19 @@ pub mod netbuf_cmd;
 pub mod status_cmd;
 pub mod stream_cmd;
 
+/// `remusd`'s command line (here, not in its `main`, so the man page is generated from it).
+#[derive(Debug, Parser)]
+#[command(
+    name = "remusd",
+    version,
+    about = "The remus high-availability daemon: protects the QEMU VMs of its policy by continuous checkpointing to its peer, and takes them over when the peer is lost."
+)]
+pub struct RemusdArgs {
+    /// Configuration file.
+    #[arg(long, short, default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    pub config: std::path::PathBuf,
+}
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

@@ -3,28 +3,10 @@
 //! It grants each domain's lease to one node at a time and persists every grant before
 //! answering; see `remus_ha::witness` for the protocol and the safety argument.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::Parser;
-use remus_ha::witness::{WitnessServer, WitnessServerConfig};
+use remus_ha::witness::{WitnessArgs as Args, WitnessServer, WitnessServerConfig};
 use remus_ha::HaKey;
-
-/// Grant per-domain leases to remus-agent nodes (UDP, HMAC-authenticated).
-#[derive(Debug, Parser)]
-#[command(name = "remus-witness", version)]
-struct Args {
-    /// UDP address to serve on, e.g. 0.0.0.0:7790.
-    #[arg(long)]
-    listen: SocketAddr,
-    /// The pairs' pre-shared key file (the agents' `[auth] psk_file`, at least 32 bytes).
-    #[arg(long)]
-    key_file: PathBuf,
-    /// Where the lease table is persisted (fsync + rename before every answer).
-    #[arg(long)]
-    state_file: PathBuf,
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {

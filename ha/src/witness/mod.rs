@@ -50,6 +50,27 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `remus-witness`'s command line (here, not in its `main`, so the man page is generated
+/// from it).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "remus-witness",
+    version,
+    about = "The lease arbiter of remus-agent pairs, run on a third host: grants each domain's lease to one node at a time (UDP, HMAC-authenticated) and persists every grant before answering."
+)]
+pub struct WitnessArgs {
+    /// UDP address to serve on, e.g. 0.0.0.0:7790.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// The pairs' pre-shared key file (the agents' `[auth] psk_file`, at least 32 bytes,
+    /// readable by its owner only).
+    #[arg(long)]
+    pub key_file: PathBuf,
+    /// Where the lease table is persisted (fsync + rename before every answer).
+    #[arg(long)]
+    pub state_file: PathBuf,
+}
+
 use thiserror::Error;
 
 /// Default lease length.
