@@ -1,7 +1,9 @@
 //! remusd speaks systemd's readiness protocol (`sd_notify(3)`): a real remusd, started the
 //! way systemd starts a `Type=notify` unit (with `NOTIFY_SOCKET` and `WATCHDOG_USEC`), must
 //! say READY=1 once it serves, ping the watchdog, and say STOPPING=1 on SIGTERM. The test
-//! plays systemd's part with a datagram socket of its own.
+//! plays systemd's part with a datagram socket of its own. Under systemd it also logs to
+//! journald natively, with structured fields; the test plays journald's part too, in a
+//! mount namespace of remusd's own where its socket is the journal's.
 
 use std::net::{TcpListener, UdpSocket};
 use std::os::unix::net::UnixDatagram;
@@ -287,4 +289,108 @@ fn a_stalled_supervisor_stops_the_watchdog_pings() {
         after >= 3,
         "pings after the stall ended: {after}; stderr: {stderr}"
     );
+}
+
+/// Reads journald's native protocol: `KEY=value\n`, or `KEY\n<u64 LE length><bytes>\n` for
+/// values with newlines.
+fn journal_fields(mut d: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Some(nl) = d.iter().position(|&b| b == b'\n') {
+        let line = &d[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.push((
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            ));
+            d = &d[nl + 1..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let rest = &d[nl + 1..];
+            if rest.len() < 8 {
+                break;
+            }
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            let end = (8 + len).min(rest.len());
+            out.push((key, String::from_utf8_lossy(&rest[8..end]).into_owned()));
+            d = rest.get(end + 1..).unwrap_or_default();
+        }
+    }
+    out
+}
+
+#[test]
+fn under_systemd_it_logs_to_journald_with_structured_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config_with(dir.path(), ONE_DOMAIN);
+    let journal_dir = dir.path().join("journal");
+    std::fs::create_dir(&journal_dir).unwrap();
+    let journal = UnixDatagram::bind(journal_dir.join("socket")).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // In a mount namespace of its own, /run is a fresh tmpfs whose systemd/journal is our
+    // directory: remusd talks to "the journal" at its fixed path, and reaches us.
+    let script = r#"mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal &&
+        mount --bind "$1" /run/systemd/journal && exec "$2" --config "$3""#;
+    let mut remusd = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&journal_dir)
+        .arg(env!("CARGO_BIN_EXE_remusd"))
+        .arg(&cfg)
+        .env("JOURNAL_STREAM", "8:12345")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut entries: Vec<Vec<(String, String)>> = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let field = |e: &Vec<(String, String)>, k: &str| {
+        e.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone())
+    };
+    let has = |entries: &Vec<Vec<(String, String)>>| {
+        let running = entries
+            .iter()
+            .any(|e| field(e, "MESSAGE").is_some_and(|m| m.contains("remusd running")));
+        let role = entries
+            .iter()
+            .any(|e| field(e, "DOMAIN").as_deref() == Some("web") && field(e, "ROLE").is_some());
+        running && role
+    };
+    while Instant::now() < deadline && !has(&entries) {
+        if let Ok(n) = journal.recv(&mut buf) {
+            if n > 0 {
+                entries.push(journal_fields(&buf[..n]));
+            }
+        }
+    }
+    let _ = remusd.kill();
+    let out = remusd.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        has(&entries),
+        "no 'remusd running' entry or no entry with DOMAIN=web and ROLE; got {entries:#?}; stderr: {stderr}"
+    );
+    let e = entries
+        .iter()
+        .find(|e| field(e, "DOMAIN").as_deref() == Some("web") && field(e, "ROLE").is_some())
+        .unwrap();
+    assert_eq!(
+        field(e, "SYSLOG_IDENTIFIER").as_deref(),
+        Some("remusd"),
+        "{e:?}"
+    );
+    // INFO maps to journald's "notice" (5); the span the line came from is named.
+    assert_eq!(field(e, "PRIORITY").as_deref(), Some("5"), "{e:?}");
+    assert_eq!(field(e, "SPAN_NAME").as_deref(), Some("domain"), "{e:?}");
+    // Nothing went to stderr as text lines while the journal was there.
+    assert!(!stderr.contains("remusd running"), "{stderr}");
 }

@@ -41,13 +41,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REMUS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    init_logging();
     for d in &config.warnings {
         tracing::warn!("{d}");
     }
@@ -74,6 +68,40 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("remusd: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Logs to journald natively when systemd connected stderr to the journal
+/// (`JOURNAL_STREAM` set): each line then carries its fields as journal fields — `DOMAIN`,
+/// `EPOCH`, `ROLE`, `PEER`, … (`journalctl -u remusd DOMAIN=web`) — and its level as
+/// `PRIORITY`. Elsewhere, or if the journal socket cannot be reached, text on stderr.
+/// `REMUS_LOG` sets the filter either way (default `info`).
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("REMUS_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let journald = std::env::var_os("JOURNAL_STREAM").map(|_| tracing_journald::layer());
+    match journald {
+        Some(Ok(layer)) => {
+            // Field names as they are (`DOMAIN=web`), not prefixed with `F_`.
+            let layer = layer.with_field_prefix(None);
+            let _ = tracing_subscriber::registry()
+                .with(filter())
+                .with(layer)
+                .try_init();
+        }
+        other => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_writer(std::io::stderr)
+                .try_init();
+            if let Some(Err(e)) = other {
+                tracing::warn!(error = %e, "JOURNAL_STREAM is set but the journal socket is unusable: logging to stderr");
+            }
         }
     }
 }

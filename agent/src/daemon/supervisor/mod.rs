@@ -203,7 +203,8 @@ pub fn spawn(
         session_ended_here: false,
         test_run: None,
     };
-    let span = tracing::info_span!("domain", name = %domain.name);
+    // `domain`, so journald entries carry DOMAIN=<name> (`journalctl DOMAIN=web`).
+    let span = tracing::info_span!("domain", domain = %domain.name);
     let task = tokio::spawn(tracing::Instrument::instrument(
         sup.run(cmd_rx, ses_rx),
         span,
