@@ -349,6 +349,62 @@ fn a_key_file_others_can_read_is_refused_naming_it() {
 }
 
 #[test]
+fn a_pause_too_long_for_the_interval_is_a_warning_on_this_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("psk");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let base = minimal()
+        .replacen(
+            "psk_file = \"/etc/remus/psk\"",
+            &format!("psk_file = \"{}\"", key.display()),
+            1,
+        )
+        .replacen(
+            "command = [\"/usr/local/sbin/fence-peer\", \"beta\"]",
+            "command = [\"/bin/true\"]",
+            1,
+        );
+    // 1 TiB of RAM with the compare tracker at 20 ms: no host scans that in 10 ms.
+    let huge = base
+        .replacen("memory_mib = 1024", "memory_mib = 1048576", 1)
+        .replacen(
+            "name = \"web\"",
+            "name = \"web\"\ncheckpoint_interval_ms = 20\ntracker = \"compare\"",
+            1,
+        );
+    // 64 MiB at 5 s: every host does.
+    let small = base
+        .replacen("memory_mib = 1024", "memory_mib = 64", 1)
+        .replacen(
+            "name = \"web\"",
+            "name = \"web\"\ncheckpoint_interval_ms = 5000\ntracker = \"compare\"",
+            1,
+        );
+    for (text, warned) in [(huge, true), (small, false)] {
+        assert_ne!(text, base);
+        let cfg = dir.path().join("remus.toml");
+        std::fs::write(&cfg, &text).unwrap();
+        let out = remusctl(&["config", "check", "--files-exist", cfg.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // A warning, not an error: the policy is valid, the host is too slow for it.
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("its pause would be about"));
+        assert_eq!(line.is_some(), warned, "{stdout}");
+        if let Some(l) = line {
+            assert!(
+                l.contains("warning: domain web") && l.contains("1048576 MiB"),
+                "{l}"
+            );
+            assert!(stdout.contains("1 warning(s)"), "{stdout}");
+        }
+    }
+}
+
+#[test]
 fn remusd_refuses_to_start_on_a_bad_config_or_missing_files() {
     let cfg = configs_dir().join("minimal.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_remusd"))

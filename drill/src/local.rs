@@ -462,7 +462,8 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         precopy_pages: s.precopy_pages.clone(),
         tracker: s.tracker.clone(),
         memory_mib: o.memory_mib,
-        memory_scan_floor_us: scan_floor(o.memory_mib << 20).as_micros() as u64,
+        memory_scan_floor_us: remus_tracker::compare::read_floor(o.memory_mib << 20).as_micros()
+            as u64,
         kill_after_ack_ms: kill_after.as_millis() as u64,
         detection_ms: detection.as_millis() as u64,
         recovery_ms: recovery.as_millis() as u64,
@@ -632,29 +633,6 @@ fn continuity(disk: u64, console: &[u64], replies: &[u64]) -> bool {
         && all.first().is_some_and(|&v| v <= disk + 1)
         && console.windows(2).all(|w| w[1] > w[0])
         && run.windows(2).all(|w| w[1] == w[0] + 1)
-}
-
-/// The floor under a compare tracker's pause: the best of three reads of `bytes` of memory
-/// split across every core (the compare tracker scans on a thread per core too), measured
-/// in the same run as the pause.
-fn scan_floor(bytes: u64) -> Duration {
-    let buf = vec![1u64; (bytes / 8) as usize];
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = buf.len().div_ceil(cores).max(1);
-    let mut best = Duration::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        std::thread::scope(|s| {
-            for part in buf.chunks(chunk) {
-                s.spawn(move || {
-                    let sum = part.iter().fold(0u64, |a, &x| a.wrapping_add(x));
-                    std::hint::black_box(sum);
-                });
-            }
-        });
-        best = best.min(t.elapsed());
-    }
-    best
 }
 
 #[cfg(test)]

@@ -256,6 +256,31 @@ impl DirtyTracker for CompareTracker {
     }
 }
 
+/// The floor under a compare pass over `bytes` of RAM on this host: the best of three
+/// reads of a buffer that large, split across every core (as a pass is split across the
+/// [`ScanPool`]). A pass reads RAM and its shadow, and copies what differs, so its time is
+/// some multiple of this; the drill reports the pause beside it and `config check` uses it
+/// to estimate a domain's pause before it runs.
+pub fn read_floor(bytes: u64) -> std::time::Duration {
+    let buf = vec![1u64; usize::try_from(bytes / 8).unwrap_or(usize::MAX).max(1)];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = buf.len().div_ceil(cores).max(1);
+    let mut best = std::time::Duration::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for part in buf.chunks(chunk) {
+                s.spawn(move || {
+                    let sum = part.iter().fold(0u64, |a, &x| a.wrapping_add(x));
+                    std::hint::black_box(sum);
+                });
+            }
+        });
+        best = best.min(t.elapsed());
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

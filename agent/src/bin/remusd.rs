@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
-    for d in &config.warnings {
+    for d in config.warnings.iter().chain(&config.check_host(&origin)) {
         tracing::warn!("{d}");
     }
     let file_problems = config.check_files(&origin);

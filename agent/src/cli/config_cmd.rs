@@ -17,8 +17,9 @@ pub enum ConfigCmd {
         /// Files to check.
         #[arg(default_value = DEFAULT_CONFIG_PATH)]
         files: Vec<PathBuf>,
-        /// Also check that referenced files exist (key files, kernels, fencing programs) and
-        /// that the key file is readable by its owner only: only meaningful on the host that will use the configuration.
+        /// Also check that referenced files exist (key files, kernels, fencing programs), that
+        /// the key file is readable by its owner only, and warn when a domain's checkpoint
+        /// pause on this host would exceed half its interval: only meaningful on the host that will use the configuration.
         #[arg(long)]
         files_exist: bool,
     },
@@ -41,12 +42,17 @@ fn check(files: &[PathBuf], files_exist: bool) -> ExitCode {
         let origin = path.display().to_string();
         match Config::load(path) {
             Ok(config) => {
-                let file_problems = if files_exist {
-                    config.check_files(&origin)
+                let (file_problems, host_warnings) = if files_exist {
+                    (config.check_files(&origin), config.check_host(&origin))
                 } else {
-                    Vec::new()
+                    (Vec::new(), Vec::new())
                 };
-                for d in config.warnings.iter().chain(&file_problems) {
+                for d in config
+                    .warnings
+                    .iter()
+                    .chain(&host_warnings)
+                    .chain(&file_problems)
+                {
                     let _ = writeln!(out, "{d}");
                 }
                 if file_problems.is_empty() {
@@ -56,7 +62,7 @@ fn check(files: &[PathBuf], files_exist: bool) -> ExitCode {
                         config.node.name,
                         config.peer.name,
                         config.domains.len(),
-                        config.warnings.len()
+                        config.warnings.len() + host_warnings.len()
                     );
                 } else {
                     failed = true;

@@ -17,6 +17,7 @@
 //! that removes protection (no fencing, no output buffering) must be written explicitly.
 
 mod diag;
+pub mod pause_estimate;
 pub mod qemu_args;
 mod raw;
 mod validate;
@@ -417,6 +418,42 @@ impl Config {
     /// The domain called `name`.
     pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
         self.domains.iter().find(|d| d.name == name)
+    }
+
+    /// Warnings that depend on this host: a domain whose checkpoint pause, with the compare
+    /// tracker it would use here, would take more than half its interval
+    /// ([`pause_estimate`]). Measures this host's scan floor once (~10 ms) when a domain
+    /// could use the compare tracker. Run by `remusctl config check --files-exist` and at
+    /// daemon start.
+    pub fn check_host(&self, origin: &str) -> Vec<Diagnostic> {
+        // Auto picks soft-dirty where the kernel has it; compare is forced by the policy.
+        let soft_dirty = || matches!(remus_tracker::pagemap::probe_kernel_support(), Ok(Ok(())));
+        let compare: Vec<&DomainConfig> = self
+            .domains
+            .iter()
+            .filter(|d| match d.tracker {
+                Tracker::Compare => true,
+                Tracker::Auto => !soft_dirty(),
+                Tracker::SoftDirty => false,
+            })
+            .collect();
+        if compare.is_empty() {
+            return Vec::new();
+        }
+        let sample = remus_tracker::compare::read_floor(pause_estimate::SAMPLE_BYTES);
+        compare
+            .into_iter()
+            .filter_map(|d| {
+                pause_estimate::verdict(&d.name, d.qemu.memory_mib, d.checkpoint_interval, sample)
+            })
+            .map(|message| Diagnostic {
+                severity: Severity::Warning,
+                origin: origin.to_owned(),
+                line: 0,
+                column: 0,
+                message,
+            })
+            .collect()
     }
 
     /// Checks what the text alone cannot: that referenced files exist and the key file is
