@@ -211,7 +211,16 @@ pub struct DomainStatus {
     /// [`remus_ha::lineage`]); advertised in the heartbeats.
     #[serde(default)]
     pub copy: CopyStamp,
+    /// Unprotected windows since the daemon started, the newest last (at most
+    /// [`MAX_UNPROTECTED_WINDOWS`]); the last one is open while `to_ms` is absent. Absent
+    /// while empty (0.1.0's form).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unprotected: Vec<UnprotectedWindow>,
 }
+
+/// How many unprotected windows a domain's status keeps (the oldest are dropped; the
+/// counter `unprotected_ms` keeps them all).
+pub const MAX_UNPROTECTED_WINDOWS: usize = 16;
 
 /// A QEMU process of this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +277,28 @@ pub struct DomainCounters {
     pub protection_lost: u64,
     /// Failovers carried out (backup).
     pub failovers: u64,
+    /// Milliseconds the guest ran here without a backup acknowledging its checkpoints
+    /// (closed windows and the open one so far). Absent while zero (0.1.0's form).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unprotected_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A time during which the guest ran on this node without a backup acknowledging its
+/// checkpoints: what a failure then would have lost is everything since it opened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnprotectedWindow {
+    /// When it opened (Unix ms).
+    pub from_ms: u64,
+    /// When it closed (Unix ms); `None` while open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_ms: Option<u64>,
+    /// Why: the role and the state of protection when it opened (e.g. "standalone",
+    /// "primary: first checkpoint not yet acknowledged").
+    pub reason: String,
 }
 
 /// What the control server calls; the daemon implements it, tests may stub it.

@@ -291,13 +291,16 @@ fn gauges<V: prometheus_client::encoding::EncodeGaugeValue>(
 }
 
 /// Writes one counter family (`name` without `_total`, which the encoder appends).
-fn counters(
+fn counters<N>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     unit: Option<Unit>,
-    samples: Vec<Sample<u64>>,
-) -> Result<(), std::fmt::Error> {
+    samples: Vec<Sample<N>>,
+) -> Result<(), std::fmt::Error>
+where
+    N: prometheus_client::encoding::EncodeCounterValue + std::fmt::Debug,
+{
     let mut family = enc.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
     for (labels, value) in samples {
         if labels.is_empty() {
@@ -511,6 +514,24 @@ impl Collector for Snapshot {
         )?;
         counters(
             e,
+            "remus_unprotected",
+            "Time the guest ran on this node without a backup acknowledging its checkpoints.",
+            Some(Unit::Seconds),
+            self.per_domain(|d| Some(secs_ms(d.counters.unprotected_ms))),
+        )?;
+        gauges(
+            e,
+            "remus_unprotected_now",
+            "1 while the guest runs on this node without acknowledged checkpoints.",
+            None,
+            self.per_domain(|d| {
+                Some(i64::from(
+                    d.unprotected.last().is_some_and(|w| w.to_ms.is_none()),
+                ))
+            }),
+        )?;
+        counters(
+            e,
             "remus_failovers",
             "Failovers this node carried out for the domain.",
             None,
@@ -708,14 +729,14 @@ impl Collector for Snapshot {
             "remus_resync_copied",
             "Bytes sent as data by disk resynchronisations.",
             Some(Unit::Bytes),
-            self.per_domain(|d| Some(d.resyncs.iter().map(|r| r.bytes_copied).sum())),
+            self.per_domain(|d| Some(d.resyncs.iter().map(|r| r.bytes_copied).sum::<u64>())),
         )?;
         counters(
             e,
             "remus_resync_zero",
             "Bytes found zero and sent as zeroes by disk resynchronisations.",
             Some(Unit::Bytes),
-            self.per_domain(|d| Some(d.resyncs.iter().map(|r| r.bytes_zero).sum())),
+            self.per_domain(|d| Some(d.resyncs.iter().map(|r| r.bytes_zero).sum::<u64>())),
         )?;
 
         // Per domain: what an operator must look at.

@@ -25,6 +25,7 @@ domain web: primary (backup beta, protected since epoch 10)
   lease: held
   data copy: generation 4, ran the VM
   checkpoints 801, refused 0, protection lost 1, failovers 0
+  unprotected 3.5 s in all; last window 3.5 s (primary: first checkpoint not yet acknowledged)
   alarms: none
 domain db: backup (primary beta)
   vm: none

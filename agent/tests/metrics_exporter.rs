@@ -100,6 +100,14 @@ remus_epoch_output_commit_delay_seconds{domain=\"web\",quantile=\"0.99\"} 0.0615
 ",
     "remus_last_epoch{domain=\"web\"} 811
 ",
+    "# TYPE remus_unprotected_seconds counter
+# UNIT remus_unprotected_seconds seconds
+remus_unprotected_seconds_total{domain=\"web\"} 3.5
+remus_unprotected_seconds_total{domain=\"db\"} 0.0
+",
+    "# TYPE remus_unprotected_now gauge
+remus_unprotected_now{domain=\"web\"} 0
+",
     "# TYPE remus_heartbeat_dropped counter
 remus_heartbeat_dropped_total{peer=\"beta\",reason=\"bad_tag\"} 7
 remus_heartbeat_dropped_total{peer=\"beta\",reason=\"malformed\"} 0
@@ -192,7 +200,7 @@ fn exposition_of_a_representative_snapshot() {
             assert!(line.starts_with("remus_"), "{line}");
         }
     }
-    assert_eq!(declared.len(), 45, "{declared:?}");
+    assert_eq!(declared.len(), 47, "{declared:?}");
     // absent sources give no series rather than a misleading zero
     for absent in [
         "remus_last_acked_epoch{domain=\"db\"}",

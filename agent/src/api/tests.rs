@@ -51,6 +51,7 @@ fn domain(
         resyncs: vec![],
         counters: DomainCounters::default(),
         copy: copy.into(),
+        unprotected: vec![],
     }
 }
 
@@ -138,6 +139,7 @@ fn sample() -> DaemonStatus {
         refused: 0,
         protection_lost: 1,
         failovers: 0,
+        unprotected_ms: 0,
     };
     let mut db = domain(
         "db",
@@ -172,6 +174,7 @@ fn sample() -> DaemonStatus {
         refused: 2,
         protection_lost: 0,
         failovers: 1,
+        unprotected_ms: 0,
     };
     let idle = domain("idle", &HaRole::Stopped, None, None, Stamp::NONE);
     DaemonStatus {

@@ -164,6 +164,26 @@ fn domain(out: &mut String, d: &DomainStatus) {
         "  checkpoints {}, refused {}, protection lost {}, failovers {}",
         c.checkpoints, c.refused, c.protection_lost, c.failovers
     );
+    match d.unprotected.last() {
+        Some(w) if w.to_ms.is_none() => {
+            let _ = writeln!(
+                out,
+                "  UNPROTECTED: the guest runs without acknowledged checkpoints ({}); {:.1} s in all",
+                w.reason,
+                c.unprotected_ms as f64 / 1000.0
+            );
+        }
+        Some(w) => {
+            let _ = writeln!(
+                out,
+                "  unprotected {:.1} s in all; last window {:.1} s ({})",
+                c.unprotected_ms as f64 / 1000.0,
+                w.to_ms.unwrap_or(w.from_ms).saturating_sub(w.from_ms) as f64 / 1000.0,
+                w.reason
+            );
+        }
+        None => {}
+    }
     if let Some(f) = d.failovers.last() {
         let _ = writeln!(
             out,

@@ -109,7 +109,13 @@ pub fn sample_status() -> DaemonStatus {
                     refused: 0,
                     protection_lost: 1,
                     failovers: 0,
+                    unprotected_ms: 3500,
                 },
+                unprotected: vec![remus_agent::api::UnprotectedWindow {
+                    from_ms: 1_700_000_000_000,
+                    to_ms: Some(1_700_000_003_500),
+                    reason: "primary: first checkpoint not yet acknowledged".into(),
+                }],
             },
             DomainStatus {
                 name: "db".into(),
@@ -146,7 +152,9 @@ pub fn sample_status() -> DaemonStatus {
                     refused: 2,
                     protection_lost: 0,
                     failovers: 1,
+                    unprotected_ms: 0,
                 },
+                unprotected: vec![],
             },
             DomainStatus {
                 name: "idle".into(),
@@ -161,6 +169,7 @@ pub fn sample_status() -> DaemonStatus {
                 resyncs: vec![],
                 copy: CopyStamp::default(),
                 counters: DomainCounters::default(),
+                unprotected: vec![],
             },
         ],
         doors: remus_agent::api::Doors {

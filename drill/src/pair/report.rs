@@ -69,6 +69,9 @@ pub struct TrialReport {
     pub resync: Option<ResyncRecord>,
     /// From the returning node's daemon start to protection flowing again (ms).
     pub reprotect_ms: Option<u64>,
+    /// After a failover: how long the survivor ran the guest without a backup
+    /// acknowledging its checkpoints (its status's unprotected time).
+    pub unprotected_after_failure_ms: Option<u64>,
     /// What the client saw.
     pub client: Option<ClientVerdict>,
     /// Samples of both daemons taken during the trial.
@@ -174,7 +177,7 @@ impl PairReport {
         let fig =
             |f: &dyn Fn(&TrialReport) -> Option<u64>| Figure::of(self.trials.iter().filter_map(f));
         let mut s = Vec::new();
-        let rows: [(&str, &Getter); 9] = [
+        let rows: [(&str, &Getter); 10] = [
             ("pause_p50_us", &|t| t.protection.map(|p| p.pause_p50_us)),
             ("pause_p99_us", &|t| t.protection.map(|p| p.pause_p99_us)),
             ("detection_ms", &|t| {
@@ -189,6 +192,9 @@ impl PairReport {
                 t.failure_to_first_reply_ms
             }),
             ("reprotect_ms", &|t| t.reprotect_ms),
+            ("unprotected_after_failure_ms", &|t| {
+                t.unprotected_after_failure_ms
+            }),
             ("client_lost_replies", &|t| {
                 t.client.as_ref().map(|c| c.lost_replies)
             }),
@@ -272,6 +278,13 @@ impl PairReport {
             }
             if t.reprotect_ms.is_some() {
                 let _ = writeln!(s, "    re-protected in {}", ms(t.reprotect_ms));
+            }
+            if t.unprotected_after_failure_ms.is_some() {
+                let _ = writeln!(
+                    s,
+                    "    survivor ran unprotected {} (activation to the first acknowledged checkpoint)",
+                    ms(t.unprotected_after_failure_ms)
+                );
             }
             if let Some(c) = &t.client {
                 let _ = writeln!(

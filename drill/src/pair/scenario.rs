@@ -93,6 +93,16 @@ fn failovers_of(s: Option<&DaemonStatus>) -> Vec<remus_agent::api::FailoverRecor
         .unwrap_or_default()
 }
 
+/// (milliseconds the domain ran unprotected on that node, whether a window is open now).
+fn unprotected_of(s: Option<&DaemonStatus>) -> (u64, bool) {
+    s.and_then(|s| s.domains.first()).map_or((0, false), |d| {
+        (
+            d.counters.unprotected_ms,
+            d.unprotected.last().is_some_and(|w| w.to_ms.is_none()),
+        )
+    })
+}
+
 fn resyncs_of(s: Option<&DaemonStatus>) -> Vec<remus_agent::api::ResyncRecord> {
     s.and_then(|s| s.domains.first())
         .map(|d| d.resyncs.clone())
@@ -318,6 +328,7 @@ impl PairDrill {
         let b = p.other();
         let client = self.start_client().await?;
         let protected_at = Instant::now();
+        let unprotected_start = self.observer().with(|l| unprotected_of(l.latest(p)));
         let (acked, edge) = self.wait_ack_edge(p).await?;
         let delay = self.random_delay();
         tokio::time::sleep_until((edge + delay).into()).await;
@@ -354,6 +365,20 @@ impl PairDrill {
                 heard.0, heard.1
             ),
         );
+        // Nothing in the steady state before the failure may have left the guest running
+        // without acknowledged checkpoints: such a window is lost time the scenario did
+        // not cause.
+        let unprotected_at_failure = self.observer().with(|l| unprotected_of(l.latest(p)));
+        t.verdict(
+            "no_unexpected_unprotected_window",
+            !unprotected_start.1
+                && !unprotected_at_failure.1
+                && unprotected_at_failure.0 == unprotected_start.0,
+            format!(
+                "{p} unprotected (ms in all, window open) when the trial started {unprotected_start:?}, at the failure {unprotected_at_failure:?}"
+            ),
+        );
+        let survivor_unprotected = self.observer().with(|l| unprotected_of(l.latest(b)).0);
         let killed_at = Instant::now();
         self.topology().cut_uplink(p)?;
         if !isolate {
@@ -509,7 +534,14 @@ impl PairDrill {
                 self.kill_daemon(p)?;
             }
         }
-        self.rejoin(t, p).await
+        self.rejoin(t, p).await?;
+        // The time the survivor ran the guest without a backup: from its activation until
+        // the returning node acknowledged its first checkpoint.
+        t.unprotected_after_failure_ms = self
+            .observer()
+            .with(|l| unprotected_of(l.latest(b)).0)
+            .checked_sub(survivor_unprotected);
+        Ok(())
     }
 
     async fn kill_backup(&mut self, t: &mut TrialReport) -> Result<()> {

@@ -174,11 +174,14 @@ pub fn spawn(
         resyncs: Vec::new(),
         counters: DomainCounters::default(),
         copy: disk_copy.stamp().into(),
+        unprotected: Vec::new(),
     };
     let (status_tx, status_rx) = watch::channel(initial);
     let progress = Arc::new(Progress::new());
     let sup = Supervisor {
         progress: progress.clone(),
+        unprotected: Vec::new(),
+        unprotected_dropped_ms: 0,
         d: domain.clone(),
         paths,
         shared,
@@ -333,6 +336,10 @@ enum Finished {
 struct Supervisor {
     /// Marked after every step, read by the watchdog.
     progress: Arc<Progress>,
+    /// Times the guest ran here without acknowledged checkpoints, the newest (maybe open)
+    /// last; and the length of those already dropped from the list.
+    unprotected: Vec<crate::api::UnprotectedWindow>,
+    unprotected_dropped_ms: u64,
     d: DomainConfig,
     paths: DomainPaths,
     shared: Arc<Shared>,

@@ -4,7 +4,7 @@
 //! here, through `crate::api`'s conversions, as they are read.
 
 use super::*;
-use crate::api::{ProtectionStatus, ReplicaStatus};
+use crate::api::{ProtectionStatus, ReplicaStatus, UnprotectedWindow, MAX_UNPROTECTED_WINDOWS};
 
 impl Supervisor {
     // ---------------------------------------------------------------- reporting
@@ -40,6 +40,9 @@ impl Supervisor {
             LeaseState::Denied { holder } => format!("denied by {holder}"),
             _ => "lost".into(),
         });
+        self.track_unprotected();
+        let mut counters = self.counters;
+        counters.unprotected_ms = self.unprotected_ms();
         let st = DomainStatus {
             name: self.d.name.clone(),
             role: (&self.role()).into(),
@@ -51,10 +54,71 @@ impl Supervisor {
             alarms: self.alarms.iter().cloned().collect(),
             failovers: self.failovers.clone(),
             resyncs: self.resyncs.clone(),
-            counters: self.counters,
+            counters,
             copy: self.disk_copy.stamp().into(),
+            unprotected: self.unprotected.clone(),
         };
         self.status.send_replace(st);
+    }
+
+    /// Why the guest runs here unprotected right now, or `None` when it does not run here
+    /// or a backup acknowledges its checkpoints (output then waits for the backup, and a
+    /// failure loses nothing a client saw).
+    fn exposure(&self) -> Option<String> {
+        let Runtime::Vm(v) = &self.runtime else {
+            return None;
+        };
+        if !v.running || v.paused {
+            return None;
+        }
+        let role = self.role();
+        match &v.protection {
+            Some(p) if p.handle.status.borrow().last_acked.is_some() => None,
+            Some(_) => Some(format!(
+                "{}: first checkpoint not yet acknowledged",
+                role.name()
+            )),
+            None => Some(format!("{}: no protection session", role.name())),
+        }
+    }
+
+    /// Opens or closes the current unprotected window (called with every publish, so a
+    /// window is as precise as the loop's 100 ms tick).
+    fn track_unprotected(&mut self) {
+        let now = unix_millis();
+        let open = self.unprotected.last().is_some_and(|w| w.to_ms.is_none());
+        match (self.exposure(), open) {
+            (Some(reason), false) => {
+                warn!(domain = %self.d.name, %reason, "the guest runs unprotected");
+                self.unprotected.push(UnprotectedWindow {
+                    from_ms: now,
+                    to_ms: None,
+                    reason,
+                });
+                if self.unprotected.len() > MAX_UNPROTECTED_WINDOWS {
+                    let old = self.unprotected.remove(0);
+                    self.unprotected_dropped_ms += old.to_ms.unwrap_or(now) - old.from_ms;
+                }
+            }
+            (None, true) => {
+                if let Some(w) = self.unprotected.last_mut() {
+                    w.to_ms = Some(now);
+                    info!(domain = %self.d.name, unprotected_ms = now - w.from_ms, reason = %w.reason, "the guest is protected again");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every millisecond of every window, the open one up to now.
+    fn unprotected_ms(&self) -> u64 {
+        let now = unix_millis();
+        self.unprotected_dropped_ms
+            + self
+                .unprotected
+                .iter()
+                .map(|w| w.to_ms.unwrap_or(now).saturating_sub(w.from_ms))
+                .sum::<u64>()
     }
 
     pub(super) async fn teardown(&mut self) {
