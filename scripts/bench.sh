@@ -6,7 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash tests/images/build-guest.sh >/dev/null
-cargo build --quiet -p remus-drill --bin remus-drill
+cargo build --quiet -p remus-agent -p remus-ha -p remus-drill --bins
+
+echo "== failover, pair drill at defaults (kill-primary, 10 trials; min / median / max, ms) =="
+"${CARGO_TARGET_DIR:-target}/debug/remus-drill" --trials 10 --json |
+    python3 -c 'import json,sys,statistics as st; r=json.load(sys.stdin); ts=r["trials"]
+rows=[("detection",lambda t:(t.get("failover") or {}).get("detection_ms")),("fencing",lambda t:(t.get("failover") or {}).get("fencing_ms")),("activation",lambda t:(t.get("failover") or {}).get("activation_ms")),("failure -> VM running",lambda t:t.get("failure_to_running_ms")),("failure -> first client reply",lambda t:t.get("failure_to_first_reply_ms")),("survivor unprotected after failover",lambda t:t.get("unprotected_after_failure_ms")),("old primary re-protected",lambda t:t.get("reprotect_ms"))]
+print("| | min | median | max |"); print("|---|---|---|---|")
+for name,f in rows:
+    v=sorted(x for x in (f(t) for t in ts) if x is not None)
+    print("| %s | %s | %s | %s |" % ((name,)+((v[0],st.median(v),v[-1]) if v else ("-","-","-"))))
+print("passed: %s; lost replies: %s" % (r["passed"], [ (t.get("client") or {}).get("lost_replies") for t in ts]))'
+echo
 
 echo "== checkpoint pause, 256 MiB TCG guest at 200 ms, beside the memory-scan floor =="
 "${CARGO_TARGET_DIR:-target}/debug/remus-drill" --local --memory-mib 256 --checkpoints 50 --json |
