@@ -305,19 +305,26 @@ fn unreadable_file_and_usage_errors() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[test]
-fn a_key_file_others_can_read_is_refused_naming_it() {
+/// A key file in `dir` at `mode`, and the minimal policy naming it.
+fn policy_with_key(dir: &Path, mode: u32) -> (PathBuf, String) {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("psk");
+    let key = dir.join("psk");
     std::fs::write(&key, [9u8; 32]).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let cfg = dir.path().join("remus.toml");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
     let text = minimal().replacen(
         "psk_file = \"/etc/remus/psk\"",
         &format!("psk_file = \"{}\"", key.display()),
         1,
     );
+    (key, text)
+}
+
+#[test]
+fn a_key_file_others_can_read_is_refused_naming_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, text) = policy_with_key(dir.path(), 0o644);
+    let cfg = dir.path().join("remus.toml");
     std::fs::write(&cfg, text).unwrap();
     let want = format!(
         "{}: mode 0644 lets its group and others read it",
@@ -350,22 +357,13 @@ fn a_key_file_others_can_read_is_refused_naming_it() {
 
 #[test]
 fn a_pause_too_long_for_the_interval_is_a_warning_on_this_host() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("psk");
-    std::fs::write(&key, [9u8; 32]).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let base = minimal()
-        .replacen(
-            "psk_file = \"/etc/remus/psk\"",
-            &format!("psk_file = \"{}\"", key.display()),
-            1,
-        )
-        .replacen(
-            "command = [\"/usr/local/sbin/fence-peer\", \"beta\"]",
-            "command = [\"/bin/true\"]",
-            1,
-        );
+    let (_, text) = policy_with_key(dir.path(), 0o600);
+    let base = text.replacen(
+        "command = [\"/usr/local/sbin/fence-peer\", \"beta\"]",
+        "command = [\"/bin/true\"]",
+        1,
+    );
     // 1 TiB of RAM with the compare tracker at 20 ms: no host scans that in 10 ms.
     let huge = base
         .replacen("memory_mib = 1024", "memory_mib = 1048576", 1)

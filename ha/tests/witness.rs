@@ -461,14 +461,15 @@ async fn the_witness_remembers_the_newest_copy_across_a_restart() {
     assert_eq!((r.stamp, r.node), (CopyStamp::NONE, None));
 }
 
-#[tokio::test]
-async fn witness_binary_refuses_a_short_key_file() {
+/// Runs `remus-witness` with a key file holding `material` at `mode`; returns its stderr
+/// (it must have refused to start) and the key file's path.
+fn witness_with_key(material: &[u8], mode: u32) -> (String, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("psk");
-    std::fs::write(&key_file, b"short").unwrap();
+    std::fs::write(&key_file, material).unwrap();
     std::fs::set_permissions(
         &key_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        std::os::unix::fs::PermissionsExt::from_mode(mode),
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_remus-witness"))
@@ -479,29 +480,18 @@ async fn witness_binary_refuses_a_short_key_file() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    (String::from_utf8_lossy(&out.stderr).into_owned(), key_file)
+}
+
+#[test]
+fn witness_binary_refuses_a_short_key_file() {
+    let (err, _) = witness_with_key(b"short", 0o600);
     assert!(err.contains("at least 32 required"), "{err}");
 }
 
-#[tokio::test]
-async fn witness_binary_refuses_a_key_file_others_can_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("psk");
-    std::fs::write(&key_file, MATERIAL).unwrap();
-    std::fs::set_permissions(
-        &key_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o640),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_remus-witness"))
-        .args(["--listen", "127.0.0.1:0", "--key-file"])
-        .arg(&key_file)
-        .arg("--state-file")
-        .arg(dir.path().join("s.json"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+#[test]
+fn witness_binary_refuses_a_key_file_others_can_read() {
+    let (err, key_file) = witness_with_key(MATERIAL, 0o640);
     let want = format!("{}: mode 0640 lets its group read it", key_file.display());
     assert!(err.contains(&want), "{err}");
 }
