@@ -103,6 +103,13 @@ fn unprotected_of(s: Option<&DaemonStatus>) -> (u64, bool) {
     })
 }
 
+/// Whether the primary stayed protected between two observations of
+/// [`unprotected_of`]: no window open at either, and no time added in between (a window
+/// that opened and closed again in between added some).
+fn steady_state_stayed_protected(start: (u64, bool), end: (u64, bool)) -> bool {
+    !start.1 && !end.1 && end.0 == start.0
+}
+
 fn resyncs_of(s: Option<&DaemonStatus>) -> Vec<remus_agent::api::ResyncRecord> {
     s.and_then(|s| s.domains.first())
         .map(|d| d.resyncs.clone())
@@ -371,9 +378,7 @@ impl PairDrill {
         let unprotected_at_failure = self.observer().with(|l| unprotected_of(l.latest(p)));
         t.verdict(
             "no_unexpected_unprotected_window",
-            !unprotected_start.1
-                && !unprotected_at_failure.1
-                && unprotected_at_failure.0 == unprotected_start.0,
+            steady_state_stayed_protected(unprotected_start, unprotected_at_failure),
             format!(
                 "{p} unprotected (ms in all, window open) when the trial started {unprotected_start:?}, at the failure {unprotected_at_failure:?}"
             ),
@@ -1125,6 +1130,22 @@ impl PairDrill {
 mod tests {
     use super::*;
     use clap::ValueEnum;
+
+    #[test]
+    fn a_window_in_the_steady_state_fails_the_trial() {
+        use super::steady_state_stayed_protected as judge;
+        // (ms unprotected and window open: at the trial's start, at the failure; verdict)
+        let rows = [
+            ((1583, false), (1583, false), true), // the start's window, closed before
+            ((1583, false), (1583, true), false), // protection dropped and is still down
+            ((1583, false), (4120, false), false), // dropped and came back in between
+            ((1583, true), (1900, false), false), // the trial began unprotected
+            ((0, false), (0, false), true),
+        ];
+        for (start, end, ok) in rows {
+            assert_eq!(judge(start, end), ok, "{start:?} -> {end:?}");
+        }
+    }
 
     #[test]
     fn cli_names_round_trip() {
