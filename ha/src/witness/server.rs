@@ -373,6 +373,9 @@ pub struct WitnessServer {
     cfg: WitnessServerConfig,
     table: LeaseTable,
     stats: Arc<WitnessStats>,
+    /// Replays are authentic datagrams anyone who captured one can resend: counted always,
+    /// logged rarely.
+    quiet_replay: crate::lograte::LogLimit,
 }
 
 fn load(path: &Path, now: Instant) -> Result<LeaseTable, WitnessError> {
@@ -430,6 +433,7 @@ impl WitnessServer {
             cfg,
             table,
             stats: Arc::default(),
+            quiet_replay: crate::lograte::LogLimit::default(),
         })
     }
 
@@ -500,8 +504,10 @@ impl WitnessServer {
         let mut next = self.table.clone();
         match next.handle(Instant::now(), req, self.cfg.ttl_limits) {
             Handled::Replay => {
-                self.stats.dropped_replay.fetch_add(1, Ordering::Relaxed);
-                warn!(node = %req.node, domain = %req.domain, nonce = req.nonce, "witness: dropped replayed request");
+                let total = self.stats.dropped_replay.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(folded) = self.quiet_replay.admit(std::time::Instant::now()) {
+                    warn!(node = %req.node, domain = %req.domain, nonce = req.nonce, total, folded, "witness: dropped replayed request (rate-limited)");
+                }
                 None
             }
             Handled::Reply { response, persist } => {
