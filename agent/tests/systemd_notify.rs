@@ -125,8 +125,9 @@ psk_file = "{key}"
 #[test]
 fn remusd_says_ready_pings_the_watchdog_and_says_stopping() {
     // Started as from a permissive shell: remusd must not keep this umask.
-    // SAFETY: umask(2) only replaces the file-creation mask of this test process (the only
-    // test of this binary); it cannot fail and touches no memory.
+    // SAFETY: umask(2) only replaces the file-creation mask of this test process; it cannot
+    // fail and touches no memory. The other tests of this binary set their files' modes
+    // explicitly, so a looser mask changes nothing for them.
     unsafe {
         libc::umask(0o022);
     }
@@ -134,18 +135,7 @@ fn remusd_says_ready_pings_the_watchdog_and_says_stopping() {
     let cfg = write_config(dir.path());
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    // systemd sets WATCHDOG_PID to the main process's pid, and sd_notify ignores
-    // WATCHDOG_USEC meant for another process: exec from a shell that knows its own pid.
-    let mut remusd = Command::new("sh")
-        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" --config \"$1\""])
-        .arg(env!("CARGO_BIN_EXE_remusd"))
-        .arg(&cfg)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "200000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut remusd = spawn_notified(&cfg, &notify_path, &[]);
 
     let seen = read_until(&notify, "READY=1", Duration::from_secs(30));
     let ready = seen.iter().any(|m| m.lines().any(|l| l == "READY=1"));
@@ -198,7 +188,9 @@ fn remusd_says_ready_pings_the_watchdog_and_says_stopping() {
     );
 }
 
-/// Starts remusd as systemd would (WATCHDOG_PID is the daemon's own pid), with `env`.
+/// Starts remusd as systemd would, with `env`: systemd sets WATCHDOG_PID to the main
+/// process's pid, and sd_notify ignores WATCHDOG_USEC meant for another process, so remusd
+/// is exec'd from a shell that knows its own pid.
 fn spawn_notified(cfg: &Path, notify: &Path, env: &[(&str, &str)]) -> std::process::Child {
     let mut c = Command::new("sh");
     c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" --config \"$1\""])

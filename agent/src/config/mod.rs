@@ -426,14 +426,17 @@ impl Config {
     /// could use the compare tracker. Run by `remusctl config check --files-exist` and at
     /// daemon start.
     pub fn check_host(&self, origin: &str) -> Vec<Diagnostic> {
-        // Auto picks soft-dirty where the kernel has it; compare is forced by the policy.
-        let soft_dirty = || matches!(remus_tracker::pagemap::probe_kernel_support(), Ok(Ok(())));
+        // Auto picks soft-dirty where the kernel has it (probed once, and only if a domain
+        // asks); compare is forced by the policy.
+        let soft_dirty = std::cell::OnceCell::new();
         let compare: Vec<&DomainConfig> = self
             .domains
             .iter()
             .filter(|d| match d.tracker {
                 Tracker::Compare => true,
-                Tracker::Auto => !soft_dirty(),
+                Tracker::Auto => !*soft_dirty.get_or_init(|| {
+                    matches!(remus_tracker::pagemap::probe_kernel_support(), Ok(Ok(())))
+                }),
                 Tracker::SoftDirty => false,
             })
             .collect();

@@ -373,8 +373,10 @@ pub struct WitnessServer {
     cfg: WitnessServerConfig,
     table: LeaseTable,
     stats: Arc<WitnessStats>,
-    /// Replays are authentic datagrams anyone who captured one can resend: counted always,
-    /// logged rarely.
+    /// What anyone on the path can send — a bad tag, a malformed request, a replay of a
+    /// captured one — is counted always and logged rarely, one limit per kind.
+    quiet_tag: crate::lograte::LogLimit,
+    quiet_malformed: crate::lograte::LogLimit,
     quiet_replay: crate::lograte::LogLimit,
 }
 
@@ -433,6 +435,8 @@ impl WitnessServer {
             cfg,
             table,
             stats: Arc::default(),
+            quiet_tag: crate::lograte::LogLimit::default(),
+            quiet_malformed: crate::lograte::LogLimit::default(),
             quiet_replay: crate::lograte::LogLimit::default(),
         })
     }
@@ -457,9 +461,6 @@ impl WitnessServer {
     ) -> Result<(), WitnessError> {
         tokio::pin!(shutdown);
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-        // Anyone can send these: counted always, logged rarely.
-        let mut quiet_tag = crate::lograte::LogLimit::default();
-        let mut quiet_malformed = crate::lograte::LogLimit::default();
         info!(addr = %self.addr, "witness serving");
         loop {
             let (n, from) = tokio::select! {
@@ -472,14 +473,14 @@ impl WitnessServer {
                 Ok(r) => r,
                 Err(ProtoError::BadTag) => {
                     let total = self.stats.dropped_bad_tag.fetch_add(1, Ordering::Relaxed) + 1;
-                    if let Some(folded) = quiet_tag.admit(std::time::Instant::now()) {
+                    if let Some(folded) = self.quiet_tag.admit(std::time::Instant::now()) {
                         warn!(%from, bytes = n, total, folded, "witness: dropped datagram with a bad tag (rate-limited)");
                     }
                     continue;
                 }
                 Err(e) => {
                     let total = self.stats.dropped_malformed.fetch_add(1, Ordering::Relaxed) + 1;
-                    if let Some(folded) = quiet_malformed.admit(std::time::Instant::now()) {
+                    if let Some(folded) = self.quiet_malformed.admit(std::time::Instant::now()) {
                         warn!(%from, error = %e, total, folded, "witness: dropped malformed request (rate-limited)");
                     }
                     continue;
