@@ -15,6 +15,14 @@
 //!   the backup. A primary that has neither ACKs nor the lease (witness policy), or whose
 //!   fencing failed, pauses its VM: otherwise a partitioned backup could activate from an
 //!   older checkpoint while the primary's newer output is already out (split brain).
+//! - **A primary's lease is preemptible by its backup while the backup gates its output**
+//!   ([`lease_preemptible`]): a primary releases output only on its backup's ACKs, and a
+//!   backup stops acknowledging before it fences, so the backup may take the lease at once
+//!   (no wait for it to run out) and the old primary, silent, can never release what the
+//!   backup does not hold. Such a lease lets a VM run, never release output alone: a node
+//!   that would release without ACKs (backup lost, standalone, resyncing, activated) first
+//!   renews the lease exclusive, and holds output until the witness grants that (or kills
+//!   its VM when the witness says the peer took the lease).
 //! - **The lease is checked before the role's own rules** (witness policy): a VM runs only
 //!   while the lease is held with a margin or fresh ACKs show the backup following. A
 //!   partition shows in the lease first, while the epoch loop still waits out its ACK
@@ -82,12 +90,22 @@ pub enum Acks {
 /// The witness lease, as the keeper reports it (see [`crate::witness::LeaseState`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lease {
-    /// This node holds it (by its own conservative clock).
+    /// This node holds it exclusively (by its own conservative clock).
     Held,
+    /// This node holds it, but declared it preemptible by its backup: enough to run the VM
+    /// with output held for the backup's ACKs, not to release output alone.
+    HeldPreemptible,
     /// Not held: expired, never acquired, or the witness is unreachable.
     NotHeld,
     /// Another node holds it.
     Denied,
+}
+
+impl Lease {
+    /// Whether the lease lets a VM run (output aside).
+    pub fn lets_run(self) -> bool {
+        matches!(self, Lease::Held | Lease::HeldPreemptible)
+    }
 }
 
 /// The configured fencing policy.
@@ -281,11 +299,7 @@ pub fn decide(s: &Situation<'_>) -> Action {
     // backup demonstrably follows (fresh ACKs). Checked before the role's rules because a
     // partition shows here first: the lease runs out while the epoch loop still waits out
     // its ACK timeout, and the peer may win the lease right after it expires.
-    if s.fencing == Fencing::Witness
-        && s.vm != Vm::Absent
-        && s.lease != Lease::Held
-        && !s.acks_fresh
-    {
+    if s.fencing == Fencing::Witness && s.vm != Vm::Absent && !s.lease.lets_run() && !s.acks_fresh {
         return stop(s);
     }
     if s.role.runs_vm() && s.vm == Vm::Absent {
@@ -303,6 +317,8 @@ pub fn decide(s: &Situation<'_>) -> Action {
         },
         Role::Standalone => match s.fencing {
             _ if s.lease == Lease::Denied => stop(s),
+            // Still the lease of the primary it was: hold until the witness makes it ours alone.
+            Fencing::Witness if s.lease == Lease::HeldPreemptible => Action::HoldOutput,
             Fencing::Witness if s.lease != Lease::Held => stop(s),
             _ if s.vm == Vm::Running && s.peer == Peer::Alive && s.claim.can_be_backup() => {
                 Action::Protect
@@ -311,6 +327,7 @@ pub fn decide(s: &Situation<'_>) -> Action {
         },
         // The returning backup holds no activatable checkpoint until the first ACK.
         Role::Resyncing { .. } => match s.fencing {
+            Fencing::Witness if s.lease == Lease::HeldPreemptible => Action::HoldOutput,
             Fencing::Witness if s.lease != Lease::Held => stop(s),
             _ if s.acks == Acks::Stopped => Action::ReleaseOutputAndRunUnprotected,
             _ => Action::RunUnprotected,
@@ -330,8 +347,22 @@ pub fn decide(s: &Situation<'_>) -> Action {
         Role::Fenced { .. } | Role::Activating { .. } => Action::Wait,
         // Written right before `cont`: a running VM finishes the activation (a missing one
         // was handled above: never activate twice).
+        Role::Activated { .. } if s.lease == Lease::HeldPreemptible => Action::HoldOutput,
         Role::Activated { .. } => Action::RunUnprotected,
     }
+}
+
+/// Whether this node may hold its lease *preemptible by its peer* (witness fencing only):
+/// exactly while it is the primary, its output is buffered (released only on the backup's
+/// ACKs) and the ACKs have not stopped. Everywhere else the lease is held exclusive, and a
+/// primary whose ACKs stopped must have it exclusive again before it releases anything
+/// alone. With `unsafe_no_output_buffering` the output does not wait for the backup, so the
+/// backup must wait for the lease to run out as before.
+pub fn lease_preemptible(role: &Role, acks: Acks, fencing: Fencing, output_buffered: bool) -> bool {
+    fencing == Fencing::Witness
+        && output_buffered
+        && matches!(role, Role::Primary { .. })
+        && acks != Acks::Stopped
 }
 
 /// Whether the witness lease must be won before this node runs the VM: with witness
@@ -373,9 +404,12 @@ fn effective_peer(s: &Situation<'_>) -> Peer {
 /// A primary whose backup stopped acknowledging.
 fn primary_without_backup(s: &Situation<'_>) -> Action {
     match s.fencing {
-        // The lease proves the backup cannot win it, hence cannot activate.
+        // The lease proves the backup cannot win it, hence cannot activate; a preemptible
+        // one proves nothing (the backup may have taken it): the keeper is renewing it
+        // exclusive ([`lease_preemptible`] is false without ACKs), output waits for that.
         Fencing::Witness => match s.lease {
             Lease::Held => Action::ReleaseOutputAndRunUnprotected,
+            Lease::HeldPreemptible => Action::HoldOutput,
             Lease::NotHeld | Lease::Denied => stop(s),
         },
         // Shoot the backup before releasing output it never acknowledged.
@@ -561,6 +595,33 @@ mod tests {
     const KILL_LEASE: Action = Action::KillVm(KillReason::PeerHoldsLease);
 
     #[test]
+    fn lease_preemptible_table() {
+        let primary = Role::Primary {
+            peer: "b".into(),
+            since_epoch: 1,
+        };
+        let resync = Role::Resyncing { peer: "b".into() };
+        // (case, role, acks, fencing, output buffered, preemptible)
+        #[rustfmt::skip]
+        let rows: Vec<(&str, &Role, Acks, Fencing, bool, bool)> = vec![
+            ("protecting primary", &primary, Acks::Flowing, Fencing::Witness, true, true),
+            ("late ACKs still gate the output", &primary, Acks::Late, Fencing::Witness, true, true),
+            ("ACKs stopped: about to release alone", &primary, Acks::Stopped, Fencing::Witness, true, false),
+            ("output not buffered: the backup must wait", &primary, Acks::Flowing, Fencing::Witness, false, false),
+            ("no witness", &primary, Acks::Flowing, Fencing::Command, true, false),
+            ("resyncing releases without ACKs", &resync, Acks::Flowing, Fencing::Witness, true, false),
+            ("standalone", &Role::Standalone, Acks::Flowing, Fencing::Witness, true, false),
+        ];
+        for (case, role, acks, fencing, buffered, want) in rows {
+            assert_eq!(
+                lease_preemptible(role, acks, fencing, buffered),
+                want,
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
     fn rule_table() {
         let primary = Role::Primary {
             peer: "b".into(),
@@ -636,6 +697,27 @@ mod tests {
             ("primary, no ACKs, lease held: run unprotected", &primary,
              |s| { s.acks = Acks::Stopped; s.fencing = Fencing::Witness; s.lease = Lease::Held },
              Action::ReleaseOutputAndRunUnprotected),
+            ("primary, no ACKs, lease preemptible: hold until it is ours alone", &primary,
+             |s| { s.acks = Acks::Stopped; s.fencing = Fencing::Witness;
+                   s.lease = Lease::HeldPreemptible }, Action::HoldOutput),
+            ("primary, stale ACKs, lease preemptible: keep running, output waits for ACKs",
+             &primary, |s| { s.acks = Acks::Late; s.fencing = Fencing::Witness;
+                   s.lease = Lease::HeldPreemptible }, Action::HoldOutput),
+            ("primary, ACKs flow, lease preemptible", &primary,
+             |s| { s.fencing = Fencing::Witness; s.lease = Lease::HeldPreemptible },
+             Action::KeepRunning),
+            ("primary, no ACKs, backup took the lease: kill", &primary,
+             |s| { s.acks = Acks::Stopped; s.fencing = Fencing::Witness; s.lease = Lease::Denied },
+             KILL_LEASE),
+            ("standalone, lease still preemptible: hold", &standalone,
+             |s| { s.fencing = Fencing::Witness; s.lease = Lease::HeldPreemptible },
+             Action::HoldOutput),
+            ("resyncing, lease still preemptible: hold", &resync,
+             |s| { s.fencing = Fencing::Witness; s.lease = Lease::HeldPreemptible },
+             Action::HoldOutput),
+            ("activated, lease preemptible: hold", &activated,
+             |s| { s.fencing = Fencing::Witness; s.lease = Lease::HeldPreemptible },
+             Action::HoldOutput),
             ("primary, paused, lease back: run unprotected", &primary,
              |s| { s.acks = Acks::Stopped; s.fencing = Fencing::Witness; s.lease = Lease::Held;
                    s.vm = Vm::Paused }, Action::ReleaseOutputAndRunUnprotected),

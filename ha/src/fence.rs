@@ -5,9 +5,10 @@
 //!   BMC, cut its switch port, …) with `REMUS_DOMAIN`, `REMUS_PEER` and `REMUS_ATTEMPT` in
 //!   its environment. Success is exit status 0 within the timeout; a command that outlives
 //!   the timeout is killed with its whole process group; failures are retried after a delay.
-//! - [`WitnessFencer`]: fencing is winning the domain's lease from the witness — the old
-//!   primary's lease must have expired (and by [`crate::witness`]'s argument, the old primary
-//!   stopped before that).
+//! - [`WitnessFencer`]: fencing is winning the domain's lease from the witness — taken at
+//!   once if the old primary declared it preemptible by this node (its output waits for this
+//!   node's acknowledgements, which stopped before fencing began), otherwise only once it
+//!   has expired (and by [`crate::witness`]'s argument, the old primary stopped before that).
 //! - [`NoFencer`]: always "succeeds" and says loudly every time that nothing was proven.
 //!
 //! [`RandomDelay`] wraps any fencer with a random delay before it acts, Pacemaker's trick for
@@ -307,7 +308,7 @@ impl WitnessFencer {
 impl Fencer for WitnessFencer {
     async fn fence(&self, domain: &str, peer: &str) -> Result<FenceOutcome, FenceError> {
         let started = Instant::now();
-        match self.client.acquire(domain).await {
+        match self.client.preempt(domain).await {
             Ok(lease) => {
                 info!(
                     domain,

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use remus_ha::lineage::{CopyHolder, CopyStamp};
 use remus_ha::witness::{
-    LeaseKeeper, LeaseState, Op, Request, WitnessClient, WitnessClientConfig, WitnessError,
-    WitnessServer, WitnessServerConfig,
+    LeaseKeeper, LeaseMode, LeaseState, Op, Request, Response, Status, WitnessClient,
+    WitnessClientConfig, WitnessError, WitnessServer, WitnessServerConfig,
 };
 use remus_ha::HaKey;
 use tokio::net::UdpSocket;
@@ -169,6 +169,127 @@ async fn the_holders_view_ends_before_the_witnesss() {
     assert!(lease.expires_at_local - lease.sent_at <= Duration::from_millis(1980));
 }
 
+/// The backup's fencing takes a lease its primary declared preemptible by it at once; the
+/// primary's keeper hears "denied" at its next renewal. A lease held exclusive, or
+/// preemptible by another node, is not taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_takes_a_preemptible_lease_at_once_and_only_that() {
+    let w = witness().await;
+    let ttl = Duration::from_millis(1500);
+    let (a, b, c) = (
+        client("alpha", w.addr, ttl).await,
+        client("beta", w.addr, ttl).await,
+        client("gamma", w.addr, ttl).await,
+    );
+    let keeper = LeaseKeeper::spawn(a.clone(), "web".into(), None);
+    keeper.set_mode(LeaseMode::PreemptibleBy("beta".into()));
+    let mut st = keeper.state();
+    timeout(
+        Duration::from_secs(5),
+        st.wait_for(|s| {
+            matches!(
+                s,
+                LeaseState::Held {
+                    preemptible: true,
+                    ..
+                }
+            )
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Only the named peer may take it, and only by asking to.
+    assert_eq!(denied_by(c.preempt("web").await), "alpha");
+    assert_eq!(denied_by(b.acquire("web").await), "alpha");
+    // Exclusive again: the named peer is refused as well.
+    keeper.set_mode(LeaseMode::Exclusive);
+    timeout(
+        Duration::from_secs(5),
+        st.wait_for(|s| {
+            matches!(
+                s,
+                LeaseState::Held {
+                    preemptible: false,
+                    ..
+                }
+            )
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(denied_by(b.preempt("web").await), "alpha");
+    // Preemptible again; the backup takes it long before the lease could run out.
+    keeper.set_mode(LeaseMode::PreemptibleBy("beta".into()));
+    timeout(
+        Duration::from_secs(5),
+        st.wait_for(|s| {
+            matches!(
+                s,
+                LeaseState::Held {
+                    preemptible: true,
+                    ..
+                }
+            )
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let asked = Instant::now();
+    let taken = b
+        .preempt("web")
+        .await
+        .expect("the named backup takes the lease");
+    let took = asked.elapsed();
+    assert!(!taken.preemptible, "the taker holds it exclusive");
+    println!("preempted in {took:?} (lease {ttl:?})");
+    // The old holder learns at its next renewal (TTL/3) that the peer has it.
+    timeout(
+        ttl,
+        st.wait_for(|s| matches!(s, LeaseState::Denied { holder } if holder == "beta")),
+    )
+    .await
+    .expect("the old holder hears that the lease was taken before it could expire")
+    .unwrap();
+    assert!(!keeper.is_held());
+    // And cannot take it back.
+    assert_eq!(denied_by(a.preempt("web").await), "beta");
+    keeper.stop(false).await.unwrap();
+}
+
+/// What v0.1.0 sends (a version-2 acquire, no flags) is served as before, in version 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_request_is_answered_in_version_2() {
+    let w = witness().await;
+    let raw = UdpSocket::bind((lo(), 0)).await.unwrap();
+    let req = Request {
+        op: Op::Acquire,
+        node: "old-node".into(),
+        domain: "web".into(),
+        nonce: 1,
+        generation: 0,
+        ttl_ms: 1000,
+        copy: CopyStamp::NONE,
+        version: remus_ha::witness::VERSION_2,
+        flags: 0,
+        peer: String::new(),
+    };
+    let bytes = req.encode(&key()).unwrap();
+    assert_eq!((bytes[4], &bytes[37..40]), (2, &[0u8, 0, 0][..]));
+    raw.send_to(&bytes, w.addr).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = timeout(Duration::from_secs(5), raw.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    // Byte 4 is the version, byte 31 was reserved (zero) in version 2.
+    assert_eq!((buf[4], buf[31]), (2, 0));
+    let r = Response::decode(&key(), &buf[..n]).unwrap();
+    assert_eq!((r.status, r.version, r.flags), (Status::Granted, 2, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keeper_holds_the_lease_and_reports_loss_at_local_expiry() {
     let w = witness().await;
@@ -291,6 +412,9 @@ async fn bad_tag_and_replayed_requests_are_refused() {
         generation: 0,
         ttl_ms: 1000,
         copy: CopyStamp::NONE,
+        version: remus_ha::witness::VERSION_3,
+        flags: 0,
+        peer: String::new(),
     }
     .encode(&key())
     .unwrap();

@@ -76,9 +76,20 @@ impl NodeObs {
         }
     }
 
-    /// The VM runs and releases its output (running, not held).
+    /// The node may release guest output on its own: its VM runs with output not held in
+    /// a role that releases without a backup's ACKs (standalone, resyncing, activated), or
+    /// the daemon did not answer while a QEMU of the node lives (it may). A *primary*'s
+    /// output leaves only on its backup's ACKs, and a backup stops acknowledging before it
+    /// fences: a primary beside an activated peer is silent. That it released nothing its
+    /// peer does not hold is the scenario's own verdict (acknowledged ≤ resumed checkpoint).
     pub fn releasing(&self) -> bool {
-        self.run_state() == RunState::Running && self.output_held == Some(false)
+        match self.run_state() {
+            RunState::Unknown => true,
+            RunState::NotRunning => false,
+            RunState::Running => {
+                self.output_held != Some(true) && self.role.as_deref() != Some("primary")
+            }
+        }
     }
 
     fn from_status(s: &DomainStatus) -> Self {
@@ -363,14 +374,20 @@ mod tests {
     use super::*;
 
     fn obs(spec: &str) -> NodeObs {
-        // "R" running, "P" paused VM, "-" no VM, "?" unreachable with a QEMU alive,
-        // "x" unreachable and no QEMU; "h" suffix: output held.
+        // "R" running primary, "P" paused primary, "A" running activated, "S" running
+        // standalone, "-" no VM, "?" unreachable with a QEMU alive, "x" unreachable and no
+        // QEMU; "h" suffix: output held.
         let held = spec.ends_with('h');
+        let role = match &spec[..1] {
+            "A" => "activated",
+            "S" => "standalone",
+            _ => "primary",
+        };
         match &spec[..1] {
-            "R" | "P" => NodeObs {
+            "R" | "P" | "A" | "S" => NodeObs {
                 reachable: true,
-                role: Some("primary".into()),
-                vm_running: Some(spec.starts_with('R')),
+                role: Some(role.into()),
+                vm_running: Some(!spec.starts_with('P')),
                 output_held: Some(held),
                 vm_pid: Some(10),
                 ..NodeObs::default()
@@ -415,8 +432,30 @@ mod tests {
                 0,
                 0,
             ),
-            ("both running", &[("R", "-"), ("R", "R")], 1, 0, 1),
+            ("both running", &[("R", "-"), ("S", "A")], 1, 0, 1),
+            (
+                "old primary running beside the activated survivor: silent",
+                &[("R", "-"), ("R", "A")],
+                1,
+                0,
+                0,
+            ),
+            (
+                "standalone old primary beside the activated survivor",
+                &[("S", "A")],
+                1,
+                0,
+                1,
+            ),
             ("unreachable with a QEMU alive", &[("?", "R")], 1, 1, 0),
+            (
+                "unreachable with a QEMU alive beside the survivor: may release",
+                &[("?", "A")],
+                1,
+                1,
+                1,
+            ),
+            ("held output does not release", &[("Sh", "A")], 1, 0, 0),
             ("unreachable, QEMU proven gone", &[("x", "R")], 0, 0, 0),
             ("paused old primary is not running", &[("P", "R")], 0, 0, 0),
             (
@@ -426,7 +465,7 @@ mod tests {
                 0,
                 0,
             ),
-            ("both unknown", &[("?", "?")], 1, 1, 0),
+            ("both unknown", &[("?", "?")], 1, 1, 1),
         ];
         for (name, samples, both, unknown, releasing) in cases {
             let ticks: Vec<Tick> = samples.iter().map(|(p, b)| tick(p, b)).collect();

@@ -15,7 +15,7 @@ use remus_agent::api::{FailoverRecord, ResyncRecord};
 /// One verdict.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Verdict {
-    /// What is claimed ("never_two_running", "clients_kept", …).
+    /// What is claimed ("never_two_releasing", "clients_kept", …).
     pub name: &'static str,
     /// Whether it held.
     pub ok: bool,
@@ -369,7 +369,7 @@ mod tests {
                 failure_to_running_ms: Some(ms),
                 ..TrialReport::default()
             };
-            t.verdict("never_two_running", true, "0 of 10 samples");
+            t.verdict("never_two_releasing", true, "0 of 10 samples");
             t.conclude();
             r.trials.push(t);
         }
@@ -384,7 +384,7 @@ mod tests {
         assert_eq!((f.n, f.min, f.p50, f.max), (3, 100, 200, 300));
         let text = r.render();
         assert!(
-            text.contains("PASSED") && text.contains("[ok] never_two_running"),
+            text.contains("PASSED") && text.contains("[ok] never_two_releasing"),
             "{text}"
         );
         r.trials[1].verdict("clients_kept", false, "broken 1");

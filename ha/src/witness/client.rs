@@ -3,6 +3,15 @@
 //! Invariant: a [`Lease`]'s `expires_at_local` is computed from the instant the answered
 //! request was *sent*, minus a drift margin, so it is always earlier than the witness's own
 //! expiry for that grant (see the module documentation of [`crate::witness`]).
+//!
+//! # Which wire version
+//! The client does not know whether its witness is of this release (version 3: takeovers)
+//! or of v0.1.0 (version 2). Until an answer says so it alternates: the first attempt of an
+//! exchange in version 3, the next in version 2, and so on; the version of the first answer
+//! is kept (version 2 only for a minute, so a witness upgraded meanwhile is noticed), and
+//! forgotten when the witness stops answering. Sent in version 2, a request loses its
+//! takeover flags, which only ever makes it more conservative: a lease declared
+//! preemptible is granted exclusive, a preempting acquire becomes a plain one.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -14,7 +23,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::{debug, info, warn};
 
-use super::proto::{reason, Op, Request, Response, Status, MAX_DATAGRAM, MAX_NAME};
+use super::proto::{
+    flags, reason, Op, Request, Response, Status, MAX_DATAGRAM, MAX_NAME, VERSION_2, VERSION_3,
+};
 use super::{WitnessError, DEFAULT_TTL, DRIFT_DIVISOR};
 use crate::auth::{HaKey, SequenceSource};
 use crate::lineage::CopyStamp;
@@ -66,7 +77,25 @@ pub struct Lease {
     pub sent_at: Instant,
     /// When this node must consider the lease gone: `sent_at + ttl - ttl / 100`.
     pub expires_at_local: Instant,
+    /// The witness granted it preemptible: the peer named when asking may take it at once.
+    /// Such a lease proves nothing to release output on without the peer's
+    /// acknowledgements (see [`LeaseMode`]).
+    pub preemptible: bool,
 }
+
+/// How a lease is asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseMode {
+    /// Nobody may take it before it expires: the holder may release output on it alone.
+    Exclusive,
+    /// The named peer may take it at once (`flags::PREEMPTIBLE`): asked by a primary whose
+    /// output leaves only on that peer's acknowledgements, so that its backup, once it has
+    /// stopped acknowledging, need not wait for the lease to run out.
+    PreemptibleBy(String),
+}
+
+/// How long a witness that answered in version 2 is taken to speak only that.
+const V2_KEPT_FOR: Duration = Duration::from_secs(60);
 
 impl Lease {
     /// Whether the lease is still valid at `now` by this node's conservative view.
@@ -103,8 +132,9 @@ pub struct WitnessClient {
     cfg: WitnessClientConfig,
     socket: UdpSocket,
     seq: SequenceSource,
-    /// One exchange at a time, so an answer is never read by the wrong caller.
-    exchange_lock: Mutex<()>,
+    /// One exchange at a time, so an answer is never read by the wrong caller. It guards the
+    /// witness's wire version as last learned (`None`: unknown), and since when.
+    exchange_lock: Mutex<Option<(u8, Instant)>>,
 }
 
 impl WitnessClient {
@@ -129,7 +159,7 @@ impl WitnessClient {
             cfg,
             socket,
             seq: SequenceSource::new(),
-            exchange_lock: Mutex::new(()),
+            exchange_lock: Mutex::new(None),
         })
     }
 
@@ -149,16 +179,43 @@ impl WitnessClient {
     /// [`WitnessError::Denied`] if another node holds it, [`WitnessError::Unreachable`],
     /// [`WitnessError::Refused`].
     pub async fn acquire(&self, domain: &str) -> Result<Lease, WitnessError> {
-        self.grant(domain, 0).await
+        self.grant(domain, 0, &LeaseMode::Exclusive, false).await
     }
 
-    /// Renews a lease (same generation if still held at the witness; a new one if it had
-    /// expired there and was free).
+    /// Acquires the domain's lease (exclusive), taking it at once from a holder that
+    /// declared it preemptible by this node: the backup's fencing, after it stopped
+    /// acknowledging its primary.
+    ///
+    /// # Errors
+    /// As [`WitnessClient::acquire`].
+    pub async fn preempt(&self, domain: &str) -> Result<Lease, WitnessError> {
+        self.grant(domain, 0, &LeaseMode::Exclusive, true).await
+    }
+
+    /// Renews a lease exclusively (same generation if still held at the witness; a new one
+    /// if it had expired there and was free).
     ///
     /// # Errors
     /// As [`WitnessClient::acquire`].
     pub async fn renew(&self, lease: &Lease) -> Result<Lease, WitnessError> {
-        self.grant(&lease.domain, lease.generation).await
+        self.renew_as(lease, &LeaseMode::Exclusive).await
+    }
+
+    /// Renews a lease in `mode`.
+    ///
+    /// # Errors
+    /// As [`WitnessClient::acquire`].
+    pub async fn renew_as(&self, lease: &Lease, mode: &LeaseMode) -> Result<Lease, WitnessError> {
+        self.grant(&lease.domain, lease.generation, mode, false)
+            .await
+    }
+
+    /// Acquires the domain's lease in `mode`.
+    ///
+    /// # Errors
+    /// As [`WitnessClient::acquire`].
+    pub async fn acquire_as(&self, domain: &str, mode: &LeaseMode) -> Result<Lease, WitnessError> {
+        self.grant(domain, 0, mode, false).await
     }
 
     /// Gives the lease up. Returns whether the witness still had it as ours.
@@ -167,7 +224,7 @@ impl WitnessClient {
     /// [`WitnessError::Unreachable`], [`WitnessError::Refused`].
     pub async fn release(&self, lease: &Lease) -> Result<bool, WitnessError> {
         let (r, _) = self
-            .exchange(Op::Release, &lease.domain, lease.generation)
+            .exchange(Op::Release, &lease.domain, lease.generation, NO_TAKEOVER)
             .await?;
         match r.status {
             Status::Released => Ok(true),
@@ -181,7 +238,7 @@ impl WitnessClient {
     /// # Errors
     /// [`WitnessError::Unreachable`], [`WitnessError::Refused`].
     pub async fn query(&self, domain: &str) -> Result<LeaseInfo, WitnessError> {
-        let (r, _) = self.exchange(Op::Query, domain, 0).await?;
+        let (r, _) = self.exchange(Op::Query, domain, 0, NO_TAKEOVER).await?;
         match r.status {
             Status::Free => Ok(LeaseInfo {
                 holder: None,
@@ -209,7 +266,9 @@ impl WitnessClient {
         domain: &str,
         copy: CopyStamp,
     ) -> Result<RecordedCopy, WitnessError> {
-        let (r, _) = self.exchange_with(Op::Record, domain, 0, copy).await?;
+        let (r, _) = self
+            .exchange_with(Op::Record, domain, 0, copy, NO_TAKEOVER)
+            .await?;
         match r.status {
             Status::Recorded => Ok(RecordedCopy {
                 stamp: r.copy,
@@ -219,8 +278,24 @@ impl WitnessClient {
         }
     }
 
-    async fn grant(&self, domain: &str, generation: u64) -> Result<Lease, WitnessError> {
-        let (r, sent_at) = self.exchange(Op::Acquire, domain, generation).await?;
+    async fn grant(
+        &self,
+        domain: &str,
+        generation: u64,
+        mode: &LeaseMode,
+        preempt: bool,
+    ) -> Result<Lease, WitnessError> {
+        let takeover = match mode {
+            LeaseMode::PreemptibleBy(peer) => (flags::PREEMPTIBLE, peer.as_str()),
+            LeaseMode::Exclusive if preempt => (flags::PREEMPT, ""),
+            LeaseMode::Exclusive => NO_TAKEOVER,
+        };
+        if !takeover.1.is_empty() {
+            check_name("peer", takeover.1)?;
+        }
+        let (r, sent_at) = self
+            .exchange(Op::Acquire, domain, generation, takeover)
+            .await?;
         match r.status {
             Status::Granted => {
                 // Never trust a longer grant than asked for.
@@ -231,6 +306,7 @@ impl WitnessClient {
                     ttl,
                     sent_at,
                     expires_at_local: sent_at + ttl - ttl / DRIFT_DIVISOR,
+                    preemptible: r.flags & flags::PREEMPTIBLE != 0,
                 })
             }
             Status::Denied => Err(WitnessError::Denied {
@@ -263,23 +339,39 @@ impl WitnessClient {
         op: Op,
         domain: &str,
         generation: u64,
+        takeover: (u8, &str),
     ) -> Result<(Response, Instant), WitnessError> {
-        self.exchange_with(op, domain, generation, CopyStamp::NONE)
+        self.exchange_with(op, domain, generation, CopyStamp::NONE, takeover)
             .await
     }
 
+    /// `takeover`: the version-3 flags and peer of the request (dropped in version 2).
     async fn exchange_with(
         &self,
         op: Op,
         domain: &str,
         generation: u64,
         copy: CopyStamp,
+        takeover: (u8, &str),
     ) -> Result<(Response, Instant), WitnessError> {
         check_name("domain", domain)?;
-        let _one_at_a_time = self.exchange_lock.lock().await;
+        let mut known = self.exchange_lock.lock().await;
+        if known.is_some_and(|(v, at)| v == VERSION_2 && at.elapsed() > V2_KEPT_FOR) {
+            *known = None;
+        }
         let addr = self.cfg.witness;
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         for attempt in 1..=self.cfg.attempts.max(1) {
+            let version = match *known {
+                Some((v, _)) => v,
+                None if attempt % 2 == 1 => VERSION_3,
+                None => VERSION_2,
+            };
+            let (flags, peer) = if version == VERSION_3 {
+                takeover
+            } else {
+                NO_TAKEOVER
+            };
             let req = Request {
                 op,
                 node: self.cfg.node.clone(),
@@ -288,6 +380,9 @@ impl WitnessClient {
                 generation,
                 ttl_ms: u32::try_from(self.cfg.ttl.as_millis()).unwrap_or(u32::MAX),
                 copy,
+                version,
+                flags,
+                peer: peer.to_string(),
             };
             let bytes = req
                 .encode(&self.cfg.key)
@@ -314,8 +409,13 @@ impl WitnessClient {
                     Ok(resp)
                         if resp.nonce == req.nonce
                             && resp.node == req.node
-                            && resp.domain == req.domain =>
+                            && resp.domain == req.domain
+                            && resp.version == req.version =>
                     {
+                        if known.is_none_or(|(v, _)| v != resp.version) {
+                            info!(%addr, version = resp.version, "the witness speaks wire version {}", resp.version);
+                            *known = Some((resp.version, Instant::now()));
+                        }
                         return Ok((resp, sent_at));
                     }
                     Ok(_) => debug!(%from, "stale witness answer ignored"),
@@ -323,6 +423,8 @@ impl WitnessClient {
                 }
             }
         }
+        // Silent: it may have been replaced by another release; learn its version again.
+        *known = None;
         Err(WitnessError::Unreachable {
             addr,
             domain: domain.to_string(),
@@ -331,6 +433,9 @@ impl WitnessClient {
         })
     }
 }
+
+/// No takeover flags, no peer.
+const NO_TAKEOVER: (u8, &str) = (0, "");
 
 fn check_name(what: &'static str, name: &str) -> Result<(), WitnessError> {
     if name.is_empty() || name.len() > MAX_NAME {
@@ -354,6 +459,9 @@ pub enum LeaseState {
         until: Instant,
         /// The grant's generation.
         generation: u64,
+        /// Granted preemptible: proves the lease only to run with output held for the peer's
+        /// acknowledgements, not to release output alone.
+        preemptible: bool,
     },
     /// Not held: expired without a successful renewal, or the witness is unreachable.
     Lost,
@@ -369,13 +477,20 @@ impl LeaseState {
     pub fn held_at(&self, now: Instant) -> bool {
         matches!(self, LeaseState::Held { until, .. } if now < *until)
     }
+
+    /// Whether the state proves the lease held at `now`, and not preemptible.
+    pub fn held_exclusively_at(&self, now: Instant) -> bool {
+        matches!(self, LeaseState::Held { until, preemptible: false, .. } if now < *until)
+    }
 }
 
-/// A task that acquires a domain's lease and renews it every TTL/3, reporting through a
-/// watch channel. It publishes `Lost` at the local expiry even if the witness never answers.
+/// A task that acquires a domain's lease and renews it every TTL/3 in the mode it is told
+/// ([`LeaseKeeper::set_mode`]: at once when the mode changes), reporting through a watch
+/// channel. It publishes `Lost` at the local expiry even if the witness never answers.
 #[derive(Debug)]
 pub struct LeaseKeeper {
     state: watch::Receiver<LeaseState>,
+    mode: watch::Sender<LeaseMode>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Option<Lease>>,
     client: Arc<WitnessClient>,
@@ -389,14 +504,17 @@ impl LeaseKeeper {
             Some(l) => LeaseState::Held {
                 until: l.expires_at_local,
                 generation: l.generation,
+                preemptible: l.preemptible,
             },
             None => LeaseState::Acquiring,
         };
         let (tx, rx) = watch::channel(first);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(keep(client.clone(), domain, initial, tx, stop_rx));
+        let (mode, mode_rx) = watch::channel(LeaseMode::Exclusive);
+        let task = tokio::spawn(keep(client.clone(), domain, initial, tx, mode_rx, stop_rx));
         Self {
             state: rx,
+            mode,
             stop,
             task,
             client,
@@ -406,6 +524,18 @@ impl LeaseKeeper {
     /// The keeper's verdicts.
     pub fn state(&self) -> watch::Receiver<LeaseState> {
         self.state.clone()
+    }
+
+    /// How the lease is to be held from now on; a change is sent to the witness at once.
+    pub fn set_mode(&self, mode: LeaseMode) {
+        self.mode.send_if_modified(|cur| {
+            if *cur == mode {
+                false
+            } else {
+                *cur = mode;
+                true
+            }
+        });
     }
 
     /// Whether the lease is held now.
@@ -433,6 +563,7 @@ async fn keep(
     domain: String,
     mut lease: Option<Lease>,
     tx: watch::Sender<LeaseState>,
+    mut mode: watch::Receiver<LeaseMode>,
     mut stop: watch::Receiver<bool>,
 ) -> Option<Lease> {
     let ttl = client.ttl();
@@ -462,14 +593,20 @@ async fn keep(
                     lease = None;
                     publish(LeaseState::Lost);
                 }
+                r = mode.changed() => {
+                    if r.is_ok() {
+                        break;
+                    }
+                }
                 _ = stop.changed() => return lease.filter(|l| l.valid_at(Instant::now())),
             }
         }
         let held = lease.clone();
+        let asked = mode.borrow_and_update().clone();
         let attempt = async {
             match &held {
-                Some(l) => client.renew(l).await,
-                None => client.acquire(&domain).await,
+                Some(l) => client.renew_as(l, &asked).await,
+                None => client.acquire_as(&domain, &asked).await,
             }
         };
         tokio::pin!(attempt);
@@ -489,11 +626,17 @@ async fn keep(
         match result {
             Ok(l) => {
                 if lease.is_none() {
-                    info!(%domain, generation = l.generation, "lease acquired");
+                    info!(%domain, generation = l.generation, preemptible = l.preemptible, "lease acquired");
+                } else if lease
+                    .as_ref()
+                    .is_some_and(|p| p.preemptible != l.preemptible)
+                {
+                    info!(%domain, generation = l.generation, preemptible = l.preemptible, "lease renewed in another mode");
                 }
                 publish(LeaseState::Held {
                     until: l.expires_at_local,
                     generation: l.generation,
+                    preemptible: l.preemptible,
                 });
                 next_attempt = l.sent_at + ttl / 3;
                 lease = Some(l);
@@ -513,5 +656,92 @@ async fn keep(
                 next_attempt = now + ttl / 10;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A witness of v0.1.0 as far as the wire goes: it answers version 2 and ignores
+    /// anything else (v0.1.0's decoder refuses version 3). A unit-test stand-in: the real
+    /// server answers both versions (`tests/witness.rs`).
+    /// Counts the version-3 datagrams it ignored.
+    async fn v2_only_witness(
+        key: HaKey,
+    ) -> (
+        SocketAddr,
+        JoinHandle<()>,
+        Arc<std::sync::atomic::AtomicU32>,
+    ) {
+        let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let ignored = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = ignored.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut generation = 0;
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(req) = Request::decode(&key, &buf[..n]) else {
+                    continue;
+                };
+                if req.version != VERSION_2 {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
+                generation += 1;
+                let resp = Response {
+                    status: Status::Granted,
+                    node: req.node,
+                    domain: req.domain,
+                    nonce: req.nonce,
+                    generation,
+                    ttl_ms: req.ttl_ms,
+                    holder: String::new(),
+                    reason: reason::NONE,
+                    copy: CopyStamp::NONE,
+                    version: VERSION_2,
+                    flags: 0,
+                };
+                let _ = sock.send_to(&resp.encode(&key).unwrap(), from).await;
+            }
+        });
+        (addr, task, ignored)
+    }
+
+    #[tokio::test]
+    async fn a_version_2_witness_is_spoken_to_in_version_2_and_grants_exclusive() {
+        let key = HaKey::derive(&[5u8; 32]).unwrap();
+        let (addr, task, ignored) = v2_only_witness(key.clone()).await;
+        let cfg = WitnessClientConfig {
+            attempt_timeout: Duration::from_millis(100),
+            ..WitnessClientConfig::new("alpha", addr, key)
+        };
+        let c = WitnessClient::new(cfg).await.unwrap();
+        // First exchange: version 3 unanswered, version 2 answered; the takeover flag is
+        // dropped, so the lease is exclusive, never "preemptible" on a witness that cannot
+        // honour it.
+        let l = c
+            .acquire_as("web", &LeaseMode::PreemptibleBy("beta".into()))
+            .await
+            .unwrap();
+        assert!(!l.preemptible);
+        assert_eq!(
+            c.exchange_lock.lock().await.map(|(v, _)| v),
+            Some(VERSION_2)
+        );
+        let probes = ignored.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(probes >= 1);
+        // Known now: the next exchange goes out in version 2 only.
+        let l = c
+            .renew_as(&l, &LeaseMode::PreemptibleBy("beta".into()))
+            .await
+            .unwrap();
+        assert!(!l.preemptible);
+        assert_eq!(ignored.load(std::sync::atomic::Ordering::SeqCst), probes);
+        task.abort();
     }
 }

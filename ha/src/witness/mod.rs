@@ -3,7 +3,17 @@
 //!
 //! A node that holds a domain's lease may run that domain's VM; a node that does not hold it
 //! and cannot prove its peer gone otherwise must not. Fencing by lease works because the
-//! witness grants a lease only when it is free, expired, or already held by the requester.
+//! witness grants a lease only when it is free, expired, or already held by the requester —
+//! or, since wire version 3, when its holder declared it *preemptible by* the requester.
+//!
+//! # Takeover
+//! A protecting primary releases output only on its backup's acknowledgements, so it holds
+//! its lease preemptible by that backup ([`LeaseMode::PreemptibleBy`]); the backup, once it
+//! has stopped acknowledging, takes the lease at once ([`WitnessClient::preempt`]) instead of
+//! waiting for it to run out. A preemptible lease lets its holder run the VM but never
+//! release output alone: before that, the holder renews it exclusive, and the witness
+//! serialises that renewal and the takeover. The argument is in `docs/design.md`
+//! ("Takeover without waiting out the lease").
 //!
 //! # Why the holder's view of a lease expires first
 //! The witness starts a lease's TTL when it *receives* the request; the client starts it when
@@ -41,9 +51,11 @@ mod proto;
 mod server;
 
 pub use client::{
-    Lease, LeaseKeeper, LeaseState, RecordedCopy, WitnessClient, WitnessClientConfig,
+    Lease, LeaseKeeper, LeaseMode, LeaseState, RecordedCopy, WitnessClient, WitnessClientConfig,
 };
-pub use proto::{reason, Op, ProtoError, Request, Response, Status, MAX_NAME};
+pub use proto::{
+    flags, reason, Op, ProtoError, Request, Response, Status, MAX_NAME, VERSION_2, VERSION_3,
+};
 pub use server::{Handled, LeaseTable, WitnessServer, WitnessServerConfig, WitnessStats};
 
 use std::net::SocketAddr;

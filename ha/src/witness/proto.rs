@@ -3,15 +3,24 @@
 //!
 //! ```text
 //! request  (magic "RMWQ"):
-//!   0 magic[4] | 4 version u8 = 2 | 5 op u8 | 6 node_len u8 | 7 domain_len u8
+//!   0 magic[4] | 4 version u8 (2 or 3) | 5 op u8 | 6 node_len u8 | 7 domain_len u8
 //!   8 nonce u64 | 16 generation u64 | 24 ttl_ms u32 | 28 copy_generation u64
-//!   36 copy_holder u8 | 37 reserved[3] = 0 | 40 node | domain | tag[32]
+//!   36 copy_holder u8 | 37 flags u8 | 38 peer_len u8 | 39 reserved u8 = 0
+//!   40 node | domain | peer | tag[32]
 //! response (magic "RMWR"):
-//!   0 magic[4] | 4 version u8 = 2 | 5 status u8 | 6 node_len u8 | 7 domain_len u8
-//!   8 nonce u64 | 16 generation u64 | 24 ttl_ms u32 | 28 holder_len u8 | 29 reason u8
-//!   30 copy_holder u8 | 31 reserved u8 = 0 | 32 copy_generation u64
+//!   0 magic[4] | 4 version u8 (the request's) | 5 status u8 | 6 node_len u8
+//!   7 domain_len u8 | 8 nonce u64 | 16 generation u64 | 24 ttl_ms u32 | 28 holder_len u8
+//!   29 reason u8 | 30 copy_holder u8 | 31 flags u8 | 32 copy_generation u64
 //!   40 node | domain | holder | tag[32]
 //! ```
+//!
+//! **Versions.** Version 2 (v0.1.0) has no flags and no peer: bytes 37–39 of a request and
+//! byte 31 of a response are zero. Version 3 adds the takeover flags ([`flags`]): an
+//! acquire may declare the lease *preemptible by* the named `peer` (the holder's output
+//! waits for that peer's acknowledgements), or ask to *preempt* such a lease; a response's
+//! flags say whether the lease granted is preemptible. The witness answers in the version
+//! of the request, so a v0.1.0 node is served as before; a client that does not know its
+//! witness's version tries 3, then 2 (see the client).
 //!
 //! `generation` is the lease's; `copy_*` is a copy stamp ([`crate::lineage`]): in a
 //! `record` request the sender's, in every response the newest the witness recorded for
@@ -32,8 +41,10 @@ pub const MAX_DATAGRAM: usize = 40 + 3 * MAX_NAME + TAG_LEN;
 
 const REQ_MAGIC: &[u8; 4] = b"RMWQ";
 const RESP_MAGIC: &[u8; 4] = b"RMWR";
-/// 2 added the copy stamps and the `record` op.
-const VERSION: u8 = 2;
+/// The version of v0.1.0 (2 added the copy stamps and the `record` op).
+pub const VERSION_2: u8 = 2;
+/// The newest version: the takeover flags and the peer name.
+pub const VERSION_3: u8 = 3;
 const REQ_HEADER: usize = 40;
 const RESP_HEADER: usize = 40;
 
@@ -61,6 +72,23 @@ pub enum ProtoError {
     /// A reserved byte is not zero.
     #[error("reserved bytes not zero")]
     Reserved,
+    /// Flags this version does not define, or flags that contradict each other or the op.
+    #[error("bad flags {0:#04x}")]
+    BadFlags(u8),
+}
+
+/// The takeover flags of version 3 (request byte 37, response byte 31).
+pub mod flags {
+    /// Request (acquire): grant the lease *preemptible by* the request's `peer`: the
+    /// holder releases output only on that peer's acknowledgements, so the peer, once it has
+    /// stopped acknowledging, may take the lease at once. Response: the lease granted is
+    /// preemptible.
+    pub const PREEMPTIBLE: u8 = 1;
+    /// Request (acquire): take the lease even if it is held, provided its holder declared
+    /// it preemptible by the requester.
+    pub const PREEMPT: u8 = 2;
+    /// Every flag a request may carry.
+    pub const REQUEST: u8 = PREEMPTIBLE | PREEMPT;
 }
 
 /// What a request asks.
@@ -174,6 +202,13 @@ pub struct Request {
     pub ttl_ms: u32,
     /// Record: the sender's copy stamp ([`CopyStamp::NONE`] otherwise).
     pub copy: CopyStamp,
+    /// The wire version ([`VERSION_2`] or [`VERSION_3`]).
+    pub version: u8,
+    /// Version 3: [`flags`] of an acquire (0 otherwise).
+    pub flags: u8,
+    /// Version 3, with [`flags::PREEMPTIBLE`]: the node that may preempt the lease (empty
+    /// otherwise).
+    pub peer: String,
 }
 
 /// The witness's response.
@@ -197,6 +232,10 @@ pub struct Response {
     pub reason: u8,
     /// The newest copy stamp the witness recorded for the domain.
     pub copy: CopyStamp,
+    /// The wire version: the request's.
+    pub version: u8,
+    /// Version 3, Granted: [`flags::PREEMPTIBLE`] if the lease granted is preemptible.
+    pub flags: u8,
 }
 
 fn name_len(s: &str) -> Result<u8, ProtoError> {
@@ -234,9 +273,10 @@ impl Request {
     /// # Errors
     /// [`ProtoError::BadName`] if a name is longer than [`MAX_NAME`].
     pub fn encode(&self, key: &HaKey) -> Result<Vec<u8>, ProtoError> {
+        check_request_flags(self.version, self.op, self.flags, &self.peer)?;
         let mut b = Vec::with_capacity(MAX_DATAGRAM);
         b.extend_from_slice(REQ_MAGIC);
-        b.push(VERSION);
+        b.push(self.version);
         b.push(self.op as u8);
         b.push(name_len(&self.node)?);
         b.push(name_len(&self.domain)?);
@@ -245,9 +285,10 @@ impl Request {
         b.extend_from_slice(&self.ttl_ms.to_be_bytes());
         b.extend_from_slice(&self.copy.generation.to_be_bytes());
         b.push(self.copy.holder.to_u8());
-        b.extend_from_slice(&[0, 0, 0]);
+        b.extend_from_slice(&[self.flags, name_len(&self.peer)?, 0]);
         b.extend_from_slice(self.node.as_bytes());
         b.extend_from_slice(self.domain.as_bytes());
+        b.extend_from_slice(self.peer.as_bytes());
         key.seal(&mut b);
         Ok(b)
     }
@@ -265,20 +306,23 @@ impl Request {
         if &b[0..4] != REQ_MAGIC {
             return Err(ProtoError::BadMagic);
         }
-        if b[4] != VERSION {
-            return Err(ProtoError::BadVersion(b[4]));
+        let version = b[4];
+        if version != VERSION_2 && version != VERSION_3 {
+            return Err(ProtoError::BadVersion(version));
         }
         let op = Op::from_u8(b[5])?;
         let copy = copy_at(b, 28, b[36])?;
-        if b[37..40] != [0, 0, 0] {
+        if b[39] != 0 || (version == VERSION_2 && b[37..39] != [0, 0]) {
             return Err(ProtoError::Reserved);
         }
         let mut at = REQ_HEADER;
         let node = take_name(b, &mut at, usize::from(b[6]))?;
         let domain = take_name(b, &mut at, usize::from(b[7]))?;
+        let peer = take_name(b, &mut at, usize::from(b[38]))?;
         if at != b.len() || node.is_empty() || domain.is_empty() {
             return Err(ProtoError::BadName);
         }
+        check_request_flags(version, op, b[37], &peer)?;
         Ok(Self {
             op,
             node,
@@ -287,6 +331,9 @@ impl Request {
             generation: u64_at(b, 16),
             ttl_ms: u32_at(b, 24),
             copy,
+            version,
+            flags: b[37],
+            peer,
         })
     }
 }
@@ -297,9 +344,12 @@ impl Response {
     /// # Errors
     /// [`ProtoError::BadName`] if a name is longer than [`MAX_NAME`].
     pub fn encode(&self, key: &HaKey) -> Result<Vec<u8>, ProtoError> {
+        if self.version != VERSION_3 && self.flags != 0 || self.flags & !flags::PREEMPTIBLE != 0 {
+            return Err(ProtoError::BadFlags(self.flags));
+        }
         let mut b = Vec::with_capacity(MAX_DATAGRAM);
         b.extend_from_slice(RESP_MAGIC);
-        b.push(VERSION);
+        b.push(self.version);
         b.push(self.status as u8);
         b.push(name_len(&self.node)?);
         b.push(name_len(&self.domain)?);
@@ -309,7 +359,7 @@ impl Response {
         b.push(name_len(&self.holder)?);
         b.push(self.reason);
         b.push(self.copy.holder.to_u8());
-        b.push(0);
+        b.push(self.flags);
         b.extend_from_slice(&self.copy.generation.to_be_bytes());
         b.extend_from_slice(self.node.as_bytes());
         b.extend_from_slice(self.domain.as_bytes());
@@ -330,13 +380,17 @@ impl Response {
         if &b[0..4] != RESP_MAGIC {
             return Err(ProtoError::BadMagic);
         }
-        if b[4] != VERSION {
-            return Err(ProtoError::BadVersion(b[4]));
+        let version = b[4];
+        if version != VERSION_2 && version != VERSION_3 {
+            return Err(ProtoError::BadVersion(version));
         }
         let status = Status::from_u8(b[5])?;
         let copy = copy_at(b, 32, b[30])?;
-        if b[31] != 0 {
+        if version == VERSION_2 && b[31] != 0 {
             return Err(ProtoError::Reserved);
+        }
+        if b[31] & !flags::PREEMPTIBLE != 0 {
+            return Err(ProtoError::BadFlags(b[31]));
         }
         let mut at = RESP_HEADER;
         let node = take_name(b, &mut at, usize::from(b[6]))?;
@@ -355,7 +409,31 @@ impl Response {
             holder,
             reason: b[29],
             copy,
+            version,
+            flags: b[31],
         })
+    }
+}
+
+/// A request's flags and peer must fit its version and op: none in version 2; only
+/// [`flags::REQUEST`] bits, only on an acquire, never both, and a peer exactly when the
+/// lease is declared preemptible.
+fn check_request_flags(version: u8, op: Op, f: u8, peer: &str) -> Result<(), ProtoError> {
+    let fits = match version {
+        VERSION_2 => f == 0 && peer.is_empty(),
+        _ => {
+            f & !flags::REQUEST == 0
+                && f != flags::REQUEST
+                && (f == 0 || op == Op::Acquire)
+                && (f & flags::PREEMPTIBLE != 0) != peer.is_empty()
+        }
+    };
+    if fits {
+        Ok(())
+    } else if !peer.is_empty() && f & flags::PREEMPTIBLE == 0 {
+        Err(ProtoError::BadName)
+    } else {
+        Err(ProtoError::BadFlags(f))
     }
 }
 
@@ -376,6 +454,9 @@ mod tests {
             generation: 0,
             ttl_ms: 2000,
             copy: CopyStamp::NONE,
+            version: VERSION_3,
+            flags: 0,
+            peer: String::new(),
         }
     }
 
@@ -406,10 +487,73 @@ mod tests {
                 generation: 12,
                 holder: CopyHolder::Ran,
             },
+            version: VERSION_3,
+            flags: flags::PREEMPTIBLE,
         };
         let bytes = resp.encode(&k).unwrap();
         assert!(bytes.len() <= MAX_DATAGRAM);
-        assert_eq!(Response::decode(&k, &bytes), Ok(resp));
+        assert_eq!(Response::decode(&k, &bytes), Ok(resp.clone()));
+        let v2 = Response {
+            version: VERSION_2,
+            flags: 0,
+            ..resp
+        };
+        assert_eq!(Response::decode(&k, &v2.encode(&k).unwrap()), Ok(v2));
+        for r in [
+            Request {
+                flags: flags::PREEMPTIBLE,
+                peer: "node-b".repeat(10),
+                ..req()
+            },
+            Request {
+                flags: flags::PREEMPT,
+                ..req()
+            },
+            Request {
+                version: VERSION_2,
+                ..req()
+            },
+        ] {
+            let bytes = r.encode(&k).unwrap();
+            assert!(bytes.len() <= MAX_DATAGRAM);
+            assert_eq!(Request::decode(&k, &bytes), Ok(r));
+        }
+    }
+
+    #[test]
+    fn version_2_is_the_layout_of_v0_1_0() {
+        // v0.1.0 wrote bytes 37..40 of a request and byte 31 of a response as zero and
+        // checked them; a version-2 datagram of this build must be that exact layout.
+        let k = key();
+        let r = Request {
+            version: VERSION_2,
+            ..req()
+        };
+        let b = r.encode(&k).unwrap();
+        assert_eq!(b[4], 2);
+        assert_eq!(&b[37..40], &[0, 0, 0]);
+        assert_eq!(b.len(), 40 + "node-a".len() + "web".len() + TAG_LEN);
+        let resp = Response {
+            status: Status::Granted,
+            node: "node-a".into(),
+            domain: "web".into(),
+            nonce: 1,
+            generation: 1,
+            ttl_ms: 1500,
+            holder: String::new(),
+            reason: reason::NONE,
+            copy: CopyStamp::NONE,
+            version: VERSION_2,
+            flags: 0,
+        };
+        let b = resp.encode(&k).unwrap();
+        assert_eq!((b[4], b[31]), (2, 0));
+        // A version-2 response cannot carry flags.
+        let bad = Response {
+            flags: flags::PREEMPTIBLE,
+            ..resp
+        };
+        assert_eq!(bad.encode(&k), Err(ProtoError::BadFlags(1)));
     }
 
     #[test]
@@ -442,12 +586,52 @@ mod tests {
                 ProtoError::BadMagic,
             ),
             ("version 1", with(&|b| b[4] = 1), ProtoError::BadVersion(1)),
+            ("version 4", with(&|b| b[4] = 4), ProtoError::BadVersion(4)),
             (
                 "copy holder 7",
                 with(&|b| b[36] = 7),
                 ProtoError::BadCode(7),
             ),
-            ("reserved byte", with(&|b| b[38] = 1), ProtoError::Reserved),
+            ("reserved byte", with(&|b| b[39] = 1), ProtoError::Reserved),
+            (
+                "flags in version 2",
+                with(&|b| {
+                    b[4] = 2;
+                    b[37] = 1
+                }),
+                ProtoError::Reserved,
+            ),
+            (
+                "preemptible and preempt at once",
+                with(&|b| b[37] = 3),
+                ProtoError::BadFlags(3),
+            ),
+            (
+                "unknown flag",
+                with(&|b| b[37] = 4),
+                ProtoError::BadFlags(4),
+            ),
+            (
+                "preemptible without a peer",
+                with(&|b| b[37] = 1),
+                ProtoError::BadFlags(1),
+            ),
+            (
+                "peer without preemptible",
+                with(&|b| {
+                    b[38] = 1;
+                    b.push(b'x')
+                }),
+                ProtoError::BadName,
+            ),
+            (
+                "preempt on a release",
+                with(&|b| {
+                    b[5] = 2;
+                    b[37] = 2
+                }),
+                ProtoError::BadFlags(2),
+            ),
             ("op 9", with(&|b| b[5] = 9), ProtoError::BadCode(9)),
             (
                 "node length past end",

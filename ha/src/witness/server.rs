@@ -16,7 +16,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::proto::{reason, Op, ProtoError, Request, Response, Status, MAX_DATAGRAM};
+use super::proto::{flags, reason, Op, ProtoError, Request, Response, Status, MAX_DATAGRAM};
 use super::{WitnessError, MAX_TTL, MIN_TTL};
 use crate::auth::HaKey;
 use crate::lineage::CopyStamp;
@@ -36,6 +36,9 @@ struct Held {
     ttl_ms: u32,
     /// When the witness considers the lease expired.
     expires: Instant,
+    /// The node that may take the lease at once (the holder declared that its output
+    /// waits for this node's acknowledgements), if any.
+    preemptible_by: Option<String>,
 }
 
 /// What [`LeaseTable::handle`] decided.
@@ -88,6 +91,9 @@ struct PersistedLease {
     holder: String,
     generation: u64,
     ttl_ms: u32,
+    /// Absent in files written before takeovers (and for exclusive leases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    preemptible_by: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -139,6 +145,8 @@ impl LeaseTable {
             holder: holder.to_string(),
             reason: why,
             copy: recorded,
+            version: req.version,
+            flags: 0,
         };
         let refuse = |why| Handled::Reply {
             response: reply(Status::Refused, 0, 0, "", why),
@@ -174,8 +182,12 @@ impl LeaseTable {
                 if ttl < ttl_limits.0 || ttl > ttl_limits.1 {
                     return refuse(reason::BAD_TTL);
                 }
+                let preempts = |h: &Held| {
+                    req.flags & flags::PREEMPT != 0
+                        && h.preemptible_by.as_deref() == Some(req.node.as_str())
+                };
                 match current {
-                    Some(h) if h.holder != req.node => (
+                    Some(h) if h.holder != req.node && !preempts(h) => (
                         reply(
                             Status::Denied,
                             h.generation,
@@ -193,14 +205,24 @@ impl LeaseTable {
                             return refuse(reason::TOO_MANY);
                         }
                         // A renewal of the generation held keeps it; anything else (free,
-                        // expired, or the holder starting over) is a new generation.
+                        // expired, taken over, or the holder starting over) is a new
+                        // generation.
                         let generation = match current {
-                            Some(h) if h.generation == req.generation => h.generation,
+                            Some(h) if h.holder == req.node && h.generation == req.generation => {
+                                h.generation
+                            }
                             _ => {
                                 let g = self.next_generation;
                                 self.next_generation += 1;
                                 g
                             }
+                        };
+                        let preemptible_by =
+                            (req.flags & flags::PREEMPTIBLE != 0).then(|| req.peer.clone());
+                        let granted_flags = if preemptible_by.is_some() {
+                            flags::PREEMPTIBLE
+                        } else {
+                            0
                         };
                         self.leases.insert(
                             req.domain.clone(),
@@ -209,12 +231,13 @@ impl LeaseTable {
                                 generation,
                                 ttl_ms: req.ttl_ms,
                                 expires: now + ttl,
+                                preemptible_by,
                             },
                         );
-                        (
-                            reply(Status::Granted, generation, req.ttl_ms, "", reason::NONE),
-                            true,
-                        )
+                        let mut r =
+                            reply(Status::Granted, generation, req.ttl_ms, "", reason::NONE);
+                        r.flags = granted_flags;
+                        (r, true)
                     }
                 }
             }
@@ -265,6 +288,7 @@ impl LeaseTable {
                     holder: h.holder.clone(),
                     generation: h.generation,
                     ttl_ms: h.ttl_ms,
+                    preemptible_by: h.preemptible_by.clone(),
                 })
                 .collect(),
             nonces: self
@@ -305,6 +329,7 @@ impl LeaseTable {
                     generation: l.generation,
                     ttl_ms: l.ttl_ms,
                     expires: now + Duration::from_millis(u64::from(l.ttl_ms)),
+                    preemptible_by: l.preemptible_by,
                 },
             );
         }
@@ -502,8 +527,15 @@ impl WitnessServer {
     }
 
     async fn serve(&mut self, req: &Request) -> Option<Response> {
+        let now = Instant::now();
+        let holder_before = self
+            .table
+            .leases
+            .get(&req.domain)
+            .filter(|h| h.expires > now)
+            .map(|h| h.holder.clone());
         let mut next = self.table.clone();
-        match next.handle(Instant::now(), req, self.cfg.ttl_limits) {
+        match next.handle(now, req, self.cfg.ttl_limits) {
             Handled::Replay => {
                 let total = self.stats.dropped_replay.fetch_add(1, Ordering::Relaxed) + 1;
                 if let Some(folded) = self.quiet_replay.admit(std::time::Instant::now()) {
@@ -532,6 +564,7 @@ impl WitnessServer {
                             ttl_ms: 0,
                             holder: String::new(),
                             reason: reason::PERSIST_FAILED,
+                            flags: 0,
                             ..response
                         });
                     }
@@ -539,6 +572,9 @@ impl WitnessServer {
                 match response.status {
                     Status::Granted => {
                         self.stats.granted.fetch_add(1, Ordering::Relaxed);
+                        if let Some(from) = holder_before.filter(|h| *h != req.node) {
+                            info!(domain = %req.domain, %from, to = %req.node, generation = response.generation, "witness: lease taken over (its holder's output waits for the taker's acknowledgements)");
+                        }
                         debug!(node = %req.node, domain = %req.domain, generation = response.generation, ttl_ms = response.ttl_ms, "witness: lease granted");
                     }
                     Status::Denied => {
@@ -570,6 +606,9 @@ mod tests {
             generation,
             ttl_ms: 1000,
             copy: CopyStamp::NONE,
+            version: super::super::proto::VERSION_3,
+            flags: 0,
+            peer: String::new(),
         }
     }
 
@@ -583,6 +622,147 @@ mod tests {
             ),
             Handled::Replay => panic!("unexpected replay"),
         }
+    }
+
+    /// An acquire declaring the lease preemptible by `peer`.
+    fn preemptible(node: &str, nonce: u64, generation: u64, peer: &str) -> Request {
+        Request {
+            flags: flags::PREEMPTIBLE,
+            peer: peer.into(),
+            ..req(Op::Acquire, node, nonce, generation)
+        }
+    }
+
+    /// An acquire asking to preempt.
+    fn preempting(node: &str, nonce: u64) -> Request {
+        Request {
+            flags: flags::PREEMPT,
+            ..req(Op::Acquire, node, nonce, 0)
+        }
+    }
+
+    #[test]
+    fn takeover_rules() {
+        let lim = (MIN_TTL, MAX_TTL);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        type Want<'a> = (Status, u64, &'a str, bool, u8);
+        // (case, time ms, request, expected (status, generation, holder, persist, flags))
+        let steps: Vec<(&str, u64, Request, Want)> = vec![
+            (
+                "a takes the lease preemptible by b",
+                0,
+                preemptible("a", 1, 0, "b"),
+                (Status::Granted, 1, "", true, flags::PREEMPTIBLE),
+            ),
+            (
+                "c may not preempt: the lease names b",
+                10,
+                preempting("c", 1),
+                (Status::Denied, 1, "a", false, 0),
+            ),
+            (
+                "b without the flag waits like before",
+                20,
+                req(Op::Acquire, "b", 1, 0),
+                (Status::Denied, 1, "a", false, 0),
+            ),
+            (
+                "a renews exclusive: no longer preemptible",
+                30,
+                req(Op::Acquire, "a", 2, 1),
+                (Status::Granted, 1, "", true, 0),
+            ),
+            (
+                "b cannot preempt an exclusive lease",
+                40,
+                preempting("b", 2),
+                (Status::Denied, 1, "a", false, 0),
+            ),
+            (
+                "a declares it preemptible again",
+                50,
+                preemptible("a", 3, 1, "b"),
+                (Status::Granted, 1, "", true, flags::PREEMPTIBLE),
+            ),
+            (
+                "b takes it over at once, a new generation",
+                60,
+                preempting("b", 3),
+                (Status::Granted, 2, "", true, 0),
+            ),
+            (
+                "a's renewal is denied: b holds it",
+                70,
+                preemptible("a", 4, 1, "b"),
+                (Status::Denied, 2, "b", false, 0),
+            ),
+            (
+                "a's bid to hold it exclusively is denied as well",
+                80,
+                req(Op::Acquire, "a", 5, 1),
+                (Status::Denied, 2, "b", false, 0),
+            ),
+            (
+                "a cannot preempt back: b's lease is exclusive",
+                90,
+                preempting("a", 6),
+                (Status::Denied, 2, "b", false, 0),
+            ),
+        ];
+        let mut t = LeaseTable::new();
+        for (case, at, r, want) in steps {
+            let h = t.handle(ms(at), &r, lim);
+            let Handled::Reply { response, persist } = &h else {
+                panic!("{case}: replay");
+            };
+            assert_eq!(
+                (
+                    response.status,
+                    response.generation,
+                    response.holder.as_str(),
+                    *persist,
+                    response.flags
+                ),
+                want,
+                "{case}"
+            );
+        }
+        // The preemptible mark survives a restart of the witness.
+        let mut t = LeaseTable::new();
+        t.handle(t0, &preemptible("a", 1, 0, "b"), lim);
+        let mut r = LeaseTable::from_file(
+            serde_json::from_slice(&serde_json::to_vec(&t.to_file()).unwrap()).unwrap(),
+            t0,
+        );
+        assert_eq!(
+            status(&r.handle(t0, &preempting("b", 1), lim)),
+            (Status::Granted, 2, "", true)
+        );
+        // A state file of the previous release (no mark) reads as exclusive.
+        let old = r#"{"version":1,"next_generation":5,"leases":[{"domain":"web","holder":"a","generation":4,"ttl_ms":1000}],"nonces":[]}"#;
+        let mut r = LeaseTable::from_file(serde_json::from_str(old).unwrap(), t0);
+        assert_eq!(
+            status(&r.handle(t0, &preempting("b", 1), lim)),
+            (Status::Denied, 4, "a", false)
+        );
+    }
+
+    #[test]
+    fn version_2_requests_are_answered_in_version_2() {
+        let mut t = LeaseTable::new();
+        let r = Request {
+            version: super::super::proto::VERSION_2,
+            ..req(Op::Acquire, "a", 1, 0)
+        };
+        let Handled::Reply { response, .. } = t.handle(Instant::now(), &r, (MIN_TTL, MAX_TTL))
+        else {
+            panic!("replay");
+        };
+        assert_eq!(
+            (response.status, response.version, response.flags),
+            (Status::Granted, 2, 0)
+        );
     }
 
     #[test]

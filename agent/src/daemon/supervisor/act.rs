@@ -272,7 +272,7 @@ impl Supervisor {
             let now = tokio::time::Instant::now();
             let state = st.borrow().clone();
             match state {
-                s if s.held_at(now) => return Ok(()),
+                s if s.held_exclusively_at(now) => return Ok(()),
                 LeaseState::Denied { holder } => {
                     self.stop_lease(false).await;
                     return Err(anyhow!("the witness lease is held by {holder}"));

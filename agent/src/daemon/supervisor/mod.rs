@@ -41,16 +41,16 @@ use remus_engine::replica::ReplicaState;
 use remus_engine::session::{BackupSession, Identity};
 use remus_ha::auth::unix_millis;
 use remus_ha::decide::{
-    admit, against_newer, decide, incoming_session, must_win_lease, Acks, Action,
-    Command as HaCommand, CopyVerdict, Failover as HaFailover, FenceProgress, Fencing as HaFencing,
-    Lease, Peer, PeerClaim, SessionVerdict, Situation, Vm,
+    admit, against_newer, decide, incoming_session, lease_preemptible, must_win_lease, Acks,
+    Action, Command as HaCommand, CopyVerdict, Failover as HaFailover, FenceProgress,
+    Fencing as HaFencing, Lease, Peer, PeerClaim, SessionVerdict, Situation, Vm,
 };
 use remus_ha::fence::{CommandFencer, FenceError, FenceOutcome, Fencer, NoFencer, WitnessFencer};
 use remus_ha::heartbeat::PeerLiveness;
 
 use super::advert::DomainAdvert;
 use remus_ha::role::{Event, FenceProof, Role, RoleStore};
-use remus_ha::witness::{LeaseKeeper, LeaseState};
+use remus_ha::witness::{LeaseKeeper, LeaseMode, LeaseState};
 use sch_plug::Netns;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -450,7 +450,9 @@ impl Supervisor {
         self.observe_replica();
 
         let role = self.role();
-        let action = decide(&self.situation(&role));
+        let situation = self.situation(&role);
+        self.set_lease_mode(&situation);
+        let action = decide(&situation);
         match action {
             Action::Wait | Action::HoldOutput | Action::KeepRunning => {}
             Action::RunUnprotected => self.run_unprotected().await,

@@ -71,15 +71,34 @@ impl Supervisor {
         match &self.lease {
             None => Lease::NotHeld,
             Some(k) => match &*k.state().borrow() {
-                LeaseState::Held { until, .. }
-                    if tokio::time::Instant::now() + LEASE_MARGIN < *until =>
-                {
-                    Lease::Held
+                LeaseState::Held {
+                    until, preemptible, ..
+                } if tokio::time::Instant::now() + LEASE_MARGIN < *until => {
+                    if *preemptible {
+                        Lease::HeldPreemptible
+                    } else {
+                        Lease::Held
+                    }
                 }
                 LeaseState::Denied { .. } => Lease::Denied,
                 _ => Lease::NotHeld,
             },
         }
+    }
+
+    /// Tells the lease keeper how to hold the lease now ([`lease_preemptible`] decides):
+    /// preemptible by the backup while it gates this node's output, exclusive otherwise.
+    pub(super) fn set_lease_mode(&self, s: &Situation<'_>) {
+        let Some(k) = &self.lease else {
+            return;
+        };
+        let preemptible =
+            lease_preemptible(s.role, s.acks, s.fencing, self.d.netbuf.output_buffering);
+        k.set_mode(if preemptible {
+            LeaseMode::PreemptibleBy(self.shared.config.peer.name.clone())
+        } else {
+            LeaseMode::Exclusive
+        });
     }
 
     pub(super) fn fencing(&self) -> HaFencing {

@@ -35,6 +35,12 @@ impl Supervisor {
             Runtime::Idle => (None, None, None),
         };
         let lease = self.lease.as_ref().map(|k| match &*k.state().borrow() {
+            s @ LeaseState::Held {
+                preemptible: true, ..
+            } if s.held_at(tokio::time::Instant::now()) => format!(
+                "held (preemptible by {}: the output waits for its ACKs)",
+                self.shared.config.peer.name
+            ),
             s if s.held_at(tokio::time::Instant::now()) => "held".to_string(),
             LeaseState::Acquiring => "acquiring".into(),
             LeaseState::Denied { holder } => format!("denied by {holder}"),
