@@ -34,6 +34,14 @@ pub use diag::{Diagnostic, Severity};
 /// Where the daemon and `remusctl` look for the configuration by default.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/remus/remus.toml";
 
+/// Default time between heartbeats per link (ms).
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// Default silence after which the peer is lost (ms): three heartbeats. The heartbeat
+/// thread runs SCHED_RR and replication traffic counts as life too; `pair_busy_hosts` shows
+/// no false loss with every core busy, and with the lease takeover this timeout is most of
+/// failure -> VM running.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 300;
+
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Config {

@@ -561,8 +561,18 @@ fn heartbeat(cx: &mut Ctx<'_>, h: Option<&Spanned<RawHeartbeat>>) -> HeartbeatCo
         ),
         None => (None, None),
     };
-    let interval = cx.millis(&interval_v, "heartbeat.interval_ms", 100, 10..=10_000);
-    let timeout = cx.millis(&timeout_v, "heartbeat.timeout_ms", 500, 20..=120_000);
+    let interval = cx.millis(
+        &interval_v,
+        "heartbeat.interval_ms",
+        super::DEFAULT_HEARTBEAT_INTERVAL_MS,
+        10..=10_000,
+    );
+    let timeout = cx.millis(
+        &timeout_v,
+        "heartbeat.timeout_ms",
+        super::DEFAULT_HEARTBEAT_TIMEOUT_MS,
+        20..=120_000,
+    );
     if timeout <= interval * 2 {
         let span = timeout_v
             .as_ref()

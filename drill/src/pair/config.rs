@@ -223,8 +223,12 @@ mod tests {
             interval: Duration::from_millis(200),
             memory_mib: 128,
             accel: "tcg".into(),
-            heartbeat_interval: Duration::from_millis(100),
-            heartbeat_timeout: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_millis(
+                remus_agent::config::DEFAULT_HEARTBEAT_INTERVAL_MS,
+            ),
+            heartbeat_timeout: Duration::from_millis(
+                remus_agent::config::DEFAULT_HEARTBEAT_TIMEOUT_MS,
+            ),
             lease: Duration::from_millis(1500),
             addrs: HostAddrs {
                 pri: "10.77.1.3".parse().unwrap(),
@@ -266,7 +270,10 @@ mod tests {
         );
         let w = pri.witness.as_ref().unwrap();
         assert_eq!(w.lease, Duration::from_millis(1500));
-        assert_eq!(pri.heartbeat.timeout, Duration::from_millis(500));
+        assert_eq!(
+            pri.heartbeat.timeout,
+            Duration::from_millis(remus_agent::config::DEFAULT_HEARTBEAT_TIMEOUT_MS)
+        );
         assert!(pri.warnings.is_empty(), "{:?}", pri.warnings);
     }
 }

@@ -98,8 +98,12 @@ impl PairOptions {
             memory_mib: 128,
             accel: "tcg".into(),
             seed: None,
-            heartbeat_interval: Duration::from_millis(100),
-            heartbeat_timeout: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_millis(
+                remus_agent::config::DEFAULT_HEARTBEAT_INTERVAL_MS,
+            ),
+            heartbeat_timeout: Duration::from_millis(
+                remus_agent::config::DEFAULT_HEARTBEAT_TIMEOUT_MS,
+            ),
             lease: Duration::from_millis(1500),
             partition_hold: Duration::from_secs(4),
             binaries: None,
