@@ -169,6 +169,17 @@ async fn the_holders_view_ends_before_the_witnesss() {
     assert!(lease.expires_at_local - lease.sent_at <= Duration::from_millis(1980));
 }
 
+/// Waits until the keeper reports the lease held in the given mode.
+async fn held_as(st: &mut tokio::sync::watch::Receiver<LeaseState>, preemptible: bool) {
+    timeout(
+        Duration::from_secs(5),
+        st.wait_for(|s| matches!(s, LeaseState::Held { preemptible: p, .. } if *p == preemptible)),
+    )
+    .await
+    .expect("the keeper holds the lease in the mode asked")
+    .unwrap();
+}
+
 /// The backup's fencing takes a lease its primary declared preemptible by it at once; the
 /// primary's keeper hears "denied" at its next renewal. A lease held exclusive, or
 /// preemptible by another node, is not taken.
@@ -184,59 +195,17 @@ async fn a_backup_takes_a_preemptible_lease_at_once_and_only_that() {
     let keeper = LeaseKeeper::spawn(a.clone(), "web".into(), None);
     keeper.set_mode(LeaseMode::PreemptibleBy("beta".into()));
     let mut st = keeper.state();
-    timeout(
-        Duration::from_secs(5),
-        st.wait_for(|s| {
-            matches!(
-                s,
-                LeaseState::Held {
-                    preemptible: true,
-                    ..
-                }
-            )
-        }),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    held_as(&mut st, true).await;
     // Only the named peer may take it, and only by asking to.
     assert_eq!(denied_by(c.preempt("web").await), "alpha");
     assert_eq!(denied_by(b.acquire("web").await), "alpha");
     // Exclusive again: the named peer is refused as well.
     keeper.set_mode(LeaseMode::Exclusive);
-    timeout(
-        Duration::from_secs(5),
-        st.wait_for(|s| {
-            matches!(
-                s,
-                LeaseState::Held {
-                    preemptible: false,
-                    ..
-                }
-            )
-        }),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    held_as(&mut st, false).await;
     assert_eq!(denied_by(b.preempt("web").await), "alpha");
     // Preemptible again; the backup takes it long before the lease could run out.
     keeper.set_mode(LeaseMode::PreemptibleBy("beta".into()));
-    timeout(
-        Duration::from_secs(5),
-        st.wait_for(|s| {
-            matches!(
-                s,
-                LeaseState::Held {
-                    preemptible: true,
-                    ..
-                }
-            )
-        }),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    held_as(&mut st, true).await;
     let asked = Instant::now();
     let taken = b
         .preempt("web")
