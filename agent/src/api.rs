@@ -118,6 +118,15 @@ pub struct DaemonStatus {
     /// was last reported to the failure detector as proof of life; `None` if never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_heard_ms_ago: Option<u64>,
+    /// The longest silence of the peer (no heartbeat, no replication traffic) that ended
+    /// without a loss, since the daemon started: how close the detector came to a false
+    /// failover, beside its timeout (an upper bound; absent before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_longest_silence_ms: Option<u64>,
+    /// The longest time between two heartbeats on any one link (interval plus the worst
+    /// jitter and losses seen; absent before the second heartbeat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_longest_gap_ms: Option<u64>,
     /// Seconds since the daemon started.
     pub uptime_s: u64,
     /// One entry per configured domain, in configuration order.

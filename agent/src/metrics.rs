@@ -421,6 +421,25 @@ impl Collector for Snapshot {
                 .unwrap_or_default(),
         )?;
 
+        gauges(
+            e,
+            "remus_peer_longest_silence",
+            "The longest silence of the peer (no heartbeat, no replication traffic) that ended without a loss: compare with the heartbeat timeout.",
+            Some(Unit::Seconds),
+            s.peer_longest_silence_ms
+                .map(|ms| vec![(vec![("peer", peer.clone())], secs_ms(ms))])
+                .unwrap_or_default(),
+        )?;
+        gauges(
+            e,
+            "remus_heartbeat_longest_gap",
+            "The longest time between two heartbeats on one link (interval, jitter and losses).",
+            Some(Unit::Seconds),
+            s.heartbeat_longest_gap_ms
+                .map(|ms| vec![(vec![("peer", peer.clone())], secs_ms(ms))])
+                .unwrap_or_default(),
+        )?;
+
         // The doors: what anyone on the network sent and this node refused.
         let d = &s.doors;
         counters(

@@ -78,6 +78,10 @@ pub struct DrillCmd {
     /// dead connection) and exits non-zero.
     #[arg(long)]
     unsafe_no_output_buffering: bool,
+    /// Impair both hosts' uplinks in user space, e.g. `loss=1%,delay=10ms,jitter=5ms`
+    /// (each way; this kernel has no netem). Pair drill only.
+    #[arg(long, conflicts_with = "local", value_parser = crate::impair::Impairment::parse)]
+    impair: Option<crate::impair::Impairment>,
 }
 
 /// Parses the process arguments and runs the drill.
@@ -138,6 +142,7 @@ impl DrillCmd {
             o.lease = Duration::from_millis(self.lease_ms);
             o.partition_hold = Duration::from_millis(self.partition_hold_ms);
             o.unsafe_no_output_buffering = self.unsafe_no_output_buffering;
+            o.impair = self.impair;
             return run_pair_cli(&o, self.json);
         }
         let opts = DrillOptions {

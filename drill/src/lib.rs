@@ -20,6 +20,7 @@ pub mod cli;
 pub mod client;
 pub mod guest;
 pub mod image;
+pub mod impair;
 pub mod local;
 pub mod net;
 pub mod pair;

@@ -53,6 +53,14 @@ pub enum TopologyError {
         /// The operation.
         op: String,
     },
+    /// A link impairer could not be set up.
+    #[error("drill network: impairing {host}'s uplink: {reason}")]
+    Impair {
+        /// Whose uplink.
+        host: Host,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The bridge the VM's tap joins in the primary's and the backup's namespaces.
@@ -83,6 +91,8 @@ pub struct Topology {
     pub addrs: Option<HostAddrs>,
     /// Whether pri and bak are cut from each other ([`Topology::partition_hosts`]).
     partitioned: bool,
+    /// The impaired uplinks ([`Topology::impair`]), by host.
+    impaired: Vec<(Host, crate::impair::Impairer)>,
     /// Every namespace created so far (deleted on drop, in reverse).
     created: Vec<String>,
 }
@@ -207,6 +217,7 @@ impl Topology {
                 client: std::net::Ipv4Addr::new(10, 77, subnet, 2),
             }),
             partitioned: false,
+            impaired: Vec::new(),
             created: Vec::new(),
         };
         t.build(subnet)?;
@@ -364,6 +375,80 @@ impl Topology {
         Ok(())
     }
 
+    /// Impairs `host`'s uplink both ways (loss, delay, jitter) in user space, until
+    /// [`Topology::unimpair`] or the topology is dropped (see [`crate::impair`]).
+    ///
+    /// # Errors
+    /// The `ip` commands or the taps failed, or the link is impaired already.
+    pub fn impair(
+        &mut self,
+        host: Host,
+        imp: crate::impair::Impairment,
+    ) -> Result<(), TopologyError> {
+        if self.impaired.iter().any(|(h, _)| *h == host) {
+            return Err(TopologyError::Impair {
+                host,
+                reason: "already impaired".into(),
+            });
+        }
+        let h = host.name();
+        let sw = self.switch.clone();
+        let (port, br, tap_host, tap_sw) = (
+            format!("to-{h}"),
+            format!("ib-{h}"),
+            format!("it-{h}"),
+            format!("ia-{h}"),
+        );
+        let io = |e: std::io::Error| TopologyError::Impair {
+            host,
+            reason: e.to_string(),
+        };
+        let (fd_host, fd_sw) =
+            crate::impair::taps(&Netns::named(&sw), &tap_host, &tap_sw).map_err(io)?;
+        in_ns(&sw, &["link", "add", &br, "type", "bridge"])?;
+        in_ns(&sw, &["link", "set", &br, "up"])?;
+        in_ns(&sw, &["link", "set", &port, "nomaster"])?;
+        in_ns(&sw, &["link", "set", &port, "master", &br, "up"])?;
+        in_ns(&sw, &["link", "set", &tap_host, "master", &br, "up"])?;
+        in_ns(&sw, &["link", "set", &tap_sw, "master", "swbr", "up"])?;
+        let imp = crate::impair::Impairer::start(fd_host, fd_sw, imp).map_err(io)?;
+        self.impaired.push((host, imp));
+        Ok(())
+    }
+
+    /// Ends [`Topology::impair`] of `host`: the veth is back on the switch. Idempotent.
+    ///
+    /// # Errors
+    /// The `ip` commands failed.
+    pub fn unimpair(&mut self, host: Host) -> Result<(), TopologyError> {
+        let Some(i) = self.impaired.iter().position(|(h, _)| *h == host) else {
+            return Ok(());
+        };
+        // Stopping the thread closes the taps, which removes them.
+        drop(self.impaired.remove(i));
+        let h = host.name();
+        let sw = self.switch.as_str();
+        let port = format!("to-{h}");
+        in_ns(sw, &["link", "set", &port, "nomaster"])?;
+        in_ns(sw, &["link", "set", &port, "master", "swbr", "up"])?;
+        in_ns(sw, &["link", "del", &format!("ib-{h}")])?;
+        Ok(())
+    }
+
+    /// Frames seen and dropped by `host`'s impairer, if its link is impaired.
+    pub fn impair_stats(&self, host: Host) -> Option<(u64, u64)> {
+        self.impaired
+            .iter()
+            .find(|(h, _)| *h == host)
+            .map(|(_, i)| {
+                use std::sync::atomic::Ordering::Relaxed;
+                (
+                    i.stats().frames.load(Relaxed),
+                    i.stats().dropped.load(Relaxed),
+                )
+            })
+    }
+
     /// Whether the hosts are partitioned from each other now.
     pub fn is_partitioned(&self) -> bool {
         self.partitioned
@@ -397,6 +482,8 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        // The impairers' threads first: their taps live in the switch namespace.
+        self.impaired.clear();
         for ns in self.created.iter().rev() {
             if let Err(e) = ip(&["netns", "del", ns]) {
                 tracing::warn!(netns = %ns, error = %e, "drill network: cleanup");
@@ -426,6 +513,102 @@ mod tests {
                 )
             })
             .unwrap()
+    }
+
+    /// Sends `n` numbered datagrams from `probe` to `to`, each waiting up to `wait` for its
+    /// echo; returns the echoes received and the shortest round trip.
+    fn probe(
+        probe: &std::net::UdpSocket,
+        to: std::net::SocketAddr,
+        n: u32,
+        wait: Duration,
+    ) -> (u32, Duration) {
+        probe.set_read_timeout(Some(wait)).unwrap();
+        let (mut got, mut best) = (0, Duration::MAX);
+        let mut buf = [0u8; 16];
+        for i in 0..n {
+            let sent = std::time::Instant::now();
+            probe.send_to(&i.to_be_bytes(), to).unwrap();
+            while let Ok((len, _)) = probe.recv_from(&mut buf) {
+                if len == 4 && buf[..4] == i.to_be_bytes() {
+                    got += 1;
+                    best = best.min(sent.elapsed());
+                    break;
+                }
+            }
+        }
+        (got, best)
+    }
+
+    /// Real namespaces and the user-space impairer: a delayed uplink adds its delay both
+    /// ways, a lossy one drops about its share, and removing the impairer restores the link.
+    #[test]
+    fn an_impaired_uplink_delays_and_drops_what_crosses_it() {
+        use crate::impair::Impairment;
+        let mut t = Topology::create_pair().expect("pair topology (needs root and iproute2)");
+        let a = t.addrs.unwrap();
+        let echo = Netns::named(&t.backup)
+            .run(|| std::net::UdpSocket::bind((a.bak, 0)))
+            .unwrap();
+        let to = echo.local_addr().unwrap();
+        echo.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let echoer = std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            while let Ok((n, from)) = echo.recv_from(&mut buf) {
+                if n == 1 {
+                    return;
+                }
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        });
+        let p = Netns::named(&t.primary)
+            .run(|| std::net::UdpSocket::bind((a.pri, 0)))
+            .unwrap();
+        let wait = Duration::from_millis(500);
+        assert_eq!(probe(&p, to, 10, wait).0, 10, "the plain link");
+        // 20 ms each way on bak's uplink: at least 40 ms per round trip, nothing lost.
+        t.impair(
+            Host::Bak,
+            Impairment {
+                loss: 0.0,
+                delay: Duration::from_millis(20),
+                jitter: Duration::ZERO,
+                rate_bps: None,
+            },
+        )
+        .unwrap();
+        assert!(t.impair(Host::Bak, Impairment::LOSSY_WAN).is_err(), "twice");
+        let (got, best) = probe(&p, to, 10, Duration::from_secs(2));
+        assert_eq!(got, 10, "a delay alone loses nothing");
+        assert!(best >= Duration::from_millis(40), "round trip {best:?}");
+        t.unimpair(Host::Bak).unwrap();
+        // 30 % each way: about half the round trips fail (0.7² = 0.49 succeed).
+        t.impair(
+            Host::Bak,
+            Impairment {
+                loss: 0.3,
+                delay: Duration::ZERO,
+                jitter: Duration::ZERO,
+                rate_bps: None,
+            },
+        )
+        .unwrap();
+        let (got, _) = probe(&p, to, 100, Duration::from_millis(100));
+        let (frames, dropped) = t.impair_stats(Host::Bak).unwrap();
+        assert!(
+            (25..=75).contains(&got),
+            "{got} of 100 round trips with 30 % loss each way"
+        );
+        assert!(
+            frames >= 100 && dropped > 0,
+            "frames {frames}, dropped {dropped}"
+        );
+        t.unimpair(Host::Bak).unwrap();
+        assert_eq!(t.impair_stats(Host::Bak), None);
+        assert_eq!(probe(&p, to, 10, wait).0, 10, "the link restored");
+        let _ = p.send_to(&[0], to);
+        echoer.join().unwrap();
     }
 
     /// Real namespaces: a partition cuts only pri <-> bak, both ways; a cut uplink takes a

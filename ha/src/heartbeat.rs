@@ -307,6 +307,9 @@ pub struct LinkStats {
     /// Heartbeats presumed lost in transit: gaps between accepted heartbeats longer than
     /// the interval, counted in intervals (an estimate: the sender's pace jitters).
     pub missed_estimate: u64,
+    /// The longest time between two accepted heartbeats on this link: the interval plus
+    /// the worst jitter and losses seen (while the peer was alive or not).
+    pub longest_gap: Duration,
 }
 
 /// A snapshot of the detector.
@@ -324,6 +327,11 @@ pub struct DetectorStats {
     pub last_detection: Option<Duration>,
     /// Times the peer's uptime went backwards (it restarted).
     pub peer_restarts: u64,
+    /// The longest silence of the peer (no heartbeat on any link, no replication traffic)
+    /// that ended without the peer being declared lost: how close the detector came to a
+    /// false loss, to compare with the timeout. An upper bound: replication traffic is seen
+    /// when the detector evaluates (at least every heartbeat), not at each record.
+    pub longest_silence: Duration,
 }
 
 /// The peer's advertised view, as last heard.
@@ -455,6 +463,7 @@ impl Detector {
                     dropped_malformed: 0,
                     went_down: 0,
                     missed_estimate: 0,
+                    longest_gap: Duration::ZERO,
                 })
                 .collect(),
             replication_last_seen: None,
@@ -462,12 +471,14 @@ impl Detector {
             recoveries: 0,
             last_detection: None,
             peer_restarts: 0,
+            longest_silence: Duration::ZERO,
         }));
         let probe = TrafficProbe::new();
         let state = State {
             highest_seq: vec![None; cfg.links.len()],
             quiet: Default::default(),
             last_uptime: None,
+            seen_news: None,
             seq: SequenceSource::new(),
             started,
             cfg,
@@ -593,6 +604,8 @@ struct State {
     quiet: [crate::lograte::LogLimit; 4],
     /// The peer's uptime in its last heartbeat (a decrease means it restarted).
     last_uptime: Option<u64>,
+    /// The newest proof of life the last evaluation saw.
+    seen_news: Option<Instant>,
     live: watch::Sender<PeerLiveness>,
     peer_view: watch::Sender<Option<PeerView>>,
     view: watch::Receiver<Vec<DomainView>>,
@@ -693,8 +706,9 @@ impl State {
         ls.received += 1;
         if let Some(prev) = ls.last_heard {
             // A gap of k intervals (rounded) means k - 1 heartbeats did not arrive.
-            let gap = m.at.saturating_duration_since(prev).as_secs_f64();
-            let intervals = (gap / self.cfg.interval.as_secs_f64()).round() as u64;
+            let gap = m.at.saturating_duration_since(prev);
+            ls.longest_gap = ls.longest_gap.max(gap);
+            let intervals = (gap.as_secs_f64() / self.cfg.interval.as_secs_f64()).round() as u64;
             ls.missed_estimate += intervals.saturating_sub(1);
         }
         ls.last_heard = Some(m.at);
@@ -765,6 +779,13 @@ impl State {
         }
         let links_up = stats.links.iter().filter(|l| l.up).count();
         let last = self.last_news(&stats);
+        // A silence that just ended (news newer than the last seen) without a loss.
+        if let (Some(new), Some(old)) = (last, self.seen_news) {
+            if new > old && !matches!(*self.live.borrow(), PeerLiveness::Lost { .. }) {
+                stats.longest_silence = stats.longest_silence.max(new - old);
+            }
+        }
+        self.seen_news = last;
         let since = last.unwrap_or(self.started);
         let silent = now.saturating_duration_since(since);
         let prev = *self.live.borrow();

@@ -181,6 +181,14 @@ async fn one_link_cut_is_not_a_lost_peer_all_cut_is_and_recovery_is_seen() {
     assert!(!s.links[0].up && !s.links[1].up && s.links[2].up, "{s:#?}");
     assert_eq!(s.links[0].went_down, 1);
     assert_eq!(s.losses, 0);
+    // The peer was never silent as long as the timeout: the closest call is below it, and
+    // each link's longest gap is at least one interval.
+    assert!(s.longest_silence < TO, "{:?}", s.longest_silence);
+    assert!(
+        s.links[2].longest_gap >= IV / 2,
+        "{:?}",
+        s.links[2].longest_gap
+    );
 
     // The last link cut: lost within timeout (+ interval + generous slack).
     relays[1].set_cut(true);
@@ -218,8 +226,11 @@ async fn one_link_cut_is_not_a_lost_peer_all_cut_is_and_recovery_is_seen() {
     let s = p.b.stats();
     assert_eq!((s.losses, s.recoveries), (1, 1), "{s:#?}");
     assert!(s.last_detection.unwrap() >= TO);
-    // The healed link was silent for about a second: that shows as missed heartbeats.
+    // The healed link was silent for about a second: that shows as missed heartbeats, and
+    // as its longest gap; the silence that ended in a loss is not a "close call".
     assert!(s.links[0].missed_estimate >= 5, "{:#?}", s.links[0]);
+    assert!(s.links[0].longest_gap >= TO, "{:?}", s.links[0].longest_gap);
+    assert!(s.longest_silence < TO, "{:?}", s.longest_silence);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

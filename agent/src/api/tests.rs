@@ -186,6 +186,8 @@ fn sample() -> DaemonStatus {
             links_total: 2,
         },
         replication_heard_ms_ago: Some(40),
+        peer_longest_silence_ms: None,
+        heartbeat_longest_gap_ms: None,
         uptime_s: 3725,
         domains: vec![web, db, idle],
         doors: Default::default(),

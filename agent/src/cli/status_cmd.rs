@@ -70,9 +70,15 @@ pub fn render(s: &DaemonStatus) -> String {
             format!("lost (declared after {detected_after_ms} ms of silence)")
         }
     };
-    let replication = s
+    let mut replication = s
         .replication_heard_ms_ago
         .map_or_else(String::new, |ms| format!("; replication heard {ms} ms ago"));
+    if let Some(ms) = s.peer_longest_silence_ms {
+        let _ = write!(replication, "; longest silence {ms} ms");
+    }
+    if let Some(ms) = s.heartbeat_longest_gap_ms {
+        let _ = write!(replication, " (heartbeat gap {ms} ms)");
+    }
     let _ = writeln!(
         out,
         "node {}, peer {}: {}{replication}; up {}",

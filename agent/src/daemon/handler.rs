@@ -72,6 +72,7 @@ impl DaemonHandler {
 #[async_trait]
 impl ControlHandler for DaemonHandler {
     async fn status(&self) -> DaemonStatus {
+        let hb = self.shared.heartbeat_stats.get();
         DaemonStatus {
             version: CONTROL_VERSION,
             node: self.shared.config.node.name.clone(),
@@ -82,6 +83,14 @@ impl ControlHandler for DaemonHandler {
                 .traffic
                 .last_seen()
                 .map(|t| t.elapsed().as_millis() as u64),
+            peer_longest_silence_ms: Some(hb.longest_silence.as_millis() as u64)
+                .filter(|&ms| ms > 0),
+            heartbeat_longest_gap_ms: hb
+                .links
+                .iter()
+                .map(|l| l.longest_gap.as_millis() as u64)
+                .max()
+                .filter(|&ms| ms > 0),
             uptime_s: self.shared.started.elapsed().as_secs(),
             domains: self
                 .supervisors

@@ -30,6 +30,8 @@ pub fn sample_status() -> DaemonStatus {
             links_total: 2,
         },
         replication_heard_ms_ago: Some(40),
+        peer_longest_silence_ms: None,
+        heartbeat_longest_gap_ms: None,
         uptime_s: 3725,
         domains: vec![
             DomainStatus {

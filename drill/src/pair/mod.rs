@@ -82,6 +82,8 @@ pub struct PairOptions {
     pub daemon_log_filter: String,
     /// UNSAFE: the daemons release guest output at once (the drill then shows lost state).
     pub unsafe_no_output_buffering: bool,
+    /// Loss, delay and jitter on both hosts' uplinks, from setup on ([`crate::impair`]).
+    pub impair: Option<crate::impair::Impairment>,
 }
 
 impl PairOptions {
@@ -109,6 +111,7 @@ impl PairOptions {
             binaries: None,
             daemon_log_filter: std::env::var("REMUS_PAIR_LOG").unwrap_or_else(|_| "info".into()),
             unsafe_no_output_buffering: false,
+            impair: None,
         }
     }
 }
@@ -211,9 +214,18 @@ impl PairDrill {
         };
         let dir = std::path::absolute(opts.work_dir.join(format!("pair-{k}")))?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let topo = tokio::task::spawn_blocking(Topology::create_pair)
-            .await?
-            .context("building the pair drill's network")?;
+        let impair = opts.impair;
+        let topo = tokio::task::spawn_blocking(move || {
+            let mut t = Topology::create_pair()?;
+            if let Some(imp) = impair {
+                for h in Host::BOTH {
+                    t.impair(h, imp)?;
+                }
+            }
+            Ok::<_, crate::net::TopologyError>(t)
+        })
+        .await?
+        .context("building the pair drill's network")?;
         let addrs = topo.addrs.context("pair topology without addresses")?;
         let cfg = PairConfig {
             kernel: std::path::absolute(&opts.kernel)?,
@@ -617,6 +629,7 @@ pub async fn run_pair(opts: &PairOptions) -> Result<PairReport> {
         scenario: Some(opts.scenario),
         seed,
         unsafe_no_output_buffering: opts.unsafe_no_output_buffering,
+        impairment: opts.impair.map(|i| i.to_string()),
         work_dir: opts.work_dir.display().to_string(),
         ..PairReport::default()
     };

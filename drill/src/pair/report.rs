@@ -129,6 +129,9 @@ pub struct PairReport {
     pub seed: u64,
     /// The daemons ran with output buffering off (UNSAFE: lost state is expected).
     pub unsafe_no_output_buffering: bool,
+    /// The impairment of both hosts' uplinks, if any (as `--impair` printed it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub impairment: Option<String>,
     /// The trials.
     pub trials: Vec<TrialReport>,
     /// Where the daemons' and the witness's logs are (kept when the drill fails).
@@ -219,6 +222,9 @@ impl PairReport {
             self.seed,
             if self.passed { "PASSED" } else { "FAILED" }
         );
+        if let Some(i) = &self.impairment {
+            let _ = writeln!(s, "  both uplinks impaired: {i} (each way)");
+        }
         if self.unsafe_no_output_buffering {
             let _ = writeln!(
                 s,
