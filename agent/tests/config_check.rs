@@ -116,6 +116,18 @@ fn broken_configs_name_the_line() {
             "out of range",
         ),
         (
+            "ACK wait cap below the ACK timeout",
+            |t| {
+                t.replacen(
+                    "name = \"web\"",
+                    "name = \"web\"\nack_timeout_ms = 5000\nack_wait_max_ms = 1000",
+                    1,
+                )
+            },
+            "ack_wait_max_ms = 1000",
+            "must not be below ack_timeout_ms",
+        ),
+        (
             "negative interval",
             |t| format!("{t}\n[heartbeat]\ninterval_ms = -100\n"),
             "interval_ms = -100",

@@ -307,6 +307,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
                 domain: "drill".into(),
             },
             ack_timeout: Duration::from_secs(5),
+            ack_wait_max: domain.ack_wait_max,
             disk_sync: blk_remus::SyncMode::Full,
         },
     )

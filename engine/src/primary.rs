@@ -104,8 +104,11 @@ pub struct PrimaryConfig {
     pub domain: String,
     /// Checkpoint period, measured from epoch start.
     pub interval: Duration,
-    /// How long an ACK may take before the backup is declared lost.
+    /// How long the backup may stay silent about the oldest checkpoint in flight once its
+    /// TCP stops taking in new bytes (see [`ack_due`]): the ACK timeout of a fast link.
     pub ack_timeout: Duration,
+    /// The longest any checkpoint's ACK is waited for, however slowly its bytes still move.
+    pub ack_wait_max: Duration,
     /// Page encoding.
     pub compression: Compression,
     /// Most live pre-copy rounds before the first checkpoint.
@@ -124,12 +127,33 @@ impl PrimaryConfig {
             domain: domain.to_string(),
             interval: Duration::from_millis(200),
             ack_timeout: Duration::from_secs(2),
+            ack_wait_max: Duration::from_secs(120),
             compression: Compression::XorLz4,
             precopy_max_rounds: 5,
             precopy_done_pages: 256,
             max_in_flight: 2,
         }
     }
+}
+
+/// When the ACK of a checkpoint that resumed the VM at `resumed_at` is overdue: `timeout`
+/// after the later of that moment and the stream's last progress towards the backup
+/// (`last_progress`: its TCP acknowledged new bytes, [`crate::wire::DeliveryProbe`]), and
+/// never later than `wait_max` after `resumed_at`.
+///
+/// Why: a fixed deadline from the checkpoint tore protection down whenever a large
+/// checkpoint (the first one is the whole guest) met a slow link, again and again. A
+/// checkpoint whose bytes the backup is still taking in is not lost; a backup that is gone
+/// or cut off acknowledges nothing (however much the local socket buffer still absorbs),
+/// and then `timeout` runs. Small checkpoints are taken in at once, so on a fast link this
+/// is `resumed_at + timeout`, as before.
+pub fn ack_due(
+    resumed_at: Instant,
+    last_progress: Instant,
+    timeout: Duration,
+    wait_max: Duration,
+) -> Instant {
+    (resumed_at.max(last_progress) + timeout).min(resumed_at + wait_max.max(timeout))
 }
 
 /// Where the epoch loop is now (reported through [`PrimaryStatus`]).
@@ -310,12 +334,12 @@ pub enum BackupLoss {
         /// The backup's reason, as sent.
         reason: String,
     },
-    /// A checkpoint's acknowledgement did not come in time.
-    #[error("no acknowledgement of checkpoint {epoch} within {timeout:?}")]
+    /// A checkpoint's acknowledgement did not come in time ([`ack_due`]).
+    #[error("no acknowledgement of checkpoint {epoch} after {timeout:?} (nothing left for the backup in the last ack_timeout, or ack_wait_max reached)")]
     AckTimeout {
         /// The checkpoint waited for.
         epoch: u64,
-        /// The limit (`ack_timeout`).
+        /// How long it was waited for.
         timeout: Duration,
     },
     /// An acknowledgement arrived with no checkpoint in flight.
@@ -729,16 +753,19 @@ impl Primary {
     async fn drain_for_hand_off(&mut self, epoch: u64) -> Result<(), Halt> {
         self.set_phase(EpochPhase::HandingOff { epoch });
         while let Some(front) = self.in_flight.front() {
-            let deadline = front.resumed_at + self.cfg.ack_timeout;
-            let waiting = front.epoch;
+            let deadline = self.ack_due(front.resumed_at);
+            let (waiting, resumed_at) = (front.epoch, front.resumed_at);
             tokio::select! {
                 r = self.replies.recv() => self.handle_reply(r).await?,
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    return Err(BackupLoss::AckTimeout {
-                        epoch: waiting,
-                        timeout: self.cfg.ack_timeout,
+                    // Bytes may have moved meanwhile: overdue only by the current rule.
+                    if Instant::now() >= self.ack_due(resumed_at) {
+                        return Err(BackupLoss::AckTimeout {
+                            epoch: waiting,
+                            timeout: resumed_at.elapsed(),
+                        }
+                        .into());
                     }
-                    .into());
                 }
             }
         }
@@ -750,6 +777,16 @@ impl Primary {
             .into());
         }
         Ok(())
+    }
+
+    /// When the ACK of the checkpoint that resumed the VM at `resumed_at` is overdue now.
+    fn ack_due(&self, resumed_at: Instant) -> Instant {
+        ack_due(
+            resumed_at,
+            self.out.last_progress(),
+            self.cfg.ack_timeout,
+            self.cfg.ack_wait_max,
+        )
     }
 
     fn lost(&self, reason: BackupLoss) -> PrimaryExit {
@@ -864,7 +901,7 @@ impl Primary {
             let Some(oldest_sent) = self.in_flight.front().map(|f| f.resumed_at) else {
                 break;
             };
-            let deadline = oldest_sent + self.cfg.ack_timeout;
+            let deadline = self.ack_due(oldest_sent);
             if *self.shutdown.borrow() {
                 return Ok(None);
             }
@@ -884,7 +921,7 @@ impl Primary {
                 return Ok(true);
             }
             let deadline = match self.in_flight.front() {
-                Some(f) => boundary.min(f.resumed_at + self.cfg.ack_timeout),
+                Some(f) => boundary.min(self.ack_due(f.resumed_at)),
                 None => boundary,
             };
             if self.in_flight.is_empty() {
@@ -908,10 +945,10 @@ impl Primary {
             _ = stop.changed() => Ok(()),
             _ = tokio::time::sleep_until(deadline.into()) => {
                 match self.in_flight.front() {
-                    Some(f) if f.resumed_at.elapsed() >= self.cfg.ack_timeout => {
+                    Some(f) if Instant::now() >= self.ack_due(f.resumed_at) => {
                         Err(BackupLoss::AckTimeout {
                             epoch: f.epoch,
-                            timeout: self.cfg.ack_timeout,
+                            timeout: f.resumed_at.elapsed(),
                         }
                         .into())
                     }
@@ -1310,4 +1347,34 @@ fn build_batches(
     }
     flush(&mut pfns, &mut new, &mut old);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_due_table() {
+        let t0 = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let at = |n: u64| t0 + ms(n);
+        // (case, last progress ms after resume, timeout, wait max, due ms after resume)
+        #[rustfmt::skip]
+        let rows: &[(&str, u64, u64, u64, u64)] = &[
+            ("small checkpoint, left at once: the timeout from the resume", 0, 2000, 120_000, 2000),
+            ("bytes left before the resume (an earlier epoch)", 0, 2000, 120_000, 2000),
+            ("large checkpoint still leaving 5 s later: wait on", 5000, 2000, 120_000, 7000),
+            ("a slow link at the cap: no longer", 119_000, 2000, 120_000, 120_000),
+            ("a cap below the timeout does not shorten it", 0, 2000, 1000, 2000),
+        ];
+        for (case, progress, timeout, max, due) in rows {
+            assert_eq!(
+                ack_due(t0, at(*progress), ms(*timeout), ms(*max)),
+                at(*due),
+                "{case}"
+            );
+        }
+        // Progress from before the checkpoint does not move its deadline earlier.
+        assert_eq!(ack_due(at(1000), t0, ms(2000), ms(120_000)), at(3000));
+    }
 }

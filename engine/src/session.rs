@@ -58,6 +58,7 @@ pub async fn open_primary(
             source,
         })?;
     let _ = stream.set_nodelay(true);
+    let delivery = crate::wire::DeliveryProbe::of(&stream).ok();
     let (r, w) = stream.into_split();
     let hello = Hello {
         version: CHANNEL_VERSION,
@@ -73,7 +74,10 @@ pub async fn open_primary(
         node: id.node.clone(),
         domain: id.domain.clone(),
     };
-    let (sender, io) = spawn_sender(header, ch.writer)?;
+    let (mut sender, io) = spawn_sender(header, ch.writer)?;
+    if let Some(d) = delivery {
+        sender.set_delivery_probe(d);
+    }
     let mut reader = RecordReader::new(ch.reader, StreamKind::Reply, false, addr);
     let (tx, replies) = mpsc::channel(64);
     tokio::spawn(async move {

@@ -182,6 +182,93 @@ pub struct SentStats {
 pub struct StreamSender {
     tx: mpsc::Sender<Outgoing>,
     failure: Failure,
+    progress: Progress,
+    delivery: Option<DeliveryProbe>,
+}
+
+/// The bytes the peer's TCP acknowledged on a connection (Linux `TCP_INFO`,
+/// `tcpi_bytes_acked`), and when that count last grew: progress that a local socket buffer
+/// cannot fake. A peer that is gone or cut off acknowledges nothing, however much the
+/// sender still manages to queue locally; a peer whose application stopped reading stops
+/// once its receive window is full.
+#[derive(Clone, Debug)]
+pub struct DeliveryProbe {
+    fd: Arc<std::os::fd::OwnedFd>,
+    seen: Arc<std::sync::Mutex<(u64, std::time::Instant)>>,
+}
+
+impl DeliveryProbe {
+    /// A probe of the TCP connection `socket` (its fd is duplicated).
+    ///
+    /// # Errors
+    /// The fd cannot be duplicated.
+    pub fn of(socket: &impl std::os::fd::AsFd) -> std::io::Result<Self> {
+        Ok(Self {
+            fd: Arc::new(socket.as_fd().try_clone_to_owned()?),
+            seen: Arc::new(std::sync::Mutex::new((0, std::time::Instant::now()))),
+        })
+    }
+
+    /// `tcpi_bytes_acked` now, if the kernel reports it.
+    pub fn bytes_acked(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `tcp_info` is plain old data, so all-zero bytes are a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large
+        // and lives across the call; `len` is updated to the size the kernel wrote. The fd
+        // is open for the probe's lifetime (owned here).
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                std::ptr::from_mut(&mut info).cast(),
+                &mut len,
+            )
+        };
+        // Kernels before 4.1 report a shorter struct without the field.
+        let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+        (rc == 0 && len as usize >= end).then_some(info.tcpi_bytes_acked)
+    }
+
+    /// When the peer last acknowledged new bytes (the probe's creation before any did).
+    pub fn last_progress(&self) -> std::time::Instant {
+        let acked = self.bytes_acked();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = acked.filter(|&b| b > seen.0) {
+            *seen = (b, std::time::Instant::now());
+        }
+        seen.1
+    }
+}
+
+/// When the I/O task last finished writing bytes to the connection: a slow link keeps
+/// making progress, a dead peer stops it once the socket buffer is full.
+#[derive(Clone, Debug)]
+struct Progress {
+    base: std::time::Instant,
+    /// Nanoseconds after `base`.
+    at: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            base: std::time::Instant::now(),
+            at: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    fn mark(&self) {
+        let ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.at.store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> std::time::Instant {
+        self.base
+            + std::time::Duration::from_nanos(self.at.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// The first failure of a sender's encoder thread or I/O task, shared with every
@@ -225,6 +312,21 @@ impl StreamSender {
     /// True once the sending side has stopped.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// When the stream last made progress towards the peer: its TCP acknowledged new
+    /// bytes (with a [`DeliveryProbe`]), or else bytes finished leaving for the
+    /// connection (the stream's start before any did).
+    pub fn last_progress(&self) -> std::time::Instant {
+        match &self.delivery {
+            Some(d) => d.last_progress(),
+            None => self.progress.last(),
+        }
+    }
+
+    /// Measures progress by what the peer's TCP acknowledges from now on.
+    pub fn set_delivery_probe(&mut self, probe: DeliveryProbe) {
+        self.delivery = Some(probe);
     }
 }
 
@@ -275,10 +377,13 @@ where
         })
         .map_err(WireError::EncoderThread)?;
     let fail = failure.clone();
+    let progress = Progress::new();
+    let moved = progress.clone();
     let io = tokio::spawn(async move {
         let result: Result<(), WireError> = async {
             while let Some(bytes) = brx.recv().await {
                 writer.send(&bytes).await?;
+                moved.mark();
                 if brx.is_empty() {
                     writer.flush().await?;
                 }
@@ -301,7 +406,15 @@ where
             }
         }
     });
-    Ok((StreamSender { tx, failure }, io))
+    Ok((
+        StreamSender {
+            tx,
+            failure,
+            progress,
+            delivery: None,
+        },
+        io,
+    ))
 }
 
 fn encode_item(
@@ -644,5 +757,49 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         }
         self.header = Some(h);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// Real loopback TCP: the probe sees the peer's kernel acknowledge bytes while it
+    /// reads, and stops seeing progress once a peer that does not read has a full window.
+    #[test]
+    fn delivery_probe_follows_what_the_peer_acknowledges() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let probe = DeliveryProbe::of(&c).unwrap();
+        let Some(start) = probe.bytes_acked() else {
+            println!("this kernel does not report tcpi_bytes_acked: nothing to check");
+            return;
+        };
+        let born = probe.last_progress();
+        c.write_all(&[7u8; 64 << 10]).unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        server.read_exact(&mut buf).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(probe.bytes_acked().unwrap() >= start + (64 << 10));
+        assert!(probe.last_progress() > born);
+        // The server stops reading: fill its window and our buffer, then no more progress.
+        c.set_nonblocking(true).unwrap();
+        let chunk = vec![1u8; 64 << 10];
+        loop {
+            match c.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let stalled = probe.last_progress();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(probe.last_progress(), stalled, "no new bytes acknowledged");
+        drop(server);
     }
 }

@@ -255,6 +255,11 @@ pub struct DomainConfig {
     pub name: String,
     /// Time between checkpoints (the epoch length).
     pub checkpoint_interval: Duration,
+    /// How long the backup may stay silent about a checkpoint once nothing more is
+    /// leaving for it (`remus_engine::primary::ack_due`).
+    pub ack_timeout: Duration,
+    /// The longest a checkpoint's ACK is waited for while its bytes still move.
+    pub ack_wait_max: Duration,
     /// Who decides to activate the backup.
     pub failover: Failover,
     /// Page encoding of checkpoints.

@@ -75,6 +75,8 @@ pub(crate) struct RawMetrics {
 pub(crate) struct RawDomain {
     pub name: Option<S<String>>,
     pub checkpoint_interval_ms: Option<S<u64>>,
+    pub ack_timeout_ms: Option<S<u64>>,
+    pub ack_wait_max_ms: Option<S<u64>>,
     pub failover: Option<S<Failover>>,
     pub compression: Option<S<Compression>>,
     pub tracker: Option<S<Tracker>>,

@@ -661,6 +661,33 @@ fn domain(cx: &mut Ctx<'_>, d: &Spanned<RawDomain>, witness: bool) -> Option<Dom
         200,
         10..=60_000,
     );
+    let ack_timeout = cx.millis(
+        &r.ack_timeout_ms,
+        "domain.ack_timeout_ms",
+        2000,
+        100..=600_000,
+    );
+    let ack_wait_max = cx.millis(
+        &r.ack_wait_max_ms,
+        "domain.ack_wait_max_ms",
+        120_000,
+        100..=3_600_000,
+    );
+    if ack_wait_max < ack_timeout {
+        let span = r
+            .ack_wait_max_ms
+            .as_ref()
+            .or(r.ack_timeout_ms.as_ref())
+            .map_or_else(|| at.clone(), |v| v.span());
+        cx.error(
+            span,
+            format!(
+                "{table}: ack_wait_max_ms ({} ms) must not be below ack_timeout_ms ({} ms)",
+                ack_wait_max.as_millis(),
+                ack_timeout.as_millis()
+            ),
+        );
+    }
     let failover = r
         .failover
         .as_ref()
@@ -845,6 +872,8 @@ fn domain(cx: &mut Ctx<'_>, d: &Spanned<RawDomain>, witness: bool) -> Option<Dom
     Some(DomainConfig {
         name: name?.into_inner(),
         checkpoint_interval,
+        ack_timeout,
+        ack_wait_max,
         failover,
         compression,
         tracker,

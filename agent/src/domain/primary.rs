@@ -330,8 +330,11 @@ pub struct ProtectOptions {
     pub psk: PreSharedKey,
     /// Node names and domain.
     pub identity: Identity,
-    /// How long an ACK may take.
+    /// How long the backup may stay silent about a checkpoint once nothing more is
+    /// leaving for it.
     pub ack_timeout: Duration,
+    /// The longest a checkpoint's ACK is waited for while its bytes still move.
+    pub ack_wait_max: Duration,
     /// How the disks are brought up to date before the first checkpoint: `Full` for a
     /// backup whose replica has never followed this disk, `Dirty` (only the regions written
     /// since the last acknowledged checkpoint) for a backup that returns after a loss.
@@ -443,6 +446,7 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
     let mut cfg = PrimaryConfig::new(&d.name);
     cfg.interval = d.checkpoint_interval;
     cfg.ack_timeout = opts.ack_timeout;
+    cfg.ack_wait_max = opts.ack_wait_max;
     cfg.compression = match d.compression {
         config::Compression::None => Compression::None,
         config::Compression::Lz4 => Compression::Lz4,

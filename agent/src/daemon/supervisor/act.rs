@@ -316,7 +316,8 @@ impl Supervisor {
                 peer_node: cfg.peer.name.clone(),
                 domain: self.d.name.clone(),
             },
-            ack_timeout: ACK_TIMEOUT,
+            ack_timeout: self.d.ack_timeout,
+            ack_wait_max: self.d.ack_wait_max,
             disk_sync: if self.peer_in_lineage {
                 SyncMode::Dirty
             } else {

@@ -81,8 +81,6 @@ const PROTECT_RETRY: Duration = Duration::from_secs(1);
 const FENCE_RETRY: Duration = Duration::from_millis(300);
 /// Time between activation attempts after a failure.
 const ACTIVATE_RETRY: Duration = Duration::from_secs(3);
-/// How long an ACK may take before the backup is considered lost.
-const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// A lease closer than this to its local expiry no longer justifies running (the main
 /// loop ticks every 100 ms; the witness's own expiry is only slightly later than ours).
 const LEASE_MARGIN: Duration = Duration::from_millis(300);
