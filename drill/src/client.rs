@@ -54,6 +54,30 @@ pub struct ClientLog {
     pub breaks: Vec<String>,
     /// Round trip of each request (same order as `replies`).
     pub rtts: Vec<Duration>,
+    /// Segments the client's TCP retransmitted, all connections (`TCP_INFO`
+    /// `tcpi_total_retrans`, read after each reply): what a failover cost the client in
+    /// retransmission timeouts.
+    pub tcp_retransmits: u32,
+}
+
+/// `tcpi_total_retrans` of a TCP socket, if the kernel reports it.
+fn total_retrans(s: &impl std::os::fd::AsRawFd) -> Option<u32> {
+    // SAFETY: `tcp_info` is plain old data, so all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and
+    // lives across the call; the fd belongs to a socket the caller holds open.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_total_retrans) + 4;
+    (rc == 0 && len as usize >= end).then_some(info.tcpi_total_retrans)
 }
 
 impl ClientLog {
@@ -177,6 +201,8 @@ async fn run(
     log: watch::Sender<ClientLog>,
 ) {
     let mut connection = 0u32;
+    // Retransmissions of the connections that ended.
+    let mut retrans_before = 0u32;
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'outer: while !*stop.borrow() {
@@ -202,6 +228,7 @@ async fn run(
                 r = request(&mut conn) => r,
                 _ = stop.wait_for(|s| *s) => break 'outer,
             };
+            let retrans = total_retrans(conn.get_ref()).unwrap_or(0);
             match r {
                 Ok(value) => log.send_modify(|l| {
                     l.replies.push(Reply {
@@ -210,8 +237,10 @@ async fn run(
                         connection,
                     });
                     l.rtts.push(sent.elapsed());
+                    l.tcp_retransmits = retrans_before + retrans;
                 }),
                 Err(why) => {
+                    retrans_before += retrans;
                     log.send_modify(|l| {
                         l.broken_connections += 1;
                         l.breaks.push(format!("connection {connection}: {why}"));
@@ -259,6 +288,8 @@ pub struct ClientVerdict {
     pub rtt_unprotected_p50_us: u64,
     /// Median request round trip while protected (output held until acknowledged).
     pub rtt_protected_p50_us: u64,
+    /// Segments the client's TCP retransmitted over the whole run.
+    pub tcp_retransmits: u32,
 }
 
 /// Moments of the drill the verdicts are cut at.
@@ -327,6 +358,7 @@ pub fn analyse(log: &ClientLog, m: &Moments, activated_console: &[u64]) -> Clien
         client_stall_ms,
         kill_to_first_reply_ms,
         values_increasing,
+        tcp_retransmits: log.tcp_retransmits,
         rtt_unprotected_p50_us: rtt(&|r| r.at < m.protected),
         rtt_protected_p50_us: rtt(&|r| r.at >= m.protected && r.at < m.killed),
     }
@@ -349,6 +381,7 @@ mod tests {
             broken_connections: broken,
             breaks: Vec::new(),
             rtts: replies.iter().map(|_| Duration::from_millis(1)).collect(),
+            tcp_retransmits: 0,
         }
     }
 

@@ -100,6 +100,15 @@ impl TrialReport {
     pub fn conclude(&mut self) {
         self.passed = !self.verdicts.is_empty() && self.verdicts.iter().all(|v| v.ok);
     }
+
+    /// From the survivor's VM running to the client's first reply (ms): the part of the
+    /// client-visible recovery that is the client's own TCP waiting to retransmit.
+    pub fn running_to_first_reply(&self) -> Option<u64> {
+        Some(
+            self.failure_to_first_reply_ms?
+                .saturating_sub(self.failure_to_running_ms?),
+        )
+    }
 }
 
 /// A protecting primary's checkpoint figures, as its daemon reports them (over its last
@@ -180,7 +189,7 @@ impl PairReport {
         let fig =
             |f: &dyn Fn(&TrialReport) -> Option<u64>| Figure::of(self.trials.iter().filter_map(f));
         let mut s = Vec::new();
-        let rows: [(&str, &Getter); 10] = [
+        let rows: [(&str, &Getter); 12] = [
             ("pause_p50_us", &|t| t.protection.map(|p| p.pause_p50_us)),
             ("pause_p99_us", &|t| t.protection.map(|p| p.pause_p99_us)),
             ("detection_ms", &|t| {
@@ -193,6 +202,10 @@ impl PairReport {
             ("failure_to_running_ms", &|t| t.failure_to_running_ms),
             ("failure_to_first_reply_ms", &|t| {
                 t.failure_to_first_reply_ms
+            }),
+            ("running_to_first_reply_ms", &|t| t.running_to_first_reply()),
+            ("client_tcp_retransmits", &|t| {
+                t.client.as_ref().map(|c| u64::from(c.tcp_retransmits))
             }),
             ("reprotect_ms", &|t| t.reprotect_ms),
             ("unprotected_after_failure_ms", &|t| {
@@ -268,9 +281,16 @@ impl PairReport {
                 );
             }
             if t.failure_to_running_ms.is_some() || t.failure_to_first_reply_ms.is_some() {
+                let waited = match (t.running_to_first_reply(), &t.client) {
+                    (Some(w), Some(c)) => format!(
+                        " ({w} ms after the VM ran: the client's TCP retransmitting, {} retransmission(s))",
+                        c.tcp_retransmits
+                    ),
+                    _ => String::new(),
+                };
                 let _ = writeln!(
                     s,
-                    "    failure -> VM running {}, -> first client reply {}",
+                    "    failure -> VM running {}, -> first client reply {}{waited}",
                     ms(t.failure_to_running_ms),
                     ms(t.failure_to_first_reply_ms)
                 );

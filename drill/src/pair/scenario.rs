@@ -578,9 +578,18 @@ impl PairDrill {
         let b = p.other();
         let mut client = self.start_client().await?;
         let protected_at = Instant::now();
+        let unprotected_start = self.observer().with(|l| unprotected_of(l.latest(p)));
         let (acked, edge) = self.wait_ack_edge(p).await?;
         let delay = self.random_delay();
         tokio::time::sleep_until((edge + delay).into()).await;
+        let unprotected_at_failure = self.observer().with(|l| unprotected_of(l.latest(p)));
+        t.verdict(
+            "no_unexpected_unprotected_window",
+            steady_state_stayed_protected(unprotected_start, unprotected_at_failure),
+            format!(
+                "{p} unprotected (ms in all, window open) when the trial started {unprotected_start:?}, at the failure {unprotected_at_failure:?}"
+            ),
+        );
         let killed_at = Instant::now();
         self.kill_daemon(b)?;
         t.injected_after_ack_ms = Some(killed_at.duration_since(edge).as_millis() as u64);
@@ -623,6 +632,12 @@ impl PairDrill {
         let n = self.options().checkpoints.min(5);
         self.wait_protected(p, n, Duration::from_secs(90)).await?;
         t.reprotect_ms = Some(start.elapsed().as_millis() as u64);
+        // The time the primary ran the guest without a backup: from its backup's death
+        // until the returning backup acknowledged its first checkpoint.
+        t.unprotected_after_failure_ms = self
+            .observer()
+            .with(|l| unprotected_of(l.latest(p)).0)
+            .checked_sub(unprotected_at_failure.0);
         let resyncs = self.observer().with(|l| resyncs_of(l.latest(p)));
         let r = resyncs
             .get(resyncs_before..)
