@@ -335,7 +335,7 @@ pub enum BackupLoss {
         reason: String,
     },
     /// A checkpoint's acknowledgement did not come in time ([`ack_due`]).
-    #[error("no acknowledgement of checkpoint {epoch} after {timeout:?} (nothing left for the backup in the last ack_timeout, or ack_wait_max reached)")]
+    #[error("no acknowledgement of checkpoint {epoch} after {timeout:?} (the backup took in no new bytes for ack_timeout, or ack_wait_max was reached)")]
     AckTimeout {
         /// The checkpoint waited for.
         epoch: u64,
