@@ -62,22 +62,9 @@ pub struct ClientLog {
 
 /// `tcpi_total_retrans` of a TCP socket, if the kernel reports it.
 fn total_retrans(s: &impl std::os::fd::AsRawFd) -> Option<u32> {
-    // SAFETY: `tcp_info` is plain old data, so all-zero bytes are a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and
-    // lives across the call; the fd belongs to a socket the caller holds open.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            std::ptr::from_mut(&mut info).cast(),
-            &mut len,
-        )
-    };
-    let end = std::mem::offset_of!(libc::tcp_info, tcpi_total_retrans) + 4;
-    (rc == 0 && len as usize >= end).then_some(info.tcpi_total_retrans)
+    let (info, len) = remus_engine::wire::tcp_info(s)?;
+    (len >= std::mem::offset_of!(libc::tcp_info, tcpi_total_retrans) + 4)
+        .then_some(info.tcpi_total_retrans)
 }
 
 impl ClientLog {

@@ -186,6 +186,28 @@ pub struct StreamSender {
     delivery: Option<DeliveryProbe>,
 }
 
+/// A TCP socket's `TCP_INFO`, with the number of bytes the kernel filled in (older kernels
+/// fill in fewer fields: check the offset of a field before reading it). The one place
+/// that reads it (the drill's client uses it too).
+pub fn tcp_info(socket: &impl std::os::fd::AsRawFd) -> Option<(libc::tcp_info, usize)> {
+    // SAFETY: `tcp_info` is plain old data, so all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and
+    // lives across the call; `len` is updated to the size the kernel wrote. The fd belongs
+    // to a socket the caller holds open.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some((info, len as usize))
+}
+
 /// The bytes the peer's TCP acknowledged on a connection (Linux `TCP_INFO`,
 /// `tcpi_bytes_acked`), and when that count last grew: progress that a local socket buffer
 /// cannot fake. A peer that is gone or cut off acknowledges nothing, however much the
@@ -211,25 +233,10 @@ impl DeliveryProbe {
 
     /// `tcpi_bytes_acked` now, if the kernel reports it.
     pub fn bytes_acked(&self) -> Option<u64> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: `tcp_info` is plain old data, so all-zero bytes are a valid value.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large
-        // and lives across the call; `len` is updated to the size the kernel wrote. The fd
-        // is open for the probe's lifetime (owned here).
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                std::ptr::from_mut(&mut info).cast(),
-                &mut len,
-            )
-        };
+        let (info, len) = tcp_info(&*self.fd)?;
         // Kernels before 4.1 report a shorter struct without the field.
-        let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
-        (rc == 0 && len as usize >= end).then_some(info.tcpi_bytes_acked)
+        (len >= std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8)
+            .then_some(info.tcpi_bytes_acked)
     }
 
     /// When the peer last acknowledged new bytes (the probe's creation before any did).

@@ -168,6 +168,22 @@ impl PairDrill {
         t
     }
 
+    /// Nothing in the steady state before the failure may have left the guest running on
+    /// `p` without acknowledged checkpoints: such a window is lost time the scenario did
+    /// not cause. `start` is `p`'s (total ms, window open) when the trial began; returns
+    /// the same now.
+    fn judge_steady_state(&self, t: &mut TrialReport, p: Host, start: (u64, bool)) -> (u64, bool) {
+        let now = self.observer().with(|l| unprotected_of(l.latest(p)));
+        t.verdict(
+            "no_unexpected_unprotected_window",
+            steady_state_stayed_protected(start, now),
+            format!(
+                "{p} unprotected (ms in all, window open) when the trial started {start:?}, at the failure {now:?}"
+            ),
+        );
+        now
+    }
+
     /// After a takeover from checkpoint `resumed`: the old primary `p` (which may have run
     /// on, silent, until it heard the lease was taken) never had a checkpoint acknowledged
     /// beyond the one the survivor resumed, so nothing it released is missing there.
@@ -395,17 +411,7 @@ impl PairDrill {
                 heard.0, heard.1
             ),
         );
-        // Nothing in the steady state before the failure may have left the guest running
-        // without acknowledged checkpoints: such a window is lost time the scenario did
-        // not cause.
-        let unprotected_at_failure = self.observer().with(|l| unprotected_of(l.latest(p)));
-        t.verdict(
-            "no_unexpected_unprotected_window",
-            steady_state_stayed_protected(unprotected_start, unprotected_at_failure),
-            format!(
-                "{p} unprotected (ms in all, window open) when the trial started {unprotected_start:?}, at the failure {unprotected_at_failure:?}"
-            ),
-        );
+        self.judge_steady_state(t, p, unprotected_start);
         let survivor_unprotected = self.observer().with(|l| unprotected_of(l.latest(b)).0);
         let killed_at = Instant::now();
         self.topology().cut_uplink(p)?;
@@ -582,14 +588,7 @@ impl PairDrill {
         let (acked, edge) = self.wait_ack_edge(p).await?;
         let delay = self.random_delay();
         tokio::time::sleep_until((edge + delay).into()).await;
-        let unprotected_at_failure = self.observer().with(|l| unprotected_of(l.latest(p)));
-        t.verdict(
-            "no_unexpected_unprotected_window",
-            steady_state_stayed_protected(unprotected_start, unprotected_at_failure),
-            format!(
-                "{p} unprotected (ms in all, window open) when the trial started {unprotected_start:?}, at the failure {unprotected_at_failure:?}"
-            ),
-        );
+        let unprotected_at_failure = self.judge_steady_state(t, p, unprotected_start);
         let killed_at = Instant::now();
         self.kill_daemon(b)?;
         t.injected_after_ack_ms = Some(killed_at.duration_since(edge).as_millis() as u64);
