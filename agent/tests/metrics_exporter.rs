@@ -200,7 +200,7 @@ fn exposition_of_a_representative_snapshot() {
             assert!(line.starts_with("remus_"), "{line}");
         }
     }
-    assert_eq!(declared.len(), 47, "{declared:?}");
+    assert_eq!(declared.len(), 49, "{declared:?}");
     // absent sources give no series rather than a misleading zero
     for absent in [
         "remus_last_acked_epoch{domain=\"db\"}",
