@@ -308,7 +308,7 @@ impl PairReport {
             if t.unprotected_after_failure_ms.is_some() {
                 let _ = writeln!(
                     s,
-                    "    survivor ran unprotected {} (activation to the first acknowledged checkpoint)",
+                    "    survivor ran unprotected {} (from the failure's effect to the returning node's first acknowledged checkpoint)",
                     ms(t.unprotected_after_failure_ms)
                 );
             }

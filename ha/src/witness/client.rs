@@ -434,6 +434,18 @@ impl WitnessClient {
     }
 }
 
+/// Sends `v` on `tx` unless it is the current value (watchers wake only on a change).
+fn send_if_changed<T: PartialEq>(tx: &watch::Sender<T>, v: T) {
+    tx.send_if_modified(|cur| {
+        if *cur == v {
+            false
+        } else {
+            *cur = v;
+            true
+        }
+    });
+}
+
 /// No takeover flags, no peer.
 const NO_TAKEOVER: (u8, &str) = (0, "");
 
@@ -528,14 +540,7 @@ impl LeaseKeeper {
 
     /// How the lease is to be held from now on; a change is sent to the witness at once.
     pub fn set_mode(&self, mode: LeaseMode) {
-        self.mode.send_if_modified(|cur| {
-            if *cur == mode {
-                false
-            } else {
-                *cur = mode;
-                true
-            }
-        });
+        send_if_changed(&self.mode, mode);
     }
 
     /// Whether the lease is held now.
@@ -568,16 +573,7 @@ async fn keep(
 ) -> Option<Lease> {
     let ttl = client.ttl();
     let far = || Instant::now() + Duration::from_secs(86_400);
-    let publish = |s: LeaseState| {
-        tx.send_if_modified(|cur| {
-            if *cur == s {
-                false
-            } else {
-                *cur = s;
-                true
-            }
-        });
-    };
+    let publish = |s: LeaseState| send_if_changed(&tx, s);
     let mut next_attempt = match &lease {
         Some(l) => l.sent_at + ttl / 3,
         None => Instant::now(),

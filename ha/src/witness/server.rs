@@ -112,6 +112,11 @@ impl LeaseTable {
         }
     }
 
+    /// The domain's lease, if held and not expired at `now`.
+    fn current(&self, domain: &str, now: Instant) -> Option<&Held> {
+        self.leases.get(domain).filter(|h| h.expires > now)
+    }
+
     fn count_nonces(&self) -> usize {
         self.nonces.values().map(BTreeMap::len).sum()
     }
@@ -162,7 +167,7 @@ impl LeaseTable {
         let remaining = |h: &Held| {
             u32::try_from(h.expires.saturating_duration_since(now).as_millis()).unwrap_or(u32::MAX)
         };
-        let current = self.leases.get(&req.domain).filter(|h| h.expires > now);
+        let current = self.current(&req.domain, now);
         let (response, persist) = match req.op {
             Op::Query => match current {
                 Some(h) => (
@@ -217,13 +222,8 @@ impl LeaseTable {
                                 g
                             }
                         };
-                        let preemptible_by =
-                            (req.flags & flags::PREEMPTIBLE != 0).then(|| req.peer.clone());
-                        let granted_flags = if preemptible_by.is_some() {
-                            flags::PREEMPTIBLE
-                        } else {
-                            0
-                        };
+                        let granted_flags = req.flags & flags::PREEMPTIBLE;
+                        let preemptible_by = (granted_flags != 0).then(|| req.peer.clone());
                         self.leases.insert(
                             req.domain.clone(),
                             Held {
@@ -530,9 +530,7 @@ impl WitnessServer {
         let now = Instant::now();
         let holder_before = self
             .table
-            .leases
-            .get(&req.domain)
-            .filter(|h| h.expires > now)
+            .current(&req.domain, now)
             .map(|h| h.holder.clone());
         let mut next = self.table.clone();
         match next.handle(now, req, self.cfg.ttl_limits) {
