@@ -80,6 +80,18 @@ fn broken_configs_name_the_line() {
             "unknown field `lisen`",
         ),
         (
+            "bad vm_netns",
+            |t| {
+                t.replacen(
+                    "name = \"alpha\"",
+                    "name = \"alpha\"\nvm_netns = \"../x\"",
+                    1,
+                )
+            },
+            "vm_netns =",
+            "node.vm_netns",
+        ),
+        (
             "syntax error",
             |t| {
                 t.replacen(
@@ -442,4 +454,42 @@ fn remusd_refuses_to_start_on_a_bad_config_or_missing_files() {
         stderr.contains(&format!("{}:2:8: error:", bad.display())),
         "{stderr}"
     );
+}
+
+/// A `vm_netns` that does not exist is a missing file: `config check --files-exist` and
+/// `remusd` name it; one that exists passes that check.
+#[test]
+fn a_missing_vm_netns_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = format!("remus-test-nons-{}", std::process::id());
+    let text = minimal().replacen(
+        "name = \"alpha\"",
+        &format!("name = \"alpha\"\nvm_netns = \"{ns}\""),
+        1,
+    );
+    let cfg = dir.path().join("remus.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let want = format!("node.vm_netns: network namespace {ns} does not exist");
+    let out = remusctl(&["config", "check", "--files-exist", cfg.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains(&want), "config check:\n{stdout}");
+    let out = Command::new(env!("CARGO_BIN_EXE_remusd"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&want), "remusd:\n{stderr}");
+
+    // Once the namespace exists the complaint is gone (other example files still missing).
+    let made = Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap();
+    assert!(made.success(), "ip netns add {ns}");
+    let out = remusctl(&["config", "check", "--files-exist", cfg.to_str().unwrap()]);
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("node.vm_netns"), "config check:\n{stdout}");
 }

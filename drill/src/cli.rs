@@ -3,8 +3,9 @@
 //! By default the pair drill: two real `remusd` daemons in two network namespaces, a
 //! `remus-witness`, a client, and a failure scenario (`--scenario`, `--trials`); see
 //! [`crate::pair`]. It needs the `remusd` and `remus-witness` binaries next to
-//! `remus-drill` or in `PATH`. With `--local`, the one-process drill (both roles in this
-//! process, no daemons): quicker, and it measures the checkpoint path alone.
+//! `remus-drill` or in `PATH`. With `--local`, the one-process drill: the same daemon code
+//! for both nodes and a witness, in this process (see [`crate::local`]); no binaries to
+//! find, and it reports the pause beside the memory-scan floor.
 //!
 //! The flags are those `remusctl drill` had before the drill left the product; exit codes
 //! follow remusctl's: 0 passed, 1 failed or could not run, 2 bad arguments.
@@ -28,7 +29,8 @@ pub struct DrillCmd {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Run the one-process local drill instead of the pair drill (no daemons, no witness).
+    /// Run the one-process local drill instead of the pair drill (both daemons and the
+    /// witness in this process).
     #[arg(long)]
     local: bool,
     /// The pair drill's failure scenario.

@@ -9,8 +9,9 @@
 //! - [`pair`]: the pair drill (the default of `remus-drill`): two real `remusd` daemons in
 //!   two network namespaces and a `remus-witness`, driven only through their control
 //!   sockets ([`remus_agent::control::ControlClient`]) and by killing processes;
-//! - [`local`]: the one-process drill (`remus-drill --local`): both roles' domain code in
-//!   this process, no daemons; quicker, and it measures the checkpoint path alone;
+//! - [`local`]: the one-process drill (`remus-drill --local`): two daemons' supervisors
+//!   ([`inproc`]) and a witness in this process, reached through their control sockets;
+//!   no binaries to find, and it reports the checkpoint path's figures beside the scan floor;
 //! - [`client`], [`net`], [`guest`]: the network client through the failover, the hosts'
 //!   namespaces, and reading the guest's console and disk log;
 //! - [`image`]: where the guest image is, and building it for the tests;
@@ -21,6 +22,7 @@ pub mod client;
 pub mod guest;
 pub mod image;
 pub mod impair;
+pub mod inproc;
 pub mod local;
 pub mod net;
 pub mod pair;

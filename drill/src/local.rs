@@ -1,17 +1,23 @@
-//! The local drill: protect a real guest, kill its primary at a random point of the epoch
-//! cycle, activate the backup, and check that nothing committed was lost and nothing
-//! uncommitted survived.
+//! The local drill: two real daemons' supervisors in this process protect a real guest;
+//! the primary's host is lost at a random point of the epoch cycle, the backup detects it by
+//! its heartbeats, fences at a witness, activates, and the drill checks that nothing
+//! committed was lost and nothing uncommitted survived.
 //!
-//! Both agents' roles run in this process on one host (separate
-//! directories, the real encrypted replication session over loopback, real QEMU, real NBD
-//! disk replication). The guest is the project's test guest (`tests/images/build-guest.sh`):
-//! a counter that logs every increment to its disk before setting it in memory and prints
-//! `counter=<n>` on its console, and periodically `check ok|mismatch mem=<m> disk=<d>`.
+//! Both nodes are [`remus_agent::daemon::serve`] — the same code `remusd` runs — each on a
+//! runtime of its own ([`crate::inproc`]), with a `remus-witness` server task beside them;
+//! the drill reaches them only through their control sockets, as an operator would. The
+//! primary's loss is its uplink cut and its daemon's runtime dropped at the same moment
+//! (tasks stop where they stand, sockets close, its QEMU is killed). The guest is the
+//! project's test guest (`tests/images/build-guest.sh`): a counter that logs every increment
+//! to its disk before setting it in memory and prints `counter=<n>` on its console, and
+//! periodically `check ok|mismatch mem=<m> disk=<d>`.
 //!
 //! Verdicts, each computed from what was observed:
 //! - **continuity**: the first counter the activated guest prints is the replica disk's last
 //!   committed record `d` or `d + 1` (memory and disk from the same checkpoint), and the
-//!   counter then advances by one per tick;
+//!   counter then advances by one per tick. `d` is read from the backup's replica after its
+//!   receiving session ended and before the failover was declared (checked: a read that
+//!   cannot be shown to come before is reported as not judged, and fails);
 //! - **no reboot**: the activated guest resumed (its console shows no fresh start);
 //! - **disk agrees with memory**: every `check` line after activation says `ok`;
 //! - **uncommitted work discarded**: the primary's progress past the checkpoint is reported
@@ -23,37 +29,43 @@
 //!   guest (`lost_replies == 0`), the connection must not break, replies must keep
 //!   increasing and must come both before and after the failover.
 //!
-//! The network ([`net`]) models two hosts and a client on a switch, each a namespace; the
-//! primary host's loss is its uplink cut and its QEMU killed at the same moment.
+//! The network ([`net`]) models two hosts and a client on a switch, each a namespace; each
+//! daemon's VM NICs live in its host's namespace (`[node] vm_netns`), the daemons' own
+//! traffic (replication, heartbeats, lease) on loopback addresses of their own.
 //!
 //! With `unsafe_no_output_buffering` the same drill runs with the guest's output released at
 //! once; it must then report lost state (that is the proof the check can fail).
 //!
-//! What the local drill does not cover yet is listed in [`DrillReport::not_covered`] and
-//! printed with every report, so the drill never claims more than it checked.
+//! What the local drill does not cover is listed in [`DrillReport::not_covered`] and printed
+//! with every report, so the drill never claims more than it checked.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use remus_engine::peer::PreSharedKey;
-use remus_engine::replica::ReplicaState;
-use remus_engine::session::{accept_backup, Identity};
-use serde::Serialize;
-use tokio::net::TcpListener;
-
+use remus_agent::api::{
+    DaemonStatus, DomainStatus, FailoverRecord, ReplicaState, Request, Response,
+};
 use remus_agent::config::Config;
-use remus_agent::domain::backup::{ReceiveControls, ReplicaDomain};
-use remus_agent::domain::disk_copy::DiskCopy;
-use remus_agent::domain::primary::{protect, ProtectOptions, RunningVm};
-use remus_agent::domain::DomainPaths;
+use remus_ha::witness::{WitnessServer, WitnessServerConfig};
+use remus_ha::HaKey;
+use serde::Serialize;
 
 use crate::client::{self, analyse, Client, ClientVerdict, Moments};
 use crate::guest;
-use crate::net::{self, Topology};
+use crate::inproc::InProcessDaemon;
+use crate::net::{self, Host, HostAddrs, Topology};
+use crate::pair::config::{self as files, NodeFiles, PairConfig, DOMAIN, WITNESS_PORT};
+use crate::pair::control::Control;
 
 /// Slots of the guest's disk log (the workload's default).
 const LOG_SLOTS: u64 = 8192;
+/// Witness lease (the pair drill's).
+const LEASE: Duration = Duration::from_millis(1500);
+/// How long one status request may take.
+const CALL: Duration = Duration::from_secs(5);
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -101,13 +113,20 @@ pub struct DrillReport {
     /// Reading all of guest RAM once on every core, measured in the same run: the floor
     /// under a compare tracker's pause (µs).
     pub memory_scan_floor_us: u64,
-    /// When, after the last acknowledgement, the primary's QEMU was killed (ms).
+    /// When, after the last acknowledgement, the primary's host was lost (ms).
     pub kill_after_ack_ms: u64,
-    /// From the kill to the backup knowing the primary is gone (ms).
+    /// From the last news of the primary to the backup declaring it lost (ms; the backup's
+    /// failover record).
     pub detection_ms: u64,
-    /// From the kill to the activated VM running (ms).
+    /// Fencing at the witness (ms; the backup's failover record).
+    pub fencing_ms: u64,
+    /// From fencing done to the VM running (ms; the backup's failover record).
+    pub activation_ms: u64,
+    /// How the old primary was proven gone (the failover record's `fence_proof`).
+    pub fence_proof: String,
+    /// From the host loss to the activated VM seen running (ms).
     pub recovery_ms: u64,
-    /// From the kill to the activated guest's first output (ms).
+    /// From the host loss to the activated guest's first output (ms).
     pub first_output_ms: u64,
     /// The checkpoint the backup activated.
     pub activated_epoch: u64,
@@ -133,78 +152,86 @@ pub struct DrillReport {
     /// Verdict: the client saw no lost state, its connection survived, and it got replies
     /// on both sides of the failover.
     pub clients_kept: bool,
+    /// Why a verdict could not be judged, if one could not (the drill then fails).
+    pub not_judged: Vec<String>,
     /// What this drill does not exercise yet.
     pub not_covered: Vec<&'static str>,
 }
 
 /// What the local drill does not exercise yet (printed with every report).
 pub const NOT_COVERED: &[&str] = &[
-    "failure detection by heartbeats: the backup learns of the failure from the replication \
-     connection closing",
-    "fencing and the witness: the drill's policy uses fencing mode none",
-    "separate hosts: both roles run in one process; only their networks are separate \
-     (namespaces on one switch), and the replication link is loopback",
+    "separate hosts: both daemons run in one process on one kernel (a runtime and a \
+     heartbeat thread each); their VMs' networks are separate namespaces on one switch, \
+     their own traffic uses loopback, and the host loss is a dropped runtime plus a cut \
+     uplink — the pair drill (`remus-drill`) runs them as processes on separate networks",
     "the plug-qdisc egress backend: the drill uses the relay (this kernel lacks sch_plug)",
     "one client, one connection, requests one at a time: no concurrent or bulk traffic",
 ];
 
-fn policy(o: &DrillOptions, port: u16, topo: &Topology) -> String {
-    let dir = &o.work_dir;
-    format!(
-        r#"
-[node]
-name = "pri"
-listen = "127.0.0.1:{port}"
-run_dir = "{run}"
-state_dir = "{state}"
+/// Distinct loopback addresses per drill (pid and a counter), so drills of different
+/// processes, or one after another, never share a port.
+fn loopback_addrs() -> HostAddrs {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let a = |last: u8| Ipv4Addr::new(127, (pid & 0xff) as u8, (n & 0xff) as u8, last);
+    HostAddrs {
+        pri: a(11),
+        bak: a(12),
+        witness: a(13),
+        client: a(14),
+    }
+}
 
-[peer]
-name = "bak"
-address = "127.0.0.1:{port}"
+/// The [`Instant`] of a unix time in ms (the daemons' records use unix time).
+fn instant_of_unix_ms(ms: u64) -> Instant {
+    let now = remus_ha::auth::unix_millis();
+    let ago = Duration::from_millis(now.saturating_sub(ms));
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+}
 
-[[peer.link]]
-local = "127.0.0.1:{hb}"
-remote = "127.0.0.2:{hb}"
+/// The drill's domain in a daemon's status (none: unreachable or not listed).
+async fn domain_of(c: &Control) -> Option<DomainStatus> {
+    let s: DaemonStatus = c.status(CALL).await.ok()?;
+    s.domains.into_iter().find(|d| d.name == DOMAIN)
+}
 
-[auth]
-mode = "psk"
-psk_file = "{psk}"
-
-[[domain]]
-name = "drill"
-checkpoint_interval_ms = {interval}
-
-{machine}
-[domain.fencing]
-mode = "none"
-"#,
-        run = dir.join("run").display(),
-        state = dir.join("state").display(),
-        psk = dir.join("psk").display(),
-        hb = port.wrapping_add(1),
-        interval = o.interval.as_millis(),
-        machine = guest::GuestMachine {
-            accel: &o.accel,
-            memory_mib: o.memory_mib,
-            kernel: &o.kernel,
-            initrd: &o.initrd,
-            guest_cidr: &topo.guest_cidr,
-            mac: "52:54:00:77:00:10",
-            bridge: net::HOST_BRIDGE,
-            image: &dir.join("primary.img"),
-            replica: &dir.join("replica.img"),
-            unsafe_no_output_buffering: o.unsafe_no_output_buffering,
+/// Polls `c` every 20 ms until `pred` holds for the drill's domain, or `timeout`.
+async fn wait_domain(
+    c: &Control,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&DomainStatus) -> bool,
+) -> Result<DomainStatus> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Some(d) = domain_of(c).await {
+            if pred(&d) {
+                return Ok(d);
+            }
+            last = Some(d);
         }
-        .domain_tables(),
-    )
+        if Instant::now() > deadline {
+            bail!(
+                "{what}: not seen within {timeout:?} at {}; last status: {}",
+                c.path().display(),
+                last.map_or_else(
+                    || "none (unreachable)".to_string(),
+                    |d| serde_json::to_string(&d).unwrap_or_default()
+                )
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Runs one local drill.
 ///
 /// # Errors
-/// A step that could not be carried out (QEMU does not start, the image is missing …).
-/// A drill that ran but found lost or inconsistent state is not an error: its report says
-/// `passed: false` and why.
+/// A step that could not be carried out (QEMU does not start, the image is missing, a
+/// daemon refuses to start …). A drill that ran but found lost or inconsistent state is not
+/// an error: its report says `passed: false` and why.
 pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     for p in [&o.kernel, &o.initrd] {
         if !p.exists() {
@@ -216,70 +243,96 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     }
     std::fs::create_dir_all(&o.work_dir)
         .with_context(|| format!("creating {}", o.work_dir.display()))?;
-    // The policy wants absolute paths (a daemon's working directory is not the caller's).
-    let mut o = o.clone();
-    o.kernel = std::path::absolute(&o.kernel)?;
-    o.initrd = std::path::absolute(&o.initrd)?;
-    o.work_dir = std::path::absolute(&o.work_dir)?;
-    let o = &o;
-    let key: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
-    std::fs::write(o.work_dir.join("psk"), &key)?;
-    // Owner-only, or remusd refuses the key.
-    std::fs::set_permissions(
-        o.work_dir.join("psk"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )?;
-    for f in ["primary.img", "replica.img"] {
-        std::fs::File::create(o.work_dir.join(f))?.set_len(64 << 20)?;
-    }
+    let work_dir = std::path::absolute(&o.work_dir)?;
     // Declared first so it is dropped last, after every VM and relay that uses it.
     let topo = tokio::task::spawn_blocking(Topology::create)
         .await?
         .context("building the drill's network")?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let cfg = Config::from_str(&policy(o, port, &topo), "drill policy")
-        .map_err(|e| anyhow::anyhow!("drill policy: {e}"))?;
-    let domain = cfg.domains[0].clone();
-    let psk = PreSharedKey::from_bytes(&key).context("drill key")?;
-
-    let bak_paths = DomainPaths::new(
-        &o.work_dir.join("bak/run"),
-        &o.work_dir.join("bak/state"),
-        "drill",
+    let addrs = loopback_addrs();
+    let cfg = PairConfig {
+        kernel: std::path::absolute(&o.kernel)?,
+        initrd: std::path::absolute(&o.initrd)?,
+        work_dir: work_dir.clone(),
+        interval: o.interval,
+        memory_mib: o.memory_mib,
+        accel: o.accel.clone(),
+        heartbeat_interval: Duration::from_millis(
+            remus_agent::config::DEFAULT_HEARTBEAT_INTERVAL_MS,
+        ),
+        heartbeat_timeout: Duration::from_millis(remus_agent::config::DEFAULT_HEARTBEAT_TIMEOUT_MS),
+        lease: LEASE,
+        addrs,
+        guest_cidr: topo.guest_cidr.clone(),
+        unsafe_no_output_buffering: o.unsafe_no_output_buffering,
+        vm_netns: Some((topo.primary.clone(), topo.backup.clone())),
+    };
+    files::write_all(&cfg)?;
+    let (pri_files, bak_files) = (
+        NodeFiles::of(&work_dir, Host::Pri),
+        NodeFiles::of(&work_dir, Host::Bak),
     );
-    let mut replica = ReplicaDomain::open(&domain, bak_paths.clone())?;
-    let psk_b = psk.clone();
-    let backup = tokio::spawn(async move {
-        let (sock, _) = listener.accept().await?;
-        let session =
-            accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(10)).await?;
-        let exit = replica.receive(session, ReceiveControls::default()).await;
-        let noticed = Instant::now();
-        anyhow::Ok((replica, exit, noticed))
-    });
 
-    let pri_paths = DomainPaths::new(
-        &o.work_dir.join("pri/run"),
-        &o.work_dir.join("pri/state"),
-        "drill",
-    );
-    let mut vm = RunningVm::start(
-        &domain,
-        pri_paths.clone(),
-        &topo.primary_netns(),
-        DiskCopy::Image,
-    )
-    .await?;
+    // The witness, as `remus-witness` runs it.
+    let key = HaKey::from_file(&files::psk_path(&work_dir)).context("the drill's key")?;
+    let witness = WitnessServer::bind(WitnessServerConfig::new(
+        (addrs.witness, WITNESS_PORT).into(),
+        key,
+        work_dir.join("witness-leases.json"),
+    ))
+    .await
+    .context("the drill's witness")?;
+    let (witness_stop, witness_stopped) = tokio::sync::oneshot::channel::<()>();
+    let witness = tokio::spawn(witness.run(async move {
+        let _ = witness_stopped.await;
+    }));
+
+    let load = |f: &NodeFiles| {
+        Config::load(&f.config).map_err(|e| anyhow::anyhow!("{}: {e}", f.config.display()))
+    };
+    let ready = Duration::from_secs(30);
+    let mut pri = InProcessDaemon::start(load(&pri_files)?, ready).await?;
+    let bak = InProcessDaemon::start(load(&bak_files)?, ready).await?;
+
+    let result = drill(o, &topo, &mut pri, &bak, &pri_files, &bak_files, &cfg).await;
+    drop(pri);
+    drop(bak);
+    let _ = witness_stop.send(());
+    let _ = witness.await;
+    result
+}
+
+async fn drill(
+    o: &DrillOptions,
+    topo: &Topology,
+    pri: &mut InProcessDaemon,
+    bak: &InProcessDaemon,
+    pri_files: &NodeFiles,
+    bak_files: &NodeFiles,
+    cfg: &PairConfig,
+) -> Result<DrillReport> {
+    match pri
+        .control()
+        .call(
+            &Request::Start {
+                domain: DOMAIN.into(),
+                older_copy: false,
+            },
+            Duration::from_secs(60),
+        )
+        .await
+        .context("remusctl start")?
+    {
+        Response::Done { .. } => {}
+        other => bail!("{} refused to start {DOMAIN}: {other:?}", pri.name()),
+    }
     guest::wait_for(
-        &pri_paths.console(),
+        &pri_files.console(),
         Duration::from_secs(90),
         "guest boot",
         |t| t.contains("counter="),
     )
     .await?;
-    // Before protection the buffer passes traffic straight through: the client must get
-    // replies now, or the network (not the failover) is broken.
+    // The client must get replies now, or the network (not the failover) is broken.
     let mut client = Client::start(topo.client_netns(), topo.guest_ip, net::SERVICE_PORT);
     if !client
         .wait_for(Duration::from_secs(30), |l| l.replies.len() >= 5)
@@ -287,56 +340,35 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     {
         let log = client.stop().await;
         bail!(
-            "the guest's counter service at {}:{} did not answer the client before \
-             protection ({} replies, breaks: {:?})",
+            "the guest's counter service at {}:{} did not answer the client ({} replies, breaks: {:?})",
             topo.guest_ip,
             net::SERVICE_PORT,
             log.replies.len(),
             log.breaks
         );
     }
+    let acked = |d: &DomainStatus| d.protection.as_ref().and_then(|p| p.last_acked);
+    let first = wait_domain(pri.control(), Duration::from_secs(120), "first ACK", |d| {
+        acked(d).is_some()
+    })
+    .await?;
     let protected_at = Instant::now();
-    let protection = protect(
-        &vm,
-        &ProtectOptions {
-            peer_addr: format!("127.0.0.1:{port}"),
-            psk,
-            identity: Identity {
-                node: "pri".into(),
-                peer_node: "bak".into(),
-                domain: "drill".into(),
-            },
-            ack_timeout: Duration::from_secs(5),
-            ack_wait_max: domain.ack_wait_max,
-            disk_sync: blk_remus::SyncMode::Full,
-        },
+    let target = acked(&first).unwrap_or(0) + o.checkpoints;
+    let s = wait_domain(
+        pri.control(),
+        Duration::from_secs(30 + o.checkpoints * 2),
+        &format!("{} acknowledged checkpoints", o.checkpoints),
+        |d| acked(d).is_some_and(|k| k >= target),
     )
     .await?;
-    let mut status = protection.handle.status.clone();
-    let target = o.checkpoints;
-    let reached = tokio::time::timeout(Duration::from_secs(30 + target * 2), async {
-        loop {
-            if status.borrow().last_acked.is_some_and(|k| k >= target) {
-                return true;
-            }
-            if status.changed().await.is_err() {
-                return false;
-            }
-        }
-    })
-    .await
-    .with_context(|| format!("{target} acknowledged checkpoints"))?;
-    if !reached {
-        let why = match protection.task.await {
-            Ok(Ok(exit)) => format!("{exit:?}"),
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
-        };
-        bail!("the primary loop ended before {target} checkpoints: {why}");
-    }
-    let s = status.borrow().clone();
+    let p = s
+        .protection
+        .clone()
+        .context("the primary's status has no protection")?;
+    let last_acked = acked(&s).unwrap_or(0);
 
-    // The failure: the primary's QEMU dies at a random point of the epoch cycle.
+    // The failure: the primary's host is lost at a random point of the epoch cycle, its
+    // network with it (nothing it might still release can reach the client).
     let seed = o.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -344,34 +376,52 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     });
     let kill_after = Duration::from_millis(seed % (o.interval.as_millis() as u64 + 1));
     tokio::time::sleep(kill_after).await;
-    // The primary host is lost: its network goes with its QEMU (nothing the agent might
-    // still release after the kill can reach the client, as on a real host failure).
     let killed_at = Instant::now();
-    let cut = tokio::process::Command::new("ip")
-        .args(["-n", &topo.primary, "link", "set", "uplink", "down"])
-        .status();
-    vm.qemu.kill()?;
-    let cut = cut.await?;
-    if !cut.success() {
-        bail!("cutting the primary's uplink in {}: {cut}", topo.primary);
-    }
-    let _ = protection.task.await;
-    let primary_counters = guest::counters(&pri_paths.console());
-    let (replica, _exit, noticed) = backup.await??;
-    let detection = noticed.saturating_duration_since(killed_at);
+    topo.cut_uplink(Host::Pri)?;
+    pri.crash()?;
+    let primary_counters = guest::counters(&pri_files.console());
 
-    let committed = match replica.replica().state() {
-        ReplicaState::Committed(k) => k,
-        other => bail!("the replica holds no committed checkpoint ({other})"),
-    };
-    let disk_value =
-        guest::disk_log_last(&domain.disks[0].replica, LOG_SLOTS)?.map_or(0, |(_, v)| v);
-    let activation_at = Instant::now();
-    let (mut activated, epoch) = replica.activate(&topo.backup_netns()).await?;
-    activated.resume_activated().await?;
+    // The replica once the backup's session has ended (its last commit applied) and before
+    // it activates: the committed disk record.
+    let ended = wait_domain(
+        bak.control(),
+        Duration::from_secs(10),
+        "the backup's receiving session ended",
+        |d| {
+            d.replica.as_ref().is_none_or(|r| {
+                r.receiving.is_none() && !matches!(r.replica, ReplicaState::Applying(_))
+            })
+        },
+    )
+    .await?;
+    let disk_value = guest::disk_log_last(&bak_files.replica, LOG_SLOTS)?.map_or(0, |(_, v)| v);
+    let disk_read_ms = remus_ha::auth::unix_millis();
+    let committed = ended.committed_epoch;
+
+    let running = wait_domain(
+        bak.control(),
+        Duration::from_secs(45),
+        "the backup's VM running",
+        |d| d.vm.is_some_and(|v| v.running) && !d.failovers.is_empty(),
+    )
+    .await?;
     let recovery = killed_at.elapsed();
+    let record: FailoverRecord = running
+        .failovers
+        .last()
+        .cloned()
+        .context("no failover record")?;
+    let activation_at = instant_of_unix_ms(record.declared_at_ms + record.fencing_ms);
+    let mut not_judged = Vec::new();
+    if disk_read_ms > record.declared_at_ms {
+        not_judged.push(format!(
+            "continuity: the replica was read {} ms after the failover was declared, so it may hold the activated guest's writes",
+            disk_read_ms - record.declared_at_ms
+        ));
+    }
+    let epoch = record.from_epoch;
     guest::wait_for(
-        &bak_paths.console(),
+        &bak_files.console(),
         Duration::from_secs(30),
         "activated guest output",
         |t| t.contains("counter="),
@@ -379,7 +429,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     .await?;
     let first_output = killed_at.elapsed();
     guest::wait_for(
-        &bak_paths.console(),
+        &bak_files.console(),
         Duration::from_secs(30),
         "two check lines",
         |t| t.lines().filter(|l| l.starts_with("check ")).count() >= 2,
@@ -395,7 +445,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         })
         .await;
     let _ = guest::wait_for(
-        &bak_paths.console(),
+        &bak_files.console(),
         Duration::from_secs(10),
         "the counter past the client's last value",
         |t| {
@@ -407,10 +457,9 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
     )
     .await;
     let client_log = client.stop().await;
-    let after = guest::counters(&bak_paths.console());
-    let checks = guest::checks(&bak_paths.console());
-    let console = std::fs::read_to_string(bak_paths.console()).unwrap_or_default();
-    let _ = activated.qemu.kill();
+    let after = guest::counters(&bak_files.console());
+    let checks = guest::checks(&bak_files.console());
+    let console = std::fs::read_to_string(bak_files.console()).unwrap_or_default();
 
     // Replies the activated guest produced: received after activation, and not older than
     // the committed checkpoint. (A reply the primary released just before it died can reach a
@@ -450,23 +499,32 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         && client.values_increasing
         && client.replies_before_failover > 0
         && client.replies_after_failover > 0;
+    if committed.is_some_and(|c| c != epoch) {
+        not_judged.push(format!(
+            "the backup activated checkpoint {epoch}, but its replica had {committed:?} committed when its session ended"
+        ));
+    }
     Ok(DrillReport {
         passed: continuity
             && resumed_not_rebooted
             && disk_agrees_with_memory
-            && epoch == committed
-            && clients_kept,
-        checkpoints: s.last_acked.unwrap_or(0),
-        pause_p50_us: s.summary.pause.p50_us,
-        pause_p99_us: s.summary.pause.p99_us,
-        output_held_p50_us: s.summary.output_commit_delay.p50_us,
-        precopy_pages: s.precopy_pages.clone(),
-        tracker: s.tracker.clone(),
+            && epoch >= last_acked
+            && clients_kept
+            && not_judged.is_empty(),
+        checkpoints: last_acked,
+        pause_p50_us: p.summary.pause.p50_us,
+        pause_p99_us: p.summary.pause.p99_us,
+        output_held_p50_us: p.summary.output_commit_delay.p50_us,
+        precopy_pages: p.precopy_pages.clone(),
+        tracker: p.tracker.clone(),
         memory_mib: o.memory_mib,
         memory_scan_floor_us: remus_tracker::compare::read_floor(o.memory_mib << 20).as_micros()
             as u64,
         kill_after_ack_ms: kill_after.as_millis() as u64,
-        detection_ms: detection.as_millis() as u64,
+        detection_ms: record.detection_ms,
+        fencing_ms: record.fencing_ms,
+        activation_ms: record.activation_ms,
+        fence_proof: record.fence_proof.clone(),
         recovery_ms: recovery.as_millis() as u64,
         first_output_ms: first_output.as_millis() as u64,
         activated_epoch: epoch,
@@ -477,9 +535,10 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         continuity,
         resumed_not_rebooted,
         disk_agrees_with_memory,
-        output_buffering: domain.netbuf.output_buffering,
+        output_buffering: !cfg.unsafe_no_output_buffering,
         client,
         clients_kept,
+        not_judged,
         not_covered: NOT_COVERED.to_vec(),
     })
 }
@@ -521,13 +580,13 @@ impl DrillReport {
         );
         let _ = writeln!(
             s,
-            "  failure injected           {} ms after the last ACK (QEMU SIGKILL)",
+            "  failure injected           {} ms after the last ACK (uplink cut, daemon and QEMU gone)",
             self.kill_after_ack_ms
         );
         let _ = writeln!(
             s,
-            "  detection                  {} ms (replication connection closed)",
-            self.detection_ms
+            "  detection / fencing / activation  {} / {} / {} ms (heartbeats; proof: {})",
+            self.detection_ms, self.fencing_ms, self.activation_ms, self.fence_proof
         );
         let _ = writeln!(s, "  recovery (kill -> running) {} ms", self.recovery_ms);
         let _ = writeln!(
@@ -602,6 +661,9 @@ impl DrillReport {
         }
         let _ = writeln!(s, "  reply values increasing    {}", v(c.values_increasing));
         let _ = writeln!(s, "  clients kept               {}", v(self.clients_kept));
+        for n in &self.not_judged {
+            let _ = writeln!(s, "  NOT JUDGED                 {n}");
+        }
         let _ = writeln!(s, "  not covered by this drill yet:");
         for n in &self.not_covered {
             let _ = writeln!(s, "    - {n}");

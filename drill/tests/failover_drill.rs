@@ -1,12 +1,14 @@
-//! The local failover drill, end to end: a real QEMU (TCG) guest protected for ≥ 30
-//! checkpoints, its QEMU killed at a random point of the epoch cycle, the backup activated
-//! from its replica.
+//! The local failover drill, end to end: two daemons' supervisors (`remusd`'s own code, in
+//! this process) protect a real QEMU (TCG) guest for ≥ 30 checkpoints; the primary's host is
+//! lost at a random point of the epoch cycle (uplink cut, daemon runtime dropped, QEMU
+//! killed); the backup detects it by heartbeats, takes the witness lease and activates.
 //!
 //! Everything is real: QEMU from Debian, the guest built by `tests/images/build-guest.sh`,
 //! its disk served over NBD by blk-remus and replicated per epoch, checkpoints over the
-//! encrypted peer channel on loopback, the replica applied by the engine's backup. The drill
-//! (`remus_drill::local`) computes its verdicts from the guest's console and the replica
-//! disk; this test checks them and the figures they come from.
+//! encrypted peer channel on loopback, heartbeats, a witness server, the replica applied by
+//! the engine's backup. The drill (`remus_drill::local`) computes its verdicts from the
+//! guest's console, the replica disk and the daemons' status; this test checks them and the
+//! figures they come from.
 //!
 //! The guest also serves its counter over TCP on a NIC behind the relay egress buffer, in
 //! network namespaces the drill builds (switch, primary host, backup host, client); a client
@@ -79,6 +81,18 @@ async fn guest_continues_from_the_last_committed_checkpoint() -> Result<()> {
         "resumed beyond anything the primary ever reached"
     );
     ensure!(report.continuity && report.resumed_not_rebooted && report.disk_agrees_with_memory);
+    ensure!(
+        report.not_judged.is_empty(),
+        "not judged: {:?}",
+        report.not_judged
+    );
+    // The daemon's own failover path ran: heartbeat detection, then the witness lease.
+    ensure!(
+        report.fence_proof == "lease",
+        "fenced by {:?}, not by the witness lease",
+        report.fence_proof
+    );
+    ensure!(report.detection_ms > 0, "no detection time recorded");
     // The network client, across the failover.
     let c = &report.client;
     ensure!(report.output_buffering);

@@ -77,6 +77,10 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// Runtime files: QMP/NBD sockets, guest RAM files.
     pub run_dir: PathBuf,
+    /// The network namespace (a name under `/run/netns`) where the domains' NICs get their
+    /// taps and find their bridges; `None`: remusd's own. Keeps VM networking apart from
+    /// the host's, and lets two nodes share one kernel in the drill.
+    pub vm_netns: Option<String>,
 }
 
 /// `[peer]`: the other host.
@@ -504,6 +508,19 @@ impl Config {
                 }
                 Err(e) => problem(format!("auth.psk_file {}: {e}", key_file.display())),
             },
+        }
+        let netns_path = self
+            .node
+            .vm_netns
+            .as_ref()
+            .map(|ns| (ns, Path::new("/run/netns").join(ns)));
+        if let Some((ns, path)) = &netns_path {
+            if !path.exists() {
+                problem(format!(
+                    "node.vm_netns: network namespace {ns} does not exist ({} is missing; create it with `ip netns add {ns}`)",
+                    path.display()
+                ));
+            }
         }
         for d in &self.domains {
             if let Boot::Kernel { kernel, initrd, .. } = &d.qemu.boot {

@@ -23,6 +23,7 @@ pub(crate) struct RawNode {
     pub control_socket: Option<S<String>>,
     pub state_dir: Option<S<String>>,
     pub run_dir: Option<S<String>>,
+    pub vm_netns: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

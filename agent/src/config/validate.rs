@@ -451,7 +451,16 @@ fn node(cx: &mut Ctx<'_>, n: &Spanned<RawNode>) -> Option<NodeConfig> {
     );
     let state_dir = cx.opt_abs_path(&r.state_dir, "node.state_dir", "/var/lib/remus");
     let run_dir = cx.opt_abs_path(&r.run_dir, "node.run_dir", "/run/remus");
-    if !name_ok {
+    let vm_netns_ok = r.vm_netns.as_ref().is_none_or(|v| {
+        cx.name(
+            v,
+            "node.vm_netns",
+            63,
+            node_chars,
+            "letters, digits, '-', '_', '.' (a name under /run/netns)",
+        )
+    });
+    if !name_ok || !vm_netns_ok {
         return None;
     }
     Some(NodeConfig {
@@ -460,6 +469,7 @@ fn node(cx: &mut Ctx<'_>, n: &Spanned<RawNode>) -> Option<NodeConfig> {
         control_socket,
         state_dir,
         run_dir,
+        vm_netns: r.vm_netns.as_ref().map(|v| v.get_ref().clone()),
     })
 }
 

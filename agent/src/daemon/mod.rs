@@ -68,6 +68,26 @@ pub struct Shared {
 /// A host-wide service could not start (key, heartbeat sockets, witness socket, replication
 /// listener, control socket). Failures of one domain are handled by its supervisor.
 pub async fn run(config: Config) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    serve(config, async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        }
+    })
+    .await
+}
+
+/// Runs the daemon until `shutdown` completes, then tears every domain down in order.
+///
+/// [`run`] is this with the signals; the one-process drill runs two of these, one per
+/// node, each on a runtime of its own (dropping that runtime is its "host loss"). Nothing
+/// here is process-wide except the QEMU launcher thread, which serves both alike.
+///
+/// # Errors
+/// As [`run`].
+pub async fn serve(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let AuthConfig::Psk { key_file } = &config.auth;
     // The mode check (owner-only) is the same one remus-witness and `config check` apply.
     let key = remus_ha::auth::read_key_file(key_file).context("the pre-shared key")?;
@@ -97,9 +117,13 @@ pub async fn run(config: Config) -> Result<()> {
     hb.timeout = config.heartbeat.timeout;
     let ha = HaRuntime::start().context("starting the heartbeat thread")?;
     let detector = {
-        let _in_ha = ha.handle.enter();
-        ha.handle
-            .spawn(Detector::start(hb))
+        // Not held across the await: the guard is not `Send`, and `serve` must be (the
+        // one-process drill spawns it).
+        let started = {
+            let _in_ha = ha.handle.enter();
+            ha.handle.spawn(Detector::start(hb))
+        };
+        started
             .await
             .context("heartbeat thread")?
             .context("starting the heartbeat detector")?
@@ -206,11 +230,8 @@ pub async fn run(config: Config) -> Result<()> {
         .collect();
     let watchdog = watchdog_pings(stop_rx.clone(), progress);
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        () = shutdown => {}
         r = control => {
             match r {
                 Ok(Ok(())) => warn!("control socket closed"),

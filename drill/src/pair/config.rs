@@ -51,6 +51,9 @@ pub struct PairConfig {
     pub guest_cidr: String,
     /// UNSAFE: output released at once.
     pub unsafe_no_output_buffering: bool,
+    /// Each node's `[node] vm_netns`, pri's then bak's (the one-process drill: both daemons
+    /// share the drill's namespace, their VMs' NICs live in their hosts' namespaces).
+    pub vm_netns: Option<(String, String)>,
 }
 
 /// Where one node's files are.
@@ -121,7 +124,7 @@ listen = "{my_ip}:{rport}"
 control_socket = "{control}"
 run_dir = "{run}"
 state_dir = "{state}"
-
+{vm_netns}
 [peer]
 name = "{peer}"
 address = "{peer_ip}:{rport}"
@@ -158,6 +161,13 @@ mode = "witness"
         control = me.control_socket.display(),
         run = me.run_dir.display(),
         state = me.state_dir.display(),
+        vm_netns = c
+            .vm_netns
+            .as_ref()
+            .map_or_else(String::new, |(p, b)| format!(
+                "vm_netns = \"{}\"\n",
+                if host == Host::Pri { p } else { b }
+            )),
         hb_int = c.heartbeat_interval.as_millis(),
         hb_to = c.heartbeat_timeout.as_millis(),
         psk = psk_path(&c.work_dir).display(),
@@ -238,6 +248,7 @@ mod tests {
             },
             guest_cidr: "10.77.1.10/24".into(),
             unsafe_no_output_buffering: false,
+            vm_netns: None,
         }
     }
 
@@ -275,5 +286,19 @@ mod tests {
             Duration::from_millis(remus_agent::config::DEFAULT_HEARTBEAT_TIMEOUT_MS)
         );
         assert!(pri.warnings.is_empty(), "{:?}", pri.warnings);
+        assert_eq!(pri.node.vm_netns, None);
+    }
+
+    /// The one-process drill's configurations put each node's VM NICs in its own host's
+    /// namespace.
+    #[test]
+    fn vm_netns_per_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.vm_netns = Some(("p-pri".into(), "p-bak".into()));
+        let pri = Config::from_str(&node_toml(&c, Host::Pri), "pri").unwrap();
+        let bak = Config::from_str(&node_toml(&c, Host::Bak), "bak").unwrap();
+        assert_eq!(pri.node.vm_netns.as_deref(), Some("p-pri"));
+        assert_eq!(bak.node.vm_netns.as_deref(), Some("p-bak"));
     }
 }

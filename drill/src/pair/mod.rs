@@ -240,6 +240,7 @@ impl PairDrill {
             addrs,
             guest_cidr: topo.guest_cidr.clone(),
             unsafe_no_output_buffering: opts.unsafe_no_output_buffering,
+            vm_netns: None,
         };
         config::write_all(&cfg)?;
         let node = |host: Host| {

@@ -193,7 +193,7 @@ impl Supervisor {
         // Activation is one long step: say where it is as it goes.
         self.publish();
         test_hold("activating").await;
-        let netns = Netns::current();
+        let netns = self.vm_netns();
         let (vm, from) = match rd.activate(&netns).await {
             Ok(x) => x,
             Err(e) => {

@@ -108,8 +108,7 @@ impl Supervisor {
         self.record_at_witness(stamp);
         self.runtime = Runtime::Idle;
         self.apply(Event::StartUnprotected, "operator: start");
-        let vm = match RunningVm::start(&self.d, self.paths.clone(), &Netns::current(), copy).await
-        {
+        let vm = match RunningVm::start(&self.d, self.paths.clone(), &self.vm_netns(), copy).await {
             Ok(vm) => vm,
             Err(e) => {
                 self.apply(Event::Stop, "start failed");

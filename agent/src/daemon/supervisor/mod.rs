@@ -372,6 +372,16 @@ struct Supervisor {
 }
 
 impl Supervisor {
+    /// Where this node's VMs get their NICs (`[node] vm_netns`, else remusd's own).
+    fn vm_netns(&self) -> Netns {
+        self.shared
+            .config
+            .node
+            .vm_netns
+            .as_deref()
+            .map_or_else(Netns::current, Netns::named)
+    }
+
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
