@@ -83,6 +83,10 @@ pub enum Request {
         /// The domain.
         domain: String,
     },
+    /// Re-read the daemon's configuration file and apply what can change without
+    /// restarting a VM; anything else refuses the whole reload, naming file and line, and
+    /// the running policy stays (see `config::reload`).
+    Reload,
 }
 
 /// What `remusd` answers.

@@ -1,4 +1,4 @@
-//! `remusctl status|start|switchover|failover|test-activate` as an operator runs them: the
+//! `remusctl status|start|switchover|failover|test-activate|reload` as an operator runs them: the
 //! real binary against the real control server (with a stub daemon behind it).
 
 mod control_support;
@@ -219,6 +219,13 @@ fn commands_exit_codes_and_messages() {
                 domain: "db".into(),
             },
         ),
+        (
+            &["reload"],
+            1,
+            "",
+            "remusctl reload: reload of /etc/remus/remus.toml refused, the running policy stays:\n/etc/remus/remus.toml:12:1: error: [heartbeat] changed: not applied live\n",
+            Request::Reload,
+        ),
     ];
     for (i, (args, code, stdout, stderr, request)) in cases.iter().enumerate() {
         let mut all = args.to_vec();
@@ -368,4 +375,25 @@ fn socket_from_the_configuration() {
         "{err}"
     );
     assert!(err.contains("pass --socket"), "{err}");
+
+    // `reload` still finds the socket in a file the daemon is about to refuse (it names the
+    // problems with their lines), as long as the file is TOML with [node] control_socket.
+    let broken = d.dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        format!(
+            "[node]\nname = 3\ncontrol_socket = \"{}\"\n",
+            d.path.display()
+        ),
+    )
+    .unwrap();
+    let before = d.commands().len();
+    let out = remusctl(&["reload", "--config", s(&broken)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("[heartbeat] changed"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(d.commands().get(before), Some(&Request::Reload));
 }

@@ -41,13 +41,17 @@ pub struct InProcessDaemon {
 }
 
 impl InProcessDaemon {
-    /// Starts `config`'s daemon and waits (up to `ready_within`) until its control socket
-    /// answers a status request.
+    /// Starts `config`'s daemon (read from `path`, which `reload` re-reads) and waits (up
+    /// to `ready_within`) until its control socket answers a status request.
     ///
     /// # Errors
     /// The runtime or thread could not be made; the daemon ended during start-up (its
     /// error is returned); the socket did not answer in time.
-    pub async fn start(config: Config, ready_within: Duration) -> Result<Self> {
+    pub async fn start(
+        config: Config,
+        path: Option<std::path::PathBuf>,
+        ready_within: Duration,
+    ) -> Result<Self> {
         let name = config.node.name.clone();
         let control = Control::new(&config.node.control_socket);
         let (stop_tx, stop_rx) = oneshot::channel::<Stop>();
@@ -55,7 +59,7 @@ impl InProcessDaemon {
             .name(format!("remusd-{name}"))
             .spawn({
                 let name = name.clone();
-                move || run_daemon(&name, config, stop_rx)
+                move || run_daemon(&name, config, path, stop_rx)
             })
             .with_context(|| format!("in-process remusd {name}: spawning its thread"))?;
         let mut me = Self {
@@ -142,7 +146,12 @@ impl Drop for InProcessDaemon {
 }
 
 /// The daemon's thread: its runtime, `serve`, and the end `stop` asks for.
-fn run_daemon(name: &str, config: Config, stop: oneshot::Receiver<Stop>) -> Result<()> {
+fn run_daemon(
+    name: &str,
+    config: Config,
+    path: Option<std::path::PathBuf>,
+    stop: oneshot::Receiver<Stop>,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(format!("remusd-{name}"))
@@ -153,7 +162,7 @@ fn run_daemon(name: &str, config: Config, stop: oneshot::Receiver<Stop>) -> Resu
     // which a crash must not run.
     let (graceful_tx, graceful_rx) = oneshot::channel::<()>();
     let mut graceful = Some(graceful_tx);
-    let mut task = rt.spawn(remus_agent::daemon::serve(config, async move {
+    let mut task = rt.spawn(remus_agent::daemon::serve(config, path, async move {
         let _ = graceful_rx.await;
     }));
     let ended = rt.block_on(async {

@@ -290,8 +290,10 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         Config::load(&f.config).map_err(|e| anyhow::anyhow!("{}: {e}", f.config.display()))
     };
     let ready = Duration::from_secs(30);
-    let mut pri = InProcessDaemon::start(load(&pri_files)?, ready).await?;
-    let bak = InProcessDaemon::start(load(&bak_files)?, ready).await?;
+    let mut pri =
+        InProcessDaemon::start(load(&pri_files)?, Some(pri_files.config.clone()), ready).await?;
+    let bak =
+        InProcessDaemon::start(load(&bak_files)?, Some(bak_files.config.clone()), ready).await?;
 
     let result = drill(o, &topo, &mut pri, &bak, &pri_files, &bak_files, &cfg).await;
     drop(pri);

@@ -120,7 +120,28 @@ pub struct PrimaryConfig {
     pub max_in_flight: usize,
 }
 
+/// What a policy reload may change while the loop runs: the period and the ACK deadlines.
+/// Taken at the next epoch boundary (see [`PrimaryHandle::retune`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// See [`PrimaryConfig::interval`].
+    pub interval: Duration,
+    /// See [`PrimaryConfig::ack_timeout`].
+    pub ack_timeout: Duration,
+    /// See [`PrimaryConfig::ack_wait_max`].
+    pub ack_wait_max: Duration,
+}
+
 impl PrimaryConfig {
+    /// The part of this configuration a reload may change.
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            interval: self.interval,
+            ack_timeout: self.ack_timeout,
+            ack_wait_max: self.ack_wait_max,
+        }
+    }
+
     /// Defaults for a domain: 200 ms epochs, XOR+LZ4, up to 5 pre-copy rounds.
     pub fn new(domain: &str) -> Self {
         Self {
@@ -502,6 +523,8 @@ pub struct Primary {
     shutdown: watch::Receiver<bool>,
     /// Turns `true` when the caller asks for a planned switchover (see [`PrimaryHandle::hand_off`]).
     handoff: watch::Receiver<bool>,
+    /// New period and deadlines from a policy reload, taken at the next epoch boundary.
+    tuning: watch::Receiver<Tuning>,
     in_flight: VecDeque<InFlight>,
     window: EpochWindow,
     last_acked: Option<u64>,
@@ -517,9 +540,21 @@ pub struct PrimaryHandle {
     pub shutdown: watch::Sender<bool>,
     /// Send `true` (or call [`hand_off`](Self::hand_off)) for a planned switchover.
     pub handoff: watch::Sender<bool>,
+    /// See [`retune`](Self::retune).
+    pub tuning: watch::Sender<Tuning>,
 }
 
 impl PrimaryHandle {
+    /// A policy reload: the loop takes the new period and ACK deadlines at its next epoch
+    /// boundary (the epoch in progress keeps the ones it started with).
+    pub fn retune(&self, t: Tuning) {
+        self.tuning.send_if_modified(|cur| {
+            let changed = *cur != t;
+            *cur = t;
+            changed
+        });
+    }
+
     /// Asks for a planned switchover. At the next epoch boundary the loop takes a final
     /// checkpoint and leaves the VM stopped, waits (up to `ack_timeout`) for the
     /// acknowledgement of it and of everything in flight, releases all held output, sends
@@ -578,6 +613,7 @@ impl Primary {
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let (handoff_tx, handoff_rx) = watch::channel(false);
+        let (tuning_tx, tuning_rx) = watch::channel(cfg.tuning());
         let capture = cfg.compression.capture();
         let mut shadow = vec![0u8; len];
         // Fault every page in now: a first write into fresh zero pages inside the stop
@@ -606,6 +642,7 @@ impl Primary {
             status: status_tx,
             shutdown: stop_rx,
             handoff: handoff_rx,
+            tuning: tuning_rx,
             in_flight: VecDeque::new(),
             window: EpochWindow::default(),
             last_acked: None,
@@ -619,6 +656,7 @@ impl Primary {
                 status: status_rx,
                 shutdown: stop_tx,
                 handoff: handoff_tx,
+                tuning: tuning_tx,
             },
         ))
     }
@@ -669,6 +707,7 @@ impl Primary {
         }
         let mut epoch = FIRST_EPOCH;
         loop {
+            self.take_tuning();
             let started = Instant::now();
             let ack_wait = match self.make_room(epoch).await {
                 Ok(Some(w)) => w,
@@ -777,6 +816,24 @@ impl Primary {
             .into());
         }
         Ok(())
+    }
+
+    /// Takes a reload's new period and deadlines, if any came (at an epoch boundary).
+    fn take_tuning(&mut self) {
+        if !self.tuning.has_changed().unwrap_or(false) {
+            return;
+        }
+        let t = *self.tuning.borrow_and_update();
+        info!(
+            domain = %self.cfg.domain,
+            interval_ms = t.interval.as_millis() as u64,
+            ack_timeout_ms = t.ack_timeout.as_millis() as u64,
+            ack_wait_max_ms = t.ack_wait_max.as_millis() as u64,
+            "policy reload: new period and ACK deadlines from this epoch on"
+        );
+        self.cfg.interval = t.interval;
+        self.cfg.ack_timeout = t.ack_timeout;
+        self.cfg.ack_wait_max = t.ack_wait_max;
     }
 
     /// When the ACK of the checkpoint that resumed the VM at `resumed_at` is overdue now.

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(remus_agent::daemon::run(config)) {
+    match runtime.block_on(remus_agent::daemon::run(config, args.config.clone())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("remusd: {e:#}");

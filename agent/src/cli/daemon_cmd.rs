@@ -1,5 +1,5 @@
-//! `remusctl start|switchover|failover|test-activate DOMAIN`: commands carried out by the
-//! running `remusd`, sent over its control socket.
+//! `remusctl start|switchover|failover|test-activate DOMAIN` and `remusctl reload`:
+//! commands carried out by the running `remusd`, sent over its control socket.
 //!
 //! Also holds what every daemon-talking command shares ([`DaemonArgs`]: which socket,
 //! from `--socket`, the configuration's `[node] control_socket`, or the default).
@@ -56,6 +56,31 @@ impl DaemonArgs {
     }
 }
 
+impl DaemonArgs {
+    /// The socket for `reload`, whose configuration file may well be the broken one the
+    /// daemon is about to refuse (and explain, with lines): `--socket`; else the file's
+    /// `[node] control_socket` if it can be read as TOML at all; else the default socket.
+    pub fn socket_path_lenient(&self) -> PathBuf {
+        if let Ok(p) = self.socket_path() {
+            return p;
+        }
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| {
+                t.get("node")?
+                    .get("control_socket")?
+                    .as_str()
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET))
+    }
+}
+
 /// Why [`DaemonArgs::socket_path`] cannot tell which socket to connect to.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketPathError {
@@ -99,6 +124,30 @@ pub struct DomainCmd {
     pub timeout: u64,
     #[command(flatten)]
     pub daemon: DaemonArgs,
+}
+
+/// `remusctl reload`.
+#[derive(Debug, Args)]
+pub struct ReloadCmd {
+    /// Seconds to wait for the daemon to apply the policy.
+    #[arg(long, value_name = "SECONDS", default_value_t = ControlClient::COMMAND_TIMEOUT.as_secs())]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+impl ReloadCmd {
+    /// Asks the daemon to re-read its own configuration file (the one it was started with,
+    /// not `--config`, which only says where the socket is).
+    pub fn run(self) -> ExitCode {
+        let socket = self.daemon.socket_path_lenient();
+        exchange(
+            "reload",
+            &socket,
+            Request::Reload,
+            Duration::from_secs(self.timeout),
+        )
+    }
 }
 
 /// `remusctl start DOMAIN`.
@@ -200,28 +249,33 @@ impl DomainCmd {
             }
         };
         let timeout = Duration::from_secs(self.timeout);
-        let request = action.request(self.domain);
-        let answer = block_on(name, async {
-            let mut client = ControlClient::connect(&socket).await?;
-            client.request_with_timeout(request, timeout).await
-        });
-        match answer {
-            Err(code) => code,
-            Ok(Response::Done { message }) => {
-                println!("{message}");
-                ExitCode::from(EXIT_OK)
-            }
-            Ok(Response::Error { message }) => {
-                eprintln!("remusctl {name}: {message}");
-                ExitCode::from(EXIT_PROBLEMS)
-            }
-            Ok(Response::Status(_)) => {
-                eprintln!(
-                    "remusctl {name}: remusd on {} answered with a status instead of a result",
-                    socket.display()
-                );
-                ExitCode::from(EXIT_PROBLEMS)
-            }
+        exchange(name, &socket, action.request(self.domain), timeout)
+    }
+}
+
+/// Sends `request` to the daemon at `socket` and reports its answer: the message on stdout
+/// and exit 0 when done, on stderr and exit 1 when refused or unreachable.
+fn exchange(name: &str, socket: &std::path::Path, request: Request, timeout: Duration) -> ExitCode {
+    let answer = block_on(name, async {
+        let mut client = ControlClient::connect(socket).await?;
+        client.request_with_timeout(request, timeout).await
+    });
+    match answer {
+        Err(code) => code,
+        Ok(Response::Done { message }) => {
+            println!("{message}");
+            ExitCode::from(EXIT_OK)
+        }
+        Ok(Response::Error { message }) => {
+            eprintln!("remusctl {name}: {message}");
+            ExitCode::from(EXIT_PROBLEMS)
+        }
+        Ok(Response::Status(_)) => {
+            eprintln!(
+                "remusctl {name}: remusd on {} answered with a status instead of a result",
+                socket.display()
+            );
+            ExitCode::from(EXIT_PROBLEMS)
         }
     }
 }

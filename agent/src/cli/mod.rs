@@ -79,6 +79,10 @@ pub enum Group {
     /// Boot a throwaway, network-isolated copy of a domain's replica to prove it can run
     /// (asked of the backup; nothing else is touched).
     TestActivate(daemon_cmd::DomainCmd),
+    /// Re-read the daemon's policy file and apply what changes without restarting a VM
+    /// (intervals, ACK deadlines, failover mode, new and removed domains); anything else
+    /// refuses the whole reload with file and line, and the running policy stays.
+    Reload(daemon_cmd::ReloadCmd),
 }
 
 /// Parses the process arguments and runs the command.
@@ -116,6 +120,7 @@ where
         Group::Switchover(cmd) => cmd.run(daemon_cmd::Action::Switchover),
         Group::Failover(cmd) => cmd.run(),
         Group::TestActivate(cmd) => cmd.run(daemon_cmd::Action::TestActivate),
+        Group::Reload(cmd) => cmd.run(),
     }
 }
 

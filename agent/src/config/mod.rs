@@ -20,6 +20,7 @@ mod diag;
 pub mod pause_estimate;
 pub mod qemu_args;
 mod raw;
+pub mod reload;
 mod validate;
 
 use std::fmt;

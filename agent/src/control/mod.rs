@@ -134,6 +134,7 @@ pub fn describe(request: &crate::api::Request) -> String {
         Request::Switchover { domain } => format!("switchover {domain}"),
         Request::Failover { domain } => format!("failover {domain}"),
         Request::TestActivate { domain } => format!("test-activate {domain}"),
+        Request::Reload => "reload".to_string(),
     }
 }
 

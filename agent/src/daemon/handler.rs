@@ -15,22 +15,25 @@ use remus_ha::heartbeat::{Detector, DomainView, PeerLiveness as HbLiveness};
 use super::advert::DomainAdvert;
 use tokio::sync::oneshot;
 
-use super::supervisor::SupervisorHandle;
+use super::domains::Domains;
+use super::reload::Reloader;
 use super::Shared;
 use crate::api::{ControlHandler, DaemonStatus, PeerLiveness, Request, Response, CONTROL_VERSION};
 
 /// The daemon's [`ControlHandler`].
 pub struct DaemonHandler {
     shared: Arc<Shared>,
-    supervisors: Vec<SupervisorHandle>,
+    supervisors: Domains,
+    reloader: Arc<Reloader>,
 }
 
 impl DaemonHandler {
-    /// A handler over the domains' supervisors.
-    pub fn new(shared: Arc<Shared>, supervisors: Vec<SupervisorHandle>) -> Self {
+    /// A handler over the domains' supervisors; `reload` requests go to `reloader`.
+    pub fn new(shared: Arc<Shared>, supervisors: Domains, reloader: Arc<Reloader>) -> Self {
         Self {
             shared,
             supervisors,
+            reloader,
         }
     }
 
@@ -94,6 +97,7 @@ impl ControlHandler for DaemonHandler {
             uptime_s: self.shared.started.elapsed().as_secs(),
             domains: self
                 .supervisors
+                .handles()
                 .iter()
                 .map(|s| s.status.borrow().clone())
                 .collect(),
@@ -108,21 +112,25 @@ impl ControlHandler for DaemonHandler {
                     message: "status is not a command".into(),
                 }
             }
+            Request::Reload => {
+                return match self.reloader.reload().await {
+                    Ok(message) => Response::Done { message },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
             Request::Start { domain, .. }
             | Request::Switchover { domain }
             | Request::Failover { domain }
             | Request::TestActivate { domain } => domain.clone(),
         };
-        let Some(s) = self.supervisors.iter().find(|s| s.name == domain) else {
+        let Some(s) = self.supervisors.get(&domain) else {
             return Response::Error {
                 message: format!(
                     "no domain {domain:?} on node {} (configured: {})",
                     self.shared.config.node.name,
-                    self.supervisors
-                        .iter()
-                        .map(|s| s.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    self.supervisors.names().join(", ")
                 ),
             };
         };
@@ -150,6 +158,7 @@ pub async fn advertise(handler: Arc<DaemonHandler>, detector: Detector) {
     loop {
         let view: Vec<DomainView> = handler
             .supervisors
+            .handles()
             .iter()
             .map(|s| {
                 let st = s.status.borrow();

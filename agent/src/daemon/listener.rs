@@ -12,18 +12,18 @@
 //! always but logged at most once per period ([`remus_ha::lograte`]). The real peer opens one
 //! connection per domain and finishes its handshake in a few round trips.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use remus_engine::session::{accept_backup, BackupSession};
+use remus_engine::session::accept_backup;
 use remus_ha::lograte::LogLimit;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::{info, warn, Instrument};
 
+use super::domains::Domains;
 use super::Shared;
 
 /// Time a connecting peer has to complete the handshake: a few round trips even on a slow
@@ -73,7 +73,7 @@ impl ListenerCounters {
 pub struct Listener {
     socket: TcpListener,
     shared: Arc<Shared>,
-    routes: HashMap<String, mpsc::Sender<BackupSession>>,
+    domains: Domains,
 }
 
 impl Listener {
@@ -84,21 +84,19 @@ impl Listener {
     pub async fn bind(
         addr: SocketAddr,
         shared: Arc<Shared>,
-        routes: HashMap<String, mpsc::Sender<BackupSession>>,
+        domains: Domains,
     ) -> std::io::Result<Self> {
         let socket = TcpListener::bind(addr).await?;
         Ok(Self {
             socket,
             shared,
-            routes,
+            domains,
         })
     }
 
     /// Accepts sessions until the daemon stops.
     pub async fn serve(self) {
         let mut stop = self.shared.shutdown.clone();
-        let domains: Vec<String> = self.routes.keys().cloned().collect();
-        let routes = Arc::new(self.routes);
         let handshakes = Arc::new(Semaphore::new(MAX_UNAUTHENTICATED));
         loop {
             let (stream, from) = tokio::select! {
@@ -118,8 +116,9 @@ impl Listener {
                 continue;
             };
             let shared = self.shared.clone();
-            let routes = routes.clone();
-            let domains = domains.clone();
+            // The domains of the moment (a reload may add or remove one).
+            let routes = self.domains.clone();
+            let domains = routes.names();
             let span = tracing::info_span!("replication_session", %from);
             tokio::spawn(
                 async move {
@@ -142,7 +141,7 @@ impl Listener {
                     };
                     drop(slot);
                     let domain = session.header.domain.clone();
-                    match routes.get(&domain) {
+                    match routes.sessions(&domain) {
                         Some(tx) => {
                             info!(%domain, "replication session authenticated");
                             if tx.send(session).await.is_err() {

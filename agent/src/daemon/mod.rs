@@ -17,11 +17,12 @@
 //! twice.
 
 pub mod advert;
+pub mod domains;
 pub mod handler;
 pub mod listener;
+pub mod reload;
 pub mod supervisor;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,10 +68,10 @@ pub struct Shared {
 /// # Errors
 /// A host-wide service could not start (key, heartbeat sockets, witness socket, replication
 /// listener, control socket). Failures of one domain are handled by its supervisor.
-pub async fn run(config: Config) -> Result<()> {
+pub async fn run(config: Config, config_path: std::path::PathBuf) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    serve(config, async move {
+    serve(config, Some(config_path), async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping"),
             _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
@@ -80,14 +81,21 @@ pub async fn run(config: Config) -> Result<()> {
 }
 
 /// Runs the daemon until `shutdown` completes, then tears every domain down in order.
+/// `config_path` is the file `remusctl reload` and SIGHUP re-read (`None`: reloads are
+/// refused).
 ///
 /// [`run`] is this with the signals; the one-process drill runs two of these, one per
 /// node, each on a runtime of its own (dropping that runtime is its "host loss"). Nothing
-/// here is process-wide except the QEMU launcher thread, which serves both alike.
+/// here is process-wide except the QEMU launcher thread, which serves both alike (and the
+/// SIGHUP handler, when there is a file: each daemon of the process reloads its own).
 ///
 /// # Errors
 /// As [`run`].
-pub async fn serve(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn serve(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let AuthConfig::Psk { key_file } = &config.auth;
     // The mode check (owner-only) is the same one remus-witness and `config check` apply.
     let key = remus_ha::auth::read_key_file(key_file).context("the pre-shared key")?;
@@ -159,30 +167,48 @@ pub async fn serve(config: Config, shutdown: impl std::future::Future<Output = (
         shutdown: stop_rx.clone(),
     });
 
-    let mut supervisors = Vec::new();
-    let mut tasks = Vec::new();
+    let domains = domains::Domains::default();
     for d in &config.domains {
         let (handle, task) = supervisor::spawn(d.clone(), shared.clone())
             .with_context(|| format!("domain {}: starting its supervisor", d.name))?;
-        supervisors.push(handle);
-        tasks.push(task);
+        domains.insert(handle, task);
     }
-    let routes: HashMap<String, _> = supervisors
-        .iter()
-        .map(|h| (h.name.clone(), h.sessions.clone()))
-        .collect();
-    let listener = listener::Listener::bind(config.node.listen, shared.clone(), routes)
+    let listener = listener::Listener::bind(config.node.listen, shared.clone(), domains.clone())
         .await
         .with_context(|| format!("replication listener on {}", config.node.listen))?;
     tokio::spawn(listener.serve());
 
+    let reloader = Arc::new(reload::Reloader::new(
+        config_path.clone(),
+        shared.clone(),
+        domains.clone(),
+    ));
     let handler = Arc::new(handler::DaemonHandler::new(
         shared.clone(),
-        supervisors.clone(),
+        domains.clone(),
+        reloader.clone(),
     ));
     // Tell the peer what runs here, so its supervisors can tell "host gone" from "VM gone".
     ha.handle
         .spawn(handler::advertise(handler.clone(), detector));
+    if config_path.is_some() {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(()) = hup.recv() => {
+                        info!("SIGHUP: reloading the policy");
+                        if let Err(e) = reloader.reload().await {
+                            error!("{e}");
+                        }
+                    }
+                    _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                }
+            }
+        });
+    }
     let control = {
         let handler = handler.clone();
         let mut stop = stop_rx.clone();
@@ -224,11 +250,7 @@ pub async fn serve(config: Config, shutdown: impl std::future::Future<Output = (
             config.peer.name
         )),
     ]);
-    let progress = supervisors
-        .iter()
-        .map(|h| (h.name.clone(), h.progress.clone()))
-        .collect();
-    let watchdog = watchdog_pings(stop_rx.clone(), progress);
+    let watchdog = watchdog_pings(stop_rx.clone(), domains.clone());
 
     tokio::select! {
         () = shutdown => {}
@@ -247,7 +269,7 @@ pub async fn serve(config: Config, shutdown: impl std::future::Future<Output = (
     ]);
     let _ = stop_tx.send(true);
     watchdog.abort();
-    for t in tasks {
+    for t in domains.take_tasks() {
         let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
     }
     drop(ha);
@@ -276,7 +298,7 @@ const STALL_LIMIT: Duration = Duration::from_secs(90);
 /// other death of the agent).
 fn watchdog_pings(
     mut stop: watch::Receiver<bool>,
-    progress: Vec<(String, Arc<supervisor::Progress>)>,
+    domains: domains::Domains,
 ) -> tokio::task::JoinHandle<()> {
     let mut usec = 0u64;
     let enabled = sd_notify::watchdog_enabled(false, &mut usec);
@@ -292,10 +314,11 @@ fn watchdog_pings(
         info!(?period, ?limit, "systemd watchdog enabled");
         let mut quiet = remus_ha::lograte::LogLimit::default();
         loop {
-            let stalled: Vec<String> = progress
+            let stalled: Vec<String> = domains
+                .handles()
                 .iter()
-                .filter(|(_, p)| p.idle_for() > limit)
-                .map(|(name, p)| format!("{name} ({} s)", p.idle_for().as_secs()))
+                .filter(|h| h.progress.idle_for() > limit)
+                .map(|h| format!("{} ({} s)", h.name, h.progress.idle_for().as_secs()))
                 .collect();
             if stalled.is_empty() {
                 notify_systemd(&[sd_notify::NotifyState::Watchdog]);

@@ -530,3 +530,12 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
         disk_syncs,
     })
 }
+
+/// The part of `d` a policy reload may change in a running protection.
+pub fn tuning_of(d: &DomainConfig) -> remus_engine::primary::Tuning {
+    remus_engine::primary::Tuning {
+        interval: d.checkpoint_interval,
+        ack_timeout: d.ack_timeout,
+        ack_wait_max: d.ack_wait_max,
+    }
+}

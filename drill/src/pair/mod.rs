@@ -283,6 +283,11 @@ impl PairDrill {
         Ok(d)
     }
 
+    /// `h`'s daemon pid, if it runs (to signal it: SIGHUP reloads its policy).
+    pub fn daemon_pid(&mut self, h: Host) -> Option<u32> {
+        self.node_mut(h).daemon_pid()
+    }
+
     fn node(&self, h: Host) -> &Node {
         &self.nodes[h as usize]
     }

@@ -11,7 +11,7 @@ impl Supervisor {
             Request::Failover { .. } => self.operator_failover().await,
             Request::Switchover { .. } => self.switchover().await,
             Request::TestActivate { .. } => Err(anyhow!("a test activation answers by itself")),
-            Request::Status => Err(anyhow!("status is not a command")),
+            Request::Status | Request::Reload => Err(anyhow!("not a domain command")),
         };
         self.publish();
         match r {

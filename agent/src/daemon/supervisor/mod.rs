@@ -137,6 +137,10 @@ pub struct SupervisorHandle {
     pub sessions: mpsc::Sender<BackupSession>,
     /// When its loop last completed a step.
     pub progress: Arc<Progress>,
+    /// A policy reload's new configuration of the domain (only live keys differ).
+    pub config: Arc<watch::Sender<DomainConfig>>,
+    /// Set to end this supervisor (a reload removed the domain, stopped here).
+    pub retire: Arc<watch::Sender<bool>>,
 }
 
 /// Starts the supervisor of `domain`.
@@ -159,6 +163,8 @@ pub fn spawn(
     let disk_copy = DiskCopyStore::open(&domain.name, &paths.state)?;
     let (cmd_tx, cmd_rx) = mpsc::channel(8);
     let (ses_tx, ses_rx) = mpsc::channel(2);
+    let (config_tx, config_rx) = watch::channel(domain.clone());
+    let (retire_tx, retire_rx) = watch::channel(false);
     let initial = DomainStatus {
         name: domain.name.clone(),
         role: roles.current().into(),
@@ -207,7 +213,7 @@ pub fn spawn(
     // `domain`, so journald entries carry DOMAIN=<name> (`journalctl DOMAIN=web`).
     let span = tracing::info_span!("domain", domain = %domain.name);
     let task = tokio::spawn(tracing::Instrument::instrument(
-        sup.run(cmd_rx, ses_rx),
+        sup.run(cmd_rx, ses_rx, config_rx, retire_rx),
         span,
     ));
     Ok((
@@ -217,6 +223,8 @@ pub fn spawn(
             commands: cmd_tx,
             sessions: ses_tx,
             progress,
+            config: Arc::new(config_tx),
+            retire: Arc::new(retire_tx),
         },
         task,
     ))
@@ -386,6 +394,8 @@ impl Supervisor {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut sessions: mpsc::Receiver<BackupSession>,
+        mut config: watch::Receiver<DomainConfig>,
+        mut retire: watch::Receiver<bool>,
     ) {
         self.recover().await;
         self.step().await;
@@ -413,13 +423,50 @@ impl Supervisor {
                 _ = async { match lease_rx.as_mut() { Some(r) => { let _ = r.changed().await; } None => std::future::pending().await } } => {}
                 f = finished(&mut self.runtime, &mut self.fence) => self.on_finished(f).await,
                 _ = tick.tick() => {}
+                Ok(()) = config.changed() => {
+                    let d = config.borrow_and_update().clone();
+                    self.retune(d);
+                }
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+                _ = async { let _ = retire.wait_for(|r| *r).await; } => break,
             }
             self.step().await;
             self.publish();
             self.progress.mark();
         }
         self.teardown().await;
+    }
+
+    /// A policy reload's new configuration. `config::reload::plan` let other than live keys
+    /// differ only if the domain was stopped here; should it have started since (a command
+    /// between the plan and now), only the live keys are taken and the rest is refused
+    /// here. The running protection takes the new period and ACK deadlines at its next
+    /// epoch boundary; later sessions and decisions use the rest.
+    fn retune(&mut self, d: DomainConfig) {
+        let frozen = crate::config::reload::frozen_changes(&self.d, &d);
+        if frozen.is_empty() || matches!(self.runtime, Runtime::Idle) {
+            self.d = d;
+        } else {
+            warn!(
+                domain = %self.d.name,
+                keys = ?frozen,
+                "policy reload: the domain started meanwhile; only its interval, ACK deadlines and failover mode change now"
+            );
+            crate::config::reload::take_live(&mut self.d, &d);
+        }
+        info!(
+            domain = %self.d.name,
+            interval_ms = self.d.checkpoint_interval.as_millis() as u64,
+            ack_timeout_ms = self.d.ack_timeout.as_millis() as u64,
+            ack_wait_max_ms = self.d.ack_wait_max.as_millis() as u64,
+            failover = ?self.d.failover,
+            "policy reload"
+        );
+        if let Runtime::Vm(v) = &self.runtime {
+            if let Some(p) = &v.protection {
+                p.handle.retune(crate::domain::primary::tuning_of(&self.d));
+            }
+        }
     }
 
     // ---------------------------------------------------------------- role
