@@ -4,7 +4,10 @@
 set -euo pipefail
 
 # lintian: the package test (dist/tests/package.rs) runs it on the built .deb.
-need=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio xz-utils zstd binutils kmod bsdutils lintian)
+# libvirt-clients (virsh) and virtinst (virt-install): agent/tests/domain_import.rs makes
+# libvirt definitions with them at test time (libvirt's test driver: no daemon) for
+# `remusctl domain import`.
+need=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio xz-utils zstd binutils kmod bsdutils lintian libvirt-clients virtinst)
 # Checked again after each install: installing one package can remove another (Debian's
 # qemu-system-x86 removes a backported qemu-utils that conflicts with it, which left
 # qemu-io and qemu-img missing), so the loop runs until nothing is missing.

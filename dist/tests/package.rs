@@ -110,6 +110,7 @@ fn the_package_builds_passes_lintian_and_installs_into_a_scratch_root() {
         "usr/share/man/man8/remus-witness.8.gz",
         "usr/share/man/man1/remusctl.1.gz",
         "usr/share/man/man1/remusctl-config-check.1.gz",
+        "usr/share/man/man1/remusctl-domain-import.1.gz",
         "usr/share/bash-completion/completions/remusctl",
         "usr/share/zsh/vendor-completions/_remusctl",
         "usr/share/fish/vendor_completions.d/remusctl.fish",
@@ -153,6 +154,16 @@ fn the_package_builds_passes_lintian_and_installs_into_a_scratch_root() {
     )));
     assert!(
         text(&man.stdout).contains("files\\-exist"),
+        "{}",
+        text(&man.stdout)
+    );
+    let man = run(Command::new("sh").arg("-c").arg(format!(
+        "gzip -dc {}",
+        root.join("usr/share/man/man1/remusctl-domain-import.1.gz")
+            .display()
+    )));
+    assert!(
+        text(&man.stdout).contains("libvirt\\-xml"),
         "{}",
         text(&man.stdout)
     );

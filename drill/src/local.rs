@@ -45,9 +45,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use remus_agent::api::{
-    DaemonStatus, DomainStatus, FailoverRecord, ReplicaState, Request, Response,
-};
+use remus_agent::api::{DaemonStatus, DomainStatus, FailoverRecord, Request, Response};
 use remus_agent::config::Config;
 use remus_ha::witness::{WitnessServer, WitnessServerConfig};
 use remus_ha::HaKey;
@@ -383,17 +381,13 @@ async fn drill(
     pri.crash()?;
     let primary_counters = guest::counters(&pri_files.console());
 
-    // The replica once the backup's session has ended (its last commit applied) and before
-    // it activates: the committed disk record.
+    // The replica once the backup's session has ended (its status shows no session: the
+    // last commit is applied) and before it activates: the committed disk record.
     let ended = wait_domain(
         bak.control(),
         Duration::from_secs(10),
         "the backup's receiving session ended",
-        |d| {
-            d.replica.as_ref().is_none_or(|r| {
-                r.receiving.is_none() && !matches!(r.replica, ReplicaState::Applying(_))
-            })
-        },
+        |d| d.replica.is_none(),
     )
     .await?;
     let disk_value = guest::disk_log_last(&bak_files.replica, LOG_SLOTS)?.map_or(0, |(_, v)| v);

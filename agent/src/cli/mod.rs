@@ -8,6 +8,7 @@
 
 pub mod config_cmd;
 pub mod daemon_cmd;
+pub mod domain_cmd;
 pub mod netbuf_cmd;
 pub mod status_cmd;
 pub mod stream_cmd;
@@ -51,6 +52,9 @@ pub enum Group {
     /// Check protection policies.
     #[command(subcommand)]
     Config(config_cmd::ConfigCmd),
+    /// Write domain policies from other tools' definitions (libvirt).
+    #[command(subcommand)]
+    Domain(domain_cmd::DomainCmd),
     /// Inspect saved replication streams.
     #[command(subcommand)]
     Stream(stream_cmd::StreamCmd),
@@ -107,6 +111,7 @@ where
     };
     match cli.group {
         Group::Config(cmd) => cmd.run(),
+        Group::Domain(cmd) => cmd.run(),
         Group::Stream(cmd) => cmd.run(),
         Group::Drill { args } => {
             eprintln!("{}", drill_moved(&args));

@@ -17,6 +17,7 @@
 //! that removes protection (no fencing, no output buffering) must be written explicitly.
 
 mod diag;
+pub mod libvirt;
 pub mod pause_estimate;
 pub mod qemu_args;
 mod raw;

@@ -237,15 +237,15 @@ fn node_chars(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
 }
 
-fn domain_chars(c: char) -> bool {
+pub(super) fn domain_chars(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_')
 }
 
-fn id_chars(c: char) -> bool {
+pub(super) fn id_chars(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_')
 }
 
-fn ifname_ok(s: &str) -> bool {
+pub(super) fn ifname_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
         && s != "."
@@ -254,7 +254,7 @@ fn ifname_ok(s: &str) -> bool {
             .all(|c| c.is_ascii_graphic() && c != '/' && c != ':')
 }
 
-fn parse_mac(s: &str) -> Option<MacAddr> {
+pub(super) fn parse_mac(s: &str) -> Option<MacAddr> {
     let mut out = [0u8; 6];
     let mut parts = s.split(':');
     for b in &mut out {
