@@ -28,6 +28,7 @@
 //! it was asked in) for as long as a rolling upgrade may pair the two releases.
 
 mod convert;
+mod domain_config;
 mod protection;
 mod role;
 #[cfg(test)]
@@ -36,6 +37,7 @@ mod tests;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use domain_config::{DeviceStep, DiskView, DomainConfigView, NicView};
 pub use protection::{
     EpochPhase, EpochReport, EpochSummary, Percentiles, ProtectionStatus, ReplicaState,
     ReplicaStatus,
@@ -83,6 +85,12 @@ pub enum Request {
         /// The domain.
         domain: String,
     },
+    /// A domain's configuration as it really is here: QEMU's devices merged with the stored
+    /// configuration (which a mismatch repairs, with a warning).
+    DomainConfig {
+        /// The domain.
+        domain: String,
+    },
     /// Re-read the daemon's configuration file and apply what can change without
     /// restarting a VM; anything else refuses the whole reload, naming file and line, and
     /// the running policy stays (see `config::reload`).
@@ -95,6 +103,8 @@ pub enum Request {
 pub enum Response {
     /// Answer to [`Request::Status`].
     Status(DaemonStatus),
+    /// Answer to [`Request::DomainConfig`].
+    DomainConfig(DomainConfigView),
     /// The request was carried out.
     Done {
         /// What was done, for the operator.

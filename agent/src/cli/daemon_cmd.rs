@@ -270,9 +270,9 @@ fn exchange(name: &str, socket: &std::path::Path, request: Request, timeout: Dur
             eprintln!("remusctl {name}: {message}");
             ExitCode::from(EXIT_PROBLEMS)
         }
-        Ok(Response::Status(_)) => {
+        Ok(Response::Status(_) | Response::DomainConfig(_)) => {
             eprintln!(
-                "remusctl {name}: remusd on {} answered with a status instead of a result",
+                "remusctl {name}: remusd on {} answered with a report instead of a result",
                 socket.display()
             );
             ExitCode::from(EXIT_PROBLEMS)

@@ -1,4 +1,5 @@
-//! `remusctl domain …`: writing domain policies from other tools' definitions.
+//! `remusctl domain …`: a domain's configuration as it really is (`config`, asked of the
+//! running daemon), and writing domain policies from other tools' definitions (`import`).
 //!
 //! The conversion itself is [`crate::config::libvirt`] (a pure function); this module reads
 //! the file, prints the `[[domain]]` block (or writes it to a new file), and prints every
@@ -18,6 +19,21 @@ use crate::config::Accel;
 /// `remusctl domain` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DomainCmd {
+    /// Show a domain's configuration as it really is on this node: QEMU's devices (memory,
+    /// vCPUs, disks and their media, NICs and their MACs) merged with the stored
+    /// configuration, which fills in image, replica and bridge. A device the stored
+    /// configuration names but QEMU lacks is not present (dropped from it, with a warning);
+    /// one QEMU has but the stored configuration lacks is shown as unrecorded, with a
+    /// warning. Without a VM here, the stored configuration alone.
+    Config {
+        /// The domain.
+        domain: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        daemon: super::daemon_cmd::DaemonArgs,
+    },
     /// Convert a libvirt domain definition (virsh dumpxml, virt-install --print-xml) into a
     /// [[domain]] policy block.
     ///
@@ -70,6 +86,103 @@ pub enum AccelArg {
     Tcg,
 }
 
+/// `remusctl domain config`.
+fn show_config(domain: String, json: bool, daemon: &super::daemon_cmd::DaemonArgs) -> ExitCode {
+    use crate::api::{Request, Response};
+    let socket = match daemon.socket_path() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("remusctl domain config: {e}");
+            return ExitCode::from(EXIT_PROBLEMS);
+        }
+    };
+    let answer = super::daemon_cmd::block_on("domain config", async {
+        let mut c = crate::control::ControlClient::connect(&socket).await?;
+        c.request(Request::DomainConfig { domain }).await
+    });
+    let view = match answer {
+        Err(code) => return code,
+        Ok(Response::DomainConfig(v)) => v,
+        Ok(Response::Error { message }) => {
+            eprintln!("remusctl domain config: {message}");
+            return ExitCode::from(EXIT_PROBLEMS);
+        }
+        Ok(other) => {
+            eprintln!(
+                "remusctl domain config: remusd on {} answered something else: {other:?}",
+                socket.display()
+            );
+            return ExitCode::from(EXIT_PROBLEMS);
+        }
+    };
+    let text = if json {
+        match serde_json::to_string_pretty(&view) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("remusctl domain config: {e}");
+                return ExitCode::from(EXIT_PROBLEMS);
+            }
+        }
+    } else {
+        render_config(&view)
+    };
+    // A closed stdout ends the process quietly (remusctl restores SIGPIPE's default).
+    println!("{}", text.trim_end());
+    ExitCode::from(EXIT_OK)
+}
+
+/// The human form of a [`crate::api::DomainConfigView`].
+fn render_config(v: &crate::api::DomainConfigView) -> String {
+    use std::fmt::Write as _;
+    let step = |s: crate::api::DeviceStep| match s {
+        crate::api::DeviceStep::Present => "present",
+        crate::api::DeviceStep::Adding => "adding",
+        crate::api::DeviceStep::Removing => "removing",
+        crate::api::DeviceStep::Unrecorded => "UNRECORDED",
+    };
+    let or_dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "domain {} on {} ({}; stored: {})",
+        v.domain,
+        v.node,
+        if v.live {
+            "live from QEMU"
+        } else {
+            "no VM here: the stored configuration"
+        },
+        v.stored
+    );
+    let _ = writeln!(s, "  memory {} MiB, {} vCPU(s)", v.memory_mib, v.vcpus);
+    for d in &v.disks {
+        let _ = writeln!(
+            s,
+            "  disk {:<8} {:<10} data in {}; image {}, replica {}, medium {}",
+            d.id,
+            step(d.step),
+            or_dash(&d.backing),
+            or_dash(&d.image),
+            or_dash(&d.replica),
+            or_dash(&d.medium)
+        );
+    }
+    for n in &v.nics {
+        let _ = writeln!(
+            s,
+            "  nic  {:<8} {:<10} mac {}, bridge {}",
+            n.id,
+            step(n.step),
+            or_dash(&n.mac),
+            or_dash(&n.bridge)
+        );
+    }
+    for w in &v.warnings {
+        let _ = writeln!(s, "  warning: {w}");
+    }
+    s
+}
+
 fn parse_network_bridge(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((n, b)) if !n.is_empty() && !b.is_empty() => Ok((n.to_owned(), b.to_owned())),
@@ -81,6 +194,11 @@ impl DomainCmd {
     /// Runs the subcommand.
     pub fn run(self) -> ExitCode {
         match self {
+            DomainCmd::Config {
+                domain,
+                json,
+                daemon,
+            } => show_config(domain, json, &daemon),
             DomainCmd::Import {
                 libvirt_xml,
                 name,

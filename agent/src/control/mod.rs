@@ -135,6 +135,7 @@ pub fn describe(request: &crate::api::Request) -> String {
         Request::Failover { domain } => format!("failover {domain}"),
         Request::TestActivate { domain } => format!("test-activate {domain}"),
         Request::Reload => "reload".to_string(),
+        Request::DomainConfig { domain } => format!("domain config {domain}"),
     }
 }
 

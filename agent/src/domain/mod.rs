@@ -7,7 +7,9 @@
 //!   it (pre-copy, checkpoints) against a backup;
 //! - [`backup`]: receive a domain's checkpoints into a replica, and activate the replica;
 //! - [`disk_copy`]: which of a node's two files of each disk (image or replica) holds its
-//!   newest data, so that a cold start boots that one.
+//!   newest data, so that a cold start boots that one;
+//! - [`template`]: the domain's stored configuration (what this node launched, and the steps
+//!   of device changes), merged with QEMU's live devices for `remusctl domain config`.
 //!
 //! The primary and the activated backup must start QEMU with the same devices (the device
 //! state of one must load into the other): [`spec::qemu_spec`] builds both from the policy.
@@ -18,5 +20,6 @@ pub mod disk_copy;
 pub mod paths;
 pub mod primary;
 pub mod spec;
+pub mod template;
 
 pub use paths::DomainPaths;

@@ -254,6 +254,9 @@ impl ControlHandler for Stub {
             Request::TestActivate { domain } => Response::Done {
                 message: format!("{domain}: test activation passed"),
             },
+            Request::DomainConfig { domain } => Response::Error {
+                message: format!("domain config {domain}: not in this stub"),
+            },
             Request::Reload => Response::Error {
                 message: "reload of /etc/remus/remus.toml refused, the running policy stays:\n/etc/remus/remus.toml:12:1: error: [heartbeat] changed: not applied live".into(),
             },

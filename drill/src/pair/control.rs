@@ -68,6 +68,11 @@ impl Control {
                     reason: format!("answered with a message instead of a status: {message}"),
                 })
             }
+            Response::DomainConfig(_) => Err(ControlError::Protocol {
+                path: self.path.clone(),
+                request: "status".into(),
+                reason: "answered with a domain configuration instead of a status".into(),
+            }),
         }
     }
 }
@@ -135,7 +140,7 @@ mod tests {
             let got = match &r {
                 Ok(Response::Done { .. }) => "done",
                 Ok(Response::Error { .. }) => "error",
-                Ok(Response::Status(_)) => "status",
+                Ok(Response::Status(_) | Response::DomainConfig(_)) => "status",
                 Err(ControlError::Protocol { .. }) => "protocol",
                 Err(ControlError::Closed { .. }) => "closed",
                 Err(ControlError::NotRunning { .. }) => "not-running",

@@ -193,6 +193,11 @@ impl Supervisor {
         // Activation is one long step: say where it is as it goes.
         self.publish();
         test_hold("activating").await;
+        // What this node launches. Not a reason to delay the takeover: a failure here only
+        // leaves `domain config` without its file (it then stands in the policy's).
+        if let Err(e) = self.templates().save(&Template::of(&self.d)) {
+            warn!(domain = %self.d.name, error = %e, "activation: the stored configuration was not written");
+        }
         let netns = self.vm_netns();
         let (vm, from) = match rd.activate(&netns).await {
             Ok(x) => x,

@@ -6,12 +6,17 @@ impl Supervisor {
     // ---------------------------------------------------------------- commands
 
     pub(super) async fn command(&mut self, req: Request) -> Response {
+        if let Request::DomainConfig { .. } = req {
+            return self.domain_config().await;
+        }
         let r = match req {
             Request::Start { older_copy, .. } => self.start(older_copy).await,
             Request::Failover { .. } => self.operator_failover().await,
             Request::Switchover { .. } => self.switchover().await,
             Request::TestActivate { .. } => Err(anyhow!("a test activation answers by itself")),
-            Request::Status | Request::Reload => Err(anyhow!("not a domain command")),
+            Request::Status | Request::Reload | Request::DomainConfig { .. } => {
+                Err(anyhow!("not a domain command"))
+            }
         };
         self.publish();
         match r {
@@ -108,6 +113,13 @@ impl Supervisor {
         self.record_at_witness(stamp);
         self.runtime = Runtime::Idle;
         self.apply(Event::StartUnprotected, "operator: start");
+        // What this node launches, recorded before QEMU starts (`domain config` merges it
+        // with QEMU's devices; device changes record their steps in it).
+        if let Err(e) = self.templates().save(&Template::of(&self.d)) {
+            self.apply(Event::Stop, "start failed");
+            self.stop_lease(true).await;
+            return Err(e.into());
+        }
         let vm = match RunningVm::start(&self.d, self.paths.clone(), &self.vm_netns(), copy).await {
             Ok(vm) => vm,
             Err(e) => {
@@ -229,5 +241,70 @@ fn start_verdict(
              {by}'s holds, pass --older-copy",
             newer()
         )),
+    }
+}
+
+impl Supervisor {
+    /// The domain's stored configuration.
+    pub(super) fn templates(&self) -> TemplateStore {
+        TemplateStore::new(&self.d.name, &self.paths.state)
+    }
+
+    /// `remusctl domain config`: QEMU's devices (when the VM runs here) merged with the
+    /// stored configuration, which is repaired to match and saved (see
+    /// [`crate::domain::template`]). Without a stored file (a VM launched by a release that
+    /// wrote none) the policy's configuration stands in for it, and is saved if the VM runs.
+    pub(super) async fn domain_config(&mut self) -> Response {
+        let store = self.templates();
+        let fail = |e: &dyn std::fmt::Display| Response::Error {
+            message: format!("domain {}: {e}", self.d.name),
+        };
+        let (stored, had_file) = match store.load() {
+            Ok(Some(t)) => (t, true),
+            Ok(None) => (Template::of(&self.d), false),
+            Err(e) => {
+                return Response::Error {
+                    message: e.to_string(),
+                }
+            }
+        };
+        let live = match &self.runtime {
+            Runtime::Vm(v) => match v.vm.control.inventory().await {
+                Ok(i) => Some(i),
+                Err(e) => return fail(&format_args!("asking QEMU for its devices: {e}")),
+            },
+            _ => None,
+        };
+        let (mut view, repaired) = merge(
+            &stored,
+            live.as_ref(),
+            &self.shared.config.node.name,
+            store.path(),
+        );
+        if live.is_some() {
+            let copy = self.disk_copy.current();
+            for d in &mut view.disks {
+                d.backing = match copy {
+                    DiskCopy::Image => d.image.clone(),
+                    DiskCopy::Replica => d.replica.clone(),
+                };
+            }
+        }
+        if !had_file {
+            view.warnings.insert(
+                0,
+                format!(
+                    "no stored configuration at {}: the policy's stands in for it",
+                    store.path().display()
+                ),
+            );
+        }
+        if live.is_some() && (!had_file || repaired != stored) {
+            if let Err(e) = store.save(&repaired) {
+                view.warnings
+                    .push(format!("the repair could not be saved: {e}"));
+            }
+        }
+        Response::DomainConfig(view)
     }
 }

@@ -64,6 +64,7 @@ use crate::config::{DomainConfig, Failover, FencingPolicy};
 use crate::domain::backup::{ReceiveControls, ReplicaDomain, ReplicaFiles};
 use crate::domain::disk_copy::{DiskCopy, DiskCopyStore};
 use crate::domain::primary::{protect, ProtectOptions, Protection, RunningVm};
+use crate::domain::template::{merge, Template, TemplateStore};
 use crate::domain::DomainPaths;
 use crate::iproute::{ip, ip_in};
 use remus_ha::lineage::CopyStamp;
