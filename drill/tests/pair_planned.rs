@@ -5,7 +5,10 @@
 //!   stops (acknowledgements keep growing in every sample), the client unaffected;
 //! - kill-backup: the primary keeps answering the client (output released after
 //!   detection); the restarted backup is re-protected with a dirty-region disk resync far
-//!   smaller than the disk, and acknowledgements flow again.
+//!   smaller than the disk, and acknowledgements flow again;
+//! - isolate-backup: the backup's host cut off: the primary declares it lost by heartbeats,
+//!   ends protection at once (not after the ACK timeout), renews its lease exclusive and
+//!   keeps answering; the isolated backup never runs the VM; healed, it is re-protected.
 
 mod pair_support;
 
@@ -28,6 +31,7 @@ async fn switchover_test_activate_and_kill_backup() -> Result<()> {
         Scenario::Switchover,
         Scenario::TestActivate,
         Scenario::KillBackup,
+        Scenario::IsolateBackup,
     ]
     .into_iter()
     .enumerate()
@@ -55,8 +59,8 @@ async fn switchover_test_activate_and_kill_backup() -> Result<()> {
     drop(pair);
     report.conclude();
     anyhow::ensure!(
-        report.trials.len() == 3,
-        "only {} of 3 scenarios ran:\n{}",
+        report.trials.len() == 4,
+        "only {} of 4 scenarios ran:\n{}",
         report.trials.len(),
         report.render()
     );

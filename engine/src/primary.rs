@@ -355,6 +355,10 @@ pub enum BackupLoss {
         /// The backup's reason, as sent.
         reason: String,
     },
+    /// The agent declared the backup lost (its heartbeats and its replication traffic
+    /// stopped for the detection timeout) before the ACK timeout ran out.
+    #[error("the agent declared the backup lost: its heartbeats and replication traffic stopped")]
+    Abandoned,
     /// A checkpoint's acknowledgement did not come in time ([`ack_due`]).
     #[error("no acknowledgement of checkpoint {epoch} after {timeout:?} (the backup took in no new bytes for ack_timeout, or ack_wait_max was reached)")]
     AckTimeout {
@@ -525,6 +529,9 @@ pub struct Primary {
     handoff: watch::Receiver<bool>,
     /// New period and deadlines from a policy reload, taken at the next epoch boundary.
     tuning: watch::Receiver<Tuning>,
+    /// Turns `true` when the agent declares the backup lost (see
+    /// [`PrimaryHandle::abandon_backup`]).
+    abandon: watch::Receiver<bool>,
     in_flight: VecDeque<InFlight>,
     window: EpochWindow,
     last_acked: Option<u64>,
@@ -542,9 +549,19 @@ pub struct PrimaryHandle {
     pub handoff: watch::Sender<bool>,
     /// See [`retune`](Self::retune).
     pub tuning: watch::Sender<Tuning>,
+    /// See [`abandon_backup`](Self::abandon_backup).
+    pub abandon: watch::Sender<bool>,
 }
 
 impl PrimaryHandle {
+    /// The agent's failure detector declared the backup lost: the loop stops waiting for
+    /// ACKs that will not come and returns [`PrimaryExit::BackupLost`] at once (from any
+    /// wait for a reply or a boundary, never in the middle of a checkpoint), output held as
+    /// after an ACK timeout.
+    pub fn abandon_backup(&self) {
+        self.abandon.send_replace(true);
+    }
+
     /// A policy reload: the loop takes the new period and ACK deadlines at its next epoch
     /// boundary (the epoch in progress keeps the ones it started with).
     pub fn retune(&self, t: Tuning) {
@@ -614,6 +631,7 @@ impl Primary {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (handoff_tx, handoff_rx) = watch::channel(false);
         let (tuning_tx, tuning_rx) = watch::channel(cfg.tuning());
+        let (abandon_tx, abandon_rx) = watch::channel(false);
         let capture = cfg.compression.capture();
         let mut shadow = vec![0u8; len];
         // Fault every page in now: a first write into fresh zero pages inside the stop
@@ -643,6 +661,7 @@ impl Primary {
             shutdown: stop_rx,
             handoff: handoff_rx,
             tuning: tuning_rx,
+            abandon: abandon_rx,
             in_flight: VecDeque::new(),
             window: EpochWindow::default(),
             last_acked: None,
@@ -657,6 +676,7 @@ impl Primary {
                 shutdown: stop_tx,
                 handoff: handoff_tx,
                 tuning: tuning_tx,
+                abandon: abandon_tx,
             },
         ))
     }
@@ -962,6 +982,7 @@ impl Primary {
             if *self.shutdown.borrow() {
                 return Ok(None);
             }
+            self.check_abandoned()?;
             self.wait_reply(deadline).await?;
         }
         Ok(Some(start.elapsed()))
@@ -973,6 +994,7 @@ impl Primary {
             if *self.shutdown.borrow() {
                 return Ok(false);
             }
+            self.check_abandoned()?;
             let now = Instant::now();
             if now >= boundary {
                 return Ok(true);
@@ -983,9 +1005,11 @@ impl Primary {
             };
             if self.in_flight.is_empty() {
                 let mut stop = self.shutdown.clone();
+                let mut abandon = self.abandon.clone();
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline.into()) => {}
                     _ = stop.changed() => {}
+                    _ = abandon.changed() => {}
                     r = self.replies.recv() => self.handle_reply(r).await?,
                 }
             } else {
@@ -994,12 +1018,23 @@ impl Primary {
         }
     }
 
+    /// [`BackupLoss::Abandoned`] once the agent declared the backup lost.
+    fn check_abandoned(&self) -> Result<(), Halt> {
+        if *self.abandon.borrow() {
+            Err(BackupLoss::Abandoned.into())
+        } else {
+            Ok(())
+        }
+    }
+
     /// Waits for one reply or `deadline`; an overdue ACK is an error.
     async fn wait_reply(&mut self, deadline: Instant) -> Result<(), Halt> {
         let mut stop = self.shutdown.clone();
+        let mut abandon = self.abandon.clone();
         tokio::select! {
             r = self.replies.recv() => self.handle_reply(r).await,
             _ = stop.changed() => Ok(()),
+            _ = abandon.changed() => self.check_abandoned(),
             _ = tokio::time::sleep_until(deadline.into()) => {
                 match self.in_flight.front() {
                     Some(f) if Instant::now() >= self.ack_due(f.resumed_at) => {

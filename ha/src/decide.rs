@@ -48,7 +48,10 @@
 //! - **A running VM without a backup offers protection** to a live peer that runs nothing.
 //! - ACKs that are late (not yet past the ACK timeout) only hold output: the epoch loop
 //!   already waits for them, and declaring the backup lost on one slow epoch would drop
-//!   protection needlessly.
+//!   protection needlessly — unless the failure detector has declared the backup lost
+//!   (heartbeats *and* replication traffic silent for the detection timeout, and no fresh
+//!   ACK): then the primary abandons the session at once instead of waiting out the ACK
+//!   timeout, and releases output only once it has the proof a primary without ACKs needs.
 
 use crate::heartbeat::PeerLiveness;
 use crate::lineage::CopyStamp;
@@ -284,6 +287,10 @@ pub enum Action {
     /// The backup is gone and proven unable to run the VM: release held output and run
     /// unprotected (a primary or resyncing node records `BackupLost`).
     ReleaseOutputAndRunUnprotected,
+    /// The failure detector declared the backup lost while the epoch loop still waits for
+    /// its ACKs: end the protection session now (output stays held) instead of waiting out
+    /// the ACK timeout; the rules for a primary without ACKs then apply.
+    AbandonBackup,
 }
 
 /// The rule table. See the module documentation for the reasoning.
@@ -311,6 +318,13 @@ pub fn decide(s: &Situation<'_>) -> Action {
     match s.role {
         Role::Stopped => Action::Wait,
         Role::Primary { .. } => match s.acks {
+            // Heartbeats and replication traffic both silent for the detection timeout: the
+            // backup is gone, and its ACKs will not come. Ending the session at once (output
+            // held) saves the rest of the ACK timeout; releasing still needs the proof of a
+            // primary without ACKs. Fresh ACKs overrule the detector: the backup follows.
+            Acks::Flowing | Acks::Late if s.peer == Peer::Lost && !s.acks_fresh => {
+                Action::AbandonBackup
+            }
             Acks::Flowing => Action::KeepRunning,
             Acks::Late => Action::HoldOutput,
             Acks::Stopped => primary_without_backup(s),
@@ -685,6 +699,14 @@ mod tests {
             // --- primary ---
             ("primary, ACKs flow", &primary, |_| {}, Action::KeepRunning),
             ("primary, ACKs late: hold", &primary, |s| s.acks = Acks::Late, Action::HoldOutput),
+            ("primary, ACKs late, backup lost by the detector: abandon it", &primary,
+             |s| { s.acks = Acks::Late; s.peer = Peer::Lost }, Action::AbandonBackup),
+            ("primary, backup lost by the detector before an ACK is late: abandon it", &primary,
+             |s| s.peer = Peer::Lost, Action::AbandonBackup),
+            ("primary, backup lost by the detector but ACKs fresh: keep running", &primary,
+             |s| { s.peer = Peer::Lost; s.acks_fresh = true }, Action::KeepRunning),
+            ("primary, ACKs late, backup only suspect: hold", &primary,
+             |s| { s.acks = Acks::Late; s.peer = Peer::Suspect }, Action::HoldOutput),
             ("primary, no ACKs, no witness lease: pause", &primary,
              |s| { s.acks = Acks::Stopped; s.fencing = Fencing::Witness; s.peer = Peer::Lost },
              PAUSE),

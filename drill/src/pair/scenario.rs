@@ -30,6 +30,11 @@ pub enum Scenario {
     /// SIGKILL the backup's daemon: the primary keeps serving (output released after
     /// detection); the restarted backup is re-protected with a dirty-region resync.
     KillBackup,
+    /// Cut the backup's uplink entirely (its daemon lives on, its connections stay open and
+    /// silent): the primary declares it lost by its heartbeats, ends protection without
+    /// waiting out the ACK timeout, renews its lease exclusive and serves on; the isolated
+    /// backup cannot win the lease and never runs the VM. Healed, it returns as backup.
+    IsolateBackup,
     /// Cut pri and bak from each other (both still reach the witness and the client) for a
     /// while, then heal: never two VMs; exactly one afterwards; the client kept.
     Partition,
@@ -58,6 +63,7 @@ impl Scenario {
         match self {
             Scenario::KillPrimary => "kill-primary",
             Scenario::KillBackup => "kill-backup",
+            Scenario::IsolateBackup => "isolate-backup",
             Scenario::Partition => "partition",
             Scenario::IsolatePrimary => "isolate-primary",
             Scenario::Switchover => "switchover",
@@ -129,7 +135,8 @@ impl PairDrill {
         let r = match scenario {
             Scenario::KillPrimary => self.kill_primary(&mut t, false).await,
             Scenario::IsolatePrimary => self.kill_primary(&mut t, true).await,
-            Scenario::KillBackup => self.kill_backup(&mut t).await,
+            Scenario::KillBackup => self.kill_backup(&mut t, false).await,
+            Scenario::IsolateBackup => self.kill_backup(&mut t, true).await,
             Scenario::Partition => self.partition(&mut t).await,
             Scenario::Switchover => self.switchover(&mut t).await,
             Scenario::RestartMidFailover => self.restart_mid_failover(&mut t).await,
@@ -579,7 +586,8 @@ impl PairDrill {
         Ok(())
     }
 
-    async fn kill_backup(&mut self, t: &mut TrialReport) -> Result<()> {
+    /// The backup's loss: its daemon killed, or (`isolate`) its host cut off the network.
+    async fn kill_backup(&mut self, t: &mut TrialReport, isolate: bool) -> Result<()> {
         let p = self.primary;
         let b = p.other();
         let mut client = self.start_client().await?;
@@ -590,7 +598,11 @@ impl PairDrill {
         tokio::time::sleep_until((edge + delay).into()).await;
         let unprotected_at_failure = self.judge_steady_state(t, p, unprotected_start);
         let killed_at = Instant::now();
-        self.kill_daemon(b)?;
+        if isolate {
+            self.topology().cut_uplink(b)?;
+        } else {
+            self.kill_daemon(b)?;
+        }
         t.injected_after_ack_ms = Some(killed_at.duration_since(edge).as_millis() as u64);
         t.acked_before = Some(acked);
         let kept = client
@@ -627,7 +639,23 @@ impl PairDrill {
         );
         let resyncs_before = self.observer().with(|l| resyncs_of(l.latest(p)).len());
         let start = Instant::now();
-        self.start_daemon(b, None).await?;
+        if isolate {
+            // Isolated, the backup could not win the lease: it never ran the VM.
+            let ran = self.observer().with(|l| {
+                l.ticks
+                    .iter()
+                    .filter(|x| x.at >= killed_at)
+                    .any(|x| x.of(b).run_state() != RunState::NotRunning)
+            });
+            t.verdict(
+                "isolated_backup_never_ran",
+                !ran,
+                format!("{b} seen with a VM after its isolation: {ran}"),
+            );
+            self.topology().restore_uplink(b)?;
+        } else {
+            self.start_daemon(b, None).await?;
+        }
         let n = self.options().checkpoints.min(5);
         self.wait_protected(p, n, Duration::from_secs(90)).await?;
         t.reprotect_ms = Some(start.elapsed().as_millis() as u64);

@@ -536,6 +536,16 @@ impl Supervisor {
                     }
                 }
             }
+            Action::AbandonBackup => {
+                if let Runtime::Vm(v) = &self.runtime {
+                    if let Some(p) = &v.protection {
+                        if !*p.handle.abandon.borrow() {
+                            warn!(domain = %self.d.name, "the backup is lost (heartbeats and replication silent): ending protection without waiting out the ACK timeout");
+                        }
+                        p.handle.abandon_backup();
+                    }
+                }
+            }
             Action::ReleaseOutputAndRunUnprotected => {
                 // Only ever chosen for a primary or a resyncing node.
                 self.apply(
