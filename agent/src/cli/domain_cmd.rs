@@ -183,10 +183,15 @@ fn render_config(v: &crate::api::DomainConfigView) -> String {
     s
 }
 
-fn parse_network_bridge(s: &str) -> Result<(String, String), String> {
+/// A `--network-bridge` value that is not `NETWORK=BRIDGE`.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}`: expected NETWORK=BRIDGE, e.g. default=br0")]
+struct BadNetworkBridge(String);
+
+fn parse_network_bridge(s: &str) -> Result<(String, String), BadNetworkBridge> {
     match s.split_once('=') {
         Some((n, b)) if !n.is_empty() && !b.is_empty() => Ok((n.to_owned(), b.to_owned())),
-        _ => Err(format!("`{s}`: expected NETWORK=BRIDGE, e.g. default=br0")),
+        _ => Err(BadNetworkBridge(s.to_string())),
     }
 }
 

@@ -502,28 +502,38 @@ fn unit_bytes(unit: &str) -> Option<u128> {
     })
 }
 
-/// `<memory unit=…>` in MiB, rounded up to a whole MiB; `None` after reporting a problem.
-fn memory_mib_of(n: Node<'_, '_>) -> Result<(u64, bool), String> {
+/// Why a `<memory>` element cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum MemoryProblem {
+    #[error("unit `{0}` is not a libvirt memory unit (b, bytes, KB, k, KiB, MB, M, MiB, GB, G, GiB, TB, T, TiB, PB, P, PiB, EB, E, EiB)")]
+    Unit(String),
+    #[error("`{text}` is not a whole number of {unit}")]
+    NotANumber { text: String, unit: String },
+    #[error("{value} {unit} is {mib} MiB; remus accepts {}..={} MiB", MEMORY_MIB.start(), MEMORY_MIB.end())]
+    OutOfRange { value: u64, unit: String, mib: u128 },
+}
+
+/// `<memory unit=…>` in MiB, rounded up to a whole MiB, and whether it was whole.
+fn memory_mib_of(n: Node<'_, '_>) -> Result<(u64, bool), MemoryProblem> {
     let unit = n.attribute("unit").unwrap_or("KiB");
     let Some(per) = unit_bytes(unit) else {
-        return Err(format!(
-            "unit `{unit}` is not a libvirt memory unit (b, bytes, KB, k, KiB, MB, M, MiB, GB, G, GiB, TB, T, TiB, PB, P, PiB, EB, E, EiB)"
-        ));
+        return Err(MemoryProblem::Unit(unit.to_string()));
     };
     let text = n.text().unwrap_or("").trim();
-    let value: u64 = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a whole number of {unit}"))?;
+    let value: u64 = text.parse().map_err(|_| MemoryProblem::NotANumber {
+        text: text.to_string(),
+        unit: unit.to_string(),
+    })?;
     let bytes = u128::from(value) * per;
     let mib = bytes.div_ceil(1 << 20);
     let whole = bytes % (1 << 20) == 0;
     match u64::try_from(mib) {
         Ok(m) if MEMORY_MIB.contains(&m) => Ok((m, whole)),
-        _ => Err(format!(
-            "{value} {unit} is {mib} MiB; remus accepts {}..={} MiB",
-            MEMORY_MIB.start(),
-            MEMORY_MIB.end()
-        )),
+        _ => Err(MemoryProblem::OutOfRange {
+            value,
+            unit: unit.to_string(),
+            mib,
+        }),
     }
 }
 
@@ -546,7 +556,7 @@ fn memory(cx: &mut Cx<'_, '_>, root: Node<'_, '_>) -> u64 {
             mib
         }
         Err(why) => {
-            cx.invalid(n, "<memory>", why);
+            cx.invalid(n, "<memory>", why.to_string());
             0
         }
     }
