@@ -7,11 +7,16 @@
 //! # Which wire version
 //! The client does not know whether its witness is of this release (version 3: takeovers)
 //! or of v0.1.0 (version 2). Until an answer says so it alternates: the first attempt of an
-//! exchange in version 3, the next in version 2, and so on; the version of the first answer
-//! is kept (version 2 only for a minute, so a witness upgraded meanwhile is noticed), and
-//! forgotten when the witness stops answering. Sent in version 2, a request loses its
-//! takeover flags, which only ever makes it more conservative: a lease declared
-//! preemptible is granted exclusive, a preempting acquire becomes a plain one.
+//! exchange in version 3, the next in version 2, and so on. An answer to *any* attempt of
+//! the exchange counts (a slow witness's version-3 answer arriving while the version-2
+//! attempt waits is still proof of version 3). A version-3 answer is kept; a version-2
+//! answer proves nothing more than that (every version-3 witness also answers version 2),
+//! so it is kept only from a witness never heard in version 3, and only for a minute (a
+//! witness upgraded meanwhile is noticed). Silence forgets both. Settling on version 2
+//! after one slow version-3 answer had turned takeovers off for a minute on a loaded host.
+//! Sent in version 2, a request loses its takeover flags, which only ever makes it more
+//! conservative: a lease declared preemptible is granted exclusive, a preempting acquire
+//! becomes a plain one.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -132,9 +137,48 @@ pub struct WitnessClient {
     cfg: WitnessClientConfig,
     socket: UdpSocket,
     seq: SequenceSource,
-    /// One exchange at a time, so an answer is never read by the wrong caller. It guards the
-    /// witness's wire version as last learned (`None`: unknown), and since when.
-    exchange_lock: Mutex<Option<(u8, Instant)>>,
+    /// One exchange at a time, so an answer is never read by the wrong caller. It guards
+    /// what was learned of the witness's wire version.
+    exchange_lock: Mutex<Learned>,
+}
+
+/// What the client learned of its witness's wire version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Learned {
+    /// The version to speak (`None`: unknown, alternate), and since when.
+    known: Option<(u8, Instant)>,
+    /// The witness answered in version 3 since it last fell silent.
+    seen_v3: bool,
+}
+
+impl Learned {
+    /// An answer in `version` (see the module doc).
+    fn answered(&mut self, version: u8, now: Instant) {
+        if version == VERSION_3 {
+            self.seen_v3 = true;
+        } else if self.seen_v3 {
+            // A version-3 witness answering a version-2 attempt: keep trying 3 first.
+            return;
+        }
+        if self.known.is_none_or(|(v, _)| v != version) {
+            self.known = Some((version, now));
+        }
+    }
+
+    /// The version of `attempt` (1-based) of an exchange.
+    fn version_of(&mut self, attempt: u32, now: Instant) -> u8 {
+        if self
+            .known
+            .is_some_and(|(v, at)| v == VERSION_2 && now.duration_since(at) > V2_KEPT_FOR)
+        {
+            self.known = None;
+        }
+        match self.known {
+            Some((v, _)) => v,
+            None if attempt % 2 == 1 => VERSION_3,
+            None => VERSION_2,
+        }
+    }
 }
 
 impl WitnessClient {
@@ -159,7 +203,7 @@ impl WitnessClient {
             cfg,
             socket,
             seq: SequenceSource::new(),
-            exchange_lock: Mutex::new(None),
+            exchange_lock: Mutex::new(Learned::default()),
         })
     }
 
@@ -355,18 +399,14 @@ impl WitnessClient {
         takeover: (u8, &str),
     ) -> Result<(Response, Instant), WitnessError> {
         check_name("domain", domain)?;
-        let mut known = self.exchange_lock.lock().await;
-        if known.is_some_and(|(v, at)| v == VERSION_2 && at.elapsed() > V2_KEPT_FOR) {
-            *known = None;
-        }
+        let mut learned = self.exchange_lock.lock().await;
         let addr = self.cfg.witness;
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        // (nonce, version, when sent) of every attempt of this exchange: a late answer to an
+        // earlier attempt is as good as one to the current attempt.
+        let mut sent: Vec<(u64, u8, Instant)> = Vec::new();
         for attempt in 1..=self.cfg.attempts.max(1) {
-            let version = match *known {
-                Some((v, _)) => v,
-                None if attempt % 2 == 1 => VERSION_3,
-                None => VERSION_2,
-            };
+            let version = learned.version_of(attempt, Instant::now());
             let (flags, peer) = if version == VERSION_3 {
                 takeover
             } else {
@@ -390,12 +430,13 @@ impl WitnessClient {
                     what: "domain",
                     name: domain.to_string(),
                 })?;
-            let sent_at = Instant::now();
+            let attempt_sent_at = Instant::now();
+            sent.push((req.nonce, req.version, attempt_sent_at));
             if let Err(e) = self.socket.send_to(&bytes, addr).await {
                 // Unreachable networks are retried like lost datagrams.
                 debug!(%addr, attempt, error = %e, "witness request not sent");
             }
-            let deadline = sent_at + self.cfg.attempt_timeout;
+            let deadline = attempt_sent_at + self.cfg.attempt_timeout;
             loop {
                 let Ok(r) = timeout_at(deadline, self.socket.recv_from(&mut buf)).await else {
                     break;
@@ -407,16 +448,24 @@ impl WitnessClient {
                 })?;
                 match Response::decode(&self.cfg.key, &buf[..n]) {
                     Ok(resp)
-                        if resp.nonce == req.nonce
-                            && resp.node == req.node
+                        if resp.node == req.node
                             && resp.domain == req.domain
-                            && resp.version == req.version =>
+                            && sent
+                                .iter()
+                                .any(|&(n, v, _)| n == resp.nonce && v == resp.version) =>
                     {
-                        if known.is_none_or(|(v, _)| v != resp.version) {
+                        let before = learned.known.map(|(v, _)| v);
+                        learned.answered(resp.version, Instant::now());
+                        if learned.known.map(|(v, _)| v) != before {
                             info!(%addr, version = resp.version, "the witness speaks wire version {}", resp.version);
-                            *known = Some((resp.version, Instant::now()));
                         }
-                        return Ok((resp, sent_at));
+                        // The lease runs from when the answered attempt was sent (the
+                        // invariant at the top of this module).
+                        let at = sent
+                            .iter()
+                            .find(|&&(n, _, _)| n == resp.nonce)
+                            .map_or(attempt_sent_at, |&(_, _, t)| t);
+                        return Ok((resp, at));
                     }
                     Ok(_) => debug!(%from, "stale witness answer ignored"),
                     Err(e) => warn!(%from, error = %e, "witness answer dropped"),
@@ -424,7 +473,7 @@ impl WitnessClient {
             }
         }
         // Silent: it may have been replaced by another release; learn its version again.
-        *known = None;
+        *learned = Learned::default();
         Err(WitnessError::Unreachable {
             addr,
             domain: domain.to_string(),
@@ -726,7 +775,7 @@ mod tests {
             .unwrap();
         assert!(!l.preemptible);
         assert_eq!(
-            c.exchange_lock.lock().await.map(|(v, _)| v),
+            c.exchange_lock.lock().await.known.map(|(v, _)| v),
             Some(VERSION_2)
         );
         let probes = ignored.load(std::sync::atomic::Ordering::SeqCst);
@@ -738,6 +787,103 @@ mod tests {
             .unwrap();
         assert!(!l.preemptible);
         assert_eq!(ignored.load(std::sync::atomic::Ordering::SeqCst), probes);
+        task.abort();
+    }
+
+    /// What is learned from answers: a version-3 answer is kept; a version-2 answer only
+    /// from a witness never heard in version 3; a version 2 kept goes stale after a minute.
+    #[test]
+    fn learning_the_version() {
+        let t0 = Instant::now();
+        let mut l = Learned::default();
+        assert_eq!(l.version_of(1, t0), VERSION_3);
+        assert_eq!(l.version_of(2, t0), VERSION_2);
+        l.answered(VERSION_2, t0);
+        assert_eq!(
+            l.version_of(1, t0),
+            VERSION_2,
+            "a v0.1.0 witness: version 2 kept"
+        );
+        assert_eq!(
+            l.version_of(1, t0 + V2_KEPT_FOR + Duration::from_secs(1)),
+            VERSION_3,
+            "version 2 kept only for a while"
+        );
+        let mut l = Learned::default();
+        l.answered(VERSION_3, t0);
+        assert_eq!(l.version_of(1, t0), VERSION_3);
+        l.answered(VERSION_2, t0);
+        assert_eq!(
+            l.version_of(1, t0),
+            VERSION_3,
+            "a v2 answer does not downgrade a v3 witness"
+        );
+        assert_eq!(l.version_of(2, t0), VERSION_3);
+    }
+
+    /// A witness that answers every request, but only after `delay`.
+    async fn slow_witness(key: HaKey, delay: Duration) -> (SocketAddr, JoinHandle<()>) {
+        let sock = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
+        let addr = sock.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(req) = Request::decode(&key, &buf[..n]) else {
+                    continue;
+                };
+                let resp = Response {
+                    status: Status::Granted,
+                    node: req.node,
+                    domain: req.domain,
+                    nonce: req.nonce,
+                    generation: 1,
+                    ttl_ms: req.ttl_ms,
+                    holder: String::new(),
+                    reason: reason::NONE,
+                    copy: CopyStamp::NONE,
+                    version: req.version,
+                    flags: if req.version == VERSION_3 {
+                        req.flags & flags::PREEMPTIBLE
+                    } else {
+                        0
+                    },
+                };
+                let bytes = resp.encode(&key).unwrap();
+                let sock = sock.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = sock.send_to(&bytes, from).await;
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    /// A version-3 answer that comes after its attempt timed out, while the version-2
+    /// attempt waits, is taken: the lease is preemptible and version 3 is learned (this
+    /// client used to settle on version 2 for a minute here, turning takeovers off).
+    #[tokio::test]
+    async fn a_late_version_3_answer_still_counts() {
+        let key = HaKey::derive(&[5u8; 32]).unwrap();
+        let attempt = Duration::from_millis(100);
+        let (addr, task) = slow_witness(key.clone(), attempt * 3 / 2).await;
+        let cfg = WitnessClientConfig {
+            attempt_timeout: attempt,
+            ..WitnessClientConfig::new("alpha", addr, key)
+        };
+        let c = WitnessClient::new(cfg).await.unwrap();
+        let l = c
+            .acquire_as("web", &LeaseMode::PreemptibleBy("beta".into()))
+            .await
+            .unwrap();
+        assert!(l.preemptible, "the late version-3 answer was not taken");
+        assert_eq!(
+            c.exchange_lock.lock().await.known.map(|(v, _)| v),
+            Some(VERSION_3)
+        );
         task.abort();
     }
 }
