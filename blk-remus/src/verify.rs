@@ -171,7 +171,10 @@ mod tests {
             .unwrap();
         let p = Primary::new(Arc::new(img), &PrimaryConfig::default()).unwrap();
         let regions = [(0, 1 << 20), (3 << 20, 1 << 20), (4 << 20, 1)];
-        assert!(p.digests(&regions).is_err(), "a region past the end is refused");
+        assert!(
+            p.digests(&regions).is_err(),
+            "a region past the end is refused"
+        );
         let before = p.digests(&regions[..2]).unwrap();
         assert_ne!(before[0], before[1]);
         p.write_at((3 << 20) + 5, Bytes::from_static(b"x"), false)
@@ -192,7 +195,10 @@ mod tests {
         assert_eq!(sent, 128 << 10);
         let evs: Vec<DiskEvent> = rx.try_iter().skip(1).collect();
         assert_eq!(evs.len(), 16);
-        assert!(evs.iter().all(|e| e.epoch() == 2), "tagged with the current epoch");
+        assert!(
+            evs.iter().all(|e| e.epoch() == 2),
+            "tagged with the current epoch"
+        );
         let covered: u64 = evs
             .iter()
             .map(|e| match e {
@@ -201,6 +207,10 @@ mod tests {
             })
             .sum();
         assert_eq!(covered, 1 << 20);
-        assert_eq!(p.status().unacked_epochs, 1, "the copy waits for its ACK like a write");
+        assert_eq!(
+            p.status().unacked_epochs,
+            1,
+            "the copy waits for its ACK like a write"
+        );
     }
 }

@@ -41,7 +41,9 @@ async fn reload(pair: &PairDrill) -> Result<std::result::Result<String, String>>
         {
             Response::Done { message } => Ok(message),
             Response::Error { message } => Err(message),
-            Response::Status(_) => bail!("reload answered with a status"),
+            Response::Status(_) | Response::Verified(_) => {
+                bail!("reload answered with a status or a report")
+            }
         },
     )
 }

@@ -516,7 +516,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                 }
                 Record::DiskVerify(v) => self.verify_request(v).await?,
                 Record::Unknown { .. } => {}
-                Record::DiskVerifyResult(_) | Record::CheckpointAck { .. } | Record::CheckpointNack(_) => {
+                Record::DiskVerifyResult(_)
+                | Record::CheckpointAck { .. }
+                | Record::CheckpointNack(_) => {
                     // The stream decoder refuses reply records in a replication stream.
                 }
             }
@@ -631,9 +633,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
         if self.verify_pending.is_empty() {
             return Ok(());
         }
-        let (due, later): (Vec<DiskVerify>, Vec<DiskVerify>) = std::mem::take(&mut self.verify_pending)
-            .into_iter()
-            .partition(|v| v.epoch <= epoch);
+        let (due, later): (Vec<DiskVerify>, Vec<DiskVerify>) =
+            std::mem::take(&mut self.verify_pending)
+                .into_iter()
+                .partition(|v| v.epoch <= epoch);
         self.verify_pending = later;
         for v in due {
             if v.epoch == epoch {
@@ -677,7 +680,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
         self.send_verdict(&v, verdict).await
     }
 
-    async fn send_verdict(&mut self, v: &DiskVerify, verdict: VerifyVerdict) -> Result<(), BackupError> {
+    async fn send_verdict(
+        &mut self,
+        v: &DiskVerify,
+        verdict: VerifyVerdict,
+    ) -> Result<(), BackupError> {
         self.replies
             .send(Record::DiskVerifyResult(DiskVerifyResult {
                 epoch: v.epoch,

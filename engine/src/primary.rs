@@ -50,7 +50,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::copies;
 use crate::metrics::{EpochReport, EpochSummary, EpochWindow};
 use crate::ports::{DiskBarrier, OutputBuffer, PortError, VmControl};
-use crate::verify::{Phase, Step, VerifyError, VerifyProgress, VerifyReport, VerifyRequest, VerifyRun};
+use crate::verify::{
+    Phase, Step, VerifyError, VerifyProgress, VerifyReport, VerifyRequest, VerifyRun,
+};
 use crate::wire::{Outgoing, StreamSender, WireError};
 
 /// The epoch of a session's first checkpoint. Epoch 0 names the state both sides start from
@@ -614,8 +616,9 @@ impl PrimaryHandle {
         req: VerifyRequest,
     ) -> oneshot::Receiver<Result<VerifyReport, VerifyError>> {
         let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::error::TrySendError::Full((_, tx)) | mpsc::error::TrySendError::Closed((_, tx))) =
-            self.verify.try_send((req, tx))
+        if let Err(
+            mpsc::error::TrySendError::Full((_, tx)) | mpsc::error::TrySendError::Closed((_, tx)),
+        ) = self.verify.try_send((req, tx))
         {
             let _ = tx.send(Err(VerifyError::Ended(
                 "the epoch loop does not take verify requests now".into(),
@@ -1230,12 +1233,20 @@ impl Primary {
         }
         self.verify_runs += 1;
         let req = VerifyRequest {
-            region_bytes: req.region_bytes.clamp(4096, remus_stream::MAX_VERIFY_REGION),
+            region_bytes: req
+                .region_bytes
+                .clamp(4096, remus_stream::MAX_VERIFY_REGION),
             bytes_per_epoch: req.bytes_per_epoch.max(1),
             ..req
         };
         let run = VerifyRun::new(self.verify_runs, req, &sizes);
-        info!(run = run.run, resync = req.resync, periodic = req.periodic, regions = run.progress().regions_total, "disk verify starts");
+        info!(
+            run = run.run,
+            resync = req.resync,
+            periodic = req.periodic,
+            regions = run.progress().regions_total,
+            "disk verify starts"
+        );
         self.verify = Some((run, reply));
     }
 
@@ -1355,7 +1366,12 @@ impl Primary {
         }
         match self.disk.recopy(&regions).await {
             Ok(data) => {
-                info!(epoch, regions = regions.len(), data_bytes = data, "disk verify: differing regions re-copied");
+                info!(
+                    epoch,
+                    regions = regions.len(),
+                    data_bytes = data,
+                    "disk verify: differing regions re-copied"
+                );
                 if let Some((run, _)) = self.verify.as_mut() {
                     run.recopied(epoch, data);
                 }
@@ -1446,7 +1462,8 @@ impl Primary {
         report.device_save = t.elapsed();
         if !batch.is_empty() {
             let added = report.device_save.saturating_sub(save_took);
-            self.verify_sent(epoch, &batch, digests, hash_took, added).await;
+            self.verify_sent(epoch, &batch, digests, hash_took, added)
+                .await;
         }
         report.device_bytes = device.len() as u64;
 

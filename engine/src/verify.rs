@@ -442,10 +442,18 @@ mod tests {
         }
     }
 
+    /// (case, disk sizes, region size, expected (disk, offset, length)).
+    type PlanRow = (
+        &'static str,
+        &'static [u64],
+        u32,
+        &'static [(u16, u64, u32)],
+    );
+
     #[test]
     fn plan_table() {
         #[rustfmt::skip]
-        let rows: &[(&str, &[u64], u32, &[(u16, u64, u32)])] = &[
+        let rows: &[PlanRow] = &[
             ("no disks", &[], 1 << 20, &[]),
             ("an empty disk has no region", &[0], 1 << 20, &[]),
             ("exact multiple", &[2 << 20], 1 << 20, &[(0, 0, 1 << 20), (0, 1 << 20, 1 << 20)]),
@@ -489,18 +497,37 @@ mod tests {
         assert_eq!(b1, vec![r(0, 0, 1), r(0, 1, 1)]);
         run.sent(7, &b1, Duration::from_millis(1), Duration::ZERO);
         // A verdict of another run, or a region never asked, changes nothing.
-        assert_eq!(run.verdict(&result(2, 7, b1[0], VerifyVerdict::Differ)), Step::Continue);
-        assert_eq!(run.verdict(&result(3, 7, r(0, 4, 1), VerifyVerdict::Differ)), Step::Continue);
+        assert_eq!(
+            run.verdict(&result(2, 7, b1[0], VerifyVerdict::Differ)),
+            Step::Continue
+        );
+        assert_eq!(
+            run.verdict(&result(3, 7, r(0, 4, 1), VerifyVerdict::Differ)),
+            Step::Continue
+        );
         assert_eq!(run.progress().regions_done, 0);
-        assert_eq!(run.verdict(&result(3, 7, b1[0], VerifyVerdict::Match)), Step::Continue);
+        assert_eq!(
+            run.verdict(&result(3, 7, b1[0], VerifyVerdict::Match)),
+            Step::Continue
+        );
         // Repeated: ignored.
-        assert_eq!(run.verdict(&result(3, 7, b1[0], VerifyVerdict::Differ)), Step::Continue);
+        assert_eq!(
+            run.verdict(&result(3, 7, b1[0], VerifyVerdict::Differ)),
+            Step::Continue
+        );
         assert!(run.acked(7).is_ok(), "ACK(7) may precede 7's verdicts");
         assert!(matches!(
             run.acked(8),
-            Err(VerifyError::Unanswered { epoch: 7, acked: 8, .. })
+            Err(VerifyError::Unanswered {
+                epoch: 7,
+                acked: 8,
+                ..
+            })
         ));
-        assert_eq!(run.verdict(&result(3, 7, b1[1], VerifyVerdict::Differ)), Step::Continue);
+        assert_eq!(
+            run.verdict(&result(3, 7, b1[1], VerifyVerdict::Differ)),
+            Step::Continue
+        );
         let b2 = run.next_batch();
         run.sent(8, &b2, Duration::from_millis(1), Duration::from_millis(2));
         let b3 = run.next_batch();
@@ -510,7 +537,10 @@ mod tests {
         run.verdict(&result(3, 8, b2[0], VerifyVerdict::Stale));
         run.verdict(&result(3, 8, b2[1], VerifyVerdict::Other(99)));
         assert!(run.to_recopy().is_empty(), "not before every verdict");
-        assert_eq!(run.verdict(&result(3, 9, b3[0], VerifyVerdict::Match)), Step::Continue);
+        assert_eq!(
+            run.verdict(&result(3, 9, b3[0], VerifyVerdict::Match)),
+            Step::Continue
+        );
         assert_eq!(run.phase, Phase::Resyncing { epoch: None });
         assert_eq!(run.to_recopy(), vec![r(0, 1, 1)]);
         run.recopied(12, 1);
@@ -541,12 +571,22 @@ mod tests {
         let mut run = VerifyRun::new(1, req, &[8]);
         run.phase = Phase::Hashing;
         let b = run.next_batch();
-        assert_eq!(b, vec![r(0, 0, 4)], "a region over the budget still goes alone");
+        assert_eq!(
+            b,
+            vec![r(0, 0, 4)],
+            "a region over the budget still goes alone"
+        );
         run.sent(1, &b, Duration::ZERO, Duration::ZERO);
         let b2 = run.next_batch();
         run.sent(2, &b2, Duration::ZERO, Duration::ZERO);
-        assert_eq!(run.verdict(&result(1, 1, b[0], VerifyVerdict::Match)), Step::Continue);
-        assert_eq!(run.verdict(&result(1, 2, b2[0], VerifyVerdict::Match)), Step::Done);
+        assert_eq!(
+            run.verdict(&result(1, 1, b[0], VerifyVerdict::Match)),
+            Step::Continue
+        );
+        assert_eq!(
+            run.verdict(&result(1, 2, b2[0], VerifyVerdict::Match)),
+            Step::Done
+        );
         assert!(run.report().clean());
     }
 }

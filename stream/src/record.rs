@@ -236,7 +236,7 @@ impl DigestAlgorithm {
     }
 
     /// Bytes of the digest field the algorithm uses.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             DigestAlgorithm::Xxh3_128 => 16,
         }
@@ -265,7 +265,7 @@ pub struct DiskVerify {
     pub region: VerifyRegion,
     /// How `digest` was computed.
     pub algorithm: DigestAlgorithm,
-    /// The digest, `algorithm.len()` bytes used, the rest zero.
+    /// The digest, `algorithm.digest_len()` bytes used, the rest zero.
     pub digest: [u8; 32],
 }
 
@@ -1009,9 +1009,9 @@ pub(crate) fn check_owned(record: &Record) -> Result<(), BodyError> {
         }
         Record::DiskVerify(v) => {
             check_verify_region(&v.region)?;
-            if v.digest[v.algorithm.len()..].iter().any(|&b| b != 0) {
+            if v.digest[v.algorithm.digest_len()..].iter().any(|&b| b != 0) {
                 return Err(BodyError::DigestPadding {
-                    used: v.algorithm.len(),
+                    used: v.algorithm.digest_len(),
                 });
             }
             Ok(())
@@ -1070,9 +1070,9 @@ fn parse_disk_verify(body: &[u8]) -> Result<DiskVerify, BodyError> {
     let algorithm = DigestAlgorithm::from_code(code).ok_or(BodyError::DigestAlgorithm(code))?;
     let mut digest = [0u8; 32];
     digest.copy_from_slice(&body[32..64]);
-    if digest[algorithm.len()..].iter().any(|&b| b != 0) {
+    if digest[algorithm.digest_len()..].iter().any(|&b| b != 0) {
         return Err(BodyError::DigestPadding {
-            used: algorithm.len(),
+            used: algorithm.digest_len(),
         });
     }
     Ok(DiskVerify {
@@ -1452,9 +1452,12 @@ mod tests {
                 vec![0; 63],
                 |e| matches!(e, BodyError::Length { expected: 64, .. }),
             ),
-            ("DISK_VERIFY empty region", RecordType::DISK_VERIFY, verify(|_| {}), |e| {
-                matches!(e, BodyError::VerifyRange { len: 0, .. })
-            }),
+            (
+                "DISK_VERIFY empty region",
+                RecordType::DISK_VERIFY,
+                verify(|_| {}),
+                |e| matches!(e, BodyError::VerifyRange { len: 0, .. }),
+            ),
             (
                 "DISK_VERIFY region over the limit",
                 RecordType::DISK_VERIFY,

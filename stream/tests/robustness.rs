@@ -150,7 +150,10 @@ fn proved(bytes: &[u8]) -> Vec<u64> {
     let mut done = Vec::new();
     while let Some(item) = dec.decode_frame(&mut input).expect("valid stream") {
         if let remus_stream::Item::Record(f) = item {
-            if let Some(s) = verifier.observe(&f.record, f.crc).expect("epoch rules hold") {
+            if let Some(s) = verifier
+                .observe(&f.record, f.crc)
+                .expect("epoch rules hold")
+            {
                 done.push(s.end.epoch);
             }
         }
@@ -169,12 +172,17 @@ fn verify_records_are_outside_the_epoch_digest() {
     let encode = |unknown: bool| {
         let mut enc = Encoder::new();
         let mut bytes = Vec::new();
-        enc.header(&mut bytes, &header(StreamKind::Replication)).unwrap();
+        enc.header(&mut bytes, &header(StreamKind::Replication))
+            .unwrap();
         for r in &records {
             match r {
                 Record::DiskVerify(_) if unknown => {
-                    enc.raw(&mut bytes, remus_stream::RecordType(0x8000_7777), &[0u8; 64])
-                        .unwrap();
+                    enc.raw(
+                        &mut bytes,
+                        remus_stream::RecordType(0x8000_7777),
+                        &[0u8; 64],
+                    )
+                    .unwrap();
                 }
                 other => enc.record(&mut bytes, other).unwrap(),
             }

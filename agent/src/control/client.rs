@@ -94,10 +94,10 @@ impl ControlClient {
                 request: "status".to_string(),
                 reason: format!("the daemon answered with an error: {message}"),
             }),
-            Response::Done { .. } => Err(ControlError::Protocol {
+            Response::Done { .. } | Response::Verified(_) => Err(ControlError::Protocol {
                 path: self.path.clone(),
                 request: "status".to_string(),
-                reason: "the daemon answered `done` instead of a status".to_string(),
+                reason: "the daemon answered a command's result instead of a status".to_string(),
             }),
         }
     }

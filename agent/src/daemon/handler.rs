@@ -123,7 +123,8 @@ impl ControlHandler for DaemonHandler {
             Request::Start { domain, .. }
             | Request::Switchover { domain }
             | Request::Failover { domain }
-            | Request::TestActivate { domain } => domain.clone(),
+            | Request::TestActivate { domain }
+            | Request::Verify { domain, .. } => domain.clone(),
         };
         let Some(s) = self.supervisors.get(&domain) else {
             return Response::Error {

@@ -68,6 +68,11 @@ impl Control {
                     reason: format!("answered with a message instead of a status: {message}"),
                 })
             }
+            Response::Verified(_) => Err(ControlError::Protocol {
+                path: self.path.clone(),
+                request: "status".into(),
+                reason: "answered with a verify report instead of a status".into(),
+            }),
         }
     }
 }
@@ -136,6 +141,7 @@ mod tests {
                 Ok(Response::Done { .. }) => "done",
                 Ok(Response::Error { .. }) => "error",
                 Ok(Response::Status(_)) => "status",
+                Ok(Response::Verified(_)) => "verified",
                 Err(ControlError::Protocol { .. }) => "protocol",
                 Err(ControlError::Closed { .. }) => "closed",
                 Err(ControlError::NotRunning { .. }) => "not-running",
