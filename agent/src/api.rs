@@ -33,6 +33,7 @@ mod protection;
 mod role;
 #[cfg(test)]
 mod tests;
+pub mod verify;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,7 @@ pub use protection::{
     ReplicaStatus,
 };
 pub use role::{CopyHolder, CopyStamp, FenceProof, Role};
+pub use verify::{VerifyReport, VerifyStatus};
 
 /// Version of the control protocol; a client refuses a daemon that speaks another one.
 /// Unchanged since 0.1.0 (see the module's *Versions* for what a change requires).
@@ -91,6 +93,17 @@ pub enum Request {
         /// The domain.
         domain: String,
     },
+    /// Compare the domain's disks with the backup's replica at committed checkpoints while
+    /// the VM runs (asked of the primary); with `resync`, re-copy the regions that differ.
+    /// Answered with [`Response::Verified`] when the run is over. A new request: a daemon
+    /// older than it answers with a parse error, and an older client never sends it.
+    Verify {
+        /// The domain.
+        domain: String,
+        /// Re-copy the differing regions afterwards.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resync: bool,
+    },
     /// Re-read the daemon's configuration file and apply what can change without
     /// restarting a VM; anything else refuses the whole reload, naming file and line, and
     /// the running policy stays (see `config::reload`).
@@ -110,6 +123,8 @@ pub enum Response {
         /// What was done, for the operator.
         message: String,
     },
+    /// Answer to [`Request::Verify`] (only ever sent to a client that asked it).
+    Verified(Box<VerifyReport>),
     /// The request was refused or failed.
     Error {
         /// What and why, naming the domain.
@@ -239,6 +254,9 @@ pub struct DomainStatus {
     /// while empty (0.1.0's form).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unprotected: Vec<UnprotectedWindow>,
+    /// Online disk verifies (absent until the first: 0.1.0's form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyStatus>,
 }
 
 /// How many unprotected windows a domain's status keeps (the oldest are dropped; the
@@ -304,6 +322,12 @@ pub struct DomainCounters {
     /// (closed windows and the open one so far). Absent while zero (0.1.0's form).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unprotected_ms: u64,
+    /// Disk verifies finished (primary). Absent while zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub verify_runs: u64,
+    /// Regions found differing by those verifies. Absent while zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub verify_differing_regions: u64,
 }
 
 fn is_zero(v: &u64) -> bool {

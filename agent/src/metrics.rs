@@ -758,6 +758,34 @@ impl Collector for Snapshot {
             self.per_domain(|d| Some(d.resyncs.iter().map(|r| r.bytes_zero).sum::<u64>())),
         )?;
 
+        // Per domain: online disk verifies (primary).
+        counters(
+            e,
+            "remus_verify_runs",
+            "Online disk verifies finished on this node as primary.",
+            None,
+            self.per_domain(|d| Some(d.counters.verify_runs)),
+        )?;
+        counters(
+            e,
+            "remus_verify_differing_regions",
+            "Disk regions those verifies found differing from the backup's replica.",
+            None,
+            self.per_domain(|d| Some(d.counters.verify_differing_regions)),
+        )?;
+        gauges(
+            e,
+            "remus_verify_last_differing_regions",
+            "Regions the last finished verify found differing (absent before the first).",
+            None,
+            self.per_domain(|d| {
+                d.verify
+                    .as_ref()
+                    .and_then(|v| v.last.as_ref())
+                    .map(|l| i64::try_from(l.differing).unwrap_or(i64::MAX))
+            }),
+        )?;
+
         // Per domain: what an operator must look at.
         gauges(
             e,

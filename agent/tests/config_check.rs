@@ -269,7 +269,7 @@ fn several_problems_are_all_reported() {
     let text = minimal()
         .replacen(
             "name = \"web\"",
-            "name = \"Web!\"\ncheckpoint_interval_ms = 0",
+            "name = \"Web!\"\ncheckpoint_interval_ms = 0\nverify_interval_s = 30",
             1,
         )
         .replacen("bridge = \"br0\"", "bridge = \"a/b\"", 1)
@@ -283,6 +283,7 @@ fn several_problems_are_all_reported() {
     for (needle, msg) in [
         ("name = \"Web!\"", "not a valid name"),
         ("checkpoint_interval_ms = 0", "out of range"),
+        ("verify_interval_s = 30", "expected 0 (off) or 60..=604800"),
         ("bridge = \"a/b\"", "not a valid interface name"),
         ("interval_ms = 5", "out of range"),
     ] {

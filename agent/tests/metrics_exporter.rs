@@ -200,7 +200,7 @@ fn exposition_of_a_representative_snapshot() {
             assert!(line.starts_with("remus_"), "{line}");
         }
     }
-    assert_eq!(declared.len(), 49, "{declared:?}");
+    assert_eq!(declared.len(), 52, "{declared:?}");
     // absent sources give no series rather than a misleading zero
     for absent in [
         "remus_last_acked_epoch{domain=\"db\"}",
@@ -208,6 +208,7 @@ fn exposition_of_a_representative_snapshot() {
         "remus_epoch_pause_seconds{domain=\"db\"",
         "remus_last_failover_detection_seconds{domain=\"web\"}",
         "remus_lease_held{domain=\"db\"}",
+        "remus_verify_last_differing_regions{domain=\"web\"}",
     ] {
         assert!(!text.contains(absent), "{absent} should be absent");
     }

@@ -736,6 +736,16 @@ impl BackupStore {
         Ok((self.committed(), copied))
     }
 
+    /// Runs `f` on the replica under the commit lock (no commit can change it meanwhile),
+    /// with whether it is consistent and the committed epoch.
+    pub(crate) fn with_replica<T>(
+        &self,
+        f: impl FnOnce(&FileBackend, bool, Epoch) -> Result<T, BackendError>,
+    ) -> Result<T, BackupError> {
+        let c = lock(&self.committer);
+        Ok(f(&c.replica, c.consistent, self.committed())?)
+    }
+
     /// The tracker of ranges written to the replica by commits (shared).
     pub fn written_ranges(&self) -> WrittenRanges {
         self.written.clone()

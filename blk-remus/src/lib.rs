@@ -20,7 +20,8 @@
 //! - [`bitmap`]: the persistent dirty-region bitmap;
 //! - [`wal`]: the backup's write-ahead log (record framing, CRC32C, replay);
 //! - [`backup`]: per-epoch buffering, spill, commit, discard, activation;
-//! - [`sync`]: initial full copy and incremental resync from the dirty bitmap.
+//! - [`sync`]: initial full copy and incremental resync from the dirty bitmap;
+//! - [`verify`]: digests of the primary's image and the replica, re-copy of differing ranges.
 
 pub mod backend;
 pub mod backup;
@@ -30,6 +31,7 @@ pub mod nbd;
 pub mod primary;
 mod rangelock;
 pub mod sync;
+pub mod verify;
 pub mod wal;
 
 pub use backend::{BackendError, BlockBackend, FileBackend};

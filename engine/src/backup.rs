@@ -22,7 +22,8 @@
 //! than what clients have seen and must never be activated.
 
 use remus_stream::{
-    Encoder, FlatMemory, Nack, NackReason, PageDataRef, Record, StreamHeader, StreamKind, PAGE_SIZE,
+    DigestAlgorithm, DiskVerify, DiskVerifyResult, Encoder, FlatMemory, Nack, NackReason,
+    PageDataRef, Record, StreamHeader, StreamKind, VerifyVerdict, PAGE_SIZE,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -188,7 +189,13 @@ pub struct Backup<R, W> {
     quiesce: Option<mpsc::Receiver<QuiesceRequest>>,
     status: watch::Sender<BackupStatus>,
     scratch: Vec<u8>,
+    /// `DISK_VERIFY` requests waiting for their checkpoint to commit.
+    verify_pending: Vec<DiskVerify>,
 }
+
+/// Most `DISK_VERIFY` requests held for checkpoints not yet committed (a primary sends a
+/// few per checkpoint).
+const MAX_PENDING_VERIFY: usize = 4096;
 
 /// A request to hold the receiver still right after a checkpoint commits, so that the
 /// caller can read the replica's files (RAM, device state, disks) at exactly that
@@ -251,6 +258,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                 quiesce: None,
                 status: tx,
                 scratch: Vec::new(),
+                verify_pending: Vec::new(),
             },
             rx,
         )
@@ -346,6 +354,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                 domain: self.domain.clone(),
                 source,
             })?;
+        // Before any ACK, so the primary knows by the first ACK whether verify requests
+        // will be answered (`crate::verify`). An older primary logs and ignores it.
+        let caps = crate::disk::Capabilities {
+            disk_verify: u32::from(self.disk.can_verify()),
+        };
+        let caps = serde_json::to_string(&caps).unwrap_or_default();
+        self.replies
+            .send(Record::Control(caps))
+            .await
+            .map_err(|e| self.wire(e))?;
         self.session_begun = true;
         let state = self.replica.state();
         self.status.send_modify(|s| s.replica = state);
@@ -487,6 +505,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                     };
                     debug!(domain = %self.domain, epoch = end.epoch, ?summary, "checkpoint complete");
                     self.commit(end.epoch).await?;
+                    self.answer_verifies(end.epoch).await?;
                     self.serve_quiesce(end.epoch).await;
                 }
                 Record::Control(json) => {
@@ -495,8 +514,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
                         return Err(self.refuse(epoch, NackReason::Storage, e.to_string()).await);
                     }
                 }
+                Record::DiskVerify(v) => self.verify_request(v).await?,
                 Record::Unknown { .. } => {}
-                Record::CheckpointAck { .. } | Record::CheckpointNack(_) => {
+                Record::DiskVerifyResult(_)
+                | Record::CheckpointAck { .. }
+                | Record::CheckpointNack(_) => {
                     // The stream decoder refuses reply records in a replication stream.
                 }
             }
@@ -585,6 +607,93 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Backup<R, W> {
             .map_err(|e| self.wire(e))?;
         debug!(domain = %self.domain, epoch, "checkpoint committed and acknowledged");
         Ok(())
+    }
+
+    /// A `DISK_VERIFY`: compared once its checkpoint commits (at once if the replica holds
+    /// exactly it, "stale" if the replica is already past it). Requests beyond a bound are
+    /// answered "unreadable" rather than held without limit.
+    async fn verify_request(&mut self, v: DiskVerify) -> Result<(), BackupError> {
+        let committed = self.committed();
+        if committed == Some(v.epoch) && self.receiving.is_none_or(|(e, _)| e > v.epoch) {
+            return self.answer_verify(v).await;
+        }
+        if committed.is_some_and(|c| c >= v.epoch) {
+            return self.send_verdict(&v, VerifyVerdict::Stale).await;
+        }
+        if self.verify_pending.len() >= MAX_PENDING_VERIFY {
+            return self.send_verdict(&v, VerifyVerdict::Unreadable).await;
+        }
+        self.verify_pending.push(v);
+        Ok(())
+    }
+
+    /// Answers the pending requests of checkpoint `epoch`, just committed (and those of
+    /// older checkpoints as stale: the primary never sends them late, but say so).
+    async fn answer_verifies(&mut self, epoch: u64) -> Result<(), BackupError> {
+        if self.verify_pending.is_empty() {
+            return Ok(());
+        }
+        let (due, later): (Vec<DiskVerify>, Vec<DiskVerify>) =
+            std::mem::take(&mut self.verify_pending)
+                .into_iter()
+                .partition(|v| v.epoch <= epoch);
+        self.verify_pending = later;
+        for v in due {
+            if v.epoch == epoch {
+                self.answer_verify(v).await?;
+            } else {
+                self.send_verdict(&v, VerifyVerdict::Stale).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn answer_verify(&mut self, v: DiskVerify) -> Result<(), BackupError> {
+        let verdict = if v.algorithm != DigestAlgorithm::Xxh3_128 {
+            VerifyVerdict::Algorithm
+        } else {
+            match self
+                .disk
+                .digest(v.region.disk, v.region.offset, v.region.length.into())
+                .await
+            {
+                Ok(d) if !d.consistent => VerifyVerdict::Inconsistent,
+                Ok(d) if d.committed != v.epoch => VerifyVerdict::Stale,
+                Ok(d) if d.digest[..] == v.digest[..16] => VerifyVerdict::Match,
+                Ok(_) => VerifyVerdict::Differ,
+                Err(e) => {
+                    warn!(domain = %self.domain, error = %e, "verify: cannot read the replica region");
+                    VerifyVerdict::Unreadable
+                }
+            }
+        };
+        if verdict == VerifyVerdict::Differ {
+            warn!(
+                domain = %self.domain,
+                epoch = v.epoch,
+                disk = v.region.disk,
+                offset = v.region.offset,
+                length = v.region.length,
+                "verify: the replica differs from the primary"
+            );
+        }
+        self.send_verdict(&v, verdict).await
+    }
+
+    async fn send_verdict(
+        &mut self,
+        v: &DiskVerify,
+        verdict: VerifyVerdict,
+    ) -> Result<(), BackupError> {
+        self.replies
+            .send(Record::DiskVerifyResult(DiskVerifyResult {
+                epoch: v.epoch,
+                run: v.run,
+                region: v.region,
+                verdict,
+            }))
+            .await
+            .map_err(|e| self.wire(e))
     }
 
     /// Serves pending [`QuiesceRequest`]s: the replica is at committed checkpoint `epoch`

@@ -19,9 +19,11 @@ use blk_remus::{DiskEvent, WriteKind};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
-use crate::ports::{DiskBarrier, DiskOpHeld, DiskWriteHeld, PortError, ReplicaDisk};
+use crate::ports::{
+    DiskBarrier, DiskOpHeld, DiskWriteHeld, PortError, ReplicaDisk, ReplicaRegionDigest,
+};
 use crate::wire::{DiskWriteOp, Outgoing, StreamSender};
-use remus_stream::Record;
+use remus_stream::{Record, VerifyRegion};
 
 /// The JSON of a `CONTROL` record that carries a disk synchronisation marker (the stream
 /// format has no record type of its own for it; see `docs/stream-format.md`, CONTROL).
@@ -44,6 +46,17 @@ pub enum ControlMessage {
         /// Epoch of the marker.
         epoch: u64,
     },
+}
+
+/// The backup's first record on its reply stream (a `CONTROL`, before any ACK): what it can
+/// answer. A backup that sends none (older than online verify) answers no `DISK_VERIFY`,
+/// and the primary refuses a verify against it instead of waiting or reporting "clean".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename = "capabilities")]
+pub struct Capabilities {
+    /// Version of `DISK_VERIFY` handling: 0 none, 1 XXH3-128 region digests.
+    #[serde(default)]
+    pub disk_verify: u32,
 }
 
 /// Carries one disk's events from `blk-remus` into the replication stream.
@@ -162,6 +175,60 @@ impl DiskBarrier for PrimaryDisks {
         for d in &self.disks {
             d.primary.acknowledged(epoch);
         }
+    }
+
+    fn verify_sizes(&self) -> Vec<u64> {
+        use blk_remus::BlockBackend;
+        self.disks.iter().map(|d| d.primary.size()).collect()
+    }
+
+    async fn digests(&mut self, regions: &[VerifyRegion]) -> Result<Vec<[u8; 16]>, PortError> {
+        let disks: Vec<(String, Arc<blk_remus::Primary>)> = self
+            .disks
+            .iter()
+            .map(|d| (d.object.clone(), d.primary.clone()))
+            .collect();
+        let regions = regions.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(regions.len());
+            for r in regions {
+                let (name, disk) = disks.get(usize::from(r.disk)).ok_or_else(|| {
+                    PortError::new(format!("disk #{}", r.disk), "digest", "no such disk")
+                })?;
+                let what = format!("digest of {} bytes at {}", r.length, r.offset);
+                let d = disk
+                    .digests(&[(r.offset, r.length.into())])
+                    .map_err(|e| PortError::new(name.as_str(), &what, e))?;
+                out.extend(d);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| PortError::new("disks", "digest", e))?
+    }
+
+    async fn recopy(&mut self, regions: &[VerifyRegion]) -> Result<u64, PortError> {
+        let disks: Vec<(String, Arc<blk_remus::Primary>)> = self
+            .disks
+            .iter()
+            .map(|d| (d.object.clone(), d.primary.clone()))
+            .collect();
+        let regions = regions.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut sent = 0;
+            for r in regions {
+                let (name, disk) = disks.get(usize::from(r.disk)).ok_or_else(|| {
+                    PortError::new(format!("disk #{}", r.disk), "re-copy", "no such disk")
+                })?;
+                let what = format!("re-copy of {} bytes at {}", r.length, r.offset);
+                sent += disk
+                    .recopy(r.offset, r.length.into())
+                    .map_err(|e| PortError::new(name.as_str(), &what, e))?;
+            }
+            Ok(sent)
+        })
+        .await
+        .map_err(|e| PortError::new("disks", "re-copy", e))?
     }
 }
 
@@ -306,6 +373,29 @@ impl ReplicaDisk for ReplicaDisks {
             // Not a disk message: other control traffic shares the record type.
             Err(_) => Ok(()),
         }
+    }
+
+    fn can_verify(&self) -> bool {
+        true
+    }
+
+    async fn digest(
+        &mut self,
+        disk: u16,
+        offset: u64,
+        len: u64,
+    ) -> Result<ReplicaRegionDigest, PortError> {
+        let (name, store) = self.store(disk.into())?.clone();
+        let what = format!("digest of {len} bytes at {offset}");
+        let d = tokio::task::spawn_blocking(move || store.digest(offset, len))
+            .await
+            .map_err(|e| PortError::new(&name, &what, e))?
+            .map_err(|e| PortError::new(&name, &what, e))?;
+        Ok(ReplicaRegionDigest {
+            committed: d.committed,
+            consistent: d.consistent,
+            digest: d.digest,
+        })
     }
 
     async fn discard_uncommitted(&mut self) -> Result<(), PortError> {

@@ -18,4 +18,5 @@ pub mod ports;
 pub mod primary;
 pub mod replica;
 pub mod session;
+pub mod verify;
 pub mod wire;

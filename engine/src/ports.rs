@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use remus_stream::VerifyRegion;
 use thiserror::Error;
 
 /// The cause of a [`PortError`]: the adapter's own error, kept whole so its chain of
@@ -76,6 +77,43 @@ pub trait DiskBarrier: Send {
     /// The backup acknowledged every epoch ≤ `epoch`: regions written then need no resync
     /// if the link fails later.
     fn acknowledged(&mut self, _epoch: u64) {}
+
+    /// Sizes of the disks in index order, for online verify (`crate::verify`); empty when
+    /// these disks cannot be verified.
+    fn verify_sizes(&self) -> Vec<u64> {
+        Vec::new()
+    }
+
+    /// Digests of `regions` of the images as they are now. Called in the checkpoint pause,
+    /// after [`barrier`](Self::barrier), so they are the images checkpoint k commits.
+    async fn digests(&mut self, regions: &[VerifyRegion]) -> Result<Vec<[u8; 16]>, PortError> {
+        Err(PortError::new(
+            "disks",
+            format!("digest {} regions", regions.len()),
+            "these disks cannot be verified",
+        ))
+    }
+
+    /// Sends `regions` of the images again as ordinary writes of the current epoch (before
+    /// [`barrier`](Self::barrier)), so they commit with it. Returns the bytes sent as data.
+    async fn recopy(&mut self, regions: &[VerifyRegion]) -> Result<u64, PortError> {
+        Err(PortError::new(
+            "disks",
+            format!("re-copy {} regions", regions.len()),
+            "these disks cannot be verified",
+        ))
+    }
+}
+
+/// The replica's digest of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaRegionDigest {
+    /// The checkpoint the replica held while the region was read.
+    pub committed: u64,
+    /// Whether the replica was a consistent image (no sync in progress).
+    pub consistent: bool,
+    /// XXH3-128, little-endian.
+    pub digest: [u8; 16],
 }
 
 /// The backup's side of disk replication.
@@ -104,6 +142,26 @@ pub trait ReplicaDisk: Send {
     /// it for synchronisation markers). Messages a disk does not know are ignored.
     async fn control(&mut self, _json: &str) -> Result<(), PortError> {
         Ok(())
+    }
+
+    /// Whether [`digest`](Self::digest) works: the backup announces it to the primary.
+    fn can_verify(&self) -> bool {
+        false
+    }
+
+    /// The replica's digest of `len` bytes at `offset` of disk `disk`, at the committed
+    /// checkpoint it returns.
+    async fn digest(
+        &mut self,
+        disk: u16,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<ReplicaRegionDigest, PortError> {
+        Err(PortError::new(
+            format!("disk #{disk}"),
+            "digest",
+            "this replica cannot be verified",
+        ))
     }
 }
 

@@ -50,6 +50,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::copies;
 use crate::metrics::{EpochReport, EpochSummary, EpochWindow};
 use crate::ports::{DiskBarrier, OutputBuffer, PortError, VmControl};
+use crate::verify::{
+    Phase, Step, VerifyError, VerifyProgress, VerifyReport, VerifyRequest, VerifyRun,
+};
 use crate::wire::{Outgoing, StreamSender, WireError};
 
 /// The epoch of a session's first checkpoint. Epoch 0 names the state both sides start from
@@ -118,6 +121,11 @@ pub struct PrimaryConfig {
     /// Most checkpoints in flight (unacknowledged) at once, on top of the output buffer's
     /// own limit.
     pub max_in_flight: usize,
+    /// Start a disk verify this long after the last one ended (or the session began);
+    /// `None`: only when asked ([`PrimaryHandle::verify`]).
+    pub verify_interval: Option<Duration>,
+    /// Region size and per-pause budget of verify runs (periodic and asked).
+    pub verify: VerifyRequest,
 }
 
 /// What a policy reload may change while the loop runs: the period and the ACK deadlines.
@@ -153,6 +161,8 @@ impl PrimaryConfig {
             precopy_max_rounds: 5,
             precopy_done_pages: 256,
             max_in_flight: 2,
+            verify_interval: None,
+            verify: VerifyRequest::default(),
         }
     }
 }
@@ -262,6 +272,15 @@ pub struct PrimaryStatus {
     pub tracker: String,
     /// Pages the replica audit found missed by the tracker, since the start.
     pub audit_repaired_total: u64,
+    /// The disk verify in progress.
+    #[serde(default)]
+    pub verify: Option<VerifyProgress>,
+    /// The last disk verify that finished in this session.
+    #[serde(default)]
+    pub last_verify: Option<VerifyReport>,
+    /// Whether the backup said it answers verify requests (`None` before its first ACK).
+    #[serde(default)]
+    pub peer_can_verify: Option<bool>,
 }
 
 /// A reply from the backup, as the primary's reader task delivers it.
@@ -276,6 +295,10 @@ pub enum Reply {
         /// Why, as the backup said it (text from the wire).
         reason: String,
     },
+    /// The backup's verdict on one `DISK_VERIFY`.
+    Verified(remus_stream::DiskVerifyResult),
+    /// What the backup can answer (its first record, before any ACK).
+    Capabilities(crate::disk::Capabilities),
     /// The reply stream ended; nothing follows. Shared so the reply stays cloneable.
     Lost(Arc<RepliesEnded>),
 }
@@ -301,6 +324,8 @@ impl PartialEq for Reply {
                 },
             ) => epoch == e && reason == r,
             (Reply::Lost(a), Reply::Lost(b)) => a.to_string() == b.to_string(),
+            (Reply::Verified(a), Reply::Verified(b)) => a == b,
+            (Reply::Capabilities(a), Reply::Capabilities(b)) => a == b,
             _ => false,
         }
     }
@@ -537,7 +562,22 @@ pub struct Primary {
     last_acked: Option<u64>,
     precopy_pages: Vec<u64>,
     initial_sync: Option<oneshot::Receiver<Result<(), PortError>>>,
+    /// Verify requests from the handle.
+    verify_rx: mpsc::Receiver<VerifyJob>,
+    /// The verify run in progress, and who waits for its report (none for a periodic one).
+    verify: Option<(VerifyRun, Option<VerifyReply>)>,
+    /// Whether the backup answers verify requests; `None` until its first ACK.
+    peer_can_verify: Option<bool>,
+    /// Verify runs started in this session (the next run's number).
+    verify_runs: u32,
+    /// When the policy's next periodic verify is due.
+    next_periodic_verify: Option<Instant>,
 }
+
+/// Where a verify's report goes.
+pub type VerifyReply = oneshot::Sender<Result<VerifyReport, VerifyError>>;
+/// A verify request with its reply.
+type VerifyJob = (VerifyRequest, VerifyReply);
 
 /// Handles the caller keeps: status, shutdown and hand-off.
 pub struct PrimaryHandle {
@@ -551,6 +591,8 @@ pub struct PrimaryHandle {
     pub tuning: watch::Sender<Tuning>,
     /// See [`abandon_backup`](Self::abandon_backup).
     pub abandon: watch::Sender<bool>,
+    /// See [`verify`](Self::verify).
+    pub verify: mpsc::Sender<(VerifyRequest, VerifyReply)>,
 }
 
 impl PrimaryHandle {
@@ -580,6 +622,26 @@ impl PrimaryHandle {
     /// [`PrimaryExit::BackupLost`] as any lost backup (the VM keeps running here).
     pub fn hand_off(&self) {
         self.handoff.send_replace(true);
+    }
+
+    /// Asks for an online disk verify (see [`crate::verify`]); the report (or why there is
+    /// none) arrives on the returned channel. Refused at the next epoch boundary when a run
+    /// is in progress or the backup cannot answer; the channel closes without a report if
+    /// protection ends first.
+    pub fn start_verify(
+        &self,
+        req: VerifyRequest,
+    ) -> oneshot::Receiver<Result<VerifyReport, VerifyError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(
+            mpsc::error::TrySendError::Full((_, tx)) | mpsc::error::TrySendError::Closed((_, tx)),
+        ) = self.verify.try_send((req, tx))
+        {
+            let _ = tx.send(Err(VerifyError::Ended(
+                "the epoch loop does not take verify requests now".into(),
+            )));
+        }
+        rx
     }
 }
 
@@ -627,7 +689,11 @@ impl Primary {
             precopy_pages: Vec::new(),
             tracker: parts.tracker.kind().as_str().to_string(),
             audit_repaired_total: 0,
+            verify: None,
+            last_verify: None,
+            peer_can_verify: None,
         });
+        let (verify_tx, verify_rx) = mpsc::channel(4);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (handoff_tx, handoff_rx) = watch::channel(false);
         let (tuning_tx, tuning_rx) = watch::channel(cfg.tuning());
@@ -667,6 +733,11 @@ impl Primary {
             last_acked: None,
             precopy_pages: Vec::new(),
             initial_sync: parts.initial_sync,
+            verify_rx,
+            verify: None,
+            peer_can_verify: None,
+            verify_runs: 0,
+            next_periodic_verify: cfg.verify_interval.map(|i| Instant::now() + i),
             cfg,
         };
         Ok((
@@ -677,6 +748,7 @@ impl Primary {
                 handoff: handoff_tx,
                 tuning: tuning_tx,
                 abandon: abandon_tx,
+                verify: verify_tx,
             },
         ))
     }
@@ -709,6 +781,20 @@ impl Primary {
             .run_inner()
             .instrument(info_span!("primary", domain = %domain))
             .await;
+        if let Some((run, reply)) = self.verify.take() {
+            let why = match &exit {
+                Ok(PrimaryExit::BackupLost { reason, .. }) => format!("backup lost: {reason}"),
+                Ok(_) => "the session ended".to_string(),
+                Err(e) => e.to_string(),
+            };
+            info!(run = run.run, %why, "disk verify abandoned");
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(VerifyError::Ended(why)));
+            }
+        }
+        while let Ok((_, reply)) = self.verify_rx.try_recv() {
+            let _ = reply.send(Err(VerifyError::Ended("the session ended".into())));
+        }
         self.set_phase(EpochPhase::Ended);
         exit
     }
@@ -728,6 +814,7 @@ impl Primary {
         let mut epoch = FIRST_EPOCH;
         loop {
             self.take_tuning();
+            self.poll_verify();
             let started = Instant::now();
             let ack_wait = match self.make_room(epoch).await {
                 Ok(Some(w)) => w,
@@ -1057,7 +1144,27 @@ impl Primary {
             Some(Reply::Nack { epoch, reason }) => {
                 Err(BackupLoss::Refused { epoch, reason }.into())
             }
+            Some(Reply::Capabilities(c)) => {
+                self.peer_can_verify = Some(c.disk_verify >= 1);
+                self.publish_verify();
+                Ok(())
+            }
+            Some(Reply::Verified(r)) => {
+                if let Some((run, _)) = self.verify.as_mut() {
+                    if run.verdict(&r) == Step::Done {
+                        self.finish_verify(Ok(()));
+                    } else {
+                        self.publish_verify();
+                    }
+                }
+                Ok(())
+            }
             Some(Reply::Ack(epoch)) => {
+                if self.peer_can_verify.is_none() {
+                    // Announced before any ACK by a backup that can: this one cannot.
+                    self.peer_can_verify = Some(false);
+                }
+                self.verify_acked(epoch);
                 let mut f = match self.in_flight.pop_front() {
                     Some(f) if f.epoch == epoch => f,
                     Some(f) => {
@@ -1112,6 +1219,203 @@ impl Primary {
         }
     }
 
+    /// Takes verify requests (at an epoch boundary) and starts the policy's periodic run
+    /// when it is due.
+    fn poll_verify(&mut self) {
+        while let Ok((req, reply)) = self.verify_rx.try_recv() {
+            if let Some((run, _)) = &self.verify {
+                let _ = reply.send(Err(VerifyError::Busy(run.run)));
+                continue;
+            }
+            self.start_verify(req, Some(reply));
+        }
+        let due = self
+            .next_periodic_verify
+            .is_some_and(|at| Instant::now() >= at);
+        if due && self.verify.is_none() && self.peer_can_verify == Some(true) {
+            let req = VerifyRequest {
+                periodic: true,
+                resync: false,
+                ..self.cfg.verify
+            };
+            self.start_verify(req, None);
+        }
+        if let Some((run, _)) = self.verify.as_mut() {
+            if run.phase == Phase::Waiting {
+                match self.peer_can_verify {
+                    Some(true) => run.phase = Phase::Hashing,
+                    Some(false) => self.finish_verify(Err(VerifyError::PeerCannotVerify)),
+                    None => {}
+                }
+            }
+        }
+        self.publish_verify();
+    }
+
+    fn start_verify(&mut self, req: VerifyRequest, reply: Option<VerifyReply>) {
+        if self.peer_can_verify == Some(false) {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(VerifyError::PeerCannotVerify));
+            }
+            return;
+        }
+        let sizes = self.disk.verify_sizes();
+        if sizes.iter().all(|&s| s == 0) {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(VerifyError::NoDisks));
+            }
+            return;
+        }
+        self.verify_runs += 1;
+        let req = VerifyRequest {
+            region_bytes: req
+                .region_bytes
+                .clamp(4096, remus_stream::MAX_VERIFY_REGION),
+            bytes_per_epoch: req.bytes_per_epoch.max(1),
+            ..req
+        };
+        let run = VerifyRun::new(self.verify_runs, req, &sizes);
+        info!(
+            run = run.run,
+            resync = req.resync,
+            periodic = req.periodic,
+            regions = run.progress().regions_total,
+            "disk verify starts"
+        );
+        self.verify = Some((run, reply));
+    }
+
+    /// Ends the run: its report (or `err`) to whoever waits, and into the status.
+    fn finish_verify(&mut self, result: Result<(), VerifyError>) {
+        let Some((run, reply)) = self.verify.take() else {
+            return;
+        };
+        let result = result.map(|()| run.report());
+        match &result {
+            Ok(r) if r.clean() => info!(
+                run = r.run,
+                regions = r.regions_checked,
+                bytes = r.bytes_hashed,
+                ms = r.elapsed.as_millis() as u64,
+                "disk verify: the replica equals the primary"
+            ),
+            Ok(r) => warn!(
+                run = r.run,
+                differing = r.differing_count,
+                not_compared = r.not_compared.len(),
+                resynced = r.resynced.is_some(),
+                "disk verify: the replica differs from the primary"
+            ),
+            Err(e) => warn!(run = run.run, error = %e, "disk verify failed"),
+        }
+        if let Ok(r) = &result {
+            let r = r.clone();
+            self.status.send_modify(|s| s.last_verify = Some(r));
+        }
+        if run.periodic() || result.is_ok() {
+            self.next_periodic_verify = self.cfg.verify_interval.map(|i| Instant::now() + i);
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+        self.publish_verify();
+    }
+
+    fn publish_verify(&self) {
+        let progress = self.verify.as_ref().map(|(run, _)| run.progress());
+        let peer = self.peer_can_verify;
+        self.status.send_if_modified(|s| {
+            let changed = s.verify != progress || s.peer_can_verify != peer;
+            s.verify = progress;
+            s.peer_can_verify = peer;
+            changed
+        });
+    }
+
+    fn verify_acked(&mut self, epoch: u64) {
+        let Some((run, _)) = self.verify.as_mut() else {
+            return;
+        };
+        match run.acked(epoch) {
+            Ok(Step::Continue) => {}
+            Ok(Step::Done) => self.finish_verify(Ok(())),
+            Err(e) => self.finish_verify(Err(e)),
+        }
+    }
+
+    /// Queues the `DISK_VERIFY` records of a batch hashed at checkpoint `epoch`'s pause.
+    async fn verify_sent(
+        &mut self,
+        epoch: u64,
+        batch: &[remus_stream::VerifyRegion],
+        digests: Result<Vec<[u8; 16]>, PortError>,
+        took: Duration,
+        added: Duration,
+    ) {
+        let digests = match digests {
+            Ok(d) if d.len() == batch.len() => d,
+            Ok(d) => {
+                let e = PortError::new(
+                    "disks",
+                    "digest",
+                    format!("{} digests for {} regions", d.len(), batch.len()),
+                );
+                return self.finish_verify(Err(VerifyError::Port(e)));
+            }
+            Err(e) => return self.finish_verify(Err(VerifyError::Port(e))),
+        };
+        let run_id = match self.verify.as_mut() {
+            Some((run, _)) => {
+                run.sent(epoch, batch, took, added);
+                run.run
+            }
+            None => return,
+        };
+        for (region, d) in batch.iter().zip(digests) {
+            let mut digest = [0u8; 32];
+            digest[..16].copy_from_slice(&d);
+            let rec = Record::DiskVerify(remus_stream::DiskVerify {
+                epoch,
+                run: run_id,
+                region: *region,
+                algorithm: remus_stream::DigestAlgorithm::Xxh3_128,
+                digest,
+            });
+            // A failed send is the lost stream, which the checkpoint's own sends report.
+            if self.send(Outgoing::Record(rec)).await.is_err() {
+                return;
+            }
+        }
+        self.publish_verify();
+    }
+
+    /// A resyncing run's differing regions go out again as writes of `epoch` (the VM is
+    /// stopped and the barrier of `epoch` not yet taken, so they commit with it).
+    async fn verify_recopy(&mut self, epoch: u64) {
+        let regions = match self.verify.as_ref() {
+            Some((run, _)) => run.to_recopy(),
+            None => return,
+        };
+        if regions.is_empty() {
+            return;
+        }
+        match self.disk.recopy(&regions).await {
+            Ok(data) => {
+                info!(
+                    epoch,
+                    regions = regions.len(),
+                    data_bytes = data,
+                    "disk verify: differing regions re-copied"
+                );
+                if let Some((run, _)) = self.verify.as_mut() {
+                    run.recopied(epoch, data);
+                }
+                self.publish_verify();
+            }
+            Err(e) => self.finish_verify(Err(VerifyError::Port(e))),
+        }
+    }
+
     /// Queues `item` for the backup; a failure means the stream (so the backup) is lost.
     async fn send(&mut self, item: Outgoing) -> Result<(), BackupLoss> {
         let what = item.describe();
@@ -1154,6 +1458,7 @@ impl Primary {
         report.dirty_pages = stats.pages_dirty;
         report.audit_repaired = repaired;
 
+        self.verify_recopy(epoch).await;
         self.set_phase(EpochPhase::DiskBarrier { epoch });
         let t = Instant::now();
         self.disk.barrier(epoch).await.map_err(self.port(epoch))?;
@@ -1166,12 +1471,35 @@ impl Primary {
 
         self.set_phase(EpochPhase::SavingDevice { epoch });
         let t = Instant::now();
-        let device = self
-            .vm
-            .save_device_state()
-            .await
-            .map_err(self.port(epoch))?;
+        // A verify batch is hashed while the device state is saved: the image is checkpoint
+        // k's now, and the pause grows only if hashing takes longer than the save.
+        let batch = match self.verify.as_mut() {
+            Some((run, _)) if barrier_sent.is_ok() => run.next_batch(),
+            _ => Vec::new(),
+        };
+        let (vm, disk) = (&mut self.vm, &mut self.disk);
+        let hashing = async {
+            if batch.is_empty() {
+                return (Ok(Vec::new()), Duration::ZERO);
+            }
+            let t = Instant::now();
+            (disk.digests(&batch).await, t.elapsed())
+        };
+        let (device, (digests, hash_took)) = tokio::join!(
+            async {
+                let d = vm.save_device_state().await;
+                (d, t.elapsed())
+            },
+            hashing
+        );
+        let (device, save_took) = device;
+        let device = device.map_err(self.port(epoch))?;
         report.device_save = t.elapsed();
+        if !batch.is_empty() {
+            let added = report.device_save.saturating_sub(save_took);
+            self.verify_sent(epoch, &batch, digests, hash_took, added)
+                .await;
+        }
         report.device_bytes = device.len() as u64;
 
         let t = Instant::now();

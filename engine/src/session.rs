@@ -105,6 +105,16 @@ pub async fn open_primary(
                         epoch: n.epoch,
                         reason: format!("{}: {}", n.reason, n.message),
                     },
+                    Record::DiskVerifyResult(r) => Reply::Verified(r),
+                    Record::Control(json) => {
+                        match serde_json::from_str::<crate::disk::Capabilities>(&json) {
+                            Ok(c) => Reply::Capabilities(c),
+                            Err(_) => {
+                                warn!(%json, "ignoring an unknown control record on the reply stream");
+                                continue;
+                            }
+                        }
+                    }
                     Record::End => Reply::lost(RepliesEnded::Ended),
                     other => {
                         warn!(record = ?other.record_type(), "ignoring an unexpected reply record");

@@ -128,11 +128,17 @@ async fn ask_quiesce(
     (quiesced, resume)
 }
 
+/// The next reply other than the backup's capabilities announcement.
 async fn reply(p: &mut PrimarySession) -> Reply {
-    tokio::time::timeout(Duration::from_secs(10), p.replies.recv())
-        .await
-        .expect("a reply within 10 s")
-        .expect("reply channel open")
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), p.replies.recv())
+            .await
+            .expect("a reply within 10 s")
+            .expect("reply channel open");
+        if !matches!(r, Reply::Capabilities(_)) {
+            return r;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,6 +93,13 @@ async fn a_checkpoint_with_a_wrong_digest_is_refused_and_the_previous_one_still_
         .await
         .unwrap();
     checkpoint(&session.sender, 1, 0x11, b"device-1", true).await;
+    // Before any ACK the backup says what it can answer: without disks, no disk verify.
+    assert_eq!(
+        session.replies.recv().await,
+        Some(Reply::Capabilities(remus_engine::disk::Capabilities {
+            disk_verify: 0
+        }))
+    );
     assert_eq!(session.replies.recv().await, Some(Reply::Ack(1)));
     checkpoint(&session.sender, 2, 0x22, b"device-2", false).await;
     match session.replies.recv().await {

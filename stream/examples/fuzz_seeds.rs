@@ -6,12 +6,17 @@ fn main() -> std::io::Result<()> {
         .nth(1)
         .unwrap_or_else(|| "fuzz/corpus/decode".into());
     std::fs::create_dir_all(&dir)?;
-    let stream = remus_stream::fuzzing::sample_stream();
-    for step in [0u8, 7, 63] {
-        let mut seed = vec![step];
-        seed.extend_from_slice(&stream);
-        std::fs::write(format!("{dir}/sample-{step}"), &seed)?;
+    let streams = [
+        ("sample", remus_stream::fuzzing::sample_stream()),
+        ("reply", remus_stream::fuzzing::sample_reply_stream()),
+    ];
+    for (name, stream) in &streams {
+        for step in [0u8, 7, 63] {
+            let mut seed = vec![step];
+            seed.extend_from_slice(stream);
+            std::fs::write(format!("{dir}/{name}-{step}"), &seed)?;
+        }
     }
-    println!("wrote 3 seeds to {dir}");
+    println!("wrote 6 seeds to {dir}");
     Ok(())
 }

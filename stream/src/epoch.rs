@@ -289,7 +289,7 @@ impl EpochVerifier {
         crc: u32,
     ) -> Result<Option<EpochSummary>, EpochError> {
         if let Some(handed_off) = self.handed_off {
-            if !matches!(record, RecordRef::End | RecordRef::Unknown { .. }) {
+            if !matches!(record, RecordRef::End) && !record.record_type().is_optional() {
                 return Err(EpochError::AfterHandOff {
                     handed_off,
                     record: record.record_type().name().unwrap_or("record"),

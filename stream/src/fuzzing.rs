@@ -46,6 +46,70 @@ pub fn decode_all(data: &[u8]) -> usize {
     records
 }
 
+fn sample_verify() -> crate::DiskVerify {
+    let mut digest = [0u8; 32];
+    digest[..16].copy_from_slice(&0x0123_4567_89ab_cdef_fedc_ba98_7654_3210u128.to_le_bytes());
+    crate::DiskVerify {
+        epoch: 1,
+        run: 7,
+        region: crate::VerifyRegion {
+            disk: 1,
+            offset: 8 << 20,
+            length: 1 << 20,
+        },
+        algorithm: crate::DigestAlgorithm::Xxh3_128,
+        digest,
+    }
+}
+
+/// A valid reply stream using every reply record type: the second seed of the fuzzer (the
+/// decoder refuses reply records in a replication stream, so they need their own).
+pub fn sample_reply_stream() -> Vec<u8> {
+    use crate::{
+        DiskVerifyResult, Encoder, Nack, NackReason, Record, StreamHeader, StreamKind,
+        VerifyVerdict,
+    };
+    let mut enc = Encoder::new();
+    let mut out = Vec::new();
+    let header = StreamHeader {
+        kind: StreamKind::Reply,
+        session_id: 0xfeed_f00d_dead_beef,
+        node: "beta".into(),
+        domain: "web-1".into(),
+    };
+    fn ok<T>(r: Result<T, crate::EncodeError>) -> T {
+        r.expect("sample reply input is valid")
+    }
+    ok(enc.header(&mut out, &header));
+    let v = sample_verify();
+    let records = [
+        Record::Control(r#"{"kind":"capabilities","disk_verify":1}"#.into()),
+        Record::CheckpointAck { epoch: 1 },
+        Record::DiskVerifyResult(DiskVerifyResult {
+            epoch: v.epoch,
+            run: v.run,
+            region: v.region,
+            verdict: VerifyVerdict::Differ,
+        }),
+        Record::DiskVerifyResult(DiskVerifyResult {
+            epoch: 2,
+            run: v.run,
+            region: v.region,
+            verdict: VerifyVerdict::Other(200),
+        }),
+        Record::CheckpointNack(Nack {
+            epoch: 2,
+            reason: NackReason::Storage,
+            message: "fsync failed".into(),
+        }),
+        Record::End,
+    ];
+    for r in &records {
+        ok(enc.record(&mut out, r));
+    }
+    out
+}
+
 /// A valid replication stream using every replication record type and every page
 /// encoding: the seed for the fuzzer and the fixture of mutation tests.
 pub fn sample_stream() -> Vec<u8> {
@@ -115,6 +179,8 @@ pub fn sample_stream() -> Vec<u8> {
         }),
     ));
     ok(enc.disk_barrier(&mut out, 1));
+    // Outside the epoch's counts: the END below must still match without it.
+    ok(enc.record(&mut out, &Record::DiskVerify(sample_verify())));
     ok(enc.checkpoint_end(&mut out, 1));
     ok(enc.record(&mut out, &Record::Control(r#"{"op":"noop"}"#.into())));
     ok(enc.record(&mut out, &Record::End));

@@ -36,8 +36,9 @@ pub use pages::{
     PageReference,
 };
 pub use record::{
-    BodyError, CheckpointEnd, DeviceState, DeviceStateRef, DiskBarrier, DiskOp, DiskOpRef,
-    DiskWrite, DiskWriteRef, DomainConfig, Nack, NackReason, Record, RecordRef, RecordType,
+    BodyError, CheckpointEnd, DeviceState, DeviceStateRef, DigestAlgorithm, DiskBarrier, DiskOp,
+    DiskOpRef, DiskVerify, DiskVerifyResult, DiskWrite, DiskWriteRef, DomainConfig, Nack,
+    NackReason, Record, RecordRef, RecordType, VerifyRegion, VerifyVerdict, MAX_VERIFY_REGION,
 };
 
 /// The 8 bytes every stream starts with. The non-ASCII first byte and the CR LF pair make a

@@ -53,9 +53,16 @@ impl RecordType {
     /// stopped at it and the backup is to take over from it. Mandatory: a backup that does
     /// not know it must fail rather than keep waiting as a replica.
     pub const HANDOFF: Self = Self(0x0000_000A);
+    /// Primary → backup: the digest of a disk region as checkpoint `epoch` leaves it, to be
+    /// compared with the replica once that checkpoint commits (online verify). Optional, and
+    /// outside every epoch's counts and digest, so an older backup skips it without failing
+    /// the checkpoint; the primary sends it only to a backup that announced it can answer.
+    pub const DISK_VERIFY: Self = Self(0x8000_0012);
+    /// Backup → primary: the outcome of one `DISK_VERIFY`. Optional.
+    pub const DISK_VERIFY_RESULT: Self = Self(0x8000_0013);
 
     /// Every type this version defines, for tables and tests.
-    pub const KNOWN: [RecordType; 12] = [
+    pub const KNOWN: [RecordType; 14] = [
         Self::END,
         Self::DOMAIN_CONFIG,
         Self::CHECKPOINT_BEGIN,
@@ -68,6 +75,8 @@ impl RecordType {
         Self::CHECKPOINT_ACK,
         Self::CHECKPOINT_NACK,
         Self::HANDOFF,
+        Self::DISK_VERIFY,
+        Self::DISK_VERIFY_RESULT,
     ];
 
     /// Whether a reader that does not know this type may skip it.
@@ -90,6 +99,8 @@ impl RecordType {
             Self::CHECKPOINT_ACK => "CHECKPOINT_ACK",
             Self::CHECKPOINT_NACK => "CHECKPOINT_NACK",
             Self::HANDOFF => "HANDOFF",
+            Self::DISK_VERIFY => "DISK_VERIFY",
+            Self::DISK_VERIFY_RESULT => "DISK_VERIFY_RESULT",
             _ => return None,
         })
     }
@@ -98,7 +109,9 @@ impl RecordType {
     pub fn allowed_in(self, kind: StreamKind) -> bool {
         match self {
             Self::END | Self::CONTROL => true,
-            Self::CHECKPOINT_ACK | Self::CHECKPOINT_NACK => kind == StreamKind::Reply,
+            Self::CHECKPOINT_ACK | Self::CHECKPOINT_NACK | Self::DISK_VERIFY_RESULT => {
+                kind == StreamKind::Reply
+            }
             _ => kind == StreamKind::Replication,
         }
     }
@@ -157,6 +170,15 @@ pub enum BodyError {
     /// DISK_WRITE data length does not match the declared length.
     #[error("disk write declares {declared} bytes but carries {found}")]
     DiskData { declared: u32, found: usize },
+    /// DISK_VERIFY / DISK_VERIFY_RESULT digest algorithm unknown.
+    #[error("unknown digest algorithm {0}")]
+    DigestAlgorithm(u8),
+    /// DISK_VERIFY digest bytes past the algorithm's length are not zero.
+    #[error("digest bytes past the algorithm's {used} are not zero")]
+    DigestPadding { used: usize },
+    /// DISK_VERIFY / DISK_VERIFY_RESULT region of zero bytes, over the limit, or overflowing.
+    #[error("verify region of {len} bytes at offset {offset} is empty, over {max} bytes, or overflows", max = MAX_VERIFY_REGION)]
+    VerifyRange { offset: u64, len: u32 },
     /// A text field is not UTF-8.
     #[error("{field} is not valid UTF-8")]
     Utf8 { field: &'static str },
@@ -184,6 +206,141 @@ pub struct DiskBarrier {
     pub writes: u64,
     /// Sum of their `DATA` payload bytes.
     pub data_bytes: u64,
+}
+
+/// Largest region one `DISK_VERIFY` may cover (bounds the backup's work per record).
+pub const MAX_VERIFY_REGION: u32 = 64 << 20;
+
+/// Digest algorithms of `DISK_VERIFY`. The digest field is 32 bytes; an algorithm with a
+/// shorter digest uses the first bytes and leaves the rest zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DigestAlgorithm {
+    /// XXH3-128 (seed 0), little-endian: 16 bytes.
+    Xxh3_128,
+}
+
+impl DigestAlgorithm {
+    /// Wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            DigestAlgorithm::Xxh3_128 => 1,
+        }
+    }
+
+    /// From a wire code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(DigestAlgorithm::Xxh3_128),
+            _ => None,
+        }
+    }
+
+    /// Bytes of the digest field the algorithm uses.
+    pub fn digest_len(self) -> usize {
+        match self {
+            DigestAlgorithm::Xxh3_128 => 16,
+        }
+    }
+}
+
+/// A disk region named by a verify record: `length` bytes at `offset` of disk `disk`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerifyRegion {
+    /// Index of the disk in the domain's disk list.
+    pub disk: u16,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Bytes covered, `1 ..= MAX_VERIFY_REGION`.
+    pub length: u32,
+}
+
+/// `DISK_VERIFY`: the primary's digest of a region as checkpoint `epoch` leaves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskVerify {
+    /// The checkpoint whose committed replica the region is compared with.
+    pub epoch: u64,
+    /// The verify run (chosen by the primary; echoed in the result).
+    pub run: u32,
+    /// The region.
+    pub region: VerifyRegion,
+    /// How `digest` was computed.
+    pub algorithm: DigestAlgorithm,
+    /// The digest, `algorithm.digest_len()` bytes used, the rest zero.
+    pub digest: [u8; 32],
+}
+
+/// What the backup found for one `DISK_VERIFY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyVerdict {
+    /// The replica's region has the same digest at the checkpoint.
+    Match,
+    /// The replica's region differs.
+    Differ,
+    /// Not compared: the replica was already past the checkpoint when the request came.
+    Stale,
+    /// Not compared: the replica is mid-synchronisation (not an image the VM had).
+    Inconsistent,
+    /// Not compared: the backup could not read the region (no such disk, out of range, I/O).
+    Unreadable,
+    /// Not compared: the backup does not know the digest algorithm.
+    Algorithm,
+    /// A code this version does not know; kept so it can be reported.
+    Other(u8),
+}
+
+impl VerifyVerdict {
+    /// Wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            VerifyVerdict::Match => 0,
+            VerifyVerdict::Differ => 1,
+            VerifyVerdict::Stale => 2,
+            VerifyVerdict::Inconsistent => 3,
+            VerifyVerdict::Unreadable => 4,
+            VerifyVerdict::Algorithm => 5,
+            VerifyVerdict::Other(c) => c,
+        }
+    }
+
+    /// From a wire code; unknown codes are kept (and count as "not compared").
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0 => VerifyVerdict::Match,
+            1 => VerifyVerdict::Differ,
+            2 => VerifyVerdict::Stale,
+            3 => VerifyVerdict::Inconsistent,
+            4 => VerifyVerdict::Unreadable,
+            5 => VerifyVerdict::Algorithm,
+            c => VerifyVerdict::Other(c),
+        }
+    }
+}
+
+impl fmt::Display for VerifyVerdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VerifyVerdict::Match => f.write_str("match"),
+            VerifyVerdict::Differ => f.write_str("differ"),
+            VerifyVerdict::Stale => f.write_str("stale"),
+            VerifyVerdict::Inconsistent => f.write_str("inconsistent"),
+            VerifyVerdict::Unreadable => f.write_str("unreadable"),
+            VerifyVerdict::Algorithm => f.write_str("unknown-algorithm"),
+            VerifyVerdict::Other(c) => write!(f, "code-{c}"),
+        }
+    }
+}
+
+/// `DISK_VERIFY_RESULT`: the backup's answer to one `DISK_VERIFY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskVerifyResult {
+    /// The checkpoint the request named.
+    pub epoch: u64,
+    /// The request's run.
+    pub run: u32,
+    /// The request's region.
+    pub region: VerifyRegion,
+    /// What the backup found.
+    pub verdict: VerifyVerdict,
 }
 
 /// `CHECKPOINT_END`: everything the receiver needs to prove checkpoint `epoch` is complete.
@@ -423,6 +580,10 @@ pub enum Record {
         /// The final checkpoint (the last one completed in this stream).
         epoch: u64,
     },
+    /// `DISK_VERIFY`.
+    DiskVerify(DiskVerify),
+    /// `DISK_VERIFY_RESULT`.
+    DiskVerifyResult(DiskVerifyResult),
     /// An optional record this version does not know; skipped.
     Unknown {
         /// Its type code (high bit set).
@@ -480,6 +641,10 @@ pub enum RecordRef<'a> {
         /// The final checkpoint.
         epoch: u64,
     },
+    /// `DISK_VERIFY`.
+    DiskVerify(DiskVerify),
+    /// `DISK_VERIFY_RESULT`.
+    DiskVerifyResult(DiskVerifyResult),
     /// An optional record this version does not know.
     Unknown {
         /// Its type code.
@@ -607,6 +772,10 @@ impl<'a> RecordRef<'a> {
                     epoch: le_u64(body, 0),
                 }
             }
+            RecordType::DISK_VERIFY => RecordRef::DiskVerify(parse_disk_verify(body)?),
+            RecordType::DISK_VERIFY_RESULT => {
+                RecordRef::DiskVerifyResult(parse_disk_verify_result(body)?)
+            }
             RecordType::CHECKPOINT_NACK => {
                 at_least(body, NACK_FIXED)?;
                 if le_u32(body, 12) != 0 {
@@ -649,7 +818,12 @@ impl<'a> RecordRef<'a> {
             RecordRef::DiskWrite(d) => Some(d.epoch),
             RecordRef::DiskBarrier(b) => Some(b.epoch),
             RecordRef::CheckpointEnd(e) => Some(e.epoch),
-            RecordRef::End | RecordRef::Control(_) | RecordRef::Unknown { .. } => None,
+            // Verify records name a checkpoint but belong to none (outside its counts).
+            RecordRef::End
+            | RecordRef::Control(_)
+            | RecordRef::DiskVerify(_)
+            | RecordRef::DiskVerifyResult(_)
+            | RecordRef::Unknown { .. } => None,
         }
     }
 
@@ -684,6 +858,8 @@ impl<'a> RecordRef<'a> {
             RecordRef::Control(json) => Record::Control(json.to_owned()),
             RecordRef::CheckpointAck { epoch } => Record::CheckpointAck { epoch },
             RecordRef::HandOff { epoch } => Record::HandOff { epoch },
+            RecordRef::DiskVerify(v) => Record::DiskVerify(v),
+            RecordRef::DiskVerifyResult(r) => Record::DiskVerifyResult(r),
             RecordRef::CheckpointNack {
                 epoch,
                 reason,
@@ -718,6 +894,8 @@ impl<'a> RecordRef<'a> {
             RecordRef::CheckpointAck { .. } => RecordType::CHECKPOINT_ACK,
             RecordRef::CheckpointNack { .. } => RecordType::CHECKPOINT_NACK,
             RecordRef::HandOff { .. } => RecordType::HANDOFF,
+            RecordRef::DiskVerify(_) => RecordType::DISK_VERIFY,
+            RecordRef::DiskVerifyResult(_) => RecordType::DISK_VERIFY_RESULT,
             RecordRef::Unknown { record_type, .. } => *record_type,
         }
     }
@@ -829,6 +1007,16 @@ pub(crate) fn check_owned(record: &Record) -> Result<(), BodyError> {
             }
             Ok(())
         }
+        Record::DiskVerify(v) => {
+            check_verify_region(&v.region)?;
+            if v.digest[v.algorithm.digest_len()..].iter().any(|&b| b != 0) {
+                return Err(BodyError::DigestPadding {
+                    used: v.algorithm.digest_len(),
+                });
+            }
+            Ok(())
+        }
+        Record::DiskVerifyResult(r) => check_verify_region(&r.region),
         Record::CheckpointNack(n) if n.message.len() > MAX_NACK_MESSAGE => {
             Err(BodyError::TextLength {
                 field: "nack message",
@@ -838,6 +1026,73 @@ pub(crate) fn check_owned(record: &Record) -> Result<(), BodyError> {
         }
         _ => Ok(()),
     }
+}
+
+/// Body length of `DISK_VERIFY`.
+pub(crate) const DISK_VERIFY_LEN: usize = 64;
+/// Body length of `DISK_VERIFY_RESULT`.
+pub(crate) const DISK_VERIFY_RESULT_LEN: usize = 32;
+
+fn check_verify_region(r: &VerifyRegion) -> Result<(), BodyError> {
+    if r.length == 0
+        || r.length > MAX_VERIFY_REGION
+        || r.offset.checked_add(u64::from(r.length)).is_none()
+    {
+        return Err(BodyError::VerifyRange {
+            offset: r.offset,
+            len: r.length,
+        });
+    }
+    Ok(())
+}
+
+/// The part both verify records share: epoch, offset, length, disk, a code byte, a
+/// reserved byte, run, four reserved bytes. Returns the region, the code and the run.
+fn parse_verify_head(body: &[u8]) -> Result<(u64, VerifyRegion, u8, u32), BodyError> {
+    if body[23] != 0 {
+        return Err(BodyError::Reserved { at: 23 });
+    }
+    if le_u32(body, 28) != 0 {
+        return Err(BodyError::Reserved { at: 28 });
+    }
+    let region = VerifyRegion {
+        offset: le_u64(body, 8),
+        length: le_u32(body, 16),
+        disk: le_u16(body, 20),
+    };
+    check_verify_region(&region)?;
+    Ok((le_u64(body, 0), region, body[22], le_u32(body, 24)))
+}
+
+fn parse_disk_verify(body: &[u8]) -> Result<DiskVerify, BodyError> {
+    exact(body, DISK_VERIFY_LEN)?;
+    let (epoch, region, code, run) = parse_verify_head(body)?;
+    let algorithm = DigestAlgorithm::from_code(code).ok_or(BodyError::DigestAlgorithm(code))?;
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&body[32..64]);
+    if digest[algorithm.digest_len()..].iter().any(|&b| b != 0) {
+        return Err(BodyError::DigestPadding {
+            used: algorithm.digest_len(),
+        });
+    }
+    Ok(DiskVerify {
+        epoch,
+        run,
+        region,
+        algorithm,
+        digest,
+    })
+}
+
+fn parse_disk_verify_result(body: &[u8]) -> Result<DiskVerifyResult, BodyError> {
+    exact(body, DISK_VERIFY_RESULT_LEN)?;
+    let (epoch, region, code, run) = parse_verify_head(body)?;
+    Ok(DiskVerifyResult {
+        epoch,
+        run,
+        region,
+        verdict: VerifyVerdict::from_code(code),
+    })
 }
 
 fn parse_disk_write(body: &[u8]) -> Result<DiskWriteRef<'_>, BodyError> {
@@ -890,7 +1145,7 @@ fn parse_disk_write(body: &[u8]) -> Result<DiskWriteRef<'_>, BodyError> {
 /// The fixed part of a body, built on the stack, followed by a borrowed variable part.
 /// The encoder writes `fixed[..fixed_len]` then `tail`.
 pub(crate) struct BodyParts<'a> {
-    pub fixed: [u8; 48],
+    pub fixed: [u8; 64],
     pub fixed_len: usize,
     pub tail: &'a [u8],
 }
@@ -898,7 +1153,7 @@ pub(crate) struct BodyParts<'a> {
 impl<'a> BodyParts<'a> {
     fn new(tail: &'a [u8]) -> Self {
         BodyParts {
-            fixed: [0; 48],
+            fixed: [0; 64],
             fixed_len: 0,
             tail,
         }
@@ -946,6 +1201,8 @@ impl Record {
             Record::CheckpointAck { .. } => RecordType::CHECKPOINT_ACK,
             Record::CheckpointNack(_) => RecordType::CHECKPOINT_NACK,
             Record::HandOff { .. } => RecordType::HANDOFF,
+            Record::DiskVerify(_) => RecordType::DISK_VERIFY,
+            Record::DiskVerifyResult(_) => RecordType::DISK_VERIFY_RESULT,
             Record::Unknown { record_type, .. } => *record_type,
         }
     }
@@ -963,7 +1220,12 @@ impl Record {
             Record::DiskWrite(d) => Some(d.epoch),
             Record::DiskBarrier(b) => Some(b.epoch),
             Record::CheckpointEnd(e) => Some(e.epoch),
-            Record::End | Record::Control(_) | Record::Unknown { .. } => None,
+            // Verify records name a checkpoint but belong to none (outside its counts).
+            Record::End
+            | Record::Control(_)
+            | Record::DiskVerify(_)
+            | Record::DiskVerifyResult(_)
+            | Record::Unknown { .. } => None,
         }
     }
 
@@ -1026,6 +1288,31 @@ impl Record {
                 p
             }
             Record::Control(json) => BodyParts::new(json.as_bytes()),
+            Record::DiskVerify(v) => {
+                let mut p = BodyParts::new(&[]);
+                p.u64(v.epoch)
+                    .u64(v.region.offset)
+                    .u32(v.region.length)
+                    .u16(v.region.disk)
+                    .u8(v.algorithm.code())
+                    .u8(0)
+                    .u32(v.run)
+                    .u32(0);
+                p.put(&v.digest);
+                p
+            }
+            Record::DiskVerifyResult(r) => {
+                let mut p = BodyParts::new(&[]);
+                p.u64(r.epoch)
+                    .u64(r.region.offset)
+                    .u32(r.region.length)
+                    .u16(r.region.disk)
+                    .u8(r.verdict.code())
+                    .u8(0)
+                    .u32(r.run)
+                    .u32(0);
+                p
+            }
             Record::CheckpointNack(n) => {
                 let mut p = BodyParts::new(n.message.as_bytes());
                 p.u64(n.epoch).u32(n.reason.code()).u32(0);
@@ -1038,6 +1325,58 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 64-byte DISK_VERIFY body, all zero but for `f`'s changes.
+    fn verify(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut b = vec![0; 64];
+        f(&mut b);
+        b
+    }
+
+    #[test]
+    fn verify_records_round_trip_and_unknown_verdicts_are_kept() {
+        let mut digest = [0u8; 32];
+        digest[..16].copy_from_slice(&[0xab; 16]);
+        let v = Record::DiskVerify(DiskVerify {
+            epoch: 9,
+            run: 3,
+            region: VerifyRegion {
+                disk: 2,
+                offset: 1 << 30,
+                length: 1 << 20,
+            },
+            algorithm: DigestAlgorithm::Xxh3_128,
+            digest,
+        });
+        let parts = v.body_parts();
+        let body = parts.fixed[..parts.fixed_len].to_vec();
+        assert_eq!(body.len(), DISK_VERIFY_LEN);
+        let parsed = RecordRef::parse(RecordType::DISK_VERIFY, &body).unwrap();
+        assert_eq!(parsed.to_owned_record(), v);
+        assert_eq!(parsed.epoch(), None, "outside every epoch's account");
+        let mut res = vec![0u8; 32];
+        res[16] = 1;
+        res[22] = 77;
+        match RecordRef::parse(RecordType::DISK_VERIFY_RESULT, &res).unwrap() {
+            RecordRef::DiskVerifyResult(r) => assert_eq!(r.verdict, VerifyVerdict::Other(77)),
+            other => panic!("{other:?}"),
+        }
+        // A digest with bytes past its algorithm's length is refused by the encoder too.
+        let mut bad = digest;
+        bad[20] = 1;
+        let Record::DiskVerify(mut dv) = v else {
+            unreachable!()
+        };
+        dv.digest = bad;
+        assert!(matches!(
+            check_owned(&Record::DiskVerify(dv)),
+            Err(BodyError::DigestPadding { .. })
+        ));
+        assert!(RecordType::DISK_VERIFY.is_optional());
+        assert!(RecordType::DISK_VERIFY_RESULT.is_optional());
+        assert!(!RecordType::DISK_VERIFY.allowed_in(StreamKind::Reply));
+        assert!(!RecordType::DISK_VERIFY_RESULT.allowed_in(StreamKind::Replication));
+    }
 
     /// Table of malformed bodies and the error each must produce.
     #[test]
@@ -1106,6 +1445,79 @@ mod tests {
                     b
                 },
                 |e| matches!(e, BodyError::Reserved { at: 44 }),
+            ),
+            (
+                "DISK_VERIFY short",
+                RecordType::DISK_VERIFY,
+                vec![0; 63],
+                |e| matches!(e, BodyError::Length { expected: 64, .. }),
+            ),
+            (
+                "DISK_VERIFY empty region",
+                RecordType::DISK_VERIFY,
+                verify(|_| {}),
+                |e| matches!(e, BodyError::VerifyRange { len: 0, .. }),
+            ),
+            (
+                "DISK_VERIFY region over the limit",
+                RecordType::DISK_VERIFY,
+                verify(|b| b[16..20].copy_from_slice(&(MAX_VERIFY_REGION + 1).to_le_bytes())),
+                |e| matches!(e, BodyError::VerifyRange { .. }),
+            ),
+            (
+                "DISK_VERIFY region overflows",
+                RecordType::DISK_VERIFY,
+                verify(|b| {
+                    b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+                    b[16] = 1;
+                }),
+                |e| matches!(e, BodyError::VerifyRange { .. }),
+            ),
+            (
+                "DISK_VERIFY unknown algorithm",
+                RecordType::DISK_VERIFY,
+                verify(|b| {
+                    b[16] = 1;
+                    b[22] = 9;
+                }),
+                |e| matches!(e, BodyError::DigestAlgorithm(9)),
+            ),
+            (
+                "DISK_VERIFY digest padding",
+                RecordType::DISK_VERIFY,
+                verify(|b| {
+                    b[16] = 1;
+                    b[22] = 1;
+                    b[63] = 1;
+                }),
+                |e| matches!(e, BodyError::DigestPadding { used: 16 }),
+            ),
+            (
+                "DISK_VERIFY reserved",
+                RecordType::DISK_VERIFY,
+                verify(|b| {
+                    b[16] = 1;
+                    b[22] = 1;
+                    b[29] = 1;
+                }),
+                |e| matches!(e, BodyError::Reserved { at: 28 }),
+            ),
+            (
+                "DISK_VERIFY_RESULT long",
+                RecordType::DISK_VERIFY_RESULT,
+                vec![0; 33],
+                |e| matches!(e, BodyError::Length { expected: 32, .. }),
+            ),
+            (
+                "DISK_VERIFY_RESULT reserved",
+                RecordType::DISK_VERIFY_RESULT,
+                {
+                    let mut b = vec![0; 32];
+                    b[16] = 1;
+                    b[23] = 1;
+                    b
+                },
+                |e| matches!(e, BodyError::Reserved { at: 23 }),
             ),
         ];
         for (name, rtype, body, check) in cases {

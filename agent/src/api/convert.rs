@@ -93,6 +93,10 @@ impl From<&PrimaryStatus> for ProtectionStatus {
             precopy_pages,
             tracker,
             audit_repaired_total,
+            // Reported in the domain's `verify` status, not the loop's.
+            verify: _,
+            last_verify: _,
+            peer_can_verify: _,
         } = s;
         ProtectionStatus {
             phase: (*phase).into(),

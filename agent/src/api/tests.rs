@@ -52,6 +52,7 @@ fn domain(
         counters: DomainCounters::default(),
         copy: copy.into(),
         unprotected: vec![],
+        verify: None,
     }
 }
 
@@ -103,6 +104,9 @@ fn busy_primary() -> PrimaryStatus {
         precopy_pages: vec![262_144, 2_000],
         tracker: "compare".into(),
         audit_repaired_total: 3,
+        verify: None,
+        last_verify: None,
+        peer_can_verify: None,
     }
 }
 
@@ -140,6 +144,8 @@ fn sample() -> DaemonStatus {
         protection_lost: 1,
         failovers: 0,
         unprotected_ms: 0,
+        verify_runs: 0,
+        verify_differing_regions: 0,
     };
     let mut db = domain(
         "db",
@@ -175,6 +181,8 @@ fn sample() -> DaemonStatus {
         protection_lost: 0,
         failovers: 1,
         unprotected_ms: 0,
+        verify_runs: 0,
+        verify_differing_regions: 0,
     };
     let idle = domain("idle", &HaRole::Stopped, None, None, Stamp::NONE);
     DaemonStatus {
@@ -415,6 +423,9 @@ fn an_idle_loop_an_empty_receiver_and_durations_keep_their_0_1_0_form() {
         precopy_pages: vec![],
         tracker: "soft-dirty".into(),
         audit_repaired_total: 0,
+        verify: None,
+        last_verify: None,
+        peer_can_verify: None,
     };
     assert_eq!(wire(&ProtectionStatus::from(&idle)), PRIMARY_EMPTY_GOLDEN);
     let empty = BackupStatus {

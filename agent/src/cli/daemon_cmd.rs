@@ -126,6 +126,173 @@ pub struct DomainCmd {
     pub daemon: DaemonArgs,
 }
 
+/// `remusctl verify DOMAIN`.
+#[derive(Debug, Args)]
+pub struct VerifyCmd {
+    /// The domain.
+    pub domain: String,
+    /// Copy the differing regions to the backup again (they commit with the next checkpoint).
+    #[arg(long)]
+    pub resync: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for the verify to finish.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+impl VerifyCmd {
+    /// Sends the request; prints progress on stderr (from the status, once a second) while
+    /// it runs, then the report. Exit 0 when clean, 1 when regions differ (even if
+    /// re-copied: run it again to see them pass) or the verify failed.
+    pub fn run(self) -> ExitCode {
+        let socket = match self.daemon.socket_path() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("remusctl verify: {e}");
+                return ExitCode::from(EXIT_PROBLEMS);
+            }
+        };
+        let domain = self.domain.clone();
+        let timeout = Duration::from_secs(self.timeout);
+        let request = Request::Verify {
+            domain: domain.clone(),
+            resync: self.resync,
+        };
+        let answer = block_on("verify", async {
+            let mut client = ControlClient::connect(&socket).await?;
+            let mut watcher = ControlClient::connect(&socket).await?;
+            let ask = client.request_with_timeout(request, timeout);
+            tokio::pin!(ask);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut last = String::new();
+            loop {
+                tokio::select! {
+                    r = &mut ask => return r,
+                    _ = tick.tick() => {
+                        let Ok(st) = watcher.status().await else { continue };
+                        let line = st
+                            .domains
+                            .iter()
+                            .find(|d| d.name == domain)
+                            .and_then(|d| d.verify.as_ref())
+                            .and_then(|v| v.running.as_ref())
+                            .map(|r| format!(
+                                "verify {domain}: {} {}/{} regions, {} differing",
+                                r.phase, r.regions_done, r.regions_total, r.differing
+                            ));
+                        if let Some(line) = line {
+                            if line != last {
+                                eprintln!("{line}");
+                                last = line;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        match answer {
+            Err(code) => code,
+            Ok(Response::Verified(report)) => {
+                if self.json {
+                    match serde_json::to_string_pretty(&report) {
+                        Ok(j) => println!("{j}"),
+                        Err(e) => eprintln!("remusctl verify: {e}"),
+                    }
+                } else {
+                    print!("{}", render_verify(&report));
+                }
+                if report.differing_count == 0 && report.not_compared.is_empty() {
+                    ExitCode::from(EXIT_OK)
+                } else {
+                    ExitCode::from(EXIT_PROBLEMS)
+                }
+            }
+            Ok(Response::Error { message }) => {
+                eprintln!("remusctl verify: {message}");
+                ExitCode::from(EXIT_PROBLEMS)
+            }
+            Ok(other) => {
+                eprintln!("remusctl verify: unexpected answer {other:?}");
+                ExitCode::from(EXIT_PROBLEMS)
+            }
+        }
+    }
+}
+
+/// The human report of a verify.
+pub fn render_verify(r: &crate::api::VerifyReport) -> String {
+    use crate::api::VerifyReport as R;
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let verdict = if r.clean() {
+        "the replica equals the primary"
+    } else {
+        "the replica DIFFERS from the primary"
+    };
+    let _ = writeln!(out, "verify {} (run {}): {verdict}", r.domain, r.run);
+    let _ = writeln!(
+        out,
+        "  regions: {} checked of {}, {} differing, {} not compared (checkpoints {}..={})",
+        r.regions_checked,
+        r.regions_total,
+        r.differing_count,
+        r.not_compared.len(),
+        r.epochs.0,
+        r.epochs.1
+    );
+    for d in &r.differing {
+        let _ = writeln!(
+            out,
+            "  differs: disk {} bytes {}..{} ({} bytes)",
+            d.disk,
+            d.offset,
+            d.offset + d.length,
+            d.length
+        );
+    }
+    for n in &r.not_compared {
+        let _ = writeln!(
+            out,
+            "  not compared ({}): disk {} bytes {}..{}",
+            n.why,
+            n.region.disk,
+            n.region.offset,
+            n.region.offset + n.region.length
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  cost: {} MiB hashed on each side in {} ms ({:.1} MiB/s, paced by the per-checkpoint budget); hashing {} ms inside pauses ({:.1} MiB/s), at most {} us added to a pause",
+        r.bytes_hashed >> 20,
+        r.elapsed_ms,
+        R::rate_mib_s(r.bytes_hashed, r.elapsed_ms),
+        r.hash_ms,
+        R::rate_mib_s(r.bytes_hashed, r.hash_ms),
+        r.max_pause_added_us
+    );
+    if let Some(f) = r.read_floor {
+        let _ = writeln!(
+            out,
+            "  read floor: {} MiB read in {} ms ({:.1} MiB/s, plain sequential read of the first disk, same run)",
+            f.bytes >> 20,
+            f.ms,
+            R::rate_mib_s(f.bytes, f.ms)
+        );
+    }
+    if let Some(s) = r.resynced {
+        let _ = writeln!(
+            out,
+            "  resynced: {} regions ({} bytes, {} sent as data), committed with checkpoint {}; verify again to see them pass",
+            s.regions, s.bytes, s.data_bytes, s.epoch
+        );
+    }
+    out
+}
+
 /// `remusctl reload`.
 #[derive(Debug, Args)]
 pub struct ReloadCmd {
@@ -270,7 +437,7 @@ fn exchange(name: &str, socket: &std::path::Path, request: Request, timeout: Dur
             eprintln!("remusctl {name}: {message}");
             ExitCode::from(EXIT_PROBLEMS)
         }
-        Ok(Response::Status(_) | Response::DomainConfig(_)) => {
+        Ok(Response::Status(_) | Response::DomainConfig(_) | Response::Verified(_)) => {
             eprintln!(
                 "remusctl {name}: remusd on {} answered with a report instead of a result",
                 socket.display()

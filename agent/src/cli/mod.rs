@@ -83,6 +83,10 @@ pub enum Group {
     /// Boot a throwaway, network-isolated copy of a domain's replica to prove it can run
     /// (asked of the backup; nothing else is touched).
     TestActivate(daemon_cmd::DomainCmd),
+    /// Compare a protected domain's disks with the backup's replica at committed checkpoints
+    /// while the VM runs (asked of the primary); report the regions that differ and, with
+    /// --resync, copy them again.
+    Verify(daemon_cmd::VerifyCmd),
     /// Re-read the daemon's policy file and apply what changes without restarting a VM
     /// (intervals, ACK deadlines, failover mode, new and removed domains); anything else
     /// refuses the whole reload with file and line, and the running policy stays.
@@ -126,6 +130,7 @@ where
         Group::Failover(cmd) => cmd.run(),
         Group::TestActivate(cmd) => cmd.run(daemon_cmd::Action::TestActivate),
         Group::Reload(cmd) => cmd.run(),
+        Group::Verify(cmd) => cmd.run(),
     }
 }
 

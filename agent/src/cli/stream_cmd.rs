@@ -208,6 +208,15 @@ fn summarize(r: &RecordRef<'_>) -> Value {
         RecordRef::DiskBarrier(b) => {
             json!({ "epoch": b.epoch, "writes": b.writes, "data_bytes": b.data_bytes })
         }
+        RecordRef::DiskVerify(v) => json!({
+            "epoch": v.epoch, "run": v.run, "disk": v.region.disk,
+            "disk_offset": v.region.offset, "bytes": v.region.length,
+        }),
+        RecordRef::DiskVerifyResult(r) => json!({
+            "epoch": r.epoch, "run": r.run, "disk": r.region.disk,
+            "disk_offset": r.region.offset, "bytes": r.region.length,
+            "verdict": r.verdict.to_string(),
+        }),
         RecordRef::CheckpointEnd(e) => json!({
             "epoch": e.epoch, "pages": e.pages, "page_records": e.page_records,
             "device_state_bytes": e.device_state_bytes, "disk_writes": e.disk_writes,

@@ -266,6 +266,9 @@ pub struct DomainConfig {
     pub ack_timeout: Duration,
     /// The longest a checkpoint's ACK is waited for while its bytes still move.
     pub ack_wait_max: Duration,
+    /// Time between periodic online disk verifies while protected; `None`: only
+    /// `remusctl verify`.
+    pub verify_interval: Option<Duration>,
     /// Who decides to activate the backup.
     pub failover: Failover,
     /// Page encoding of checkpoints.

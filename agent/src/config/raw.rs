@@ -78,6 +78,7 @@ pub(crate) struct RawDomain {
     pub checkpoint_interval_ms: Option<S<u64>>,
     pub ack_timeout_ms: Option<S<u64>>,
     pub ack_wait_max_ms: Option<S<u64>>,
+    pub verify_interval_s: Option<S<u64>>,
     pub failover: Option<S<Failover>>,
     pub compression: Option<S<Compression>>,
     pub tracker: Option<S<Tracker>>,

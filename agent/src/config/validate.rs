@@ -683,6 +683,21 @@ fn domain(cx: &mut Ctx<'_>, d: &Spanned<RawDomain>, witness: bool) -> Option<Dom
         120_000,
         100..=3_600_000,
     );
+    let verify_interval = match r.verify_interval_s.as_ref() {
+        None => None,
+        Some(v) if *v.get_ref() == 0 => None,
+        Some(v) if (60..=604_800).contains(v.get_ref()) => Some(Duration::from_secs(*v.get_ref())),
+        Some(v) => {
+            cx.error(
+                v.span(),
+                format!(
+                    "domain.verify_interval_s = {}: out of range, expected 0 (off) or 60..=604800 seconds",
+                    v.get_ref()
+                ),
+            );
+            None
+        }
+    };
     if ack_wait_max < ack_timeout {
         let span = r
             .ack_wait_max_ms
@@ -884,6 +899,7 @@ fn domain(cx: &mut Ctx<'_>, d: &Spanned<RawDomain>, witness: bool) -> Option<Dom
         checkpoint_interval,
         ack_timeout,
         ack_wait_max,
+        verify_interval,
         failover,
         compression,
         tracker,

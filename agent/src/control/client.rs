@@ -94,11 +94,13 @@ impl ControlClient {
                 request: "status".to_string(),
                 reason: format!("the daemon answered with an error: {message}"),
             }),
-            Response::Done { .. } | Response::DomainConfig(_) => Err(ControlError::Protocol {
-                path: self.path.clone(),
-                request: "status".to_string(),
-                reason: "the daemon answered something other than a status".to_string(),
-            }),
+            Response::Done { .. } | Response::DomainConfig(_) | Response::Verified(_) => {
+                Err(ControlError::Protocol {
+                    path: self.path.clone(),
+                    request: "status".to_string(),
+                    reason: "the daemon answered something other than a status".to_string(),
+                })
+            }
         }
     }
 

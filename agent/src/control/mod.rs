@@ -134,6 +134,9 @@ pub fn describe(request: &crate::api::Request) -> String {
         Request::Switchover { domain } => format!("switchover {domain}"),
         Request::Failover { domain } => format!("failover {domain}"),
         Request::TestActivate { domain } => format!("test-activate {domain}"),
+        Request::Verify { domain, resync } => {
+            format!("verify {domain}{}", if *resync { " --resync" } else { "" })
+        }
         Request::Reload => "reload".to_string(),
         Request::DomainConfig { domain } => format!("domain config {domain}"),
     }

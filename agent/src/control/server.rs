@@ -411,7 +411,7 @@ mod tests {
             ),
             (r#"{"request":"status""#, Err("invalid JSON: EOF while parsing an object at line 1 column 19")),
             ("xyz", Err("invalid JSON: expected value at line 1 column 1")),
-            (r#"{"request":"reboot"}"#, Err("not a valid request: unknown variant `reboot`, expected one of `status`, `start`, `switchover`, `failover`, `test_activate`, `domain_config`, `reload` at line 1 column 19")),
+            (r#"{"request":"reboot"}"#, Err("not a valid request: unknown variant `reboot`, expected one of `status`, `start`, `switchover`, `failover`, `test_activate`, `domain_config`, `verify`, `reload` at line 1 column 19")),
             (r#"{"request":"reload"}"#, Ok(Request::Reload)),
             (
                 r#"{"request":"domain_config","domain":"web"}"#,

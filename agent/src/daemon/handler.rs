@@ -124,7 +124,8 @@ impl ControlHandler for DaemonHandler {
             | Request::Switchover { domain }
             | Request::Failover { domain }
             | Request::TestActivate { domain }
-            | Request::DomainConfig { domain } => domain.clone(),
+            | Request::DomainConfig { domain }
+            | Request::Verify { domain, .. } => domain.clone(),
         };
         let Some(s) = self.supervisors.get(&domain) else {
             return Response::Error {

@@ -445,6 +445,8 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
 
     let mut cfg = PrimaryConfig::new(&d.name);
     cfg.interval = d.checkpoint_interval;
+    cfg.verify_interval = d.verify_interval;
+    cfg.verify = verify_request_of(d);
     cfg.ack_timeout = opts.ack_timeout;
     cfg.ack_wait_max = opts.ack_wait_max;
     cfg.compression = match d.compression {
@@ -531,7 +533,13 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
     })
 }
 
-/// The part of `d` a policy reload may change in a running protection.
+/// The region size and per-pause budget of a domain's verifies (engine defaults: 1 MiB
+/// regions, 4 MiB per checkpoint pause).
+pub fn verify_request_of(_d: &DomainConfig) -> remus_engine::verify::VerifyRequest {
+    remus_engine::verify::VerifyRequest::default()
+}
+
+/// The part of a domain's policy a running protection may change.
 pub fn tuning_of(d: &DomainConfig) -> remus_engine::primary::Tuning {
     remus_engine::primary::Tuning {
         interval: d.checkpoint_interval,

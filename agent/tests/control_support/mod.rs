@@ -112,12 +112,15 @@ pub fn sample_status() -> DaemonStatus {
                     protection_lost: 1,
                     failovers: 0,
                     unprotected_ms: 3500,
+                    verify_runs: 0,
+                    verify_differing_regions: 0,
                 },
                 unprotected: vec![remus_agent::api::UnprotectedWindow {
                     from_ms: 1_700_000_000_000,
                     to_ms: Some(1_700_000_003_500),
                     reason: "primary: first checkpoint not yet acknowledged".into(),
                 }],
+                verify: None,
             },
             DomainStatus {
                 name: "db".into(),
@@ -155,8 +158,11 @@ pub fn sample_status() -> DaemonStatus {
                     protection_lost: 0,
                     failovers: 1,
                     unprotected_ms: 0,
+                    verify_runs: 0,
+                    verify_differing_regions: 0,
                 },
                 unprotected: vec![],
+                verify: None,
             },
             DomainStatus {
                 name: "idle".into(),
@@ -172,6 +178,7 @@ pub fn sample_status() -> DaemonStatus {
                 copy: CopyStamp::default(),
                 counters: DomainCounters::default(),
                 unprotected: vec![],
+                verify: None,
             },
         ],
         doors: remus_agent::api::Doors {
@@ -232,6 +239,9 @@ impl ControlHandler for Stub {
             },
             Request::Switchover { domain } => Response::Done {
                 message: format!("{domain}: primary role handed to beta at epoch 812"),
+            },
+            Request::Verify { domain, .. } => Response::Error {
+                message: format!("domain {domain}: verify: this node holds the replica"),
             },
             Request::Failover { domain } if domain == "db" => Response::Done {
                 message: format!("{domain}: activated from checkpoint 300"),

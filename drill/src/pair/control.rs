@@ -73,6 +73,11 @@ impl Control {
                 request: "status".into(),
                 reason: "answered with a domain configuration instead of a status".into(),
             }),
+            Response::Verified(_) => Err(ControlError::Protocol {
+                path: self.path.clone(),
+                request: "status".into(),
+                reason: "answered with a verify report instead of a status".into(),
+            }),
         }
     }
 }
@@ -141,6 +146,7 @@ mod tests {
                 Ok(Response::Done { .. }) => "done",
                 Ok(Response::Error { .. }) => "error",
                 Ok(Response::Status(_) | Response::DomainConfig(_)) => "status",
+                Ok(Response::Verified(_)) => "verified",
                 Err(ControlError::Protocol { .. }) => "protocol",
                 Err(ControlError::Closed { .. }) => "closed",
                 Err(ControlError::NotRunning { .. }) => "not-running",

@@ -345,6 +345,8 @@ impl Supervisor {
                 // Held from now on, unless buffering is switched off (unsafe): then it never is.
                 v.output_held = self.d.netbuf.output_buffering;
                 self.seen_acked = None;
+                // Verify run numbers restart with each session.
+                self.seen_verify_session += 1;
                 self.apply(
                     Event::BackupReturned {
                         peer: cfg.peer.name.clone(),

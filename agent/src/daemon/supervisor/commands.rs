@@ -14,6 +14,7 @@ impl Supervisor {
             Request::Failover { .. } => self.operator_failover().await,
             Request::Switchover { .. } => self.switchover().await,
             Request::TestActivate { .. } => Err(anyhow!("a test activation answers by itself")),
+            Request::Verify { .. } => Err(anyhow!("a verify answers by itself")),
             Request::Status | Request::Reload | Request::DomainConfig { .. } => {
                 Err(anyhow!("not a domain command"))
             }

@@ -75,6 +75,7 @@ mod observe;
 mod sessions;
 mod status;
 mod test_activation;
+mod verify;
 
 /// Time between protection attempts while the VM runs unprotected.
 const PROTECT_RETRY: Duration = Duration::from_secs(1);
@@ -180,6 +181,7 @@ pub fn spawn(
         counters: DomainCounters::default(),
         copy: disk_copy.stamp().into(),
         unprotected: Vec::new(),
+        verify: None,
     };
     let (status_tx, status_rx) = watch::channel(initial);
     let progress = Arc::new(Progress::new());
@@ -210,6 +212,10 @@ pub fn spawn(
         last_ack_at: Instant::now(),
         session_ended_here: false,
         test_run: None,
+        seen_verify: None,
+        seen_verify_session: 0,
+        verify_running: None,
+        verify_last: None,
     };
     // `domain`, so journald entries carry DOMAIN=<name> (`journalctl DOMAIN=web`).
     let span = tracing::info_span!("domain", domain = %domain.name);
@@ -378,6 +384,14 @@ struct Supervisor {
     session_ended_here: bool,
     /// A test activation booting or checking its copy (it answers the operator itself).
     test_run: Option<JoinHandle<()>>,
+    /// The last finished verify counted: (protection session number, run).
+    seen_verify: Option<(u64, u32)>,
+    /// Protection sessions started (run numbers restart with each).
+    seen_verify_session: u64,
+    /// The verify in progress, as last observed.
+    verify_running: Option<crate::api::verify::VerifyRunning>,
+    /// The last finished verify.
+    verify_last: Option<crate::api::verify::VerifyLast>,
 }
 
 impl Supervisor {
@@ -414,6 +428,8 @@ impl Supervisor {
                 Some((req, reply)) = commands.recv() => match req {
                     // Answered by a task of its own once the copy has run (seconds).
                     Request::TestActivate { .. } => self.test_activate(reply).await,
+                    // Answered by a task of its own once the run is over.
+                    Request::Verify { resync, .. } => self.verify(resync, reply),
                     req => {
                         let r = self.command(req).await;
                         let _ = reply.send(r);

@@ -156,6 +156,13 @@ impl Supervisor {
             return;
         };
         let st = p.handle.status.borrow().clone();
+        self.observe_verify(&st);
+        let Runtime::Vm(v) = &mut self.runtime else {
+            return;
+        };
+        let Some(p) = &v.protection else {
+            return;
+        };
         if let Some(k) = st.last_acked {
             let new = match self.seen_acked {
                 Some(s) if k >= s => k - s,

@@ -63,6 +63,7 @@ impl Supervisor {
             counters,
             copy: self.disk_copy.stamp().into(),
             unprotected: self.unprotected.clone(),
+            verify: self.verify_status(),
         };
         self.status.send_replace(st);
     }
