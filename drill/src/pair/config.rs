@@ -343,4 +343,19 @@ mod tests {
         assert_eq!(pri.node.vm_netns.as_deref(), Some("p-pri"));
         assert_eq!(bak.node.vm_netns.as_deref(), Some("p-bak"));
     }
+
+    /// A v0.1.0 node's policy is the same text (that release accepts every key the pair
+    /// drill writes), and a key it lacks is refused, not written.
+    #[test]
+    fn v0_1_0_dialect() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        let current = node_toml(&c, Host::Bak).unwrap();
+        c.dialects[Host::Bak as usize] = Dialect::V0_1_0;
+        assert_eq!(node_toml(&c, Host::Bak).unwrap(), current);
+        c.vm_netns = Some(("p-pri".into(), "p-bak".into()));
+        assert!(node_toml(&c, Host::Pri).is_ok());
+        let e = node_toml(&c, Host::Bak).unwrap_err().to_string();
+        assert!(e.contains("node.vm_netns") && e.contains("bak"), "{e}");
+    }
 }
