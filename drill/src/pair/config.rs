@@ -24,6 +24,34 @@ pub const WITNESS_PORT: u16 = 7790;
 /// Size of each disk image (sparse).
 pub const DISK_BYTES: u64 = 64 << 20;
 
+/// Which release's policy a node's `remus.toml` is written for. Every release's parser
+/// refuses keys it does not know (`deny_unknown_fields`), so a node of an older release
+/// gets only the keys that release reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// This workspace's `remusd`: every key the drill sets.
+    #[default]
+    Current,
+    /// A v0.1.0 `remusd` (RELEASES): no `[node] vm_netns` (nor `ack_timeout_ms`,
+    /// `ack_wait_max_ms`, which the drill does not write).
+    V0_1_0,
+}
+
+/// A configuration the dialect of its node cannot express.
+#[derive(Debug, thiserror::Error)]
+pub enum DialectError {
+    /// The key does not exist in that release.
+    #[error("host {host}'s remusd ({dialect:?}) has no policy key `{key}`")]
+    Unsupported {
+        /// The host.
+        host: Host,
+        /// Its dialect.
+        dialect: Dialect,
+        /// The key.
+        key: &'static str,
+    },
+}
+
 /// What the configurations are made from.
 #[derive(Clone, Debug)]
 pub struct PairConfig {
@@ -54,6 +82,8 @@ pub struct PairConfig {
     /// Each node's `[node] vm_netns`, pri's then bak's (the one-process drill: both daemons
     /// share the drill's namespace, their VMs' NICs live in their hosts' namespaces).
     pub vm_netns: Option<(String, String)>,
+    /// Each node's policy dialect, pri's then bak's (indexed by [`Host`]).
+    pub dialects: [Dialect; 2],
 }
 
 /// Where one node's files are.
@@ -111,12 +141,23 @@ pub fn psk_path(work_dir: &Path) -> PathBuf {
     work_dir.join("psk")
 }
 
-/// `host`'s `remus.toml`.
-pub fn node_toml(c: &PairConfig, host: Host) -> String {
+/// `host`'s `remus.toml`, in its dialect.
+///
+/// # Errors
+/// [`DialectError`] when the configuration needs a key the host's release lacks.
+pub fn node_toml(c: &PairConfig, host: Host) -> Result<String, DialectError> {
+    let dialect = c.dialects[host as usize];
+    if dialect == Dialect::V0_1_0 && c.vm_netns.is_some() {
+        return Err(DialectError::Unsupported {
+            host,
+            dialect,
+            key: "node.vm_netns",
+        });
+    }
     let me = NodeFiles::of(&c.work_dir, host);
     let my_ip = c.addrs.of(host);
     let peer_ip = c.addrs.of(host.other());
-    format!(
+    Ok(format!(
         r#"# Written by the remus pair drill for host "{name}".
 [node]
 name = "{name}"
@@ -189,7 +230,7 @@ mode = "witness"
             unsafe_no_output_buffering: c.unsafe_no_output_buffering,
         }
         .domain_tables(),
-    )
+    ))
 }
 
 /// Writes the key, both configurations and both nodes' disks and directories.
@@ -209,7 +250,7 @@ pub fn write_all(c: &PairConfig) -> anyhow::Result<()> {
         for d in [&f.run_dir, &f.state_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        std::fs::write(&f.config, node_toml(c, host))
+        std::fs::write(&f.config, node_toml(c, host)?)
             .with_context(|| format!("writing {}", f.config.display()))?;
         for disk in [&f.image, &f.replica] {
             std::fs::File::create(disk)
@@ -249,6 +290,7 @@ mod tests {
             guest_cidr: "10.77.1.10/24".into(),
             unsafe_no_output_buffering: false,
             vm_netns: None,
+            dialects: [Dialect::Current; 2],
         }
     }
 
@@ -258,8 +300,8 @@ mod tests {
     fn both_configs_validate_and_mirror() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
-        let pri = Config::from_str(&node_toml(&c, Host::Pri), "pri").unwrap();
-        let bak = Config::from_str(&node_toml(&c, Host::Bak), "bak").unwrap();
+        let pri = Config::from_str(&node_toml(&c, Host::Pri).unwrap(), "pri").unwrap();
+        let bak = Config::from_str(&node_toml(&c, Host::Bak).unwrap(), "bak").unwrap();
         assert_eq!(pri.node.name, bak.peer.name);
         assert_eq!(bak.node.name, pri.peer.name);
         assert_eq!(pri.node.listen, bak.peer.address);
@@ -296,9 +338,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cfg(dir.path());
         c.vm_netns = Some(("p-pri".into(), "p-bak".into()));
-        let pri = Config::from_str(&node_toml(&c, Host::Pri), "pri").unwrap();
-        let bak = Config::from_str(&node_toml(&c, Host::Bak), "bak").unwrap();
+        let pri = Config::from_str(&node_toml(&c, Host::Pri).unwrap(), "pri").unwrap();
+        let bak = Config::from_str(&node_toml(&c, Host::Bak).unwrap(), "bak").unwrap();
         assert_eq!(pri.node.vm_netns.as_deref(), Some("p-pri"));
         assert_eq!(bak.node.vm_netns.as_deref(), Some("p-bak"));
+    }
+
+    /// A v0.1.0 node's policy is the same text (that release accepts every key the pair
+    /// drill writes), and a key it lacks is refused, not written.
+    #[test]
+    fn v0_1_0_dialect() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        let current = node_toml(&c, Host::Bak).unwrap();
+        c.dialects[Host::Bak as usize] = Dialect::V0_1_0;
+        assert_eq!(node_toml(&c, Host::Bak).unwrap(), current);
+        c.vm_netns = Some(("p-pri".into(), "p-bak".into()));
+        assert!(node_toml(&c, Host::Pri).is_ok());
+        let e = node_toml(&c, Host::Bak).unwrap_err().to_string();
+        assert!(e.contains("node.vm_netns") && e.contains("bak"), "{e}");
     }
 }

@@ -45,6 +45,16 @@ use remus_agent::api::{DaemonStatus, Request, Response};
 pub use report::{PairReport, ProtectionFigures, TrialReport, Verdict};
 pub use scenario::Scenario;
 
+/// What one host runs when it is not the pair's own build: a `remusd` of another release
+/// and the policy dialect that release reads (a mixed-version pair, issue 17).
+#[derive(Clone, Debug, Default)]
+pub struct HostRelease {
+    /// Its `remusd` (`None`: the pair's, [`PairOptions::binaries`]).
+    pub remusd: Option<PathBuf>,
+    /// The dialect of its `remus.toml`.
+    pub dialect: config::Dialect,
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct PairOptions {
@@ -76,8 +86,12 @@ pub struct PairOptions {
     pub lease: Duration,
     /// How long a partition is held before it heals.
     pub partition_hold: Duration,
-    /// The binaries (`None`: [`Binaries::locate`]).
+    /// The binaries (`None`: [`Binaries::locate`]): the witness, and each host's `remusd`
+    /// unless [`Self::hosts`] names another.
     pub binaries: Option<Binaries>,
+    /// Per host (pri, bak; indexed by [`Host`]): another release's `remusd` and its policy
+    /// dialect. Default: both run [`Self::binaries`]' `remusd` with the current policy.
+    pub hosts: [HostRelease; 2],
     /// `REMUS_LOG` for the daemons and the witness.
     pub daemon_log_filter: String,
     /// UNSAFE: the daemons release guest output at once (the drill then shows lost state).
@@ -109,6 +123,7 @@ impl PairOptions {
             lease: Duration::from_millis(1500),
             partition_hold: Duration::from_secs(4),
             binaries: None,
+            hosts: Default::default(),
             daemon_log_filter: std::env::var("REMUS_PAIR_LOG").unwrap_or_else(|_| "info".into()),
             unsafe_no_output_buffering: false,
             impair: None,
@@ -241,6 +256,7 @@ impl PairDrill {
             guest_cidr: topo.guest_cidr.clone(),
             unsafe_no_output_buffering: opts.unsafe_no_output_buffering,
             vm_netns: None,
+            dialects: [opts.hosts[0].dialect, opts.hosts[1].dialect],
         };
         config::write_all(&cfg)?;
         let node = |host: Host| {
@@ -357,7 +373,10 @@ impl PairDrill {
     /// # Errors
     /// The daemon exits or does not answer within 30 s: the error holds its log's tail.
     pub async fn start_daemon(&mut self, h: Host, hold: Option<&str>) -> Result<()> {
-        let bin = self.bins.remusd.clone();
+        let bin = self.opts.hosts[h as usize]
+            .remusd
+            .clone()
+            .unwrap_or_else(|| self.bins.remusd.clone());
         let filter = self.opts.daemon_log_filter.clone();
         let n = self.node_mut(h);
         if n.daemon_running() {

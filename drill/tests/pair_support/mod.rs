@@ -89,7 +89,8 @@ pub fn scratch(name: &str) -> Result<tempfile::TempDir> {
         .tempdir_in("/dev/shm")?)
 }
 
-/// Prints the report and fails with every failed verdict of every trial.
+/// Prints the report and fails with every failed verdict of every trial (keeping the logs;
+/// with `REMUS_PAIR_KEEP=1` a passing run's logs are kept too).
 pub fn check(report: &PairReport, work: tempfile::TempDir) -> Result<()> {
     println!("{}", report.render());
     let failed: Vec<String> = report
@@ -103,6 +104,10 @@ pub fn check(report: &PairReport, work: tempfile::TempDir) -> Result<()> {
         })
         .collect();
     if report.passed {
+        // REMUS_PAIR_KEEP=1 keeps a passing run's logs too (to read what the daemons said).
+        if std::env::var_os("REMUS_PAIR_KEEP").is_some_and(|v| v == "1") {
+            println!("logs kept in {}", work.keep().display());
+        }
         return Ok(());
     }
     let kept: PathBuf = work.keep();
@@ -111,4 +116,71 @@ pub fn check(report: &PairReport, work: tempfile::TempDir) -> Result<()> {
         kept.display(),
         failed.join("\n")
     )
+}
+
+/// A past release's binaries, built from this repository's history by
+/// `scripts/build-release.sh` (by the commit RELEASES records; cached under
+/// `target/releases/<version>` between runs), and how long getting them took.
+///
+/// # Errors
+/// The release is not in RELEASES, its commit is not in this clone (a shallow clone: the
+/// test must fail, not skip), or its build failed: the script's own words are in the error.
+pub fn release_binaries(version: &str) -> Result<(ReleaseBinaries, std::time::Duration)> {
+    let t = Instant::now();
+    let script = workspace_root().join("scripts/build-release.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(version)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "building release {version} from git history failed ({}):\n{}",
+            out.status,
+            tail(&stderr, 40)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .context("build-release.sh printed no directory")?
+            .trim(),
+    );
+    let b = ReleaseBinaries {
+        remusd: dir.join("remusd"),
+        remusctl: dir.join("remusctl"),
+        witness: dir.join("remus-witness"),
+    };
+    for p in [&b.remusd, &b.remusctl, &b.witness] {
+        if !p.exists() {
+            bail!(
+                "{} missing after build-release.sh {version}:\n{}",
+                p.display(),
+                tail(&stderr, 20)
+            );
+        }
+    }
+    for l in stderr.lines().filter(|l| l.starts_with("build-release:")) {
+        eprintln!("{l}");
+    }
+    Ok((b, t.elapsed()))
+}
+
+/// A past release's binaries.
+#[derive(Clone, Debug)]
+pub struct ReleaseBinaries {
+    /// Its daemon.
+    pub remusd: PathBuf,
+    /// Its CLI.
+    pub remusctl: PathBuf,
+    /// Its witness.
+    pub witness: PathBuf,
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
