@@ -48,6 +48,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, io::
     Ok(())
 }
 
+/// [`write_atomic`], creating the file's directory first (owner-only, 0700) if it does not
+/// exist yet: for state files written before anything else made their directory.
+pub fn write_atomic_creating_dir(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(), (&'static str, io::Error)> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| ("create directory", e))?;
+    }
+    write_atomic(path, bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,6 @@
 //! activation) and before a replica receives a primary's data, and is advertised in the
 //! heartbeats, so that `start` can refuse to boot a copy the peer's stamp shows to be older.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use remus_ha::lineage::CopyStamp;
@@ -180,15 +179,9 @@ impl DiskCopyStore {
             step,
             source,
         };
-        if let Some(dir) = self.path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| write_err("create directory", e))?;
-        }
         let bytes = serde_json::to_vec_pretty(&record).expect("record serialises");
-        remus_ha::persist::write_atomic(&self.path, &bytes).map_err(|(s, e)| write_err(s, e))?;
+        remus_ha::persist::write_atomic_creating_dir(&self.path, &bytes)
+            .map_err(|(s, e)| write_err(s, e))?;
         self.record = record;
         Ok(())
     }

@@ -17,7 +17,6 @@
 //! the per-domain lock). The file is versioned: one written by a newer release is refused,
 //! naming both versions, never misread.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use remus_qemu::Inventory;
@@ -248,16 +247,10 @@ impl TemplateStore {
             step,
             source,
         };
-        if let Some(dir) = self.path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| write_err("create directory", e))?;
-        }
         let bytes = serde_json::to_vec_pretty(t)
             .map_err(|e| write_err("serialise", std::io::Error::other(e)))?;
-        remus_ha::persist::write_atomic(&self.path, &bytes).map_err(|(s, e)| write_err(s, e))
+        remus_ha::persist::write_atomic_creating_dir(&self.path, &bytes)
+            .map_err(|(s, e)| write_err(s, e))
     }
 }
 
