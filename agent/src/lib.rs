@@ -17,4 +17,5 @@ pub mod control;
 pub mod daemon;
 pub mod domain;
 pub mod iproute;
+pub mod keys;
 pub mod metrics;

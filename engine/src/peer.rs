@@ -18,6 +18,28 @@
 //! hellos name the node, the domain and the protocol version, and are also bound into the
 //! handshake's prologue context: a peer for another domain is refused, not mixed up.
 //!
+//! # Per-node keys (`[auth] mode = "keys"`)
+//! With one shared key, any holder of it (either node, and the witness that was given the
+//! same file) could claim either node's name. In keys mode each node has its own static
+//! X25519 key pair ([`NodeKey`], `remusctl keygen`) and pins its peer's public keys (the
+//! WireGuard model); the channel runs `Noise_XX_25519_AESGCM_SHA256` — or
+//! `Noise_XXpsk0_…` when a pre-shared key is configured too, as an extra layer that keeps
+//! anyone without it from getting past message 1. XX sends each side's static key
+//! encrypted, so no side needs to know in advance which of the peer's pinned keys is in
+//! use: during a rotation two pinned keys are accepted ([`ChannelAuth::Keys`]).
+//!
+//! 1. initiator → responder: message 1 (`e`), payload = the initiator's [`Hello`] —
+//!    readable by an eavesdropper when there is no PSK (names only, no secret), and bound
+//!    into the handshake hash, so a change to it fails message 2;
+//! 2. responder → initiator: message 2 (`e, ee, s, es`), payload = the responder's hello;
+//!    the initiator refuses a static key that is not pinned for the expected node;
+//! 3. initiator → responder: message 3 (`s, se`), payload = `CONFIRM`; the responder
+//!    refuses a static key that is not pinned, and only then treats the channel as
+//!    authenticated.
+//!
+//! The two modes never talk to each other (different patterns and prologues): a node in
+//! keys mode and a node in psk mode refuse each other as unauthenticated.
+//!
 //! After the handshake, bytes travel in frames: `u16 big-endian ciphertext length`, then the
 //! ciphertext (payload ≤ [`MAX_PAYLOAD`] bytes + 16-byte tag). Each direction numbers its
 //! frames from 0 (the Noise nonce), so a dropped, reordered or replayed frame fails
@@ -35,6 +57,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The Noise protocol name. AES-GCM because every host that runs VMs has AES-NI.
 const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
+/// Keys mode without a pre-shared key.
+const NOISE_PARAMS_KEYS: &str = "Noise_XX_25519_AESGCM_SHA256";
+/// Keys mode with a pre-shared key as an extra layer.
+const NOISE_PARAMS_KEYS_PSK: &str = "Noise_XXpsk0_25519_AESGCM_SHA256";
+/// Length of an X25519 key.
+pub const KEY_LEN: usize = 32;
 /// Largest Noise message (the protocol's limit).
 const MAX_MESSAGE: usize = 65535;
 /// AEAD tag appended to every encrypted payload.
@@ -82,6 +110,210 @@ pub enum PeerError {
     /// The peer closed the connection.
     #[error("peer {peer}: connection closed")]
     Closed { peer: String },
+    /// A node key file or a public key does not parse.
+    #[error("{what}: {reason}")]
+    BadKey { what: String, reason: String },
+    /// The peer proved a static key that is not pinned for it.
+    #[error("peer {peer}: refused: it presented the static key {key}, which is not pinned for node {node:?} (pinned: {pinned})")]
+    UnpinnedKey {
+        peer: String,
+        node: String,
+        /// The presented key, as text (kept small: this error travels inside `BackupLoss`).
+        key: String,
+        pinned: String,
+    },
+}
+
+/// A node's public X25519 key, written as standard base64 (44 characters, as WireGuard's).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey([u8; KEY_LEN]);
+
+impl PublicKey {
+    /// The raw 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use base64::Engine;
+        f.write_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl std::str::FromStr for PublicKey {
+    type Err = PeerError;
+    fn from_str(s: &str) -> Result<Self, PeerError> {
+        decode_key(s.trim())
+            .map(Self)
+            .map_err(|reason| PeerError::BadKey {
+                what: format!("public key {s:?}"),
+                reason,
+            })
+    }
+}
+
+fn decode_key(text: &str) -> Result<[u8; KEY_LEN], String> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("not base64: {e}"))?;
+    <[u8; KEY_LEN]>::try_from(raw.as_slice()).map_err(|_| {
+        format!(
+            "{} bytes, an X25519 key is {KEY_LEN} (44 base64 characters)",
+            raw.len()
+        )
+    })
+}
+
+fn x25519() -> Box<dyn snow::types::Dh> {
+    use snow::resolvers::CryptoResolver;
+    snow::resolvers::DefaultResolver
+        .resolve_dh(&snow::params::DHChoice::Curve25519)
+        .expect("snow's default resolver has X25519")
+}
+
+/// A node's static X25519 key pair: its identity on the peer channel, and the root of its
+/// heartbeat keys ([`NodeKey::shared_secret`]). The private half never leaves this type
+/// (no `Debug` of it, no accessor but the file text).
+#[derive(Clone)]
+pub struct NodeKey {
+    private: [u8; KEY_LEN],
+    public: PublicKey,
+}
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeKey(public {})", self.public)
+    }
+}
+
+impl NodeKey {
+    /// A new random key pair (the operating system's random source).
+    ///
+    /// # Errors
+    /// [`PeerError::BadKey`] if no random bytes could be drawn.
+    pub fn generate() -> Result<Self, PeerError> {
+        let mut private = [0u8; KEY_LEN];
+        rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut private).map_err(|e| {
+            PeerError::BadKey {
+                what: "new node key".into(),
+                reason: format!("no random bytes from the operating system: {e}"),
+            }
+        })?;
+        Ok(Self::from_private(private))
+    }
+
+    /// The key pair of a private key (clamped by X25519 itself).
+    pub fn from_private(private: [u8; KEY_LEN]) -> Self {
+        let mut dh = x25519();
+        dh.set(&private);
+        let mut public = [0u8; KEY_LEN];
+        public.copy_from_slice(dh.pubkey());
+        Self {
+            private,
+            public: PublicKey(public),
+        }
+    }
+
+    /// Parses the text of a key file: the private key in base64, as `remusctl keygen`
+    /// writes it (surrounding whitespace ignored). Mode checks are the caller's (the agent
+    /// applies `remus_ha::auth::check_key_file_mode` before reading).
+    ///
+    /// # Errors
+    /// [`PeerError::BadKey`] naming `what` (usually the file's path).
+    pub fn from_text(text: &str, what: &str) -> Result<Self, PeerError> {
+        decode_key(text.trim())
+            .map(Self::from_private)
+            .map_err(|reason| PeerError::BadKey {
+                what: format!("node key {what}"),
+                reason,
+            })
+    }
+
+    /// Reads a key file written by `remusctl keygen`.
+    ///
+    /// # Errors
+    /// [`PeerError::KeyRead`], [`PeerError::BadKey`].
+    pub fn from_file(path: &Path) -> Result<Self, PeerError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PeerError::KeyRead {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_text(&text, &path.display().to_string())
+    }
+
+    /// The private key as a key file holds it (base64 and a newline).
+    pub fn to_file_text(&self) -> String {
+        use base64::Engine;
+        format!(
+            "{}\n",
+            base64::engine::general_purpose::STANDARD.encode(self.private)
+        )
+    }
+
+    /// The public half.
+    pub fn public(&self) -> PublicKey {
+        self.public
+    }
+
+    /// X25519(this private key, `peer`): the same 32 bytes on both nodes, known to no one
+    /// else — the witness included. Heartbeat keys are derived from it.
+    ///
+    /// # Errors
+    /// [`PeerError::BadKey`] for a low-order public key (the result would be all zeroes,
+    /// known to anyone).
+    pub fn shared_secret(&self, peer: &PublicKey) -> Result<[u8; KEY_LEN], PeerError> {
+        let mut dh = x25519();
+        dh.set(&self.private);
+        let mut out = [0u8; KEY_LEN];
+        dh.dh(&peer.0, &mut out).map_err(|e| PeerError::BadKey {
+            what: format!("public key {peer}"),
+            reason: format!("X25519: {e}"),
+        })?;
+        if out == [0u8; KEY_LEN] {
+            return Err(PeerError::BadKey {
+                what: format!("public key {peer}"),
+                reason: "a low-order point (the shared secret would be all zeroes)".into(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// How this node authenticates the peer channel: the policy's `[auth]`.
+#[derive(Clone, Debug)]
+pub enum ChannelAuth {
+    /// One pre-shared key held by both nodes (`Noise_NNpsk0`; what v0.1.0 speaks).
+    Psk(PreSharedKey),
+    /// Per-node static keys (`Noise_XX`, `Noise_XXpsk0` with `psk`).
+    Keys {
+        /// This node's key pair.
+        local: Arc<NodeKey>,
+        /// The peer's public keys this node accepts: one, or two during a rotation.
+        peer_keys: Vec<PublicKey>,
+        /// An optional extra layer.
+        psk: Option<PreSharedKey>,
+    },
+}
+
+impl From<PreSharedKey> for ChannelAuth {
+    fn from(psk: PreSharedKey) -> Self {
+        Self::Psk(psk)
+    }
 }
 
 /// A 32-byte pre-shared key, derived from the key file with SHA-256 so that any file of at
@@ -179,7 +411,7 @@ pub struct SecureWriter<W> {
 }
 
 fn handshake_state(
-    psk: &PreSharedKey,
+    auth: &ChannelAuth,
     initiator: bool,
     peer: &str,
 ) -> Result<HandshakeState, PeerError> {
@@ -187,9 +419,28 @@ fn handshake_state(
         peer: peer.to_string(),
         source,
     };
-    let params: snow::params::NoiseParams = NOISE_PARAMS.parse().map_err(noise)?;
-    let b = snow::Builder::new(params).psk(0, &psk.0).map_err(noise)?;
-    let b = b.prologue(b"remus-agent peer channel").map_err(noise)?;
+    let (name, psk, local, prologue): (_, _, _, &[u8]) = match auth {
+        ChannelAuth::Psk(psk) => (NOISE_PARAMS, Some(psk), None, b"remus-agent peer channel"),
+        ChannelAuth::Keys { local, psk, .. } => (
+            if psk.is_some() {
+                NOISE_PARAMS_KEYS_PSK
+            } else {
+                NOISE_PARAMS_KEYS
+            },
+            psk.as_ref(),
+            Some(local),
+            b"remus-agent peer channel, node keys",
+        ),
+    };
+    let params: snow::params::NoiseParams = name.parse().map_err(noise)?;
+    let mut b = snow::Builder::new(params);
+    if let Some(psk) = psk {
+        b = b.psk(0, &psk.0).map_err(noise)?;
+    }
+    if let Some(local) = local {
+        b = b.local_private_key(&local.private).map_err(noise)?;
+    }
+    let b = b.prologue(prologue).map_err(noise)?;
     if initiator {
         b.build_initiator().map_err(noise)
     } else {
@@ -337,26 +588,6 @@ async fn within<T>(
         })?
 }
 
-/// Reads one handshake message and the hello it carries. A message that does not decrypt
-/// means the other side does not hold our key.
-async fn read_hello<R: AsyncRead + Unpin>(
-    hs: &mut HandshakeState,
-    reader: &mut R,
-    peer: &str,
-    stage: &'static str,
-) -> Result<Hello, PeerError> {
-    let mut frame = Vec::new();
-    read_frame(reader, &mut frame, peer).await?;
-    let mut payload = vec![0u8; MAX_MESSAGE];
-    let n = hs
-        .read_message(&frame, &mut payload)
-        .map_err(|_| PeerError::Unauthenticated {
-            peer: peer.to_string(),
-            stage,
-        })?;
-    parse_hello(&payload[..n], peer)
-}
-
 /// Refuses a hello from another node than the policy's peer.
 fn check_node(remote: &Hello, expected: &str, peer: &str) -> Result<(), PeerError> {
     if remote.node == expected {
@@ -371,18 +602,91 @@ fn check_node(remote: &Hello, expected: &str, peer: &str) -> Result<(), PeerErro
     })
 }
 
+/// Writes one handshake message carrying `payload`.
+async fn write_handshake<W: AsyncWrite + Unpin>(
+    hs: &mut HandshakeState,
+    writer: &mut W,
+    payload: &[u8],
+    peer: &str,
+) -> Result<(), PeerError> {
+    let mut msg = vec![0u8; MAX_MESSAGE];
+    let n = hs
+        .write_message(payload, &mut msg)
+        .map_err(|source| PeerError::Noise {
+            peer: peer.to_string(),
+            source,
+        })?;
+    write_frame(writer, &msg[..n], peer).await
+}
+
+/// Reads one handshake message and returns its payload. A message that does not decrypt
+/// means the other side does not hold our key.
+async fn read_handshake<R: AsyncRead + Unpin>(
+    hs: &mut HandshakeState,
+    reader: &mut R,
+    peer: &str,
+    stage: &'static str,
+) -> Result<Vec<u8>, PeerError> {
+    let mut frame = Vec::new();
+    read_frame(reader, &mut frame, peer).await?;
+    let mut payload = vec![0u8; MAX_MESSAGE];
+    let n = hs
+        .read_message(&frame, &mut payload)
+        .map_err(|_| PeerError::Unauthenticated {
+            peer: peer.to_string(),
+            stage,
+        })?;
+    payload.truncate(n);
+    Ok(payload)
+}
+
+/// In keys mode, refuses a peer whose proven static key is not pinned; returns which pinned
+/// key it was (for the log: a rotation shows which key each node uses).
+fn check_static(
+    hs: &HandshakeState,
+    auth: &ChannelAuth,
+    node: &str,
+    peer: &str,
+) -> Result<Option<PublicKey>, PeerError> {
+    let ChannelAuth::Keys { peer_keys, .. } = auth else {
+        return Ok(None);
+    };
+    let remote = hs
+        .get_remote_static()
+        .and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok())
+        .map(PublicKey)
+        .ok_or_else(|| PeerError::Refused {
+            peer: peer.to_string(),
+            reason: "the handshake did not carry a static key".into(),
+        })?;
+    if peer_keys.contains(&remote) {
+        return Ok(Some(remote));
+    }
+    Err(PeerError::UnpinnedKey {
+        peer: peer.to_string(),
+        node: node.to_string(),
+        key: remote.to_string(),
+        pinned: peer_keys
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
 /// Runs the initiator's side of the handshake on a connected stream.
 ///
 /// `peer` names the remote end in errors and logs (usually its address).
 ///
 /// # Errors
 /// [`PeerError::Unauthenticated`] when the responder does not hold our key,
+/// [`PeerError::UnpinnedKey`] when (keys mode) it proves a key not pinned for it,
 /// [`PeerError::Refused`] when its hello is not the expected peer or domain,
 /// [`PeerError::HandshakeTimeout`], I/O errors.
 pub async fn connect<R, W>(
     mut reader: R,
     mut writer: W,
-    psk: &PreSharedKey,
+    auth: &ChannelAuth,
     hello: &Hello,
     expect_peer_node: &str,
     peer: &str,
@@ -393,18 +697,12 @@ where
     W: AsyncWrite + Unpin,
 {
     let fut = async {
-        let mut hs = handshake_state(psk, true, peer)?;
-        let mut msg = vec![0u8; MAX_MESSAGE];
+        let mut hs = handshake_state(auth, true, peer)?;
         let payload = serde_json::to_vec(hello).expect("hello serialises");
-        let n = hs
-            .write_message(&payload, &mut msg)
-            .map_err(|source| PeerError::Noise {
-                peer: peer.to_string(),
-                source,
-            })?;
-        write_frame(&mut writer, &msg[..n], peer).await?;
+        write_handshake(&mut hs, &mut writer, &payload, peer).await?;
 
-        let remote = read_hello(&mut hs, &mut reader, peer, "handshake message 2").await?;
+        let reply = read_handshake(&mut hs, &mut reader, peer, "handshake message 2").await?;
+        let remote = parse_hello(&reply, peer)?;
         check_node(&remote, expect_peer_node, peer)?;
         if remote.domain != hello.domain {
             return Err(PeerError::Refused {
@@ -415,10 +713,18 @@ where
                 ),
             });
         }
+        let keys_mode = matches!(auth, ChannelAuth::Keys { .. });
+        if let Some(key) = check_static(&hs, auth, expect_peer_node, peer)? {
+            tracing::debug!(peer, node = %remote.node, %key, "peer proved a pinned key");
+            // Message 3 proves our static key; its payload is the confirmation.
+            write_handshake(&mut hs, &mut writer, CONFIRM, peer).await?;
+        }
         let transport = into_transport(hs, peer)?;
         let mut ch = SecureChannel::new(reader, writer, transport, peer, remote);
-        ch.writer.send(CONFIRM).await?;
-        ch.writer.flush().await?;
+        if !keys_mode {
+            ch.writer.send(CONFIRM).await?;
+            ch.writer.flush().await?;
+        }
         Ok(ch)
     };
     within(timeout, peer, fut).await
@@ -426,16 +732,16 @@ where
 
 /// Runs the responder's side of the handshake on an accepted stream.
 ///
-/// `make_hello` builds this side's hello from the initiator's (so the daemon can answer for
-/// the domain that was asked for).
+/// This side's hello answers for the domain the initiator asked for.
 ///
 /// # Errors
 /// As [`connect`]; an unauthenticated peer is reported as [`PeerError::Unauthenticated`]
-/// before any of this side's data is sent to it.
+/// (psk mode: before any of this side's data is sent to it; keys mode without a PSK: after
+/// message 2, which carries only names and this node's public key).
 pub async fn accept<R, W>(
     mut reader: R,
     mut writer: W,
-    psk: &PreSharedKey,
+    auth: &ChannelAuth,
     expect: &Expect,
     peer: &str,
     timeout: Duration,
@@ -445,8 +751,9 @@ where
     W: AsyncWrite + Unpin,
 {
     let fut = async {
-        let mut hs = handshake_state(psk, false, peer)?;
-        let remote = read_hello(&mut hs, &mut reader, peer, "handshake message 1").await?;
+        let mut hs = handshake_state(auth, false, peer)?;
+        let first = read_handshake(&mut hs, &mut reader, peer, "handshake message 1").await?;
+        let remote = parse_hello(&first, peer)?;
         check_node(&remote, &expect.peer_node, peer)?;
         if let Some(domains) = &expect.domains {
             if !domains.contains(&remote.domain) {
@@ -473,14 +780,22 @@ where
             purpose: purpose.to_string(),
         };
         let out = serde_json::to_vec(&hello).expect("hello serialises");
-        let mut msg = vec![0u8; MAX_MESSAGE];
-        let n = hs
-            .write_message(&out, &mut msg)
-            .map_err(|source| PeerError::Noise {
-                peer: peer.to_string(),
-                source,
-            })?;
-        write_frame(&mut writer, &msg[..n], peer).await?;
+        write_handshake(&mut hs, &mut writer, &out, peer).await?;
+        if matches!(auth, ChannelAuth::Keys { .. }) {
+            let confirm = read_handshake(&mut hs, &mut reader, peer, "handshake message 3").await?;
+            let key = check_static(&hs, auth, &expect.peer_node, peer)?;
+            if confirm != CONFIRM {
+                return Err(PeerError::Refused {
+                    peer: peer.to_string(),
+                    reason: "handshake message 3 is not the confirmation".into(),
+                });
+            }
+            if let Some(key) = key {
+                tracing::debug!(peer, node = %remote.node, %key, "peer proved a pinned key");
+            }
+            let transport = into_transport(hs, peer)?;
+            return Ok(SecureChannel::new(reader, writer, transport, peer, remote));
+        }
         let transport = into_transport(hs, peer)?;
         let mut ch = SecureChannel::new(reader, writer, transport, peer, remote);
         let mut first = Vec::new();
@@ -649,6 +964,7 @@ mod tests {
         let (br, bw) = tokio::io::split(b);
         let t = Duration::from_secs(5);
         let ex = expect();
+        let (ki, kr) = (ChannelAuth::from(ki), ChannelAuth::from(kr));
         tokio::join!(
             connect(ar, aw, &ki, &hi, "bak", "test-responder", t),
             accept(br, bw, &kr, &ex, "test-initiator", t)
@@ -701,7 +1017,7 @@ mod tests {
         let (ar, aw) = tokio::io::split(a);
         let (br, bw) = tokio::io::split(b);
         let t = Duration::from_secs(5);
-        let (k, h, ex) = (key(1), hello("pri"), expect());
+        let (k, h, ex) = (ChannelAuth::from(key(1)), hello("pri"), expect());
         let (i, r) = tokio::join!(
             connect(ar, aw, &k, &h, "bak", "r", t),
             accept(br, bw, &k, &ex, "i", t)
@@ -730,12 +1046,147 @@ mod tests {
         let (_ar, mut aw) = tokio::io::split(a);
         aw.write_all(&[0, 20]).await.unwrap();
         aw.write_all(&[0xAB; 20]).await.unwrap();
-        let (k, ex) = (key(1), expect());
+        let (k, ex) = (ChannelAuth::from(key(1)), expect());
         let r = accept(br, bw, &k, &ex, "x", Duration::from_secs(2)).await;
         assert!(
             matches!(r, Err(PeerError::Unauthenticated { .. })),
             "{:?}",
             r.err()
         );
+    }
+
+    fn node_key(b: u8) -> Arc<NodeKey> {
+        Arc::new(NodeKey::from_private([b; KEY_LEN]))
+    }
+
+    fn keys(local: u8, pinned: &[u8], psk: Option<PreSharedKey>) -> ChannelAuth {
+        ChannelAuth::Keys {
+            local: node_key(local),
+            peer_keys: pinned.iter().map(|&b| node_key(b).public()).collect(),
+            psk,
+        }
+    }
+
+    async fn pair_auth(
+        ai: ChannelAuth,
+        ar_: ChannelAuth,
+    ) -> (
+        Result<SecureChannel<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>, PeerError>,
+        Result<SecureChannel<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>, PeerError>,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let t = Duration::from_secs(5);
+        let (hi, ex) = (hello("pri"), expect());
+        tokio::join!(
+            connect(ar, aw, &ai, &hi, "bak", "test-responder", t),
+            accept(br, bw, &ar_, &ex, "test-initiator", t)
+        )
+    }
+
+    async fn carries_data(
+        i: &mut SecureChannel<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>,
+        r: &mut SecureChannel<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>,
+    ) {
+        i.writer.send(b"page data").await.unwrap();
+        i.writer.flush().await.unwrap();
+        let mut got = Vec::new();
+        r.reader.recv(&mut got).await.unwrap();
+        assert_eq!(got, b"page data");
+        r.writer.send(b"ack").await.unwrap();
+        r.writer.flush().await.unwrap();
+        i.reader.recv(&mut got).await.unwrap();
+        assert_eq!(got, b"ack");
+    }
+
+    #[tokio::test]
+    async fn pinned_node_keys_carry_data_with_and_without_a_psk() {
+        for psk in [None, Some(key(3))] {
+            let (i, r) = pair_auth(keys(1, &[2], psk.clone()), keys(2, &[1], psk)).await;
+            let (mut i, mut r) = (i.unwrap(), r.unwrap());
+            assert_eq!(
+                (r.remote.node.as_str(), i.remote.node.as_str()),
+                ("pri", "bak")
+            );
+            carries_data(&mut i, &mut r).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unpinned_key_is_refused_by_either_side() {
+        // The initiator (key 9) is not pinned by the responder: refused naming the key.
+        let (_i, r) = pair_auth(keys(9, &[2], None), keys(2, &[1], None)).await;
+        let err = r
+            .err()
+            .expect("responder must refuse an unpinned initiator");
+        assert!(matches!(err, PeerError::UnpinnedKey { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&node_key(9).public().to_string()),
+            "{err}"
+        );
+        // The responder (key 9) is not pinned by the initiator: refused before message 3.
+        let (i, _r) = pair_auth(keys(1, &[2], None), keys(9, &[1], None)).await;
+        let err = i
+            .err()
+            .expect("initiator must refuse an unpinned responder");
+        assert!(matches!(err, PeerError::UnpinnedKey { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn during_a_rotation_both_pinned_keys_are_accepted() {
+        // The responder pins the initiator's old (1) and new (5) keys.
+        for current in [1, 5] {
+            let (i, r) = pair_auth(keys(current, &[2], None), keys(2, &[1, 5], None)).await;
+            let (mut i, mut r) = (i.unwrap(), r.unwrap());
+            carries_data(&mut i, &mut r).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_shared_key_alone_cannot_open_a_keys_channel() {
+        // Whoever holds only the pre-shared key (the witness was given it) cannot pass as a
+        // node to a node in keys mode, even when that node uses the same PSK as extra layer.
+        let (_i, r) = pair_auth(key(3).into(), keys(2, &[1], Some(key(3)))).await;
+        assert!(
+            matches!(r, Err(PeerError::Unauthenticated { .. })),
+            "{:?}",
+            r.err()
+        );
+        // Nor can a keys-mode node without the extra layer's PSK.
+        let (_i, r) = pair_auth(keys(1, &[2], None), keys(2, &[1], Some(key(3)))).await;
+        assert!(
+            matches!(r, Err(PeerError::Unauthenticated { .. })),
+            "{:?}",
+            r.err()
+        );
+        // And a keys-mode initiator does not get past a psk-mode responder.
+        let (_i, r) = pair_auth(keys(1, &[2], None), key(3).into()).await;
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn node_keys_agree_on_a_secret_and_parse_back() {
+        let (a, b) = (NodeKey::generate().unwrap(), NodeKey::generate().unwrap());
+        assert_ne!(a.public(), b.public());
+        assert_eq!(
+            a.shared_secret(&b.public()).unwrap(),
+            b.shared_secret(&a.public()).unwrap()
+        );
+        let again = NodeKey::from_text(&a.to_file_text(), "test").unwrap();
+        assert_eq!(again.public(), a.public());
+        let text = a.public().to_string();
+        assert_eq!(text.len(), 44);
+        assert_eq!(text.parse::<PublicKey>().unwrap(), a.public());
+        // Bad input: every case a clear error, never a panic.
+        for bad in ["", "not base64!", "AAAA", &"A".repeat(60)] {
+            let e = bad.parse::<PublicKey>().unwrap_err().to_string();
+            assert!(e.contains("public key"), "{bad:?}: {e}");
+            assert!(NodeKey::from_text(bad, "/etc/remus/node.key").is_err());
+        }
+        // The all-zero point is of low order: refused, not a zero secret.
+        let zero = PublicKey([0; KEY_LEN]);
+        let e = a.shared_secret(&zero).unwrap_err().to_string();
+        assert!(e.contains("low-order") || e.contains("X25519"), "{e}");
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::backup::ReplyWriter;
-use crate::peer::{self, Expect, Hello, PreSharedKey, CHANNEL_VERSION};
+use crate::peer::{self, ChannelAuth, Expect, Hello, CHANNEL_VERSION};
 use crate::primary::{RepliesEnded, Reply};
 use crate::wire::{spawn_sender, RecordReader, StreamSender, WireError};
 
@@ -43,7 +43,7 @@ pub struct PrimarySession {
 /// Connection, authentication and header errors.
 pub async fn open_primary(
     addr: &str,
-    psk: &PreSharedKey,
+    auth: &ChannelAuth,
     id: &Identity,
     timeout: Duration,
 ) -> Result<PrimarySession, WireError> {
@@ -66,7 +66,7 @@ pub async fn open_primary(
         domain: id.domain.clone(),
         purpose: "replication".into(),
     };
-    let ch = peer::connect(r, w, psk, &hello, &id.peer_node, addr, timeout).await?;
+    let ch = peer::connect(r, w, auth, &hello, &id.peer_node, addr, timeout).await?;
     let session_id = rand::random::<u64>();
     let header = StreamHeader {
         kind: StreamKind::Replication,
@@ -157,7 +157,7 @@ pub struct BackupSession {
 /// data), a replication header for another domain, I/O errors.
 pub async fn accept_backup(
     stream: TcpStream,
-    psk: &PreSharedKey,
+    auth: &ChannelAuth,
     node: &str,
     peer_node: &str,
     domains: Option<Vec<String>>,
@@ -175,7 +175,7 @@ pub async fn accept_backup(
         peer_node: peer_node.to_string(),
         domains,
     };
-    let ch = match peer::accept(r, w, psk, &expect, &addr, timeout).await {
+    let ch = match peer::accept(r, w, auth, &expect, &addr, timeout).await {
         Ok(ch) => ch,
         // Not logged here: anyone can cause this, so the caller counts it and logs at a
         // limited rate (remusd's listener); the error names the address.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use remus_engine::backup::{Backup, BackupError};
-use remus_engine::peer::{PeerError, PreSharedKey};
+use remus_engine::peer::{ChannelAuth, PeerError, PreSharedKey};
 use remus_engine::ports::NoDisk;
 use remus_engine::primary::Reply;
 use remus_engine::replica::{ReplicaState, ReplicaStore};
@@ -75,7 +75,7 @@ async fn checkpoint(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_with_a_wrong_digest_is_refused_and_the_previous_one_still_activates() {
     let dir = tempfile::tempdir().unwrap();
-    let psk = PreSharedKey::from_bytes(&[1; 40]).unwrap();
+    let psk = ChannelAuth::from(PreSharedKey::from_bytes(&[1; 40]).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (psk_b, rdir) = (psk.clone(), dir.path().to_path_buf());
@@ -141,12 +141,12 @@ async fn a_peer_without_the_key_is_refused_and_sees_nothing() {
     let addr = listener.local_addr().unwrap().to_string();
     let backup = tokio::spawn(async move {
         let (sock, _) = listener.accept().await.unwrap();
-        let good = PreSharedKey::from_bytes(&[1; 40]).unwrap();
+        let good = ChannelAuth::from(PreSharedKey::from_bytes(&[1; 40]).unwrap());
         accept_backup(sock, &good, "bak", "pri", None, Duration::from_secs(5))
             .await
             .err()
     });
-    let intruder = PreSharedKey::from_bytes(&[2; 40]).unwrap();
+    let intruder = ChannelAuth::from(PreSharedKey::from_bytes(&[2; 40]).unwrap());
     let r = open_primary(&addr, &intruder, &id(), Duration::from_secs(5)).await;
     assert!(r.is_err(), "the intruder must not get a session");
     match backup.await.unwrap() {

@@ -132,6 +132,104 @@ impl HaKey {
     }
 }
 
+/// One link key per direction and per pinned peer key.
+#[derive(Clone, Debug)]
+struct PinnedKeys {
+    send: HaKey,
+    accept: HaKey,
+}
+
+/// The MAC keys of the heartbeats between this node and its peer.
+///
+/// With a pre-shared key ([`PeerKeys::shared`]) one key tags both directions, and anyone
+/// holding the file — the witness included — could forge either node's heartbeats. With
+/// per-node keys ([`PeerKeys::per_node`]) the keys derive from the X25519 secret the two
+/// nodes share (computed by the agent from its private key and the peer's pinned public
+/// key), one key per direction so a reflected datagram never verifies, and one pair per
+/// pinned peer key so a rotation keeps heartbeats flowing. The detector sends under the
+/// pinned key the peer last proved ([`PeerKeys::send_keys`]), under each while it does not
+/// know which one yet.
+#[derive(Clone, Debug)]
+pub struct PeerKeys {
+    pins: Vec<PinnedKeys>,
+}
+
+impl PeerKeys {
+    /// One key for both directions (psk mode).
+    pub fn shared(key: HaKey) -> Self {
+        Self {
+            pins: vec![PinnedKeys {
+                send: key.clone(),
+                accept: key,
+            }],
+        }
+    }
+
+    /// Keys derived from the X25519 secrets this node shares with each pinned public key of
+    /// the peer (same order as the pins), mixed with `psk` when one is configured.
+    /// `None` when `secrets` is empty.
+    pub fn per_node(
+        secrets: &[[u8; 32]],
+        psk: Option<&HaKey>,
+        node: &str,
+        peer: &str,
+    ) -> Option<Self> {
+        if secrets.is_empty() {
+            return None;
+        }
+        let direction = |secret: &[u8; 32], from: &str, to: &str| {
+            let mut h = Sha256::new();
+            h.update(b"remus-agent heartbeat key v1\0");
+            h.update(secret);
+            if let Some(psk) = psk {
+                h.update(psk.0);
+            }
+            h.update(from.as_bytes());
+            h.update([0u8]);
+            h.update(to.as_bytes());
+            HaKey(h.finalize().into())
+        };
+        Some(Self {
+            pins: secrets
+                .iter()
+                .map(|s| PinnedKeys {
+                    send: direction(s, node, peer),
+                    accept: direction(s, peer, node),
+                })
+                .collect(),
+        })
+    }
+
+    /// How many pinned peer keys there are (1, or 2 during a rotation).
+    pub fn len(&self) -> usize {
+        self.pins.len()
+    }
+
+    /// Never true: a key set has at least one key.
+    pub fn is_empty(&self) -> bool {
+        self.pins.is_empty()
+    }
+
+    /// Opens an incoming datagram under any accepted key; returns the body and which pin it
+    /// verified under.
+    pub fn open<'a>(&self, datagram: &'a [u8]) -> Option<(&'a [u8], usize)> {
+        self.pins
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| p.accept.open(datagram).map(|b| (b, i)))
+    }
+
+    /// The keys to send under: the pin the peer last proved, or every pin while unknown.
+    pub fn send_keys(&self, proven: Option<usize>) -> impl Iterator<Item = &HaKey> {
+        let one = proven.filter(|&i| i < self.pins.len());
+        self.pins
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| one.is_none_or(|o| o == *i))
+            .map(|(_, p)| &p.send)
+    }
+}
+
 /// Checks that only the key file's owner may read it: no read, write or execute bit for
 /// group or others (what `ssh` and WireGuard's `wg` insist on too). The one place every
 /// program that reads a key file (remusd, remus-witness, `remusctl config check`) asks.
@@ -304,5 +402,50 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let s2 = SequenceSource::new();
         assert!(s2.next() > prev);
+    }
+
+    #[test]
+    fn per_node_heartbeat_keys_differ_per_direction_and_from_the_shared_key() {
+        let secret = [5u8; 32];
+        let psk = HaKey::derive(&[7u8; 40]).unwrap();
+        let a = PeerKeys::per_node(&[secret], Some(&psk), "a", "b").unwrap();
+        let b = PeerKeys::per_node(&[secret], Some(&psk), "b", "a").unwrap();
+        let mut dg = b"beat".to_vec();
+        a.send_keys(None).next().unwrap().seal(&mut dg);
+        assert_eq!(
+            b.open(&dg).map(|(body, i)| (body.to_vec(), i)),
+            Some((b"beat".to_vec(), 0))
+        );
+        // Reflected back to its sender: not accepted (one key per direction).
+        assert!(a.open(&dg).is_none());
+        // The shared key alone (what the witness holds) does not verify it.
+        assert!(PeerKeys::shared(psk.clone()).open(&dg).is_none());
+        // Without the PSK layer on one side: different keys.
+        let c = PeerKeys::per_node(&[secret], None, "b", "a").unwrap();
+        assert!(c.open(&dg).is_none());
+        assert!(PeerKeys::per_node(&[], None, "a", "b").is_none());
+    }
+
+    #[test]
+    fn during_a_rotation_heartbeats_go_under_every_pin_until_one_is_proven() {
+        let (old, new) = ([1u8; 32], [2u8; 32]);
+        let keys = PeerKeys::per_node(&[old, new], None, "a", "b").unwrap();
+        assert_eq!(keys.send_keys(None).count(), 2);
+        assert_eq!(keys.send_keys(Some(1)).count(), 1);
+        // The peer that switched to its new key accepts the copy under pin 1 only.
+        let peer_new = PeerKeys::per_node(&[new], None, "b", "a").unwrap();
+        let opened: Vec<bool> = keys
+            .send_keys(None)
+            .map(|k| {
+                let mut dg = b"beat".to_vec();
+                k.seal(&mut dg);
+                peer_new.open(&dg).is_some()
+            })
+            .collect();
+        assert_eq!(opened, vec![false, true]);
+        // And what the peer sends under its new key is proven as pin 1 here.
+        let mut dg = b"beat".to_vec();
+        peer_new.send_keys(None).next().unwrap().seal(&mut dg);
+        assert_eq!(keys.open(&dg).map(|(_, i)| i), Some(1));
     }
 }

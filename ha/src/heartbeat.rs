@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
-use crate::auth::{HaKey, SequenceSource, TAG_LEN};
+use crate::auth::{HaKey, PeerKeys, SequenceSource, TAG_LEN};
 
 /// Default time between heartbeats on each link.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
@@ -119,6 +119,13 @@ impl Beat {
     /// Encodes and tags the heartbeat. Names longer than [`MAX_NAME`] and domains beyond
     /// [`MAX_DOMAINS`] are the caller's error ([`Detector::set_view`] checks them).
     pub fn encode(&self, key: &HaKey) -> Vec<u8> {
+        let mut b = self.encode_body();
+        key.seal(&mut b);
+        b
+    }
+
+    /// The datagram without its tag.
+    fn encode_body(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(MAX_DATAGRAM);
         b.extend_from_slice(MAGIC);
         b.push(VERSION);
@@ -133,7 +140,6 @@ impl Beat {
             b.extend_from_slice(d.domain.as_bytes());
             b.extend_from_slice(&d.payload);
         }
-        key.seal(&mut b);
         b
     }
 
@@ -143,6 +149,20 @@ impl Beat {
     /// [`DecodeError::BadTag`] before anything is parsed; [`DecodeError::Malformed`].
     pub fn decode(key: &HaKey, datagram: &[u8]) -> Result<Self, DecodeError> {
         let b = key.open(datagram).ok_or(DecodeError::BadTag)?;
+        Self::parse(b)
+    }
+
+    /// Authenticates under any of `keys` and decodes; also returns which pinned peer key it
+    /// verified under.
+    ///
+    /// # Errors
+    /// As [`Beat::decode`].
+    pub fn decode_with(keys: &PeerKeys, datagram: &[u8]) -> Result<(Self, usize), DecodeError> {
+        let (b, pin) = keys.open(datagram).ok_or(DecodeError::BadTag)?;
+        Self::parse(b).map(|beat| (beat, pin))
+    }
+
+    fn parse(b: &[u8]) -> Result<Self, DecodeError> {
         let bad = DecodeError::Malformed;
         if b.len() < HEADER || &b[0..4] != MAGIC || b[4] != VERSION || b[7] != 0 {
             return Err(bad);
@@ -200,8 +220,8 @@ pub struct HeartbeatConfig {
     pub interval: Duration,
     /// Silence on every link after which the peer is lost (more than 2 × interval).
     pub timeout: Duration,
-    /// The MAC key.
-    pub key: HaKey,
+    /// The MAC keys ([`PeerKeys::shared`] with a pre-shared key).
+    pub keys: PeerKeys,
 }
 
 impl HeartbeatConfig {
@@ -210,7 +230,7 @@ impl HeartbeatConfig {
         node: impl Into<String>,
         peer: impl Into<String>,
         links: Vec<Link>,
-        key: HaKey,
+        keys: PeerKeys,
     ) -> Self {
         Self {
             node: node.into(),
@@ -218,7 +238,7 @@ impl HeartbeatConfig {
             links,
             interval: DEFAULT_INTERVAL,
             timeout: DEFAULT_TIMEOUT,
-            key,
+            keys,
         }
     }
 
@@ -407,7 +427,8 @@ pub struct Detector {
 struct Incoming {
     link: usize,
     at: Instant,
-    result: Result<Beat, DecodeError>,
+    /// The beat and which pinned peer key it verified under.
+    result: Result<(Beat, usize), DecodeError>,
 }
 
 impl Detector {
@@ -440,7 +461,7 @@ impl Detector {
         let recv_tasks = sockets
             .iter()
             .enumerate()
-            .map(|(i, s)| tokio::spawn(receive(i, s.clone(), cfg.key.clone(), in_tx.clone())))
+            .map(|(i, s)| tokio::spawn(receive(i, s.clone(), cfg.keys.clone(), in_tx.clone())))
             .collect();
         let started = Instant::now();
         let (live_tx, live_rx) = watch::channel(PeerLiveness::Starting);
@@ -476,6 +497,7 @@ impl Detector {
         let probe = TrafficProbe::new();
         let state = State {
             highest_seq: vec![None; cfg.links.len()],
+            proven_pin: None,
             quiet: Default::default(),
             last_uptime: None,
             seen_news: None,
@@ -570,13 +592,13 @@ impl Drop for Detector {
     }
 }
 
-async fn receive(link: usize, socket: Arc<UdpSocket>, key: HaKey, tx: mpsc::Sender<Incoming>) {
+async fn receive(link: usize, socket: Arc<UdpSocket>, keys: PeerKeys, tx: mpsc::Sender<Incoming>) {
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((n, _from)) => {
                 let at = Instant::now();
-                let result = Beat::decode(&key, &buf[..n]);
+                let result = Beat::decode_with(&keys, &buf[..n]);
                 if tx.send(Incoming { link, at, result }).await.is_err() {
                     return;
                 }
@@ -599,6 +621,9 @@ struct State {
     started: Instant,
     /// Per link: the highest sequence number accepted.
     highest_seq: Vec<Option<u64>>,
+    /// Which of the peer's pinned keys its accepted heartbeats verify under (`None` until
+    /// one arrives): heartbeats are sent under that one only.
+    proven_pin: Option<usize>,
     /// One log limit per kind of dropped datagram (bad tag, malformed, unknown node,
     /// replay): anyone can send them, so they are counted always and logged rarely.
     quiet: [crate::lograte::LogLimit; 4],
@@ -646,12 +671,16 @@ impl State {
                 uptime_us,
                 domains: view.clone(),
             };
-            let bytes = beat.encode(&self.cfg.key);
-            match s.try_send_to(&bytes, self.cfg.links[i].remote) {
-                Ok(_) => stats.links[i].sent += 1,
-                Err(e) => {
-                    stats.links[i].send_errors += 1;
-                    debug!(link = i, error = %e, "heartbeat not sent");
+            let body = beat.encode_body();
+            for key in self.cfg.keys.send_keys(self.proven_pin) {
+                let mut bytes = body.clone();
+                key.seal(&mut bytes);
+                match s.try_send_to(&bytes, self.cfg.links[i].remote) {
+                    Ok(_) => stats.links[i].sent += 1,
+                    Err(e) => {
+                        stats.links[i].send_errors += 1;
+                        debug!(link = i, error = %e, "heartbeat not sent");
+                    }
                 }
             }
         }
@@ -660,7 +689,7 @@ impl State {
     fn on_datagram(&mut self, m: Incoming) {
         let mut stats = self.stats.lock().expect("stats lock");
         let ls = &mut stats.links[m.link];
-        let beat = match m.result {
+        let (beat, pin) = match m.result {
             Ok(b) => b,
             Err(DecodeError::BadTag) => {
                 ls.dropped_bad_tag += 1;
@@ -703,6 +732,12 @@ impl State {
             return;
         }
         self.highest_seq[m.link] = Some(beat.seq);
+        if self.proven_pin != Some(pin) {
+            if self.cfg.keys.len() > 1 {
+                info!(peer = %self.cfg.peer, pin, "the peer's heartbeats verify under pinned key #{pin}; sending under it only");
+            }
+            self.proven_pin = Some(pin);
+        }
         ls.received += 1;
         if let Some(prev) = ls.last_heard {
             // A gap of k intervals (rounded) means k - 1 heartbeats did not arrive.
@@ -922,7 +957,7 @@ mod tests {
             local: "127.0.0.1:1".parse().unwrap(),
             remote: "127.0.0.1:2".parse().unwrap(),
         };
-        let ok = HeartbeatConfig::new("a", "b", vec![l], key());
+        let ok = HeartbeatConfig::new("a", "b", vec![l], PeerKeys::shared(key()));
         assert!(ok.validate().is_ok());
         let mut c = ok.clone();
         c.timeout = Duration::from_millis(200);

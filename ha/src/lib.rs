@@ -41,4 +41,4 @@ pub mod persist;
 pub mod role;
 pub mod witness;
 
-pub use auth::HaKey;
+pub use auth::{HaKey, PeerKeys};

@@ -12,7 +12,7 @@ use std::time::Duration;
 use remus_ha::heartbeat::{
     Beat, Detector, DomainView, HeartbeatConfig, Link, PeerLiveness, DOMAIN_PAYLOAD_LEN,
 };
-use remus_ha::HaKey;
+use remus_ha::{HaKey, PeerKeys};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
@@ -97,6 +97,17 @@ struct Pair {
 }
 
 async fn pair(links: u8, interval: Duration, timeout: Duration) -> Pair {
+    let shared = PeerKeys::shared(key());
+    pair_keyed(links, interval, timeout, shared.clone(), shared).await
+}
+
+async fn pair_keyed(
+    links: u8,
+    interval: Duration,
+    timeout: Duration,
+    keys_a: PeerKeys,
+    keys_b: PeerKeys,
+) -> Pair {
     let mut relays = Vec::new();
     let (mut la, mut lb) = (Vec::new(), Vec::new());
     for i in 0..links {
@@ -111,13 +122,17 @@ async fn pair(links: u8, interval: Duration, timeout: Duration) -> Pair {
         });
         relays.push(r);
     }
-    let cfg = |node: &str, peer: &str, links| HeartbeatConfig {
+    let cfg = |node: &str, peer: &str, links, keys| HeartbeatConfig {
         interval,
         timeout,
-        ..HeartbeatConfig::new(node, peer, links, key())
+        ..HeartbeatConfig::new(node, peer, links, keys)
     };
-    let a = Detector::start(cfg("alpha", "beta", la)).await.unwrap();
-    let b = Detector::start(cfg("beta", "alpha", lb)).await.unwrap();
+    let a = Detector::start(cfg("alpha", "beta", la, keys_a))
+        .await
+        .unwrap();
+    let b = Detector::start(cfg("beta", "alpha", lb, keys_b))
+        .await
+        .unwrap();
     Pair { a, b, relays }
 }
 
@@ -246,7 +261,7 @@ async fn a_restarted_peer_is_accepted_and_counted() {
                 local: SocketAddr::new(lo(7), 0),
                 remote,
             }],
-            key(),
+            PeerKeys::shared(key()),
         )
     };
     let b = Detector::start(cfg("beta", "alpha", r.b)).await.unwrap();
@@ -397,7 +412,7 @@ async fn a_peer_that_never_speaks_is_lost_after_the_timeout_from_start() {
                 local: SocketAddr::new(lo(9), 0),
                 remote: silent.local_addr().unwrap(),
             }],
-            key(),
+            PeerKeys::shared(key()),
         )
     };
     let started = Instant::now();
@@ -462,4 +477,55 @@ async fn detection_time_over_trials() {
         summary(&mut after_last),
         summary(&mut after_cut)
     );
+}
+
+/// Per-node keys (`[auth] mode = "keys"`): heartbeats keyed by the two nodes' X25519 secret
+/// flow; a heartbeat forged with the pre-shared key (which the witness also holds) is
+/// dropped as a bad tag; during a rotation (alpha pins beta's old and new keys, beta already
+/// uses the new one) the peers stay alive on every link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_keys_keep_heartbeats_flowing_through_a_rotation_and_refuse_the_shared_key() {
+    let (old, new) = ([11u8; 32], [12u8; 32]);
+    let psk = key();
+    let a = PeerKeys::per_node(&[old, new], Some(&psk), "alpha", "beta").unwrap();
+    let b = PeerKeys::per_node(&[new], Some(&psk), "beta", "alpha").unwrap();
+    let p = pair_keyed(2, IV, TO, a, b).await;
+    wait_for(&p.a, Duration::from_secs(5), |v| all_links_up(v, 2)).await;
+    wait_for(&p.b, Duration::from_secs(5), |v| all_links_up(v, 2)).await;
+    never_lost_for(&p.b, Duration::from_millis(1500)).await;
+    // Alpha sent under both pins until beta's first heartbeat proved the new one: at most a
+    // few copies under the old key reached beta as bad tags, then none.
+    let early: u64 = p.b.stats().links.iter().map(|l| l.dropped_bad_tag).sum();
+    sleep(Duration::from_millis(600)).await;
+    let later: u64 = p.b.stats().links.iter().map(|l| l.dropped_bad_tag).sum();
+    println!("bad tags at beta during the rotation: {early}, after: {later}");
+    assert_eq!(early, later, "alpha kept sending under the stale pin");
+
+    // The witness's view: it holds the pre-shared key, not the nodes' secret.
+    p.relays[0].set_cut(true);
+    let target = p.b.stats().links[0].link.local;
+    let before = p.b.stats().links[0].dropped_bad_tag;
+    let forged = Beat {
+        node: "alpha".into(),
+        seq: u64::MAX - 1,
+        uptime_us: 1,
+        domains: vec![],
+    };
+    let attacker = UdpSocket::bind((lo(1), 0)).await.unwrap();
+    attacker
+        .send_to(&forged.encode(&psk), target)
+        .await
+        .unwrap();
+    let got = timeout(Duration::from_secs(5), async {
+        loop {
+            let n = p.b.stats().links[0].dropped_bad_tag;
+            if n > before {
+                return n - before;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the forged heartbeat must be counted as a bad tag");
+    assert_eq!(got, 1);
 }

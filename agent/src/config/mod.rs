@@ -94,6 +94,9 @@ pub struct PeerConfig {
     pub address: SocketAddr,
     /// Heartbeat links; the peer is considered lost only when every link is silent.
     pub links: Vec<HeartbeatLink>,
+    /// The peer's pinned public keys (`auth.mode = "keys"`): one, or two during a
+    /// rotation. Empty with a pre-shared key.
+    pub public_keys: Vec<remus_engine::peer::PublicKey>,
 }
 
 /// One heartbeat path (a NIC pair), from `[[peer.link]]`.
@@ -120,6 +123,8 @@ pub struct HeartbeatConfig {
 pub enum AuthMode {
     /// Pre-shared key.
     Psk,
+    /// Per-node static keys, the peer's pinned.
+    Keys,
     /// Mutual TLS: recognised so that a policy asking for it gets a precise refusal (see
     /// [`AuthConfig`]), not an "unknown variant".
     Tls,
@@ -127,11 +132,18 @@ pub enum AuthMode {
 
 /// `[auth]`: there is deliberately no "off".
 ///
-/// Only a pre-shared key. One key authenticates every channel between the nodes: the
-/// replication stream (Noise NNpsk0, AES-GCM), the UDP heartbeats and the witness protocol
-/// (both MACed with keys derived from it). Certificates could replace the key on the TCP
-/// stream only; the datagram channels would still need a shared secret, so `mode = "tls"`
-/// is refused with that explanation instead of being half supported.
+/// - `psk`: one key authenticates every channel between the nodes: the replication stream
+///   (Noise NNpsk0, AES-GCM), the UDP heartbeats and the witness protocol (both MACed with
+///   keys derived from it). Whoever holds the file — either node, the witness — can claim
+///   either node's name. What v0.1.0 speaks.
+/// - `keys`: each node has its own X25519 key pair (`remusctl keygen`) and pins its peer's
+///   public keys (`[peer] public_keys`, two during a rotation): the stream runs Noise XX
+///   (XXpsk0 with a `psk_file` as an extra layer), the heartbeats are MACed per direction
+///   with keys from the two nodes' X25519 secret, which the witness does not know. The
+///   witness protocol still uses the pre-shared key (required with `[witness]`).
+///
+/// Certificates could replace the keys on the TCP stream only; the datagram channels would
+/// still need keys, so `mode = "tls"` is refused with that explanation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum AuthConfig {
     /// Pre-shared key read from a file (at least 32 bytes).
@@ -139,6 +151,24 @@ pub enum AuthConfig {
         /// Key file.
         key_file: PathBuf,
     },
+    /// This node's private key; the peer's public keys are in [`PeerConfig::public_keys`].
+    Keys {
+        /// This node's private key file (`remusctl keygen`).
+        private_key_file: PathBuf,
+        /// An optional pre-shared key: an extra layer on the stream and the heartbeats, and
+        /// the witness protocol's key.
+        psk_file: Option<PathBuf>,
+    },
+}
+
+impl AuthConfig {
+    /// The pre-shared key file, in either mode.
+    pub fn psk_file(&self) -> Option<&Path> {
+        match self {
+            AuthConfig::Psk { key_file } => Some(key_file),
+            AuthConfig::Keys { psk_file, .. } => psk_file.as_deref(),
+        }
+    }
 }
 
 /// Smallest pre-shared key accepted, in bytes.
@@ -499,8 +529,8 @@ impl Config {
             Err(e) => Some(format!("{what} {}: {e}", path.display())),
         };
         let mut files: Vec<(String, &Path)> = Vec::new();
-        match &self.auth {
-            AuthConfig::Psk { key_file } => match std::fs::metadata(key_file) {
+        if let Some(key_file) = self.auth.psk_file() {
+            match std::fs::metadata(key_file) {
                 Ok(m) if m.len() < MIN_PSK_BYTES => problem(format!(
                     "auth.psk_file {}: {} bytes, need at least {MIN_PSK_BYTES}",
                     key_file.display(),
@@ -512,7 +542,15 @@ impl Config {
                     }
                 }
                 Err(e) => problem(format!("auth.psk_file {}: {e}", key_file.display())),
-            },
+            }
+        }
+        if let AuthConfig::Keys {
+            private_key_file, ..
+        } = &self.auth
+        {
+            if let Err(e) = crate::keys::load_node_key(private_key_file) {
+                problem(format!("auth.private_key_file: {e:#}"));
+            }
         }
         let netns_path = self
             .node

@@ -32,6 +32,7 @@ pub(crate) struct RawPeer {
     pub name: Option<S<String>>,
     pub address: Option<S<String>>,
     pub link: Option<Vec<S<RawLink>>>,
+    pub public_keys: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +54,7 @@ pub(crate) struct RawHeartbeat {
 pub(crate) struct RawAuth {
     pub mode: Option<S<AuthMode>>,
     pub psk_file: Option<S<String>>,
+    pub private_key_file: Option<S<String>>,
     pub cert: Option<S<String>>,
     pub key: Option<S<String>>,
     pub ca: Option<S<String>>,

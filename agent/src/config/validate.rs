@@ -413,6 +413,7 @@ fn build(cx: &mut Ctx<'_>, root: Spanned<DeTable<'_>>) -> Option<Config> {
     let node = node?;
     let peer = peer?;
     let auth = auth?;
+    key_checks(cx, &s, &auth, &peer)?;
     if !domains_ok || domains.len() != s.domains.len() {
         return None;
     }
@@ -426,6 +427,49 @@ fn build(cx: &mut Ctx<'_>, root: Spanned<DeTable<'_>>) -> Option<Config> {
         domains,
         warnings: Vec::new(),
     })
+}
+
+/// `[auth]` against `[peer] public_keys` and `[witness]`: keys mode needs the peer's keys
+/// pinned, psk mode must not pretend to pin any, and the witness speaks the pre-shared key.
+fn key_checks(cx: &mut Ctx<'_>, s: &Sections, auth: &AuthConfig, peer: &PeerConfig) -> Option<()> {
+    let pins_span = s
+        .peer
+        .as_ref()
+        .and_then(|p| p.get_ref().public_keys.as_ref().map(|k| k.span()));
+    match auth {
+        AuthConfig::Keys { psk_file, .. } => {
+            if peer.public_keys.is_empty() {
+                let at = pins_span
+                    .or_else(|| s.peer.as_ref().map(|p| p.span()))
+                    .unwrap_or(0..0);
+                cx.error(
+                    at,
+                    "[peer]: public_keys is required with auth.mode = \"keys\": the peer's \
+                     public key (`remusctl keygen` printed it on the peer), or two during a rotation",
+                );
+                return None;
+            }
+            if psk_file.is_none() && s.present.contains("witness") {
+                let at = s.auth.as_ref().map(|a| a.span()).unwrap_or(0..0);
+                cx.error(
+                    at,
+                    "[auth]: psk_file is required with [witness]: remus-witness authenticates \
+                     nodes with the pre-shared key",
+                );
+                return None;
+            }
+        }
+        AuthConfig::Psk { .. } => {
+            if let Some(at) = pins_span {
+                cx.error(
+                    at,
+                    "[peer] public_keys is used only with auth.mode = \"keys\"; remove it or switch modes",
+                );
+                return None;
+            }
+        }
+    }
+    Some(())
 }
 
 fn node(cx: &mut Ctx<'_>, n: &Spanned<RawNode>) -> Option<NodeConfig> {
@@ -553,10 +597,38 @@ fn peer(cx: &mut Ctx<'_>, p: &Spanned<RawPeer>, node: Option<&NodeConfig>) -> Op
             }
         }
     }
+    let mut public_keys = Vec::new();
+    if let Some(list) = &r.public_keys {
+        let items = list.get_ref();
+        if items.len() > 2 {
+            cx.error(
+                list.span(),
+                format!(
+                    "peer.public_keys: {} keys; pin one, or two while the peer's key is rotated",
+                    items.len()
+                ),
+            );
+            ok = false;
+        }
+        for k in items {
+            match k.get_ref().parse::<remus_engine::peer::PublicKey>() {
+                Ok(key) if public_keys.contains(&key) => {
+                    cx.error(k.span(), format!("peer.public_keys: {key} is listed twice"));
+                    ok = false;
+                }
+                Ok(key) => public_keys.push(key),
+                Err(e) => {
+                    cx.error(k.span(), format!("peer.public_keys: {e}"));
+                    ok = false;
+                }
+            }
+        }
+    }
     if !ok {
         return None;
     }
     Some(PeerConfig {
+        public_keys,
         name: name?.into_inner(),
         address: address?,
         links,
@@ -605,15 +677,43 @@ fn heartbeat(cx: &mut Ctx<'_>, h: Option<&Spanned<RawHeartbeat>>) -> HeartbeatCo
 
 fn auth(cx: &mut Ctx<'_>, a: &Spanned<RawAuth>) -> Option<AuthConfig> {
     let r = a.get_ref();
-    let mode = required!(cx, a, "[auth]", mode, "\"psk\"")?;
+    let mode = required!(cx, a, "[auth]", mode, "\"keys\" or \"psk\"")?;
     if *mode.get_ref() == AuthMode::Tls {
         cx.error(
             mode.span(),
-            "auth.mode = \"tls\" is not supported: one pre-shared key authenticates the \
-             replication stream, the UDP heartbeats and the witness, and certificates could \
-             stand in for it on the stream only; use mode = \"psk\" with psk_file",
+            "auth.mode = \"tls\" is not supported: keys authenticate the replication \
+             stream, the UDP heartbeats and the witness, and certificates could stand in for \
+             them on the stream only; use mode = \"keys\" (per-node keys) or \"psk\"",
         );
         return None;
+    }
+    if *mode.get_ref() == AuthMode::Keys {
+        let key = required!(
+            cx,
+            a,
+            "[auth]",
+            private_key_file,
+            "this node's private key, written by `remusctl keygen`"
+        )?;
+        for (v, key) in [
+            (&r.cert, "auth.cert"),
+            (&r.key, "auth.key"),
+            (&r.ca, "auth.ca"),
+        ] {
+            if let Some(v) = v {
+                cx.error(v.span(), format!("{key} is not used; remove it"));
+            }
+        }
+        return Some(AuthConfig::Keys {
+            private_key_file: cx.abs_path(&key, "auth.private_key_file"),
+            psk_file: r.psk_file.as_ref().map(|f| cx.abs_path(f, "auth.psk_file")),
+        });
+    }
+    if let Some(k) = &r.private_key_file {
+        cx.error(
+            k.span(),
+            "auth.private_key_file is used only with mode = \"keys\"; remove it or switch modes",
+        );
     }
     for (v, key) in [
         (&r.cert, "auth.cert"),

@@ -27,21 +27,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use remus_engine::peer::PreSharedKey;
+use remus_engine::peer::ChannelAuth;
 use remus_ha::heartbeat::{Detector, HeartbeatConfig, Link, PeerLiveness};
 use remus_ha::witness::{WitnessClient, WitnessClientConfig};
-use remus_ha::HaKey;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::config::{AuthConfig, Config};
+use crate::config::Config;
 
 /// What every domain's supervisor shares.
 pub struct Shared {
     /// The validated configuration.
     pub config: Config,
-    /// The replication channel's key.
-    pub psk: PreSharedKey,
+    /// How the replication channel authenticates (`[auth]`).
+    pub auth: ChannelAuth,
     /// The heartbeat detector's verdict on the peer.
     pub liveness: watch::Receiver<PeerLiveness>,
     /// The peer's advertised per-domain view.
@@ -96,13 +95,9 @@ pub async fn serve(
     config_path: Option<std::path::PathBuf>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let AuthConfig::Psk { key_file } = &config.auth;
-    // The mode check (owner-only) is the same one remus-witness and `config check` apply.
-    let key = remus_ha::auth::read_key_file(key_file).context("the pre-shared key")?;
-    let psk = PreSharedKey::from_bytes(&key)
-        .with_context(|| format!("pre-shared key {}", key_file.display()))?;
-    let hakey = HaKey::from_file(key_file)
-        .with_context(|| format!("heartbeat key from {}", key_file.display()))?;
+    // Every key file's mode is checked (owner-only) before it is read, as remus-witness
+    // and `config check` do.
+    let keys = crate::keys::load(&config).context("this node's keys ([auth])")?;
 
     let control_path = config.node.control_socket.clone();
     // Bound before anything else starts: a second remusd on this host fails here, before
@@ -120,7 +115,12 @@ pub async fn serve(
             remote: l.remote,
         })
         .collect();
-    let mut hb = HeartbeatConfig::new(&config.node.name, &config.peer.name, links, hakey.clone());
+    let mut hb = HeartbeatConfig::new(
+        &config.node.name,
+        &config.peer.name,
+        links,
+        keys.heartbeat.clone(),
+    );
     hb.interval = config.heartbeat.interval;
     hb.timeout = config.heartbeat.timeout;
     let ha = HaRuntime::start().context("starting the heartbeat thread")?;
@@ -139,7 +139,12 @@ pub async fn serve(
 
     let witness = match &config.witness {
         Some(w) => {
-            let mut wc = WitnessClientConfig::new(&config.node.name, w.address, hakey.clone());
+            // Validation requires a psk_file with [witness] in keys mode.
+            let key = keys
+                .witness
+                .clone()
+                .context("[witness] needs auth.psk_file (the witness protocol's key)")?;
+            let mut wc = WitnessClientConfig::new(&config.node.name, w.address, key);
             wc.ttl = w.lease;
             let client = ha
                 .handle
@@ -155,7 +160,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         config: config.clone(),
-        psk,
+        auth: keys.channel.clone(),
         liveness: detector.liveness(),
         peer_view: detector.peer_view(),
         traffic: detector.traffic_probe(),

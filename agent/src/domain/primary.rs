@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use blk_remus::{DiskEvent, FileBackend, SyncMode, SyncProgress};
 use remus_engine::disk::{spawn_disk_forwarder, PrimaryDisk, PrimaryDisks};
-use remus_engine::peer::PreSharedKey;
+use remus_engine::peer::ChannelAuth;
 use remus_engine::primary::{
     Compression, GuestMemory, Primary, PrimaryConfig, PrimaryExit, PrimaryHandle, PrimaryParts,
 };
@@ -327,7 +327,7 @@ pub struct ProtectOptions {
     /// The backup's replication address.
     pub peer_addr: String,
     /// The pair's pre-shared key.
-    pub psk: PreSharedKey,
+    pub auth: ChannelAuth,
     /// Node names and domain.
     pub identity: Identity,
     /// How long the backup may stay silent about a checkpoint once nothing more is
@@ -374,7 +374,7 @@ pub async fn protect(vm: &RunningVm, opts: &ProtectOptions) -> Result<Protection
     let d = &vm.domain;
     let session = open_primary(
         &opts.peer_addr,
-        &opts.psk,
+        &opts.auth,
         &opts.identity,
         Duration::from_secs(10),
     )

@@ -18,7 +18,7 @@ use blk_remus::BlockBackend;
 use bytes::Bytes;
 use memmap2::MmapMut;
 use remus_engine::backup::{Backup, BackupError, BackupExit, BackupStatus};
-use remus_engine::peer::PreSharedKey;
+use remus_engine::peer::{ChannelAuth, PreSharedKey};
 use remus_engine::ports::{OutputBuffer, PortError, ReplicaDisk, VmControl};
 use remus_engine::primary::GuestMemory;
 use remus_engine::replica::{ReplicaState, ReplicaStore};
@@ -288,7 +288,8 @@ pub async fn loopback_session(
 ) -> (PrimarySession, BackupTask) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let psk_b = psk.clone();
+    let auth = ChannelAuth::from(psk.clone());
+    let psk_b = auth.clone();
     let backup = tokio::spawn(async move {
         let (sock, _) = listener.accept().await.unwrap();
         let s = accept_backup(sock, &psk_b, "bak", "pri", None, Duration::from_secs(5))
@@ -304,7 +305,7 @@ pub async fn loopback_session(
         peer_node: "bak".into(),
         domain: "vm".into(),
     };
-    let session = open_primary(&addr, psk, &id, Duration::from_secs(5))
+    let session = open_primary(&addr, &auth, &id, Duration::from_secs(5))
         .await
         .unwrap();
     (session, backup)
