@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use remus_engine::peer::{ChannelAuth, NodeKey, PeerError, PreSharedKey};
+use remus_engine::peer::{ChannelAuth, NodeKey, PreSharedKey};
 use remus_ha::auth::KeyError;
 use remus_ha::{HaKey, PeerKeys};
 use thiserror::Error;
@@ -25,7 +25,7 @@ pub enum KeysError {
     File(#[from] KeyError),
     /// A key does not parse, or a pinned public key is unusable.
     #[error("{0}")]
-    Key(#[from] PeerError),
+    Key(#[from] remus_keys::KeyError),
 }
 
 /// Everything the daemon authenticates with.
@@ -35,7 +35,8 @@ pub struct NodeKeys {
     pub channel: ChannelAuth,
     /// The heartbeats.
     pub heartbeat: PeerKeys,
-    /// The witness protocol (the pre-shared key's), when there is a pre-shared key.
+    /// The witness protocol's key: the pre-shared key's in psk mode, the one shared with the
+    /// pinned witness key in keys mode; `None` without a witness.
     pub witness: Option<HaKey>,
 }
 
@@ -100,10 +101,18 @@ pub fn load(config: &Config) -> Result<NodeKeys, KeysError> {
                 &config.node.name,
                 &config.peer.name,
             )
-            .ok_or_else(|| PeerError::BadKey {
+            .ok_or_else(|| remus_keys::KeyError {
                 what: "[peer] public_keys".into(),
                 reason: "no key pinned".into(),
             })?;
+            // The witness protocol: a key from this node's and the witness's secret.
+            let witness = match config.witness.as_ref().and_then(|w| w.public_key) {
+                Some(w) => Some(HaKey::for_witness(
+                    &local.shared_secret(&w)?,
+                    &config.node.name,
+                )),
+                None => None,
+            };
             Ok(NodeKeys {
                 channel: ChannelAuth::Keys {
                     local: Arc::new(local),
@@ -111,7 +120,7 @@ pub fn load(config: &Config) -> Result<NodeKeys, KeysError> {
                     psk: psk.as_ref().map(|(s, _)| s.clone()),
                 },
                 heartbeat,
-                witness: psk.map(|(_, ha)| ha),
+                witness,
             })
         }
     }

@@ -494,3 +494,161 @@ fn a_missing_vm_netns_is_refused_naming_it() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("node.vm_netns"), "config check:\n{stdout}");
 }
+
+/// `text` checked as a file: the error line that names `needle`'s line, or a panic.
+fn error_at(dir: &Path, name: &str, text: &str, needle: &str, message: &str) {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    let out = remusctl(&["config", "check", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{name}:\n{stdout}");
+    let prefix = format!("{}:{}:", path.display(), line_of(text, needle));
+    let hit = stdout
+        .lines()
+        .find(|l| l.starts_with(&prefix) && l.contains(": error: "))
+        .unwrap_or_else(|| panic!("{name}: no error at `{needle}`:\n{stdout}"));
+    assert!(
+        hit.contains(message),
+        "{name}: `{message}` missing in `{hit}`"
+    );
+}
+
+#[test]
+fn keygen_writes_an_owner_only_key_and_keys_mode_policies_are_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    // Under umask 000 the key file is still owner-only.
+    let out = Command::new("sh")
+        .args(["-c", "umask 000; exec \"$0\" keygen --out \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_remusctl"))
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(public.len(), 44, "{public:?}");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "key file mode {mode:o}");
+    // The same public key again from the file; an existing key is never overwritten.
+    let again = remusctl(&["keygen", "--public", key.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), public);
+    let before = std::fs::read(&key).unwrap();
+    let out = remusctl(&["keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    // Usage errors and a key readable by others: refused, naming the file.
+    assert_eq!(remusctl(&["keygen"]).status.code(), Some(1));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = remusctl(&["keygen", "--public", key.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&key.display().to_string()) && stderr.contains("0644"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A keys-mode policy built on the minimal one.
+    let peer_key = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+    let keys_mode = minimal()
+        .replacen(
+            "mode = \"psk\"\npsk_file = \"/etc/remus/psk\"",
+            &format!("mode = \"keys\"\nprivate_key_file = \"{}\"", key.display()),
+            1,
+        )
+        .replacen(
+            "address = \"192.0.2.12:7780\"",
+            &format!("address = \"192.0.2.12:7780\"\npublic_keys = [\"{peer_key}\"]"),
+            1,
+        );
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, &keys_mode).unwrap();
+    let out = remusctl(&["config", "check", good.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let with_files = remusctl(&["config", "check", "--files-exist", good.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&with_files.stdout);
+    assert!(!stdout.contains("private_key_file"), "{stdout}");
+
+    let pins = format!("public_keys = [\"{peer_key}\"]");
+    error_at(
+        dir.path(),
+        "no-pins",
+        &keys_mode.replacen(&pins, "", 1),
+        "[peer]",
+        "public_keys is required",
+    );
+    error_at(
+        dir.path(),
+        "bad-pin",
+        &keys_mode.replacen(peer_key, "AAAA", 1),
+        "public_keys",
+        "peer.public_keys",
+    );
+    error_at(
+        dir.path(),
+        "same-pin-twice",
+        &keys_mode.replacen(
+            &pins,
+            &format!("public_keys = [\"{peer_key}\", \"{peer_key}\"]"),
+            1,
+        ),
+        "public_keys",
+        "listed twice",
+    );
+    error_at(
+        dir.path(),
+        "three-pins",
+        &keys_mode.replacen(
+            &pins,
+            &format!("public_keys = [\"{peer_key}\", \"{public}\", \"3q2+7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]"),
+            1,
+        ),
+        "public_keys",
+        "3 keys",
+    );
+    let witness = "\n[witness]\naddress = \"192.0.2.13:7790\"\n";
+    error_at(
+        dir.path(),
+        "witness-unpinned",
+        &keys_mode.replacen("\n[[domain]]", &format!("{witness}\n[[domain]]"), 1),
+        "[witness]",
+        "public_key is required",
+    );
+    let pinned_witness = format!("{witness}public_key = \"{public}\"\n");
+    let with_witness =
+        keys_mode.replacen("\n[[domain]]", &format!("{pinned_witness}\n[[domain]]"), 1);
+    let path = dir.path().join("witness.toml");
+    std::fs::write(&path, &with_witness).unwrap();
+    assert_eq!(
+        remusctl(&["config", "check", path.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    // Pins in pre-shared key mode are a mistake, not ignored.
+    error_at(
+        dir.path(),
+        "psk-with-pins",
+        &minimal().replacen(
+            "address = \"192.0.2.12:7780\"",
+            &format!("address = \"192.0.2.12:7780\"\n{pins}"),
+            1,
+        ),
+        "public_keys",
+        "only with auth.mode = \"keys\"",
+    );
+    error_at(
+        dir.path(),
+        "psk-with-witness-key",
+        &minimal().replacen("\n[[domain]]", &format!("{pinned_witness}\n[[domain]]"), 1),
+        "public_key =",
+        "only with auth.mode = \"keys\"",
+    );
+}

@@ -61,8 +61,7 @@ const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
 const NOISE_PARAMS_KEYS: &str = "Noise_XX_25519_AESGCM_SHA256";
 /// Keys mode with a pre-shared key as an extra layer.
 const NOISE_PARAMS_KEYS_PSK: &str = "Noise_XXpsk0_25519_AESGCM_SHA256";
-/// Length of an X25519 key.
-pub const KEY_LEN: usize = 32;
+pub use remus_keys::KEY_LEN;
 /// Largest Noise message (the protocol's limit).
 const MAX_MESSAGE: usize = 65535;
 /// AEAD tag appended to every encrypted payload.
@@ -124,173 +123,14 @@ pub enum PeerError {
     },
 }
 
-/// A node's public X25519 key, written as standard base64 (44 characters, as WireGuard's).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PublicKey([u8; KEY_LEN]);
+pub use remus_keys::{NodeKey, PublicKey};
 
-impl PublicKey {
-    /// The raw 32 bytes.
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use base64::Engine;
-        f.write_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
-    }
-}
-
-impl std::fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PublicKey({self})")
-    }
-}
-
-impl Serialize for PublicKey {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl std::str::FromStr for PublicKey {
-    type Err = PeerError;
-    fn from_str(s: &str) -> Result<Self, PeerError> {
-        decode_key(s.trim())
-            .map(Self)
-            .map_err(|reason| PeerError::BadKey {
-                what: format!("public key {s:?}"),
-                reason,
-            })
-    }
-}
-
-fn decode_key(text: &str) -> Result<[u8; KEY_LEN], String> {
-    use base64::Engine;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .map_err(|e| format!("not base64: {e}"))?;
-    <[u8; KEY_LEN]>::try_from(raw.as_slice()).map_err(|_| {
-        format!(
-            "{} bytes, an X25519 key is {KEY_LEN} (44 base64 characters)",
-            raw.len()
-        )
-    })
-}
-
-fn x25519() -> Box<dyn snow::types::Dh> {
-    use snow::resolvers::CryptoResolver;
-    snow::resolvers::DefaultResolver
-        .resolve_dh(&snow::params::DHChoice::Curve25519)
-        .expect("snow's default resolver has X25519")
-}
-
-/// A node's static X25519 key pair: its identity on the peer channel, and the root of its
-/// heartbeat keys ([`NodeKey::shared_secret`]). The private half never leaves this type
-/// (no `Debug` of it, no accessor but the file text).
-#[derive(Clone)]
-pub struct NodeKey {
-    private: [u8; KEY_LEN],
-    public: PublicKey,
-}
-
-impl std::fmt::Debug for NodeKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NodeKey(public {})", self.public)
-    }
-}
-
-impl NodeKey {
-    /// A new random key pair (the operating system's random source).
-    ///
-    /// # Errors
-    /// [`PeerError::BadKey`] if no random bytes could be drawn.
-    pub fn generate() -> Result<Self, PeerError> {
-        let mut private = [0u8; KEY_LEN];
-        rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut private).map_err(|e| {
-            PeerError::BadKey {
-                what: "new node key".into(),
-                reason: format!("no random bytes from the operating system: {e}"),
-            }
-        })?;
-        Ok(Self::from_private(private))
-    }
-
-    /// The key pair of a private key (clamped by X25519 itself).
-    pub fn from_private(private: [u8; KEY_LEN]) -> Self {
-        let mut dh = x25519();
-        dh.set(&private);
-        let mut public = [0u8; KEY_LEN];
-        public.copy_from_slice(dh.pubkey());
-        Self {
-            private,
-            public: PublicKey(public),
+impl From<remus_keys::KeyError> for PeerError {
+    fn from(e: remus_keys::KeyError) -> Self {
+        PeerError::BadKey {
+            what: e.what,
+            reason: e.reason,
         }
-    }
-
-    /// Parses the text of a key file: the private key in base64, as `remusctl keygen`
-    /// writes it (surrounding whitespace ignored). Mode checks are the caller's (the agent
-    /// applies `remus_ha::auth::check_key_file_mode` before reading).
-    ///
-    /// # Errors
-    /// [`PeerError::BadKey`] naming `what` (usually the file's path).
-    pub fn from_text(text: &str, what: &str) -> Result<Self, PeerError> {
-        decode_key(text.trim())
-            .map(Self::from_private)
-            .map_err(|reason| PeerError::BadKey {
-                what: format!("node key {what}"),
-                reason,
-            })
-    }
-
-    /// Reads a key file written by `remusctl keygen`.
-    ///
-    /// # Errors
-    /// [`PeerError::KeyRead`], [`PeerError::BadKey`].
-    pub fn from_file(path: &Path) -> Result<Self, PeerError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PeerError::KeyRead {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_text(&text, &path.display().to_string())
-    }
-
-    /// The private key as a key file holds it (base64 and a newline).
-    pub fn to_file_text(&self) -> String {
-        use base64::Engine;
-        format!(
-            "{}\n",
-            base64::engine::general_purpose::STANDARD.encode(self.private)
-        )
-    }
-
-    /// The public half.
-    pub fn public(&self) -> PublicKey {
-        self.public
-    }
-
-    /// X25519(this private key, `peer`): the same 32 bytes on both nodes, known to no one
-    /// else — the witness included. Heartbeat keys are derived from it.
-    ///
-    /// # Errors
-    /// [`PeerError::BadKey`] for a low-order public key (the result would be all zeroes,
-    /// known to anyone).
-    pub fn shared_secret(&self, peer: &PublicKey) -> Result<[u8; KEY_LEN], PeerError> {
-        let mut dh = x25519();
-        dh.set(&self.private);
-        let mut out = [0u8; KEY_LEN];
-        dh.dh(&peer.0, &mut out).map_err(|e| PeerError::BadKey {
-            what: format!("public key {peer}"),
-            reason: format!("X25519: {e}"),
-        })?;
-        if out == [0u8; KEY_LEN] {
-            return Err(PeerError::BadKey {
-                what: format!("public key {peer}"),
-                reason: "a low-order point (the shared secret would be all zeroes)".into(),
-            });
-        }
-        Ok(out)
     }
 }
 
@@ -438,7 +278,7 @@ fn handshake_state(
         b = b.psk(0, &psk.0).map_err(noise)?;
     }
     if let Some(local) = local {
-        b = b.local_private_key(&local.private).map_err(noise)?;
+        b = b.local_private_key(local.private_bytes()).map_err(noise)?;
     }
     let b = b.prologue(prologue).map_err(noise)?;
     if initiator {
@@ -654,7 +494,7 @@ fn check_static(
     let remote = hs
         .get_remote_static()
         .and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok())
-        .map(PublicKey)
+        .map(PublicKey::from_bytes)
         .ok_or_else(|| PeerError::Refused {
             peer: peer.to_string(),
             reason: "the handshake did not carry a static key".into(),
@@ -1163,30 +1003,5 @@ mod tests {
         // And a keys-mode initiator does not get past a psk-mode responder.
         let (_i, r) = pair_auth(keys(1, &[2], None), key(3).into()).await;
         assert!(r.is_err());
-    }
-
-    #[test]
-    fn node_keys_agree_on_a_secret_and_parse_back() {
-        let (a, b) = (NodeKey::generate().unwrap(), NodeKey::generate().unwrap());
-        assert_ne!(a.public(), b.public());
-        assert_eq!(
-            a.shared_secret(&b.public()).unwrap(),
-            b.shared_secret(&a.public()).unwrap()
-        );
-        let again = NodeKey::from_text(&a.to_file_text(), "test").unwrap();
-        assert_eq!(again.public(), a.public());
-        let text = a.public().to_string();
-        assert_eq!(text.len(), 44);
-        assert_eq!(text.parse::<PublicKey>().unwrap(), a.public());
-        // Bad input: every case a clear error, never a panic.
-        for bad in ["", "not base64!", "AAAA", &"A".repeat(60)] {
-            let e = bad.parse::<PublicKey>().unwrap_err().to_string();
-            assert!(e.contains("public key"), "{bad:?}: {e}");
-            assert!(NodeKey::from_text(bad, "/etc/remus/node.key").is_err());
-        }
-        // The all-zero point is of low order: refused, not a zero secret.
-        let zero = PublicKey([0; KEY_LEN]);
-        let e = a.shared_secret(&zero).unwrap_err().to_string();
-        assert!(e.contains("low-order") || e.contains("X25519"), "{e}");
     }
 }

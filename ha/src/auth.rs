@@ -106,6 +106,19 @@ impl HaKey {
         <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length")
     }
 
+    /// The witness protocol's key between one node and the witness, in per-node keys mode:
+    /// derived from their X25519 shared secret and the node's name, so each node's requests
+    /// are authenticated as that node's (one node cannot speak for another), and the witness
+    /// holds nothing that opens the replication channel or the heartbeats (those derive from
+    /// the two nodes' secret with each other, under another label).
+    pub fn for_witness(shared_secret: &[u8; 32], node: &str) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"remus-agent witness key v1\0");
+        h.update(shared_secret);
+        h.update(node.as_bytes());
+        HaKey(h.finalize().into())
+    }
+
     /// The tag of `body`.
     pub fn tag(&self, body: &[u8]) -> [u8; TAG_LEN] {
         let mut m = self.mac();

@@ -14,6 +14,7 @@ use remus_ha::witness::{
     WitnessClientConfig, WitnessError, WitnessServer, WitnessServerConfig,
 };
 use remus_ha::HaKey;
+use remus_keys::NodeKey;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 use tokio::time::{sleep, timeout, Instant};
@@ -587,4 +588,116 @@ fn witness_binary_refuses_a_key_file_others_can_read() {
     let (err, key_file) = witness_with_key(MATERIAL, 0o640);
     let want = format!("{}: mode 0640 lets its group read it", key_file.display());
     assert!(err.contains(&want), "{err}");
+}
+
+/// A witness with per-node keys: alpha pinned twice (a rotation), beta once, and the shared
+/// key for nodes it has no pin for.
+async fn keyed_witness(witness: &NodeKey, pins: &[(&str, &NodeKey)]) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let mut keys = remus_ha::witness::WitnessKeys {
+        shared: Some(key()),
+        ..Default::default()
+    };
+    for (name, node) in pins {
+        let secret = witness.shared_secret(&node.public()).unwrap();
+        keys.nodes
+            .entry((*name).to_owned())
+            .or_default()
+            .push(HaKey::for_witness(&secret, name));
+    }
+    let cfg = WitnessServerConfig::with_keys(
+        SocketAddr::new(lo(), 0),
+        keys,
+        dir.path().join("witness.json"),
+    );
+    let server = WitnessServer::bind(cfg).await.unwrap();
+    let (addr, stats) = (server.local_addr(), server.stats());
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        stats,
+        stop: Some(tx),
+        _dir: dir,
+    }
+}
+
+/// A client speaking as `name` under the key `node` shares with the witness.
+async fn keyed_client(
+    name: &str,
+    node: &NodeKey,
+    witness: &NodeKey,
+    addr: SocketAddr,
+) -> Arc<WitnessClient> {
+    let secret = node.shared_secret(&witness.public()).unwrap();
+    let cfg = WitnessClientConfig {
+        ttl: Duration::from_millis(600),
+        attempt_timeout: Duration::from_millis(200),
+        attempts: 2,
+        ..WitnessClientConfig::new(name, addr, HaKey::for_witness(&secret, name))
+    };
+    Arc::new(WitnessClient::new(cfg).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_keys_authenticate_each_node_and_refuse_impersonation() {
+    let k = |b: u8| NodeKey::from_private([b; 32]);
+    let (w_key, alpha_old, alpha_new, beta, mallory) = (k(1), k(2), k(3), k(4), k(5));
+    let w = keyed_witness(
+        &w_key,
+        &[
+            ("alpha", &alpha_old),
+            ("alpha", &alpha_new),
+            ("beta", &beta),
+        ],
+    )
+    .await;
+    let beta_c = keyed_client("beta", &beta, &w_key, w.addr).await;
+    beta_c.acquire("web").await.unwrap();
+
+    // Alpha under either of its pinned keys (a rotation) is answered as alpha.
+    for alpha_key in [&alpha_old, &alpha_new] {
+        let c = keyed_client("alpha", alpha_key, &w_key, w.addr).await;
+        assert_eq!(denied_by(c.acquire("web").await), "beta");
+    }
+
+    // Refused, never answered: beta's key speaking as alpha (a node impersonating its
+    // peer), an unpinned key as beta, and the shared key as a pinned node.
+    let before = w
+        .stats
+        .dropped_bad_tag
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let impostors = [
+        keyed_client("alpha", &beta, &w_key, w.addr).await,
+        keyed_client("beta", &mallory, &w_key, w.addr).await,
+        {
+            let cfg = WitnessClientConfig {
+                attempt_timeout: Duration::from_millis(200),
+                attempts: 2,
+                ..WitnessClientConfig::new("beta", w.addr, key())
+            };
+            Arc::new(WitnessClient::new(cfg).await.unwrap())
+        },
+    ];
+    for c in &impostors {
+        match c.acquire("db").await {
+            Err(WitnessError::Unreachable { .. }) => {}
+            other => panic!("an impostor was answered: {other:?}"),
+        }
+    }
+    let dropped = w
+        .stats
+        .dropped_bad_tag
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    assert!(dropped >= 3, "{dropped} datagrams dropped for a bad tag");
+
+    // A node without a pin still uses the shared key (pairs not yet moved to keys mode).
+    client("gamma", w.addr, Duration::from_millis(600))
+        .await
+        .acquire("db")
+        .await
+        .unwrap();
 }

@@ -9,6 +9,7 @@
 pub mod config_cmd;
 pub mod daemon_cmd;
 pub mod domain_cmd;
+pub mod keygen_cmd;
 pub mod netbuf_cmd;
 pub mod status_cmd;
 pub mod stream_cmd;
@@ -91,6 +92,9 @@ pub enum Group {
     /// (intervals, ACK deadlines, failover mode, new and removed domains); anything else
     /// refuses the whole reload with file and line, and the running policy stays.
     Reload(daemon_cmd::ReloadCmd),
+    /// Make this node's static key pair for `[auth] mode = "keys"` (the private key to a new
+    /// owner-only file; the public key printed, for the peer's `[peer] public_keys`).
+    Keygen(keygen_cmd::KeygenCmd),
 }
 
 /// Parses the process arguments and runs the command.
@@ -131,6 +135,7 @@ where
         Group::TestActivate(cmd) => cmd.run(daemon_cmd::Action::TestActivate),
         Group::Reload(cmd) => cmd.run(),
         Group::Verify(cmd) => cmd.run(),
+        Group::Keygen(cmd) => cmd.run(),
     }
 }
 

@@ -139,8 +139,9 @@ pub enum AuthMode {
 /// - `keys`: each node has its own X25519 key pair (`remusctl keygen`) and pins its peer's
 ///   public keys (`[peer] public_keys`, two during a rotation): the stream runs Noise XX
 ///   (XXpsk0 with a `psk_file` as an extra layer), the heartbeats are MACed per direction
-///   with keys from the two nodes' X25519 secret, which the witness does not know. The
-///   witness protocol still uses the pre-shared key (required with `[witness]`).
+///   with keys from the two nodes' X25519 secret, which the witness does not know, and the
+///   witness protocol with a key from this node's and the witness's X25519 secret
+///   (`[witness] public_key`), so neither node can speak for the other there either.
 ///
 /// Certificates could replace the keys on the TCP stream only; the datagram channels would
 /// still need keys, so `mode = "tls"` is refused with that explanation.
@@ -155,8 +156,7 @@ pub enum AuthConfig {
     Keys {
         /// This node's private key file (`remusctl keygen`).
         private_key_file: PathBuf,
-        /// An optional pre-shared key: an extra layer on the stream and the heartbeats, and
-        /// the witness protocol's key.
+        /// An optional pre-shared key: an extra layer on the stream and the heartbeats.
         psk_file: Option<PathBuf>,
     },
 }
@@ -181,6 +181,8 @@ pub struct WitnessConfig {
     pub address: SocketAddr,
     /// Lease length granted per domain.
     pub lease: Duration,
+    /// The witness's public key, pinned in per-node keys mode (`auth.mode = "keys"`).
+    pub public_key: Option<remus_engine::peer::PublicKey>,
 }
 
 /// `[metrics]`.

@@ -65,6 +65,7 @@ pub(crate) struct RawAuth {
 pub(crate) struct RawWitness {
     pub address: Option<S<String>>,
     pub lease_ms: Option<S<u64>>,
+    pub public_key: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -437,7 +437,7 @@ fn key_checks(cx: &mut Ctx<'_>, s: &Sections, auth: &AuthConfig, peer: &PeerConf
         .as_ref()
         .and_then(|p| p.get_ref().public_keys.as_ref().map(|k| k.span()));
     match auth {
-        AuthConfig::Keys { psk_file, .. } => {
+        AuthConfig::Keys { .. } => {
             if peer.public_keys.is_empty() {
                 let at = pins_span
                     .or_else(|| s.peer.as_ref().map(|p| p.span()))
@@ -449,17 +449,30 @@ fn key_checks(cx: &mut Ctx<'_>, s: &Sections, auth: &AuthConfig, peer: &PeerConf
                 );
                 return None;
             }
-            if psk_file.is_none() && s.present.contains("witness") {
-                let at = s.auth.as_ref().map(|a| a.span()).unwrap_or(0..0);
-                cx.error(
-                    at,
-                    "[auth]: psk_file is required with [witness]: remus-witness authenticates \
-                     nodes with the pre-shared key",
-                );
-                return None;
+            if let Some(w) = &s.witness {
+                if w.get_ref().public_key.is_none() {
+                    cx.error(
+                        w.span(),
+                        "[witness]: public_key is required with auth.mode = \"keys\": the \
+                         witness's public key (`remusctl keygen --public` of its \
+                         --private-key-file), which it pins this node's key against",
+                    );
+                    return None;
+                }
             }
         }
         AuthConfig::Psk { .. } => {
+            if let Some(k) = s
+                .witness
+                .as_ref()
+                .and_then(|w| w.get_ref().public_key.as_ref())
+            {
+                cx.error(
+                    k.span(),
+                    "[witness] public_key is used only with auth.mode = \"keys\"; remove it or switch modes",
+                );
+                return None;
+            }
             if let Some(at) = pins_span {
                 cx.error(
                     at,
@@ -744,7 +757,21 @@ fn witness(cx: &mut Ctx<'_>, w: &Spanned<RawWitness>) -> Option<WitnessConfig> {
     let lease = cx.millis(&r.lease_ms, "witness.lease_ms", 2000, 100..=600_000);
     let a = required!(cx, w, "[witness]", address, "IP:PORT of remus-witness")?;
     let address = cx.socket_addr(&a, "witness.address", AddrRole::Remote)?;
-    Some(WitnessConfig { address, lease })
+    let public_key = match &r.public_key {
+        Some(k) => match k.get_ref().parse::<remus_engine::peer::PublicKey>() {
+            Ok(key) => Some(key),
+            Err(e) => {
+                cx.error(k.span(), format!("witness.public_key: {e}"));
+                return None;
+            }
+        },
+        None => None,
+    };
+    Some(WitnessConfig {
+        address,
+        lease,
+        public_key,
+    })
 }
 
 fn domain(cx: &mut Ctx<'_>, d: &Spanned<RawDomain>, witness: bool) -> Option<DomainConfig> {

@@ -139,11 +139,11 @@ pub async fn serve(
 
     let witness = match &config.witness {
         Some(w) => {
-            // Validation requires a psk_file with [witness] in keys mode.
+            // Validation requires [witness] public_key in keys mode.
             let key = keys
                 .witness
                 .clone()
-                .context("[witness] needs auth.psk_file (the witness protocol's key)")?;
+                .context("[witness] needs public_key with auth.mode = \"keys\"")?;
             let mut wc = WitnessClientConfig::new(&config.node.name, w.address, key);
             wc.ttl = w.lease;
             let client = ha

@@ -5,8 +5,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use remus_ha::witness::{WitnessArgs as Args, WitnessServer, WitnessServerConfig};
+use remus_ha::witness::{WitnessArgs as Args, WitnessKeys, WitnessServer, WitnessServerConfig};
 use remus_ha::HaKey;
+use remus_keys::{NodeKey, PublicKey};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -17,8 +18,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let key = HaKey::from_file(&args.key_file)?;
-    let server = WitnessServer::bind(WitnessServerConfig::new(args.listen, key, args.state_file))
+    let keys = witness_keys(&args)?;
+    let config = WitnessServerConfig::with_keys(args.listen, keys, args.state_file.clone());
+    let server = WitnessServer::bind(config)
         .await
         .context("starting the witness")?;
     // Print the bound address (tests and scripts may pass port 0).
@@ -33,4 +35,42 @@ async fn main() -> anyhow::Result<()> {
     };
     server.run(shutdown).await.context("serving")?;
     Ok(())
+}
+
+/// The keys of the command line: the shared key file, and each pinned node's key derived
+/// from the witness's private key and the node's public key.
+fn witness_keys(args: &Args) -> anyhow::Result<WitnessKeys> {
+    let mut keys = WitnessKeys {
+        shared: args.key_file.as_deref().map(HaKey::from_file).transpose()?,
+        ..WitnessKeys::default()
+    };
+    let Some(path) = &args.private_key_file else {
+        return Ok(keys);
+    };
+    let raw = remus_ha::auth::read_key_file(path)?;
+    let own = NodeKey::from_text(&String::from_utf8_lossy(&raw), &path.display().to_string())?;
+    for pin in &args.node {
+        let (name, public) = pin
+            .split_once('=')
+            .with_context(|| format!("--node {pin:?}: expected NAME=PUBLIC_KEY"))?;
+        if name.is_empty() {
+            anyhow::bail!("--node {pin:?}: the node name is empty");
+        }
+        let public: PublicKey = public.parse().with_context(|| format!("--node {name}"))?;
+        let secret = own
+            .shared_secret(&public)
+            .with_context(|| format!("--node {name}"))?;
+        keys.nodes
+            .entry(name.to_owned())
+            .or_default()
+            .push(HaKey::for_witness(&secret, name));
+    }
+    if let Some((name, pins)) = keys.nodes.iter().find(|(_, pins)| pins.len() > 2) {
+        anyhow::bail!(
+            "--node {name}: {} keys pinned; at most two (the old and the new during a rotation)",
+            pins.len()
+        );
+    }
+    eprintln!("witness public key {}", own.public());
+    Ok(keys)
 }

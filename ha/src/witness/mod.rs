@@ -56,7 +56,9 @@ pub use client::{
 pub use proto::{
     flags, reason, Op, ProtoError, Request, Response, Status, MAX_NAME, VERSION_2, VERSION_3,
 };
-pub use server::{Handled, LeaseTable, WitnessServer, WitnessServerConfig, WitnessStats};
+pub use server::{
+    Handled, LeaseTable, WitnessKeys, WitnessServer, WitnessServerConfig, WitnessStats,
+};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,10 +76,19 @@ pub struct WitnessArgs {
     /// UDP address to serve on, e.g. 0.0.0.0:7790.
     #[arg(long)]
     pub listen: SocketAddr,
-    /// The pairs' pre-shared key file (the agents' `[auth] psk_file`, at least 32 bytes,
-    /// readable by its owner only).
-    #[arg(long)]
-    pub key_file: PathBuf,
+    /// The pairs' pre-shared key file (the agents' `[auth] key_file` in pre-shared key
+    /// mode, at least 32 bytes, readable by its owner only). Nodes pinned with --node never
+    /// use it.
+    #[arg(long, required_unless_present = "private_key_file")]
+    pub key_file: Option<PathBuf>,
+    /// The witness's own private key (per-node keys: written by `remusctl keygen --out`,
+    /// owner-only); its public half goes in each node's `[witness] public_key`.
+    #[arg(long, requires = "node")]
+    pub private_key_file: Option<PathBuf>,
+    /// A node's pinned public key, as NAME=PUBLIC_KEY (repeat per node; twice for one name
+    /// during that node's key rotation). A pinned node is accepted under its key only.
+    #[arg(long, value_name = "NAME=PUBLIC_KEY", requires = "private_key_file")]
+    pub node: Vec<String>,
     /// Where the lease table is persisted (fsync + rename before every answer).
     #[arg(long)]
     pub state_file: PathBuf,

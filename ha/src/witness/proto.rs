@@ -293,6 +293,18 @@ impl Request {
         Ok(b)
     }
 
+    /// The node name a request datagram claims, read before authentication so the witness can
+    /// pick that node's key (per-node keys). Nothing else is trusted from it: the request is
+    /// then authenticated with the node's key and must decode to the same name.
+    pub fn claimed_node(datagram: &[u8]) -> Option<&str> {
+        let body = datagram.get(..datagram.len().checked_sub(TAG_LEN)?)?;
+        if body.len() < REQ_HEADER || &body[0..4] != REQ_MAGIC {
+            return None;
+        }
+        let len = usize::from(body[6]);
+        std::str::from_utf8(body.get(REQ_HEADER..REQ_HEADER + len)?).ok()
+    }
+
     /// Authenticates and decodes a request.
     ///
     /// # Errors

@@ -4,7 +4,7 @@
 //! after the table it reflects is durable in the state file. A write failure refuses the
 //! request and leaves the table as it was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -346,13 +346,54 @@ impl LeaseTable {
     }
 }
 
+/// The keys a witness authenticates requests with.
+///
+/// A node that has pinned keys here (per-node keys mode: `HaKey::for_witness` of the
+/// witness's and the node's X25519 keys) is accepted under those keys only — never under the
+/// shared key, or any holder of the shared key could speak for it. Other nodes use the
+/// shared key (pairs still in pre-shared key mode), if there is one. Two keys for one node
+/// are a rotation of that node's key.
+#[derive(Clone, Debug, Default)]
+pub struct WitnessKeys {
+    /// The pairs' pre-shared key, for nodes without pinned keys.
+    pub shared: Option<HaKey>,
+    /// Per node: the keys derived from each pinned public key.
+    pub nodes: HashMap<String, Vec<HaKey>>,
+}
+
+impl WitnessKeys {
+    /// The keys that may authenticate a datagram claiming to come from `node`.
+    fn for_node(&self, node: Option<&str>) -> &[HaKey] {
+        match node.and_then(|n| self.nodes.get(n)) {
+            Some(keys) => keys,
+            None => self.shared.as_slice(),
+        }
+    }
+
+    /// Authenticates and decodes a request; returns it with the key that verified it (the
+    /// answer is sealed with the same key).
+    fn decode(&self, datagram: &[u8]) -> Result<(Request, HaKey), ProtoError> {
+        let claimed = Request::claimed_node(datagram);
+        let mut last = ProtoError::BadTag;
+        for key in self.for_node(claimed) {
+            match Request::decode(key, datagram) {
+                Ok(req) if Some(req.node.as_str()) == claimed => return Ok((req, key.clone())),
+                Ok(_) => return Err(ProtoError::BadName),
+                Err(ProtoError::BadTag) => {}
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
 /// How to run a witness.
 #[derive(Clone, Debug)]
 pub struct WitnessServerConfig {
     /// UDP address to serve on.
     pub listen: SocketAddr,
-    /// The MAC key shared with the agents.
-    pub key: HaKey,
+    /// The MAC keys: shared with the agents, or per node.
+    pub keys: WitnessKeys,
     /// The durable lease table.
     pub state_file: PathBuf,
     /// Shortest and longest TTL granted.
@@ -362,9 +403,21 @@ pub struct WitnessServerConfig {
 impl WitnessServerConfig {
     /// A configuration with the default TTL limits.
     pub fn new(listen: SocketAddr, key: HaKey, state_file: PathBuf) -> Self {
+        Self::with_keys(
+            listen,
+            WitnessKeys {
+                shared: Some(key),
+                nodes: HashMap::new(),
+            },
+            state_file,
+        )
+    }
+
+    /// A configuration with per-node keys (and the shared key, if any), default TTL limits.
+    pub fn with_keys(listen: SocketAddr, keys: WitnessKeys, state_file: PathBuf) -> Self {
         Self {
             listen,
-            key,
+            keys,
             state_file,
             ttl_limits: (MIN_TTL, MAX_TTL),
         }
@@ -494,7 +547,7 @@ impl WitnessServer {
                 })?,
                 () = &mut shutdown => return Ok(()),
             };
-            let req = match Request::decode(&self.cfg.key, &buf[..n]) {
+            let (req, key) = match self.cfg.keys.decode(&buf[..n]) {
                 Ok(r) => r,
                 Err(ProtoError::BadTag) => {
                     let total = self.stats.dropped_bad_tag.fetch_add(1, Ordering::Relaxed) + 1;
@@ -514,7 +567,7 @@ impl WitnessServer {
             let Some(resp) = self.serve(&req).await else {
                 continue;
             };
-            match resp.encode(&self.cfg.key) {
+            match resp.encode(&key) {
                 Ok(bytes) => {
                     if let Err(e) = self.socket.send_to(&bytes, from).await {
                         warn!(%from, error = %e, "witness: answer not sent");
