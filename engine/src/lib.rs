@@ -15,6 +15,7 @@ pub mod disk;
 pub mod metrics;
 pub mod peer;
 pub mod ports;
+pub mod precopy;
 pub mod primary;
 pub mod replica;
 pub mod session;
