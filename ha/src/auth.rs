@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
 /// Length of the MAC tag at the end of every datagram.
@@ -162,20 +163,21 @@ struct PinnedKeys {
 /// pinned peer key so a rotation keeps heartbeats flowing. The detector sends under the
 /// pinned key the peer last proved ([`PeerKeys::send_keys`]), under each while it does not
 /// know which one yet.
+///
+/// Clones share one key set: [`PeerKeys::replace`] (a policy reload during a key rotation)
+/// changes it for the detector's sender and receivers at once, without a restart.
 #[derive(Clone, Debug)]
 pub struct PeerKeys {
-    pins: Vec<PinnedKeys>,
+    pins: Arc<RwLock<Vec<PinnedKeys>>>,
 }
 
 impl PeerKeys {
     /// One key for both directions (psk mode).
     pub fn shared(key: HaKey) -> Self {
-        Self {
-            pins: vec![PinnedKeys {
-                send: key.clone(),
-                accept: key,
-            }],
-        }
+        Self::of(vec![PinnedKeys {
+            send: key.clone(),
+            accept: key,
+        }])
     }
 
     /// Keys derived from the X25519 secrets this node shares with each pinned public key of
@@ -202,44 +204,69 @@ impl PeerKeys {
             h.update(to.as_bytes());
             HaKey(h.finalize().into())
         };
-        Some(Self {
-            pins: secrets
+        Some(Self::of(
+            secrets
                 .iter()
                 .map(|s| PinnedKeys {
                     send: direction(s, node, peer),
                     accept: direction(s, peer, node),
                 })
                 .collect(),
-        })
+        ))
+    }
+
+    fn of(pins: Vec<PinnedKeys>) -> Self {
+        Self {
+            pins: Arc::new(RwLock::new(pins)),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<PinnedKeys>> {
+        // A writer cannot panic while holding the lock (it only assigns a Vec).
+        self.pins
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes `with`'s keys, for this set and every clone of it. A "proven" pin index the
+    /// detector holds may name another key afterwards; the peer's next heartbeat corrects it
+    /// (within one interval).
+    pub fn replace(&self, with: &PeerKeys) {
+        let new = with.read().clone();
+        *self
+            .pins
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
     }
 
     /// How many pinned peer keys there are (1, or 2 during a rotation).
     pub fn len(&self) -> usize {
-        self.pins.len()
+        self.read().len()
     }
 
     /// Never true: a key set has at least one key.
     pub fn is_empty(&self) -> bool {
-        self.pins.is_empty()
+        self.read().is_empty()
     }
 
     /// Opens an incoming datagram under any accepted key; returns the body and which pin it
     /// verified under.
     pub fn open<'a>(&self, datagram: &'a [u8]) -> Option<(&'a [u8], usize)> {
-        self.pins
+        self.read()
             .iter()
             .enumerate()
             .find_map(|(i, p)| p.accept.open(datagram).map(|b| (b, i)))
     }
 
     /// The keys to send under: the pin the peer last proved, or every pin while unknown.
-    pub fn send_keys(&self, proven: Option<usize>) -> impl Iterator<Item = &HaKey> {
-        let one = proven.filter(|&i| i < self.pins.len());
-        self.pins
-            .iter()
+    pub fn send_keys(&self, proven: Option<usize>) -> Vec<HaKey> {
+        let pins = self.read();
+        let one = proven.filter(|&i| i < pins.len());
+        pins.iter()
             .enumerate()
-            .filter(move |(i, _)| one.is_none_or(|o| o == *i))
-            .map(|(_, p)| &p.send)
+            .filter(|(i, _)| one.is_none_or(|o| o == *i))
+            .map(|(_, p)| p.send.clone())
+            .collect()
     }
 }
 
@@ -424,7 +451,7 @@ mod tests {
         let a = PeerKeys::per_node(&[secret], Some(&psk), "a", "b").unwrap();
         let b = PeerKeys::per_node(&[secret], Some(&psk), "b", "a").unwrap();
         let mut dg = b"beat".to_vec();
-        a.send_keys(None).next().unwrap().seal(&mut dg);
+        a.send_keys(None).first().unwrap().seal(&mut dg);
         assert_eq!(
             b.open(&dg).map(|(body, i)| (body.to_vec(), i)),
             Some((b"beat".to_vec(), 0))
@@ -443,12 +470,13 @@ mod tests {
     fn during_a_rotation_heartbeats_go_under_every_pin_until_one_is_proven() {
         let (old, new) = ([1u8; 32], [2u8; 32]);
         let keys = PeerKeys::per_node(&[old, new], None, "a", "b").unwrap();
-        assert_eq!(keys.send_keys(None).count(), 2);
-        assert_eq!(keys.send_keys(Some(1)).count(), 1);
+        assert_eq!(keys.send_keys(None).len(), 2);
+        assert_eq!(keys.send_keys(Some(1)).len(), 1);
         // The peer that switched to its new key accepts the copy under pin 1 only.
         let peer_new = PeerKeys::per_node(&[new], None, "b", "a").unwrap();
         let opened: Vec<bool> = keys
             .send_keys(None)
+            .iter()
             .map(|k| {
                 let mut dg = b"beat".to_vec();
                 k.seal(&mut dg);
@@ -458,7 +486,7 @@ mod tests {
         assert_eq!(opened, vec![false, true]);
         // And what the peer sends under its new key is proven as pin 1 here.
         let mut dg = b"beat".to_vec();
-        peer_new.send_keys(None).next().unwrap().seal(&mut dg);
+        peer_new.send_keys(None).first().unwrap().seal(&mut dg);
         assert_eq!(keys.open(&dg).map(|(_, i)| i), Some(1));
     }
 }

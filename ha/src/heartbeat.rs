@@ -673,6 +673,7 @@ impl State {
             };
             let body = beat.encode_body();
             for key in self.cfg.keys.send_keys(self.proven_pin) {
+                let key = &key;
                 let mut bytes = body.clone();
                 key.seal(&mut bytes);
                 match s.try_send_to(&bytes, self.cfg.links[i].remote) {

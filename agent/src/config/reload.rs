@@ -20,9 +20,14 @@
 //!   while the domain is stopped on this node (they shape a running VM, its replica or its
 //!   protection's safety; device changes on a running VM are hot-plug's job).
 //!
+//! - in per-node keys mode (`auth.mode = "keys"`): this node's key files, the peer's pinned
+//!   `public_keys` and the witness's `public_key` — the steps of a key rotation. The new keys
+//!   are loaded first (a bad one refuses the reload) and then used by new replication
+//!   connections, the heartbeats and the witness client; a running session stays up.
+//!
 //! Never live, refused with the reason: `[node]`, `[peer]`, `[heartbeat]`, `[auth]`,
-//! `[witness]`, `[metrics]` (host-wide services bound at start: restart `remusd`, which is a
-//! failover for the VMs it runs as primary — switch them over first).
+//! `[witness]`, `[metrics]` except the keys above (host-wide services bound at start: restart
+//! `remusd`, which is a failover for the VMs it runs as primary — switch them over first).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -44,6 +49,10 @@ pub struct ReloadPlan {
     pub added: Vec<DomainConfig>,
     /// Domains gone from the file (to be stopped here before they may go).
     pub removed: Vec<String>,
+    /// Key material changed (keys mode: this node's key files, the peer's or the witness's
+    /// pinned public keys): the daemon loads the new keys and swaps them into the channel
+    /// listener, the heartbeats and the witness client — a key rotation without a restart.
+    pub rekey: bool,
 }
 
 impl ReloadPlan {
@@ -53,6 +62,7 @@ impl ReloadPlan {
             && self.reconfigured.is_empty()
             && self.added.is_empty()
             && self.removed.is_empty()
+            && !self.rekey
     }
 
     /// One line for logs and `remusctl reload`.
@@ -85,6 +95,9 @@ impl ReloadPlan {
                 "removed {}",
                 names(&mut self.removed.iter().map(String::as_str))
             ));
+        }
+        if self.rekey {
+            parts.push("keys reloaded".to_string());
         }
         parts.join("; ")
     }
@@ -158,14 +171,20 @@ pub fn plan(
             });
         }
     };
+    let (keyless_old, keyless_new) = (without_keys(running), without_keys(new));
     top(running.node != new.node, "node");
-    top(running.peer != new.peer, "peer");
+    top(keyless_old.peer != keyless_new.peer, "peer");
     top(running.heartbeat != new.heartbeat, "heartbeat");
-    top(running.auth != new.auth, "auth");
-    top(running.witness != new.witness, "witness");
+    top(keyless_old.auth != keyless_new.auth, "auth");
+    top(keyless_old.witness != keyless_new.witness, "witness");
     top(running.metrics != new.metrics, "metrics");
 
-    let mut out = ReloadPlan::default();
+    let mut out = ReloadPlan {
+        rekey: running.peer != new.peer
+            || running.auth != new.auth
+            || running.witness != new.witness,
+        ..ReloadPlan::default()
+    };
     for d in &new.domains {
         match running.domain(&d.name) {
             None => out.added.push(d.clone()),
@@ -215,6 +234,28 @@ pub fn plan(
     } else {
         Err(refused)
     }
+}
+
+/// The host-wide tables with the key material a reload may change blanked out: in keys mode
+/// the key files and every pinned public key (a rotation); the mode itself, and the
+/// pre-shared key file in psk mode (both nodes would have to change at the same instant),
+/// stay host-wide.
+fn without_keys(c: &Config) -> Config {
+    use super::AuthConfig;
+    let mut c = c.clone();
+    if let AuthConfig::Keys {
+        private_key_file,
+        psk_file,
+    } = &mut c.auth
+    {
+        *private_key_file = std::path::PathBuf::new();
+        *psk_file = None;
+        c.peer.public_keys.clear();
+        if let Some(w) = &mut c.witness {
+            w.public_key = None;
+        }
+    }
+    c
 }
 
 /// Copies the keys that may change while the domain runs (interval, ACK deadlines,
@@ -387,6 +428,79 @@ mode = "none"
         (&'static str, &'static str),
         Result<Did, Vec<String>>,
     );
+
+    #[test]
+    fn key_material_reloads_live_in_keys_mode_only() {
+        const A: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+        const B: &str = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
+        let keys_base = BASE
+            .replacen(
+                "mode = \"psk\"\npsk_file = \"/etc/remus/psk\"",
+                "mode = \"keys\"\nprivate_key_file = \"/etc/remus/node.key\"",
+                1,
+            )
+            .replacen(
+                "address = \"192.0.2.12:7780\"",
+                &format!("address = \"192.0.2.12:7780\"\npublic_keys = [\"{A}\"]"),
+                1,
+            )
+            .replacen(
+                "\n[[domain]]",
+                &format!("\n[witness]\naddress = \"192.0.2.13:7790\"\npublic_key = \"{A}\"\n\n[[domain]]"),
+                1,
+            );
+        let running = cfg(&keys_base);
+        let roles = roles("primary", "backup");
+        let refused_tables = |text: &str| -> Vec<String> {
+            plan(&running, &cfg(text), &roles)
+                .unwrap_err()
+                .iter()
+                .map(|n| n.path.to_string())
+                .collect()
+        };
+        for (what, text) in [
+            (
+                "a second pin (rotation begins)",
+                keys_base.replacen(&format!("[\"{A}\"]"), &format!("[\"{A}\", \"{B}\"]"), 1),
+            ),
+            (
+                "a new private key file",
+                keys_base.replacen("/etc/remus/node.key", "/etc/remus/node.key.new", 1),
+            ),
+            (
+                "a new witness key",
+                keys_base.replacen(
+                    &format!("public_key = \"{A}\""),
+                    &format!("public_key = \"{B}\""),
+                    1,
+                ),
+            ),
+        ] {
+            let p = plan(&running, &cfg(&text), &roles).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            assert!(p.rekey, "{what}");
+            assert_eq!(p.summary(), "keys reloaded", "{what}");
+        }
+        assert!(!plan(&running, &running, &roles).unwrap().rekey);
+        // Not live: the mode, the witness's address, and the pre-shared key file in psk mode.
+        assert_eq!(refused_tables(BASE), vec!["[auth]", "[witness]"]);
+        assert_eq!(
+            refused_tables(&keys_base.replacen("192.0.2.13:7790", "192.0.2.14:7790", 1)),
+            vec!["[witness]"]
+        );
+        let running = cfg(BASE);
+        let p = plan(
+            &running,
+            &cfg(&BASE.replacen("/etc/remus/psk", "/etc/remus/psk2", 1)),
+            &roles,
+        );
+        assert_eq!(
+            p.unwrap_err()
+                .iter()
+                .map(|n| n.path.to_string())
+                .collect::<Vec<_>>(),
+            vec!["[auth]"]
+        );
+    }
 
     #[test]
     fn plan_table() {

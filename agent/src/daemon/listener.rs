@@ -125,7 +125,7 @@ impl Listener {
                     let cfg = &shared.config;
                     let session = match accept_backup(
                         stream,
-                        &shared.auth,
+                        &shared.channel_auth(),
                         &cfg.node.name,
                         &cfg.peer.name,
                         Some(domains),

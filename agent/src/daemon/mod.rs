@@ -39,8 +39,11 @@ use crate::config::Config;
 pub struct Shared {
     /// The validated configuration.
     pub config: Config,
-    /// How the replication channel authenticates (`[auth]`).
-    pub auth: ChannelAuth,
+    /// How the replication channel authenticates (`[auth]`); a reload during a key
+    /// rotation replaces it (read it with [`Shared::channel_auth`]).
+    pub auth: std::sync::RwLock<ChannelAuth>,
+    /// The heartbeats' keys, shared with the detector (a reload replaces them in place).
+    pub heartbeat_keys: remus_ha::PeerKeys,
     /// The heartbeat detector's verdict on the peer.
     pub liveness: watch::Receiver<PeerLiveness>,
     /// The peer's advertised per-domain view.
@@ -65,6 +68,29 @@ pub struct Shared {
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
 /// # Errors
+impl Shared {
+    /// How new replication connections authenticate now.
+    pub fn channel_auth(&self) -> ChannelAuth {
+        self.auth
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes newly loaded keys (a reload during a key rotation): new replication connections,
+    /// the heartbeats and the witness client use them from now on; running sessions stay.
+    pub fn rekey(&self, keys: crate::keys::NodeKeys) {
+        *self
+            .auth
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys.channel;
+        self.heartbeat_keys.replace(&keys.heartbeat);
+        if let (Some(client), Some(key)) = (&self.witness, keys.witness) {
+            client.set_key(key);
+        }
+    }
+}
+
 /// A host-wide service could not start (key, heartbeat sockets, witness socket, replication
 /// listener, control socket). Failures of one domain are handled by its supervisor.
 pub async fn run(config: Config, config_path: std::path::PathBuf) -> Result<()> {
@@ -160,7 +186,8 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         config: config.clone(),
-        auth: keys.channel.clone(),
+        auth: std::sync::RwLock::new(keys.channel.clone()),
+        heartbeat_keys: keys.heartbeat.clone(),
         liveness: detector.liveness(),
         peer_view: detector.peer_view(),
         traffic: detector.traffic_probe(),

@@ -111,6 +111,21 @@ impl Reloader {
             .map(|h| (h.name.clone(), h.status.borrow().role.name().to_string()))
             .collect();
         let p = plan(&running, &new, &roles).map_err(|r| refused(refusals(&text, &origin, &r)))?;
+        // New keys are loaded before anything changes: a bad key refuses the whole reload.
+        let keys = if p.rekey {
+            let keys = crate::keys::load(&new).map_err(|e| {
+                refused(vec![Diagnostic {
+                    severity: crate::config::Severity::Error,
+                    origin: origin.clone(),
+                    line: 0,
+                    column: 0,
+                    message: format!("loading the new keys: {e}"),
+                }])
+            })?;
+            Some(keys)
+        } else {
+            None
+        };
         // New supervisors first: the only fallible step; stop those started if one fails.
         let mut started = Vec::new();
         for d in &p.added {
@@ -146,6 +161,9 @@ impl Reloader {
                     warn!(domain = %name, "reload: the removed domain's supervisor did not end in time");
                 }
             }
+        }
+        if let Some(keys) = keys {
+            self.shared.rekey(keys);
         }
         let summary = p.summary();
         *running = new;

@@ -140,6 +140,9 @@ pub struct WitnessClient {
     /// One exchange at a time, so an answer is never read by the wrong caller. It guards
     /// what was learned of the witness's wire version.
     exchange_lock: Mutex<Learned>,
+    /// The MAC key in use: `cfg.key` until [`WitnessClient::set_key`] (a reload during a key
+    /// rotation) replaces it.
+    key: std::sync::RwLock<HaKey>,
 }
 
 /// What the client learned of its witness's wire version.
@@ -200,11 +203,28 @@ impl WitnessClient {
                 source,
             })?;
         Ok(Self {
+            key: std::sync::RwLock::new(cfg.key.clone()),
             cfg,
             socket,
             seq: SequenceSource::new(),
             exchange_lock: Mutex::new(Learned::default()),
         })
+    }
+
+    /// Authenticates from now on with `key` (this node's new key, or a new witness key,
+    /// taken by a policy reload). An exchange in flight may need one more attempt.
+    pub fn set_key(&self, key: HaKey) {
+        *self
+            .key
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = key;
+    }
+
+    fn current_key(&self) -> HaKey {
+        self.key
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// This node's name.
@@ -424,12 +444,11 @@ impl WitnessClient {
                 flags,
                 peer: peer.to_string(),
             };
-            let bytes = req
-                .encode(&self.cfg.key)
-                .map_err(|_| WitnessError::BadName {
-                    what: "domain",
-                    name: domain.to_string(),
-                })?;
+            let key = self.current_key();
+            let bytes = req.encode(&key).map_err(|_| WitnessError::BadName {
+                what: "domain",
+                name: domain.to_string(),
+            })?;
             let attempt_sent_at = Instant::now();
             sent.push((req.nonce, req.version, attempt_sent_at));
             if let Err(e) = self.socket.send_to(&bytes, addr).await {
@@ -446,7 +465,7 @@ impl WitnessClient {
                     op: "receive",
                     source,
                 })?;
-                match Response::decode(&self.cfg.key, &buf[..n]) {
+                match Response::decode(&key, &buf[..n]) {
                     Ok(resp)
                         if resp.node == req.node
                             && resp.domain == req.domain

@@ -315,7 +315,7 @@ impl Supervisor {
         let cfg = &self.shared.config;
         let opts = ProtectOptions {
             peer_addr: cfg.peer.address.to_string(),
-            auth: self.shared.auth.clone(),
+            auth: self.shared.channel_auth(),
             identity: Identity {
                 node: cfg.node.name.clone(),
                 peer_node: cfg.peer.name.clone(),
