@@ -29,7 +29,16 @@ for _ in 1 2 3; do
         apt-get update -qq
         updated=yes
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Together first; if apt's resolver refuses the set ("generated breaks": seen on a
+    # machine with a backported qemu-utils), one package at a time, and the loop re-checks.
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null; then
+        echo "install-deps: installing the set failed; installing one at a time" >&2
+        for p in "${missing[@]}"; do
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                "$p" >/dev/null || echo "install-deps: installing $p failed" >&2
+        done
+    fi
 done
 mapfile -t missing < <(missing_packages)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -264,6 +264,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         unsafe_no_output_buffering: o.unsafe_no_output_buffering,
         vm_netns: Some((topo.primary.clone(), topo.backup.clone())),
         dialects: [files::Dialect::Current; 2],
+        keys: None,
     };
     files::write_all(&cfg)?;
     let (pri_files, bak_files) = (

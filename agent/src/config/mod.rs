@@ -162,6 +162,16 @@ pub enum AuthConfig {
 }
 
 impl AuthConfig {
+    /// This node's private key file, in keys mode.
+    pub fn private_key_file(&self) -> Option<&Path> {
+        match self {
+            AuthConfig::Psk { .. } => None,
+            AuthConfig::Keys {
+                private_key_file, ..
+            } => Some(private_key_file),
+        }
+    }
+
     /// The pre-shared key file, in either mode.
     pub fn psk_file(&self) -> Option<&Path> {
         match self {

@@ -6,6 +6,7 @@
 //! The control socket is path-based, so the drill reaches each daemon from the root
 //! namespace although the daemon runs in its host's namespace.
 
+use remus_engine::peer::NodeKey;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -84,6 +85,41 @@ pub struct PairConfig {
     pub vm_netns: Option<(String, String)>,
     /// Each node's policy dialect, pri's then bak's (indexed by [`Host`]).
     pub dialects: [Dialect; 2],
+    /// Per-node keys (`auth.mode = "keys"`) instead of one pre-shared key.
+    pub keys: Option<PairKeys>,
+}
+
+/// The key pairs of a per-node keys drill: each node's, the witness's, and a second key
+/// for pri that a rotation test switches to (the witness pins both pri keys from the start,
+/// as an operator adds the new pin before switching).
+#[derive(Clone, Debug)]
+pub struct PairKeys {
+    /// pri's key, then bak's (indexed by [`Host`]).
+    pub nodes: [NodeKey; 2],
+    /// pri's next key.
+    pub pri_next: NodeKey,
+    /// The witness's key.
+    pub witness: NodeKey,
+}
+
+impl PairKeys {
+    /// Fresh random keys.
+    ///
+    /// # Errors
+    /// No random bytes.
+    pub fn generate() -> Result<Self, remus_keys::KeyError> {
+        Ok(Self {
+            nodes: [NodeKey::generate()?, NodeKey::generate()?],
+            pri_next: NodeKey::generate()?,
+            witness: NodeKey::generate()?,
+        })
+    }
+}
+
+/// Where a per-node keys drill keeps the private key named `name` (`pri`, `bak`,
+/// `pri.next`, `witness`).
+pub fn key_path(work_dir: &Path, name: &str) -> PathBuf {
+    work_dir.join(format!("{name}.key"))
 }
 
 /// Where one node's files are.
@@ -154,6 +190,13 @@ pub fn node_toml(c: &PairConfig, host: Host) -> Result<String, DialectError> {
             key: "node.vm_netns",
         });
     }
+    if dialect == Dialect::V0_1_0 && c.keys.is_some() {
+        return Err(DialectError::Unsupported {
+            host,
+            dialect,
+            key: "auth.private_key_file",
+        });
+    }
     let me = NodeFiles::of(&c.work_dir, host);
     let my_ip = c.addrs.of(host);
     let peer_ip = c.addrs.of(host.other());
@@ -169,7 +212,7 @@ state_dir = "{state}"
 [peer]
 name = "{peer}"
 address = "{peer_ip}:{rport}"
-
+{pins}
 [[peer.link]]
 local = "{my_ip}:{hport}"
 remote = "{peer_ip}:{hport}"
@@ -178,14 +221,11 @@ remote = "{peer_ip}:{hport}"
 interval_ms = {hb_int}
 timeout_ms = {hb_to}
 
-[auth]
-mode = "psk"
-psk_file = "{psk}"
-
+{auth}
 [witness]
 address = "{wit}:{wport}"
 lease_ms = {lease}
-
+{witness_key}
 [[domain]]
 name = "{domain}"
 checkpoint_interval_ms = {interval}
@@ -211,7 +251,24 @@ mode = "witness"
             )),
         hb_int = c.heartbeat_interval.as_millis(),
         hb_to = c.heartbeat_timeout.as_millis(),
-        psk = psk_path(&c.work_dir).display(),
+        auth = match &c.keys {
+            None => format!(
+                "[auth]\nmode = \"psk\"\npsk_file = \"{}\"\n",
+                psk_path(&c.work_dir).display()
+            ),
+            Some(_) => format!(
+                "[auth]\nmode = \"keys\"\nprivate_key_file = \"{}\"\n",
+                key_path(&c.work_dir, host.name()).display()
+            ),
+        },
+        pins = c.keys.as_ref().map_or_else(String::new, |k| format!(
+            "public_keys = [\"{}\"]\n",
+            k.nodes[host.other() as usize].public()
+        )),
+        witness_key = c.keys.as_ref().map_or_else(String::new, |k| format!(
+            "public_key = \"{}\"\n",
+            k.witness.public()
+        )),
         wit = c.addrs.witness,
         wport = WITNESS_PORT,
         lease = c.lease.as_millis(),
@@ -245,6 +302,21 @@ pub fn write_all(c: &PairConfig) -> anyhow::Result<()> {
     // Owner-only, or remusd and the witness refuse the key.
     std::fs::set_permissions(&psk, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .with_context(|| format!("chmod 600 {}", psk.display()))?;
+    if let Some(k) = &c.keys {
+        let named = [
+            (Host::Pri.name(), &k.nodes[0]),
+            (Host::Bak.name(), &k.nodes[1]),
+            ("pri.next", &k.pri_next),
+            ("witness", &k.witness),
+        ];
+        for (name, key) in named {
+            let path = key_path(&c.work_dir, name);
+            std::fs::write(&path, key.to_file_text())
+                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("chmod 600 {}", path.display()))?;
+        }
+    }
     for host in Host::BOTH {
         let f = NodeFiles::of(&c.work_dir, host);
         for d in [&f.run_dir, &f.state_dir] {
@@ -291,6 +363,7 @@ mod tests {
             unsafe_no_output_buffering: false,
             vm_netns: None,
             dialects: [Dialect::Current; 2],
+            keys: None,
         }
     }
 
@@ -329,6 +402,33 @@ mod tests {
         );
         assert!(pri.warnings.is_empty(), "{:?}", pri.warnings);
         assert_eq!(pri.node.vm_netns, None);
+    }
+
+    /// In per-node keys mode each node pins the other's key and the witness's, and names its
+    /// own private key file.
+    #[test]
+    fn per_node_keys_pin_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        let keys = PairKeys::generate().unwrap();
+        c.keys = Some(keys.clone());
+        for h in Host::BOTH {
+            let conf = Config::from_str(&node_toml(&c, h).unwrap(), h.name()).unwrap();
+            assert_eq!(
+                conf.peer.public_keys,
+                vec![keys.nodes[h.other() as usize].public()]
+            );
+            assert_eq!(
+                conf.witness.as_ref().unwrap().public_key,
+                Some(keys.witness.public())
+            );
+            assert_eq!(
+                conf.auth.private_key_file(),
+                Some(key_path(dir.path(), h.name()).as_path())
+            );
+        }
+        c.dialects[Host::Bak as usize] = Dialect::V0_1_0;
+        assert!(node_toml(&c, Host::Bak).is_err());
     }
 
     /// The one-process drill's configurations put each node's VM NICs in its own host's

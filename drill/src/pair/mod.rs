@@ -98,6 +98,9 @@ pub struct PairOptions {
     pub unsafe_no_output_buffering: bool,
     /// Loss, delay and jitter on both hosts' uplinks, from setup on ([`crate::impair`]).
     pub impair: Option<crate::impair::Impairment>,
+    /// Per-node keys (`auth.mode = "keys"`, the witness pinning each node) instead of one
+    /// pre-shared key.
+    pub per_node_keys: bool,
 }
 
 impl PairOptions {
@@ -127,6 +130,7 @@ impl PairOptions {
             daemon_log_filter: std::env::var("REMUS_PAIR_LOG").unwrap_or_else(|_| "info".into()),
             unsafe_no_output_buffering: false,
             impair: None,
+            per_node_keys: false,
         }
     }
 }
@@ -257,6 +261,11 @@ impl PairDrill {
             unsafe_no_output_buffering: opts.unsafe_no_output_buffering,
             vm_netns: None,
             dialects: [opts.hosts[0].dialect, opts.hosts[1].dialect],
+            keys: if opts.per_node_keys {
+                Some(config::PairKeys::generate().context("generating the drill's node keys")?)
+            } else {
+                None
+            },
         };
         config::write_all(&cfg)?;
         let node = |host: Host| {
@@ -339,14 +348,31 @@ impl PairDrill {
             .context("pair topology without a witness namespace")?
             .to_string();
         let log = self.dir.join("witness.log");
-        let args = vec![
+        let mut args = vec![
             "--listen".to_string(),
             format!("{}:{WITNESS_PORT}", self.cfg.addrs.witness),
-            "--key-file".to_string(),
-            config::psk_path(&self.dir).display().to_string(),
             "--state-file".to_string(),
             self.dir.join("witness-leases.json").display().to_string(),
         ];
+        match &self.cfg.keys {
+            None => args.extend([
+                "--key-file".to_string(),
+                config::psk_path(&self.dir).display().to_string(),
+            ]),
+            Some(k) => {
+                args.extend([
+                    "--private-key-file".to_string(),
+                    config::key_path(&self.dir, "witness").display().to_string(),
+                ]);
+                for (name, key) in [
+                    (Host::Pri.name(), &k.nodes[0]),
+                    (Host::Bak.name(), &k.nodes[1]),
+                    (Host::Pri.name(), &k.pri_next),
+                ] {
+                    args.extend(["--node".to_string(), format!("{name}={}", key.public())]);
+                }
+            }
+        }
         let env = vec![("RUST_LOG".to_string(), self.opts.daemon_log_filter.clone())];
         let mut p = Proc::spawn("remus-witness", &ns, &self.bins.witness, &args, &env, &log)?;
         let deadline = Instant::now() + Duration::from_secs(15);
