@@ -11,7 +11,9 @@
 //!   heartbeats, so an operator's start never boots the older copy);
 //! - [`lograte`]: counted, rate-limited logging of what anyone on the network can cause;
 //! - [`decide`]: the pure rule table the daemon consults to turn all of the above into an
-//!   action on the VM.
+//!   action on the VM;
+//! - [`migration`]: a staged live migration's phases, their persisted record, its cookie
+//!   negotiation, and the pure rule that says which side runs the VM when it cannot go on.
 //!
 //! The crate knows nothing of QEMU or the checkpoint engine: the daemon wires them together,
 //! roughly like this:
@@ -37,6 +39,7 @@ pub mod fence;
 pub mod heartbeat;
 pub mod lineage;
 pub mod lograte;
+pub mod migration;
 pub mod persist;
 pub mod role;
 pub mod witness;
