@@ -49,6 +49,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
+use remus_stream::version::{self, Negotiated, VersionRange};
 use serde::{Deserialize, Serialize};
 use snow::{HandshakeState, StatelessTransportState};
 use std::sync::Arc;
@@ -68,8 +69,15 @@ const MAX_MESSAGE: usize = 65535;
 const TAG_LEN: usize = 16;
 /// Largest plaintext carried by one frame.
 pub const MAX_PAYLOAD: usize = MAX_MESSAGE - TAG_LEN;
-/// Version of the channel protocol, checked in the hellos.
+/// The version an initiator's hello names in `version`: what a responder that predates
+/// negotiation (v0.1.0, which checks `version` for equality) requires.
 pub const CHANNEL_VERSION: u32 = 1;
+/// The channel protocol versions this build speaks (announced in `Hello::versions`).
+pub const CHANNEL_VERSIONS: VersionRange = VersionRange::only(1);
+/// The channel capabilities this build offers. None is defined at version 1: the one
+/// optional feature so far (online disk verify) announces itself inside the stream (a
+/// `CONTROL` record, `verify.rs`), which v0.1.0 peers already skip.
+pub const CHANNEL_CAPABILITIES: &[&str] = &[];
 /// Literal payload of the initiator's first transport frame.
 const CONFIRM: &[u8] = b"CONFIRM";
 /// A pre-shared key file must hold at least this many bytes.
@@ -199,7 +207,8 @@ impl PreSharedKey {
 /// What each side says about itself in the handshake.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// Channel protocol version ([`CHANNEL_VERSION`]).
+    /// The initiator: [`CHANNEL_VERSION`] (what a responder that predates negotiation
+    /// requires). The responder: the version chosen for the channel.
     pub version: u32,
     /// The sender's node name (from its policy).
     pub node: String,
@@ -207,6 +216,82 @@ pub struct Hello {
     pub domain: String,
     /// What the channel is for (e.g. "replication", "control").
     pub purpose: String,
+    /// The versions the sender speaks; absent from a peer that predates negotiation
+    /// (v0.1.0), which speaks `version` only. Such a peer's parser ignores fields it does not
+    /// know (serde's default), so the new fields cost it nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<VersionRange>,
+    /// The capabilities the sender offers; unknown ones are ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+}
+
+impl Hello {
+    /// This build's hello for a channel: its version range and capabilities announced.
+    pub fn new(node: &str, domain: &str, purpose: &str) -> Self {
+        Hello {
+            version: CHANNEL_VERSION,
+            node: node.to_string(),
+            domain: domain.to_string(),
+            purpose: purpose.to_string(),
+            versions: Some(CHANNEL_VERSIONS),
+            capabilities: CHANNEL_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    /// The versions the sender announces (`version` alone for a peer that predates
+    /// negotiation), checked for consistency: a hello whose `version` lies outside its own
+    /// range claims a version it then violates.
+    pub fn announced(&self) -> Result<VersionRange, String> {
+        let range = self.versions.unwrap_or(VersionRange::only(self.version));
+        if range.min > range.max {
+            return Err(format!(
+                "its hello announces an empty version range {}..={}",
+                range.min, range.max
+            ));
+        }
+        if !range.contains(self.version) {
+            return Err(format!(
+                "its hello says version {} outside the range {range} it announces",
+                self.version
+            ));
+        }
+        Ok(range)
+    }
+}
+
+/// The channel's version and capabilities, from the remote hello (the one rule of
+/// [`remus_stream::version`]).
+fn agree(remote: &Hello, peer: &str) -> Result<Negotiated, PeerError> {
+    let refused = |reason: String| PeerError::Refused {
+        peer: peer.to_string(),
+        reason,
+    };
+    let theirs = remote.announced().map_err(refused)?;
+    version::negotiate(
+        CHANNEL_VERSIONS,
+        CHANNEL_CAPABILITIES.iter().copied(),
+        theirs,
+        remote.capabilities.iter().map(String::as_str),
+        &[],
+    )
+    .map_err(|e| refused(format!("channel {e}")))
+}
+
+/// The initiator's check of the responder's choice: it must be the highest common version,
+/// since both sides apply the same rule to the same two ranges.
+fn agree_with_answer(remote: &Hello, peer: &str) -> Result<Negotiated, PeerError> {
+    let n = agree(remote, peer)?;
+    if remote.version != n.version {
+        return Err(PeerError::Refused {
+            peer: peer.to_string(),
+            reason: format!(
+                "it chose channel version {}, but the highest version both speak is {}",
+                remote.version, n.version
+            ),
+        });
+    }
+    Ok(n)
 }
 
 /// Who the accepting side is, and what it requires of the connecting side's hello.
@@ -230,6 +315,8 @@ pub struct SecureChannel<R, W> {
     pub writer: SecureWriter<W>,
     /// The other side's hello (who it is, for which domain).
     pub remote: Hello,
+    /// The version and capabilities both sides use.
+    pub negotiated: Negotiated,
 }
 
 /// The receiving half.
@@ -362,15 +449,6 @@ fn parse_hello(payload: &[u8], peer: &str) -> Result<Hello, PeerError> {
         peer: peer.to_string(),
         reason: format!("hello is not valid: {e}"),
     })?;
-    if hello.version != CHANNEL_VERSION {
-        return Err(PeerError::Refused {
-            peer: peer.to_string(),
-            reason: format!(
-                "channel protocol version {} is not supported (this agent speaks {CHANNEL_VERSION})",
-                hello.version
-            ),
-        });
-    }
     Ok(hello)
 }
 
@@ -393,7 +471,15 @@ impl<R, W> SecureChannel<R, W> {
         transport: Arc<StatelessTransportState>,
         peer: &str,
         remote: Hello,
+        negotiated: Negotiated,
     ) -> Self {
+        tracing::debug!(
+            peer,
+            node = %remote.node,
+            version = negotiated.version,
+            capabilities = ?negotiated.capabilities,
+            "channel negotiated"
+        );
         SecureChannel {
             reader: SecureReader {
                 io: reader,
@@ -410,6 +496,7 @@ impl<R, W> SecureChannel<R, W> {
                 frame: Vec::new(),
             },
             remote,
+            negotiated,
         }
     }
 }
@@ -544,6 +631,7 @@ where
         let reply = read_handshake(&mut hs, &mut reader, peer, "handshake message 2").await?;
         let remote = parse_hello(&reply, peer)?;
         check_node(&remote, expect_peer_node, peer)?;
+        let negotiated = agree_with_answer(&remote, peer)?;
         if remote.domain != hello.domain {
             return Err(PeerError::Refused {
                 peer: peer.to_string(),
@@ -560,7 +648,7 @@ where
             write_handshake(&mut hs, &mut writer, CONFIRM, peer).await?;
         }
         let transport = into_transport(hs, peer)?;
-        let mut ch = SecureChannel::new(reader, writer, transport, peer, remote);
+        let mut ch = SecureChannel::new(reader, writer, transport, peer, remote, negotiated);
         if !keys_mode {
             ch.writer.send(CONFIRM).await?;
             ch.writer.flush().await?;
@@ -595,6 +683,7 @@ where
         let first = read_handshake(&mut hs, &mut reader, peer, "handshake message 1").await?;
         let remote = parse_hello(&first, peer)?;
         check_node(&remote, &expect.peer_node, peer)?;
+        let negotiated = agree(&remote, peer)?;
         if let Some(domains) = &expect.domains {
             if !domains.contains(&remote.domain) {
                 return Err(PeerError::Refused {
@@ -613,12 +702,8 @@ where
                 ),
             });
         }
-        let hello = Hello {
-            version: CHANNEL_VERSION,
-            node: node.to_string(),
-            domain: remote.domain.clone(),
-            purpose: purpose.to_string(),
-        };
+        let mut hello = Hello::new(node, &remote.domain, purpose);
+        hello.version = negotiated.version;
         let out = serde_json::to_vec(&hello).expect("hello serialises");
         write_handshake(&mut hs, &mut writer, &out, peer).await?;
         if matches!(auth, ChannelAuth::Keys { .. }) {
@@ -634,10 +719,12 @@ where
                 tracing::debug!(peer, node = %remote.node, %key, "peer proved a pinned key");
             }
             let transport = into_transport(hs, peer)?;
-            return Ok(SecureChannel::new(reader, writer, transport, peer, remote));
+            return Ok(SecureChannel::new(
+                reader, writer, transport, peer, remote, negotiated,
+            ));
         }
         let transport = into_transport(hs, peer)?;
-        let mut ch = SecureChannel::new(reader, writer, transport, peer, remote);
+        let mut ch = SecureChannel::new(reader, writer, transport, peer, remote, negotiated);
         let mut first = Vec::new();
         match ch.reader.recv(&mut first).await {
             Ok(()) if first == CONFIRM => Ok(ch),
@@ -774,12 +861,7 @@ mod tests {
     }
 
     fn hello(node: &str) -> Hello {
-        Hello {
-            version: CHANNEL_VERSION,
-            node: node.into(),
-            domain: "vm1".into(),
-            purpose: "replication".into(),
-        }
+        Hello::new(node, "vm1", "replication")
     }
 
     fn expect() -> Expect {
@@ -831,6 +913,69 @@ mod tests {
         r.writer.flush().await.unwrap();
         i.reader.recv(&mut chunk).await.unwrap();
         assert_eq!(chunk, b"ack");
+    }
+
+    #[tokio::test]
+    async fn hellos_negotiate_the_highest_common_version_with_old_and_new_peers() {
+        // This build with itself: its range, the version chosen, on both ends.
+        let (i, r) = pair(key(1), key(1), hello("pri")).await;
+        let (i, r) = (i.unwrap(), r.unwrap());
+        assert_eq!((i.negotiated.version, r.negotiated.version), (1, 1));
+        assert_eq!(r.remote.versions, Some(CHANNEL_VERSIONS));
+
+        // A v0.1.0 initiator: its hello has no range, exactly what that release sent.
+        let legacy: Hello = serde_json::from_str(
+            r#"{"version":1,"node":"pri","domain":"vm1","purpose":"replication"}"#,
+        )
+        .unwrap();
+        assert_eq!((legacy.versions, legacy.capabilities.len()), (None, 0));
+        let (i, r) = pair(key(1), key(1), legacy).await;
+        assert_eq!(r.unwrap().negotiated.version, 1);
+        assert_eq!(i.unwrap().negotiated.version, 1);
+
+        // A newer peer's unknown capabilities are ignored, not refused.
+        let mut newer = hello("pri");
+        newer.versions = Some(VersionRange { min: 1, max: 7 });
+        newer.capabilities = vec!["from-the-future".into()];
+        let (i, r) = pair(key(1), key(1), newer).await;
+        let r = r.unwrap();
+        assert_eq!(r.negotiated.version, 1);
+        assert!(r.negotiated.capabilities.is_empty());
+        assert_eq!(i.unwrap().negotiated.version, 1);
+
+        // No common version: refused by the responder, both ranges named.
+        let mut future = hello("pri");
+        future.version = 2;
+        future.versions = Some(VersionRange { min: 2, max: 3 });
+        let (_, r) = pair(key(1), key(1), future).await;
+        let e = r.err().expect("refused").to_string();
+        assert!(
+            e.contains("no common protocol version: this node speaks 1, the peer 2..=3"),
+            "{e}"
+        );
+
+        // A hello claiming a version outside its own range.
+        let mut liar = hello("pri");
+        liar.version = 5;
+        let (_, r) = pair(key(1), key(1), liar).await;
+        let e = r.err().expect("refused").to_string();
+        assert!(e.contains("says version 5 outside the range 1"), "{e}");
+    }
+
+    #[test]
+    fn an_answer_that_is_not_the_highest_common_version_is_refused() {
+        let mut answer = hello("bak");
+        assert_eq!(agree_with_answer(&answer, "r").unwrap().version, 1);
+        answer.version = 2;
+        answer.versions = Some(VersionRange { min: 1, max: 2 });
+        let e = agree_with_answer(&answer, "r").unwrap_err().to_string();
+        assert!(
+            e.contains("it chose channel version 2, but the highest version both speak is 1"),
+            "{e}"
+        );
+        answer.versions = Some(VersionRange { min: 3, max: 1 });
+        let e = agree_with_answer(&answer, "r").unwrap_err().to_string();
+        assert!(e.contains("empty version range 3..=1"), "{e}");
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::backup::ReplyWriter;
-use crate::peer::{self, ChannelAuth, Expect, Hello, CHANNEL_VERSION};
+use crate::peer::{self, ChannelAuth, Expect, Hello};
 use crate::primary::{RepliesEnded, Reply};
 use crate::wire::{spawn_sender, RecordReader, StreamSender, WireError};
 
@@ -60,12 +60,7 @@ pub async fn open_primary(
     let _ = stream.set_nodelay(true);
     let delivery = crate::wire::DeliveryProbe::of(&stream).ok();
     let (r, w) = stream.into_split();
-    let hello = Hello {
-        version: CHANNEL_VERSION,
-        node: id.node.clone(),
-        domain: id.domain.clone(),
-        purpose: "replication".into(),
-    };
+    let hello = Hello::new(&id.node, &id.domain, "replication");
     let ch = peer::connect(r, w, auth, &hello, &id.peer_node, addr, timeout).await?;
     let session_id = rand::random::<u64>();
     let header = StreamHeader {

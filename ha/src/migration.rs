@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::persist;
+pub use remus_stream::version::{self, Negotiated, NegotiationError, VersionRange};
 
 /// Which end of a migration this node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,21 +377,6 @@ fn destination_finishing(f: &Facts) -> Recovery {
 // ---------------------------------------------------------------------------------------
 // Cookies: versions and capabilities, negotiated once at begin/prepare.
 
-/// A range of protocol versions a side speaks, both ends included.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VersionRange {
-    /// Oldest version spoken.
-    pub min: u32,
-    /// Newest version spoken.
-    pub max: u32,
-}
-
-impl fmt::Display for VersionRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}..={}", self.min, self.max)
-    }
-}
-
 /// The migration protocol versions this build speaks.
 pub const PROTOCOL: VersionRange = VersionRange { min: 1, max: 1 };
 
@@ -405,63 +391,20 @@ pub struct Cookie {
     pub capabilities: BTreeSet<String>,
 }
 
-/// What both sides will use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Negotiated {
-    /// The highest common version.
-    pub version: u32,
-    /// The capabilities both offered.
-    pub capabilities: BTreeSet<String>,
-}
-
-/// A cookie that cannot be agreed with.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum NegotiationError {
-    /// A range whose `min` is above its `max`.
-    #[error("the peer's migration cookie announces an empty version range {0}")]
-    EmptyRange(VersionRange),
-    /// No version in common; both ranges named.
-    #[error("no common migration protocol version: this node speaks {ours}, the peer {theirs}")]
-    NoCommonVersion {
-        /// This side's range.
-        ours: VersionRange,
-        /// The peer's range.
-        theirs: VersionRange,
-    },
-    /// A capability this side requires that the peer lacks.
-    #[error("the peer lacks the migration capability `{0}`, which this node requires")]
-    Missing(String),
-}
-
-/// The highest common version and the common capabilities; `required` capabilities must be
-/// among them.
+/// The cookies' negotiation: the one rule of every peer protocol
+/// ([`remus_stream::version::negotiate`]); `required` capabilities must be common.
 pub fn negotiate(
     ours: &Cookie,
     theirs: &Cookie,
     required: &[&str],
 ) -> Result<Negotiated, NegotiationError> {
-    if theirs.versions.min > theirs.versions.max {
-        return Err(NegotiationError::EmptyRange(theirs.versions));
-    }
-    let version = ours.versions.max.min(theirs.versions.max);
-    if version < ours.versions.min.max(theirs.versions.min) {
-        return Err(NegotiationError::NoCommonVersion {
-            ours: ours.versions,
-            theirs: theirs.versions,
-        });
-    }
-    let capabilities: BTreeSet<String> = ours
-        .capabilities
-        .intersection(&theirs.capabilities)
-        .cloned()
-        .collect();
-    if let Some(missing) = required.iter().find(|c| !capabilities.contains(**c)) {
-        return Err(NegotiationError::Missing((*missing).to_string()));
-    }
-    Ok(Negotiated {
-        version,
-        capabilities,
-    })
+    version::negotiate(
+        ours.versions,
+        ours.capabilities.iter().map(String::as_str),
+        theirs.versions,
+        theirs.capabilities.iter().map(String::as_str),
+        required,
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -887,7 +830,7 @@ mod tests {
         let e = negotiate(&ours, &cookie(3, 4, &[]), &[]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "no common migration protocol version: this node speaks 1..=2, the peer 3..=4"
+            "no common protocol version: this node speaks 1..=2, the peer 3..=4"
         );
         let e = negotiate(&ours, &cookie(2, 1, &[]), &[]).unwrap_err();
         assert!(e.to_string().contains("empty version range 2..=1"), "{e}");

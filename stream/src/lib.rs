@@ -26,6 +26,7 @@ pub mod fuzzing;
 mod header;
 mod pages;
 mod record;
+pub mod version;
 
 pub use decoder::{DecodeError, DecodeErrorKind, Decoded, Decoder, DecoderConfig, Frame, Item};
 pub use encoder::{EncodeError, Encoder, StreamWriter, WriteError};
