@@ -7,7 +7,11 @@ set -euo pipefail
 # libvirt-clients (virsh) and virtinst (virt-install): agent/tests/domain_import.rs makes
 # libvirt definitions with them at test time (libvirt's test driver: no daemon) for
 # `remusctl domain import`.
-need=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio xz-utils zstd binutils kmod bsdutils lintian libvirt-clients virtinst)
+# protobuf-compiler (protoc): the etcd v3 client crate (etcd-client) generates its gRPC code
+# from etcd's .proto files at build time. etcd-server and etcd-client (etcd, etcdctl): the
+# etcd arbiter's tests and the pair drill's etcd backend start a real etcd of their own on
+# a random port (the packaged service is not used; see below).
+need=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio xz-utils zstd binutils kmod bsdutils lintian libvirt-clients virtinst protobuf-compiler etcd-server etcd-client)
 # Checked again after each install: installing one package can remove another (Debian's
 # qemu-system-x86 removes a backported qemu-utils that conflicts with it, which left
 # qemu-io and qemu-img missing), so the loop runs until nothing is missing.
@@ -44,6 +48,11 @@ mapfile -t missing < <(missing_packages)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "install-deps: still missing after installing: ${missing[*]}" >&2
     exit 1
+fi
+# Debian starts etcd-server's own service where systemd runs: the tests never use it (they
+# start etcd on random ports in temporary directories), so it is not left listening.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled --quiet etcd 2>/dev/null; then
+    systemctl disable --now etcd >/dev/null 2>&1 || true
 fi
 # A Rust toolchain: Debian 12's cargo (1.63) is too old for this workspace, so a missing
 # cargo is installed with rustup (stable, with rustfmt and clippy for .ci/run) into

@@ -28,7 +28,7 @@ use tokio::time::{sleep, timeout, Instant};
 use tracing::{info, warn};
 
 use crate::role::FenceProof;
-use crate::witness::{Lease, WitnessClient, WitnessError};
+use crate::witness::{Lease, LeaseArbiter, WitnessError};
 
 /// Bytes of a fencing command's output kept for the log (the end of it).
 const OUTPUT_TAIL: usize = 2048;
@@ -291,15 +291,15 @@ impl Fencer for CommandFencer {
     }
 }
 
-/// Fencing by winning the witness lease.
+/// Fencing by winning the lease from the arbiter (the witness or etcd).
 #[derive(Clone, Debug)]
 pub struct WitnessFencer {
-    client: Arc<WitnessClient>,
+    client: Arc<dyn LeaseArbiter>,
 }
 
 impl WitnessFencer {
-    /// A fencer asking `client`'s witness.
-    pub fn new(client: Arc<WitnessClient>) -> Self {
+    /// A fencer asking `client`'s arbiter.
+    pub fn new(client: Arc<dyn LeaseArbiter>) -> Self {
         Self { client }
     }
 }

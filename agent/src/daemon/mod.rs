@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use remus_engine::peer::ChannelAuth;
 use remus_ha::heartbeat::{Detector, HeartbeatConfig, Link, PeerLiveness};
-use remus_ha::witness::{WitnessClient, WitnessClientConfig};
+use remus_ha::witness::{LeaseArbiter, WitnessClient, WitnessClientConfig};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -51,8 +51,11 @@ pub struct Shared {
     /// Replication traffic from the peer counts as proof of life (a replication link busy
     /// with checkpoints may delay heartbeats): supervisors report it here.
     pub traffic: remus_ha::heartbeat::TrafficProbe,
-    /// The witness, when one is configured.
-    pub witness: Option<Arc<WitnessClient>>,
+    /// The lease arbiter (`[witness]`: remus-witness or etcd), when one is configured.
+    pub witness: Option<Arc<dyn LeaseArbiter>>,
+    /// The same arbiter when it is remus-witness, whose requests are signed with this
+    /// node's keys: a reload during a key rotation hands it the new key.
+    pub witness_keys: Option<Arc<WitnessClient>>,
     /// The runtime of the heartbeat detector and the lease keepers (see [`HaRuntime`]).
     pub ha: tokio::runtime::Handle,
     /// When the daemon started.
@@ -85,7 +88,7 @@ impl Shared {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = keys.channel;
         self.heartbeat_keys.replace(&keys.heartbeat);
-        if let (Some(client), Some(key)) = (&self.witness, keys.witness) {
+        if let (Some(client), Some(key)) = (&self.witness_keys, keys.witness) {
             client.set_key(key);
         }
     }
@@ -163,7 +166,7 @@ pub async fn serve(
             .context("starting the heartbeat detector")?
     };
 
-    let witness = match &config.witness {
+    let witness_client = match &config.witness {
         Some(w) => {
             // Validation requires [witness] public_key in keys mode.
             let key = keys
@@ -191,7 +194,10 @@ pub async fn serve(
         liveness: detector.liveness(),
         peer_view: detector.peer_view(),
         traffic: detector.traffic_probe(),
-        witness,
+        witness: witness_client
+            .clone()
+            .map(|c| -> Arc<dyn LeaseArbiter> { c }),
+        witness_keys: witness_client,
         ha: ha.handle.clone(),
         started: Instant::now(),
         heartbeat_stats: detector.stats_reader(),

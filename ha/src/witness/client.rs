@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use super::proto::{
     flags, reason, Op, Request, Response, Status, MAX_DATAGRAM, MAX_NAME, VERSION_2, VERSION_3,
 };
-use super::{WitnessError, DEFAULT_TTL, DRIFT_DIVISOR};
+use super::{LeaseArbiter, WitnessError, DEFAULT_TTL, DRIFT_DIVISOR};
 use crate::auth::{HaKey, SequenceSource};
 use crate::lineage::CopyStamp;
 
@@ -120,9 +120,6 @@ pub struct LeaseInfo {
     pub remaining: Duration,
 }
 
-/// A client of one witness. Share it (`Arc`) among all domains of a node: its nonces must
-/// increase per (node, domain), which one client guarantees and two clients racing for the
-/// same domain would not.
 /// The newest copy stamp the witness recorded for a domain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordedCopy {
@@ -132,6 +129,9 @@ pub struct RecordedCopy {
     pub node: Option<String>,
 }
 
+/// A client of one witness. Share it (`Arc`) among all domains of a node: its nonces must
+/// increase per (node, domain), which one client guarantees and two clients racing for the
+/// same domain would not.
 #[derive(Debug)]
 pub struct WitnessClient {
     cfg: WitnessClientConfig,
@@ -374,7 +374,7 @@ impl WitnessClient {
                 })
             }
             Status::Denied => Err(WitnessError::Denied {
-                addr: self.cfg.witness,
+                at: format!("witness {}", self.cfg.witness),
                 domain: domain.to_string(),
                 holder: r.holder,
                 remaining: Duration::from_millis(u64::from(r.ttl_ms)),
@@ -502,6 +502,53 @@ impl WitnessClient {
     }
 }
 
+#[async_trait::async_trait]
+impl LeaseArbiter for WitnessClient {
+    fn backend(&self) -> &'static str {
+        "witness"
+    }
+
+    fn location(&self) -> String {
+        self.cfg.witness.to_string()
+    }
+
+    fn node(&self) -> &str {
+        WitnessClient::node(self)
+    }
+
+    fn ttl(&self) -> Duration {
+        WitnessClient::ttl(self)
+    }
+
+    async fn acquire_as(&self, domain: &str, mode: &LeaseMode) -> Result<Lease, WitnessError> {
+        WitnessClient::acquire_as(self, domain, mode).await
+    }
+
+    async fn preempt(&self, domain: &str) -> Result<Lease, WitnessError> {
+        WitnessClient::preempt(self, domain).await
+    }
+
+    async fn renew_as(&self, lease: &Lease, mode: &LeaseMode) -> Result<Lease, WitnessError> {
+        WitnessClient::renew_as(self, lease, mode).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, WitnessError> {
+        WitnessClient::release(self, lease).await
+    }
+
+    async fn query(&self, domain: &str) -> Result<LeaseInfo, WitnessError> {
+        WitnessClient::query(self, domain).await
+    }
+
+    async fn record_copy(
+        &self,
+        domain: &str,
+        copy: CopyStamp,
+    ) -> Result<RecordedCopy, WitnessError> {
+        WitnessClient::record_copy(self, domain, copy).await
+    }
+}
+
 /// Sends `v` on `tx` unless it is the current value (watchers wake only on a change).
 fn send_if_changed<T: PartialEq>(tx: &watch::Sender<T>, v: T) {
     tx.send_if_modified(|cur| {
@@ -564,7 +611,8 @@ impl LeaseState {
     }
 }
 
-/// A task that acquires a domain's lease and renews it every TTL/3 in the mode it is told
+/// A task that acquires a domain's lease from its arbiter (the witness or etcd: any
+/// [`LeaseArbiter`]) and renews it every TTL/3 in the mode it is told
 /// ([`LeaseKeeper::set_mode`]: at once when the mode changes), reporting through a watch
 /// channel. It publishes `Lost` at the local expiry even if the witness never answers.
 #[derive(Debug)]
@@ -573,13 +621,13 @@ pub struct LeaseKeeper {
     mode: watch::Sender<LeaseMode>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Option<Lease>>,
-    client: Arc<WitnessClient>,
+    client: Arc<dyn LeaseArbiter>,
 }
 
 impl LeaseKeeper {
     /// Starts keeping `domain`'s lease, beginning with `initial` if this node already holds
     /// it (e.g. won by fencing).
-    pub fn spawn(client: Arc<WitnessClient>, domain: String, initial: Option<Lease>) -> Self {
+    pub fn spawn(client: Arc<dyn LeaseArbiter>, domain: String, initial: Option<Lease>) -> Self {
         let first = match &initial {
             Some(l) => LeaseState::Held {
                 until: l.expires_at_local,
@@ -632,7 +680,7 @@ impl LeaseKeeper {
 }
 
 async fn keep(
-    client: Arc<WitnessClient>,
+    client: Arc<dyn LeaseArbiter>,
     domain: String,
     mut lease: Option<Lease>,
     tx: watch::Sender<LeaseState>,

@@ -46,12 +46,15 @@
 //! stamp whenever they start or activate a VM, and ask before an operator's start: a node
 //! learns that its copy is older even when the node holding the newer one is down for good.
 
+mod arbiter;
 mod client;
 mod proto;
 mod server;
 
+pub use arbiter::LeaseArbiter;
 pub use client::{
-    Lease, LeaseKeeper, LeaseMode, LeaseState, RecordedCopy, WitnessClient, WitnessClientConfig,
+    Lease, LeaseInfo, LeaseKeeper, LeaseMode, LeaseState, RecordedCopy, WitnessClient,
+    WitnessClientConfig,
 };
 pub use proto::{
     flags, reason, Op, ProtoError, Request, Response, Status, MAX_NAME, VERSION_2, VERSION_3,
@@ -124,9 +127,10 @@ pub enum WitnessError {
         attempts: u32,
     },
     /// Another node holds the lease.
-    #[error("witness {addr}: domain {domain}: lease held by {holder} for {remaining:?} more")]
+    #[error("{at}: domain {domain}: lease held by {holder} for {remaining:?} more")]
     Denied {
-        addr: SocketAddr,
+        /// The arbiter that said so (`witness 192.0.2.3:7790`, `etcd …`).
+        at: String,
         domain: String,
         holder: String,
         remaining: Duration,
@@ -142,6 +146,10 @@ pub enum WitnessError {
     /// A name does not fit the protocol.
     #[error("witness: {what} {name:?} is empty or longer than {MAX_NAME} bytes")]
     BadName { what: &'static str, name: String },
+    /// Another arbiter backend failed (its own typed error, naming its endpoint, key and
+    /// operation).
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     /// The state file is unusable.
     #[error("witness state file {path}: {op}: {reason}")]
     State {

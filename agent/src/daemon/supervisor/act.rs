@@ -256,7 +256,7 @@ impl Supervisor {
     /// A lease keeper on the HA runtime (renewals must not wait for a busy main runtime).
     pub(super) fn spawn_keeper(
         &self,
-        client: Arc<remus_ha::witness::WitnessClient>,
+        client: Arc<dyn remus_ha::witness::LeaseArbiter>,
         initial: Option<remus_ha::witness::Lease>,
     ) -> LeaseKeeper {
         let _in_ha = self.shared.ha.enter();
