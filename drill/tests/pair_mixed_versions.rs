@@ -1,6 +1,7 @@
 //! Rolling upgrades (issue 17): a pair of one v0.1.0 `remusd` and one of this workspace
 //! protects a real guest, in both role assignments, and survives a kill-primary failover
-//! with nothing the client saw lost.
+//! — and hands the VM over by a planned switchover, in both directions — with nothing the
+//! client saw lost.
 //!
 //! v0.1.0 is built from this repository's history, by the commit RELEASES records
 //! (`scripts/build-release.sh`, cached under `target/releases/v0.1.0`); a clone without that
@@ -28,6 +29,22 @@ use remus_drill::pair::{HostRelease, PairDrill, Scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v0_1_0_and_new_protect_a_vm_in_both_assignments() -> Result<()> {
+    both_assignments(Scenario::KillPrimary, [0x0170_0001, 0x0170_0002]).await
+}
+
+/// `docs/upgrade.md`'s step 3, the gentle way: a planned switchover between the releases,
+/// in both directions (v0.1.0 hands the VM to this release, and this release hands it back).
+/// The `HANDOFF` record is in both releases' stream format; the drill's switchover trial
+/// checks nothing was lost, the VM resumed rather than rebooted, and the old primary
+/// became the backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_between_v0_1_0_and_new_in_both_directions() -> Result<()> {
+    both_assignments(Scenario::Switchover, [0x0170_0011, 0x0170_0012]).await
+}
+
+/// Runs one `scenario` trial on a mixed pair, once with v0.1.0 as the primary and once
+/// with it as the backup, after the checks every mixed pair must pass.
+async fn both_assignments(scenario: Scenario, seeds: [u64; 2]) -> Result<()> {
     let (old, took) = pair_support::release_binaries("v0.1.0")?;
     println!(
         "v0.1.0 binaries ({}) ready in {:.1} s",
@@ -38,11 +55,11 @@ async fn v0_1_0_and_new_protect_a_vm_in_both_assignments() -> Result<()> {
     );
     let mut lines = Vec::new();
     for (name, old_host, seed) in [
-        ("v0.1.0 primary, new backup", Host::Pri, 0x0170_0001_u64),
-        ("new primary, v0.1.0 backup", Host::Bak, 0x0170_0002_u64),
+        ("v0.1.0 primary, new backup", Host::Pri, seeds[0]),
+        ("new primary, v0.1.0 backup", Host::Bak, seeds[1]),
     ] {
         let work = pair_support::scratch("pair-mixed")?;
-        let mut o = pair_support::options(Scenario::KillPrimary, work.path())?;
+        let mut o = pair_support::options(scenario, work.path())?;
         o.seed = Some(seed);
         o.hosts[old_host as usize] = HostRelease {
             remusd: Some(old.remusd.clone()),
@@ -109,7 +126,7 @@ async fn v0_1_0_and_new_protect_a_vm_in_both_assignments() -> Result<()> {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let t = pair.trial(Scenario::KillPrimary, 1).await;
+        let t = pair.trial(scenario, 1).await;
         let line = format!(
             "{name}: {}; checkpoints acknowledged before the failure {:?} (last acked {:?}), \
              failover {:?} -> {:?}: detection {:?} ms, fencing {:?} ms ({}), activation {:?} ms, \
@@ -133,7 +150,7 @@ async fn v0_1_0_and_new_protect_a_vm_in_both_assignments() -> Result<()> {
         println!("{line}");
         lines.push(line);
         let mut report = remus_drill::pair::PairReport {
-            scenario: Some(Scenario::KillPrimary),
+            scenario: Some(scenario),
             seed,
             work_dir: work.path().display().to_string(),
             trials: vec![t],
@@ -143,7 +160,11 @@ async fn v0_1_0_and_new_protect_a_vm_in_both_assignments() -> Result<()> {
         drop(pair);
         pair_support::check(&report, work).with_context(|| name.to_string())?;
     }
-    println!("mixed-version pair:\n  {}", lines.join("\n  "));
+    println!(
+        "mixed-version pair, {}:\n  {}",
+        scenario.name(),
+        lines.join("\n  ")
+    );
     Ok(())
 }
 
