@@ -477,7 +477,16 @@ impl RoleStore {
                 let file: RoleFile =
                     serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
                 if file.version != ROLE_FILE_VERSION {
-                    return Err(corrupt(format!("version {} unknown", file.version)));
+                    return Err(corrupt(format!(
+                        "format version {} is not one this release reads (version \
+                         {ROLE_FILE_VERSION}, the same as v0.1.0's){}",
+                        file.version,
+                        if file.version > ROLE_FILE_VERSION {
+                            ": written by a newer release"
+                        } else {
+                            ""
+                        }
+                    )));
                 }
                 if file.domain != domain {
                     return Err(corrupt(format!("belongs to domain {:?}", file.domain)));
@@ -858,5 +867,22 @@ mod tests {
             RoleStore::open(dir.path(), "two"),
             Err(RoleError::Corrupt { .. })
         ));
+        // A newer release's file is named as such, never misread.
+        let one = fs::read_to_string(dir.path().join("one/role.json")).unwrap();
+        assert!(
+            one.contains("\"version\": 1") || one.contains("\"version\":1"),
+            "{one}"
+        );
+        fs::write(
+            dir.path().join("one/role.json"),
+            one.replacen("\"version\": 1", "\"version\": 7", 1)
+                .replacen("\"version\":1", "\"version\":7", 1),
+        )
+        .unwrap();
+        let e = RoleStore::open(dir.path(), "one").unwrap_err().to_string();
+        assert!(
+            e.contains("format version 7") && e.contains("written by a newer release"),
+            "{e}"
+        );
     }
 }

@@ -25,6 +25,16 @@ use thiserror::Error;
 /// File name of the record in the domain's state directory.
 pub const FILE_NAME: &str = "disk-copy.json";
 
+/// The record's format version, written in every record. Version 1 is v0.1.0's, which had
+/// no `version` field (a record without one is read as version 1 and rewritten as the
+/// current version on the next change); a record from a newer release is refused, naming
+/// both versions, never misread.
+pub const FORMAT_VERSION: u32 = 2;
+
+fn legacy_version() -> u32 {
+    1
+}
+
 /// Which file of each disk holds the newest data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -85,6 +95,9 @@ pub enum DiskCopyError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Record {
+    /// [`FORMAT_VERSION`] when written by this release; 1 when absent (v0.1.0).
+    #[serde(default = "legacy_version")]
+    version: u32,
     copy: DiskCopy,
     /// When it was set (Unix ms).
     since_ms: u64,
@@ -112,13 +125,33 @@ impl DiskCopyStore {
     /// Unreadable or corrupt file.
     pub fn open(domain: &str, state: &Path) -> Result<Self, DiskCopyError> {
         let path = state.join(FILE_NAME);
+        let corrupt = |reason: String| DiskCopyError::Corrupt {
+            domain: domain.to_string(),
+            path: path.clone(),
+            reason,
+        };
         let record = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DiskCopyError::Corrupt {
-                domain: domain.to_string(),
-                path: path.clone(),
-                reason: e.to_string(),
-            })?,
+            Ok(bytes) => {
+                // The version first: a newer release's record may have fields this one
+                // does not know, and must be named as newer rather than as corrupt.
+                #[derive(Deserialize)]
+                struct Versioned {
+                    #[serde(default = "legacy_version")]
+                    version: u32,
+                }
+                let v: Versioned =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                if v.version > FORMAT_VERSION {
+                    return Err(corrupt(format!(
+                        "format version {} was written by a newer release; this one reads \
+                         versions 1 to {FORMAT_VERSION}",
+                        v.version
+                    )));
+                }
+                serde_json::from_slice::<Record>(&bytes).map_err(|e| corrupt(e.to_string()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Record {
+                version: FORMAT_VERSION,
                 copy: DiskCopy::Image,
                 since_ms: 0,
                 cause: "no record: nothing was ever replicated to this node".into(),
@@ -168,6 +201,7 @@ impl DiskCopyStore {
             return Ok(());
         }
         let record = Record {
+            version: FORMAT_VERSION,
             copy,
             since_ms: remus_ha::auth::unix_millis(),
             cause: cause.to_string(),
@@ -190,6 +224,57 @@ impl DiskCopyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What v0.1.0 (commit 1f80a39, `RELEASES`) writes: its `Record` and `CopyStamp`
+    /// serialised by serde_json, no `version` field.
+    const V0_1_0_RECORD: &str = r#"{
+  "copy": "replica",
+  "since_ms": 1733300000000,
+  "cause": "activated from checkpoint 60",
+  "stamp": {
+    "generation": 3,
+    "holder": "ran"
+  }
+}"#;
+
+    #[test]
+    fn a_v0_1_0_record_is_read_and_rewritten_in_the_current_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("web");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join(FILE_NAME), V0_1_0_RECORD).unwrap();
+        let mut s = DiskCopyStore::open("web", &state).unwrap();
+        assert_eq!(s.current(), DiskCopy::Replica);
+        assert_eq!(s.stamp().generation, 3);
+        assert_eq!(s.record.version, 1);
+        // Rewritten, with the version, on the next change.
+        let stamp = CopyStamp {
+            generation: 4,
+            ..s.stamp()
+        };
+        s.set(DiskCopy::Replica, stamp, "started").unwrap();
+        let text = std::fs::read_to_string(state.join(FILE_NAME)).unwrap();
+        assert!(
+            text.contains(&format!("\"version\": {FORMAT_VERSION}")),
+            "{text}"
+        );
+        assert_eq!(DiskCopyStore::open("web", &state).unwrap().stamp(), stamp);
+
+        // A newer release's record (with a field this one does not know) is refused as
+        // newer, naming the file and both versions.
+        std::fs::write(
+            state.join(FILE_NAME),
+            V0_1_0_RECORD.replacen("{", "{\n  \"version\": 9, \"future\": true,", 1),
+        )
+        .unwrap();
+        let e = DiskCopyStore::open("web", &state).unwrap_err().to_string();
+        assert!(
+            e.contains("format version 9 was written by a newer release")
+                && e.contains("versions 1 to 2")
+                && e.contains(FILE_NAME),
+            "{e}"
+        );
+    }
 
     #[test]
     fn images_until_a_replica_is_recorded_and_the_record_survives_a_reopen() {

@@ -475,7 +475,19 @@ fn load(path: &Path, now: Instant) -> Result<LeaseTable, WitnessError> {
             let f: StateFile =
                 serde_json::from_slice(&bytes).map_err(|e| bad("parse", e.to_string()))?;
             if f.version != STATE_VERSION {
-                return Err(bad("parse", format!("version {} unknown", f.version)));
+                return Err(bad(
+                    "parse",
+                    format!(
+                        "format version {} is not one this release reads (version \
+                         {STATE_VERSION}, the same as v0.1.0's){}",
+                        f.version,
+                        if f.version > STATE_VERSION {
+                            ": written by a newer release"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
             }
             Ok(LeaseTable::from_file(f, now))
         }
