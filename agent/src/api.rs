@@ -164,6 +164,20 @@ pub struct DaemonStatus {
     /// a quiet daemon's status is byte-identical to 0.1.0's).
     #[serde(default, skip_serializing_if = "Doors::is_quiet")]
     pub doors: Doors,
+    /// The lease arbiter (`[witness]`), when one is configured (absent in 0.1.0's form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arbiter: Option<ArbiterStatus>,
+}
+
+/// Which lease arbiter the daemon uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArbiterStatus {
+    /// `"witness"` (remus-witness) or `"etcd"`.
+    pub backend: String,
+    /// Where: the witness's address, or the etcd endpoints and key prefix.
+    pub location: String,
+    /// The lease length asked for, in ms.
+    pub lease_ms: u64,
 }
 
 /// Counters of what anyone on the network can send and this node refused: each is counted
@@ -234,7 +248,7 @@ pub struct DomainStatus {
     pub replica: Option<ReplicaStatus>,
     /// Last committed checkpoint of the replica (backup), if any.
     pub committed_epoch: Option<u64>,
-    /// The witness lease, when the domain fences with a witness: "held", "lost",
+    /// The witness lease, when the domain fences with a witness: "held, 1.4 s left", "lost",
     /// "acquiring", "denied by NODE".
     pub lease: Option<String>,
     /// Conditions an operator must know about (running unprotected, fencing failing, …).

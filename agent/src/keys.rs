@@ -106,7 +106,7 @@ pub fn load(config: &Config) -> Result<NodeKeys, KeysError> {
                 reason: "no key pinned".into(),
             })?;
             // The witness protocol: a key from this node's and the witness's secret.
-            let witness = match config.witness.as_ref().and_then(|w| w.public_key) {
+            let witness = match config.witness.as_ref().and_then(|w| w.public_key()) {
                 Some(w) => Some(HaKey::for_witness(
                     &local.shared_secret(&w)?,
                     &config.node.name,
@@ -124,4 +124,86 @@ pub fn load(config: &Config) -> Result<NodeKeys, KeysError> {
             })
         }
     }
+}
+
+/// Why the etcd arbiter's credentials (`[witness] mode = "etcd"`) could not be read. Each
+/// names the policy key and the file.
+#[derive(Debug, Error)]
+pub enum EtcdFilesError {
+    /// A secret (the password or the client key) is unreadable or exposed to other users.
+    #[error("witness.{key}: {source}")]
+    Secret { key: &'static str, source: KeyError },
+    /// A certificate file is unreadable.
+    #[error("witness.{key} {path}: {source}")]
+    Read {
+        key: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    /// A file is empty (or, for the password, only a line end).
+    #[error("witness.{key} {path}: empty")]
+    Empty { key: &'static str, path: String },
+}
+
+/// Reads the etcd credentials `w` names (password and client key checked owner-only, as
+/// every key file) into the arbiter's settings. Nothing connects.
+///
+/// # Errors
+/// [`EtcdFilesError`] naming the file.
+pub fn etcd_settings(
+    node: &str,
+    lease: std::time::Duration,
+    w: &crate::config::EtcdWitness,
+) -> Result<remus_etcd_arbiter::EtcdSettings, EtcdFilesError> {
+    let secret = |key: &'static str, path: &Path| -> Result<Vec<u8>, EtcdFilesError> {
+        let v = remus_ha::auth::read_key_file(path)
+            .map_err(|source| EtcdFilesError::Secret { key, source })?;
+        non_empty(key, path, v)
+    };
+    let public = |key: &'static str, path: &Path| -> Result<Vec<u8>, EtcdFilesError> {
+        let v = std::fs::read(path).map_err(|source| EtcdFilesError::Read {
+            key,
+            path: path.display().to_string(),
+            source,
+        })?;
+        non_empty(key, path, v)
+    };
+    let mut s =
+        remus_etcd_arbiter::EtcdSettings::new(node, w.endpoints.clone(), w.prefix.clone(), lease);
+    if let (Some(user), Some(path)) = (&w.user, &w.password_file) {
+        let raw = secret("password_file", path)?;
+        let text = String::from_utf8_lossy(&raw);
+        // One line end is the editor's, not the password's.
+        let password = text
+            .strip_suffix('\n')
+            .map_or(&*text, |t| t.strip_suffix('\r').unwrap_or(t));
+        let password = non_empty("password_file", path, password.as_bytes().to_vec())?;
+        s.user = Some((
+            user.clone(),
+            String::from_utf8_lossy(&password).into_owned(),
+        ));
+    }
+    if w.ca_file.is_some() || w.cert_file.is_some() {
+        let ca_pem = w
+            .ca_file
+            .as_deref()
+            .map(|p| public("ca_file", p))
+            .transpose()?;
+        let client = match (&w.cert_file, &w.key_file) {
+            (Some(c), Some(k)) => Some((public("cert_file", c)?, secret("key_file", k)?)),
+            _ => None,
+        };
+        s.tls = Some(remus_etcd_arbiter::EtcdTls { ca_pem, client });
+    }
+    Ok(s)
+}
+
+fn non_empty(key: &'static str, path: &Path, v: Vec<u8>) -> Result<Vec<u8>, EtcdFilesError> {
+    if v.iter().all(u8::is_ascii_whitespace) {
+        return Err(EtcdFilesError::Empty {
+            key,
+            path: path.display().to_string(),
+        });
+    }
+    Ok(v)
 }

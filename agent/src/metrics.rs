@@ -799,7 +799,7 @@ impl Collector for Snapshot {
             "remus_lease_held",
             "Whether this node holds the witness lease (domains fencing with a witness).",
             None,
-            self.per_domain(|d| d.lease.as_ref().map(|l| i64::from(l == "held"))),
+            self.per_domain(|d| d.lease.as_ref().map(|l| i64::from(l.starts_with("held")))),
         )?;
         Ok(())
     }

@@ -652,3 +652,159 @@ fn keygen_writes_an_owner_only_key_and_keys_mode_policies_are_checked() {
         "only with auth.mode = \"keys\"",
     );
 }
+
+/// `[witness] mode = "etcd"`: a valid policy passes `config check` (nothing connects: the
+/// endpoints are documentation addresses), and each mistake is named at its line.
+#[test]
+fn etcd_witness_policies_are_checked_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let fenced = minimal().replacen(
+        "[domain.fencing]\nmode = \"command\"\ncommand = [\"/usr/local/sbin/fence-peer\", \"beta\"]",
+        "[domain.fencing]\nmode = \"witness\"",
+        1,
+    );
+    assert_ne!(fenced, minimal(), "minimal.toml changed: fix this test");
+    let with =
+        |witness: &str| fenced.replacen("\n[[domain]]", &format!("\n{witness}\n[[domain]]"), 1);
+    let good = with(
+        "[witness]\nmode = \"etcd\"\nendpoints = [\"https://192.0.2.5:2379\", \"192.0.2.6:2379\"]\n\
+         prefix = \"/site/remus\"\nlease_ms = 3000\nuser = \"alpha\"\npassword_file = \"/etc/remus/etcd-password\"\n\
+         ca_file = \"/etc/remus/etcd-ca.pem\"\ncert_file = \"/etc/remus/alpha.pem\"\nkey_file = \"/etc/remus/alpha-key.pem\"\n",
+    );
+    let path = dir.path().join("etcd.toml");
+    std::fs::write(&path, &good).unwrap();
+    let started = std::time::Instant::now();
+    let out = remusctl(&["config", "check", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains(": ok: node alpha"), "{stdout}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "no endpoints",
+            with("[witness]\nmode = \"etcd\"\n"),
+            "[witness]",
+            "endpoints is required with mode = \"etcd\"",
+        ),
+        (
+            "an endpoint without a port",
+            with("[witness]\nmode = \"etcd\"\nendpoints = [\"http://192.0.2.5\"]\n"),
+            "endpoints =",
+            "no port",
+        ),
+        (
+            "a scheme etcd does not speak",
+            with("[witness]\nmode = \"etcd\"\nendpoints = [\"unix:///run/etcd.sock\"]\n"),
+            "endpoints =",
+            "use http:// or https://",
+        ),
+        (
+            "plain http with TLS files",
+            with("[witness]\nmode = \"etcd\"\nendpoints = [\"http://192.0.2.5:2379\"]\nca_file = \"/etc/ca.pem\"\n"),
+            "endpoints =",
+            "plain http",
+        ),
+        (
+            "https without a CA",
+            with("[witness]\nmode = \"etcd\"\nendpoints = [\"https://192.0.2.5:2379\"]\n"),
+            "endpoints =",
+            "need ca_file",
+        ),
+        (
+            "a user without a password file",
+            with("[witness]\nmode = \"etcd\"\nendpoints = [\"192.0.2.5:2379\"]\nuser = \"alpha\"\n"),
+            "user =",
+            "needs password_file",
+        ),
+        (
+            "a certificate without its key",
+            with("[witness]\nmode = \"etcd\"\nendpoints = [\"https://192.0.2.5:2379\"]\nca_file = \"/etc/ca.pem\"\ncert_file = \"/etc/c.pem\"\n"),
+            "cert_file =",
+            "needs key_file",
+        ),
+        (
+            "a relative prefix",
+            with("[witness]\nmode = \"etcd\"\nendpoints = [\"192.0.2.5:2379\"]\nprefix = \"remus\"\n"),
+            "prefix =",
+            "must start with '/'",
+        ),
+        (
+            "a lease etcd cannot grant",
+            with("[witness]\nmode = \"etcd\"\nendpoints = [\"192.0.2.5:2379\"]\nlease_ms = 1500\n"),
+            "lease_ms =",
+            "whole seconds",
+        ),
+        (
+            "remus-witness's address in etcd mode",
+            with("[witness]\nmode = \"etcd\"\nendpoints = [\"192.0.2.5:2379\"]\naddress = \"192.0.2.13:7790\"\n"),
+            "address = \"192.0.2.13",
+            "witness.address is used only with mode = \"witness\"",
+        ),
+        (
+            "etcd's endpoints in witness mode",
+            with("[witness]\naddress = \"192.0.2.13:7790\"\nendpoints = [\"192.0.2.5:2379\"]\n"),
+            "endpoints =",
+            "witness.endpoints is used only with mode = \"etcd\"",
+        ),
+        (
+            "an unknown mode",
+            with("[witness]\nmode = \"zookeeper\"\nendpoints = [\"192.0.2.5:2379\"]\n"),
+            "mode = \"zookeeper\"",
+            "unknown variant `zookeeper`",
+        ),
+    ];
+    for (name, text, needle, message) in &cases {
+        error_at(dir.path(), &name.replace(' ', "-"), text, needle, message);
+    }
+}
+
+/// `config check --files-exist` reads the etcd credentials as the daemon would (the
+/// password readable by its owner only), still without connecting.
+#[test]
+fn etcd_credentials_files_are_checked_without_connecting() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let psk = dir.path().join("psk");
+    std::fs::write(&psk, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let password = dir.path().join("etcd-password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = minimal()
+        .replacen("/etc/remus/psk", psk.to_str().unwrap(), 1)
+        .replacen(
+            "[domain.fencing]\nmode = \"command\"\ncommand = [\"/usr/local/sbin/fence-peer\", \"beta\"]",
+            "[domain.fencing]\nmode = \"witness\"",
+            1,
+        )
+        .replacen(
+            "\n[[domain]]",
+            &format!(
+                "\n[witness]\nmode = \"etcd\"\nendpoints = [\"192.0.2.5:2379\"]\nuser = \"alpha\"\npassword_file = \"{}\"\n\n[[domain]]",
+                password.display()
+            ),
+            1,
+        );
+    let path = dir.path().join("etcd.toml");
+    std::fs::write(&path, &text).unwrap();
+    let check = || {
+        let out = remusctl(&["config", "check", "--files-exist", path.to_str().unwrap()]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = check();
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("witness.password_file") && stdout.contains("chmod 600"),
+        "{stdout}"
+    );
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, stdout) = check();
+    assert_eq!(code, Some(0), "{stdout}");
+    std::fs::remove_file(&password).unwrap();
+    let (code, stdout) = check();
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains(&password.display().to_string()), "{stdout}");
+}

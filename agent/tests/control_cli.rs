@@ -17,6 +17,7 @@ const REMUSCTL: &str = env!("CARGO_BIN_EXE_remusctl");
 /// The human status of [`sample_status`], exactly.
 const HUMAN: &str = "\
 node alpha, peer beta: alive (1/2 links); replication heard 40 ms ago; up 1h 2m 5s
+lease arbiter: etcd at https://192.0.2.5:2379,https://192.0.2.6:2379 /remus, lease 2000 ms
 refused: heartbeats 7 bad tag, 0 malformed, 0 unknown node, 2 replayed; replication 3 handshakes refused, 468 connections shed
 domain web: primary (backup beta, protected since epoch 10)
   vm: pid 4242, running, output held

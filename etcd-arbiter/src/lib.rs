@@ -149,37 +149,37 @@ pub enum EtcdError {
     #[error("etcd {endpoints}: {why}")]
     Settings { endpoints: String, why: String },
     /// No connection could be set up.
-    #[error("etcd {endpoints}: cannot connect: {source}")]
+    #[error("etcd {endpoints}: cannot connect: {}", describe(.error))]
     Connect {
         endpoints: String,
-        source: etcd_client::Error,
+        error: etcd_client::Error,
     },
     /// etcd refused the user name or password.
-    #[error("etcd {endpoints}: authentication as user {user:?} refused: {source}")]
+    #[error("etcd {endpoints}: authentication as user {user:?} refused: {}", describe(.error))]
     Auth {
         endpoints: String,
         user: String,
-        source: etcd_client::Error,
+        error: etcd_client::Error,
     },
     /// The node's etcd user may not do this.
     #[error(
         "etcd {endpoints}: {op} {key}: permission denied (the node's etcd role needs \
-         read-write on the prefix {grant}): {source}"
+         read-write on the prefix {grant}): {}", describe(.error)
     )]
     PermissionDenied {
         endpoints: String,
         op: &'static str,
         key: String,
         grant: String,
-        source: etcd_client::Error,
+        error: etcd_client::Error,
     },
     /// A request failed.
-    #[error("etcd {endpoints}: {op} {key}: {source}")]
+    #[error("etcd {endpoints}: {op} {key}: {}", describe(.error))]
     Request {
         endpoints: String,
         op: &'static str,
         key: String,
-        source: etcd_client::Error,
+        error: etcd_client::Error,
     },
     /// A request got no answer in time.
     #[error("etcd {endpoints}: {op} {key}: no answer within {timeout:?}")]
@@ -322,14 +322,14 @@ impl EtcdArbiter {
                     timeout: cfg.op_timeout * 2,
                 })
             }
-            Ok(Err(source)) => {
+            Ok(Err(error)) => {
                 return Err(match &cfg.user {
-                    Some((user, _)) if is_auth_failure(&source) => EtcdError::Auth {
+                    Some((user, _)) if is_auth_failure(&error) => EtcdError::Auth {
                         endpoints,
                         user: user.clone(),
-                        source,
+                        error,
                     },
-                    _ => EtcdError::Connect { endpoints, source },
+                    _ => EtcdError::Connect { endpoints, error },
                 })
             }
             Ok(Ok(c)) => c,
@@ -454,7 +454,7 @@ impl EtcdArbiter {
             {
                 Ok(_) => return Ok((l, sent)),
                 Err(EtcdError::Request {
-                    source: etcd_client::Error::LeaseKeepAliveError(why),
+                    error: etcd_client::Error::LeaseKeepAliveError(why),
                     ..
                 }) => {
                     warn!(lease = l.id, %why, "the node's etcd lease is gone; granting a new one");
@@ -503,37 +503,37 @@ impl EtcdArbiter {
                 timeout: self.cfg.op_timeout,
             }),
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(self.classify(op, key, source)),
+            Ok(Err(error)) => Err(self.classify(op, key, error)),
         }
     }
 
-    fn classify(&self, op: &'static str, key: &str, source: etcd_client::Error) -> EtcdError {
+    fn classify(&self, op: &'static str, key: &str, error: etcd_client::Error) -> EtcdError {
         let endpoints = self.endpoints.clone();
         let key = key.to_string();
-        match &source {
+        match &error {
             etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::PermissionDenied => {
                 EtcdError::PermissionDenied {
                     endpoints,
                     op,
                     key,
                     grant: format!("{}/", self.cfg.prefix),
-                    source,
+                    error,
                 }
             }
-            _ if is_auth_failure(&source) => EtcdError::Auth {
+            _ if is_auth_failure(&error) => EtcdError::Auth {
                 endpoints,
                 user: self
                     .cfg
                     .user
                     .as_ref()
                     .map_or_else(String::new, |(u, _)| u.clone()),
-                source,
+                error,
             },
             _ => EtcdError::Request {
                 endpoints,
                 op,
                 key,
-                source,
+                error,
             },
         }
     }
@@ -695,6 +695,30 @@ impl EtcdArbiter {
         }
         .into())
     }
+}
+
+/// etcd-client's error in one line: a gRPC status's message and its deepest cause (a
+/// refused connection, a certificate problem), without the layers of debug formatting.
+fn describe(e: &etcd_client::Error) -> String {
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return e.to_string();
+    };
+    let mut text = s.message().to_string();
+    let mut cause = std::error::Error::source(s);
+    let mut deepest = None;
+    while let Some(c) = cause {
+        deepest = Some(c.to_string());
+        cause = c.source();
+    }
+    if let Some(d) = deepest {
+        if !text.contains(&d) {
+            text = format!("{text}: {d}");
+        }
+    }
+    if text.is_empty() {
+        text = format!("{:?}", s.code());
+    }
+    text
 }
 
 /// Whether etcd refused the credentials (as opposed to being unreachable).

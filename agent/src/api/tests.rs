@@ -199,6 +199,7 @@ fn sample() -> DaemonStatus {
         uptime_s: 3725,
         domains: vec![web, db, idle],
         doors: Default::default(),
+        arbiter: None,
     }
 }
 

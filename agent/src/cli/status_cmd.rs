@@ -87,6 +87,17 @@ pub fn render(s: &DaemonStatus) -> String {
         peer,
         uptime(s.uptime_s)
     );
+    if let Some(a) = &s.arbiter {
+        let what = match a.backend.as_str() {
+            "witness" => "remus-witness",
+            other => other,
+        };
+        let _ = writeln!(
+            out,
+            "lease arbiter: {what} at {}, lease {} ms",
+            a.location, a.lease_ms
+        );
+    }
     if !s.doors.is_quiet() {
         let d = &s.doors;
         let _ = writeln!(

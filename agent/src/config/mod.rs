@@ -184,15 +184,74 @@ impl AuthConfig {
 /// Smallest pre-shared key accepted, in bytes.
 pub const MIN_PSK_BYTES: u64 = 32;
 
-/// `[witness]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// `[witness]`: who arbitrates the leases.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct WitnessConfig {
-    /// Address of `remus-witness`.
-    pub address: SocketAddr,
     /// Lease length granted per domain.
     pub lease: Duration,
-    /// The witness's public key, pinned in per-node keys mode (`auth.mode = "keys"`).
-    pub public_key: Option<remus_engine::peer::PublicKey>,
+    /// `remus-witness` or etcd.
+    pub backend: WitnessBackend,
+}
+
+/// `[witness] mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WitnessMode {
+    /// `remus-witness` on a third host (UDP).
+    Witness,
+    /// An etcd cluster (v3 gRPC).
+    Etcd,
+}
+
+/// The lease arbiter of `[witness]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum WitnessBackend {
+    /// `mode = "witness"`: `remus-witness`.
+    Witness {
+        /// Its address.
+        address: SocketAddr,
+        /// Its public key, pinned in per-node keys mode (`auth.mode = "keys"`).
+        public_key: Option<remus_engine::peer::PublicKey>,
+    },
+    /// `mode = "etcd"`.
+    Etcd(EtcdWitness),
+}
+
+/// `[witness] mode = "etcd"`: the cluster and how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EtcdWitness {
+    /// Client URLs (`https://10.0.0.5:2379`).
+    pub endpoints: Vec<String>,
+    /// Key prefix of this site's pairs (`/remus`).
+    pub prefix: String,
+    /// etcd user, with `password_file`.
+    pub user: Option<String>,
+    /// File holding the user's password (owner-only).
+    pub password_file: Option<PathBuf>,
+    /// CA certificate the servers' certificates chain to (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// This node's client certificate (PEM), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM, owner-only).
+    pub key_file: Option<PathBuf>,
+}
+
+impl WitnessConfig {
+    /// The witness's pinned public key (`mode = "witness"` in keys mode).
+    pub fn public_key(&self) -> Option<remus_engine::peer::PublicKey> {
+        match &self.backend {
+            WitnessBackend::Witness { public_key, .. } => *public_key,
+            WitnessBackend::Etcd(_) => None,
+        }
+    }
+
+    /// `"witness"` or `"etcd"`.
+    pub fn mode_name(&self) -> &'static str {
+        match &self.backend {
+            WitnessBackend::Witness { .. } => "witness",
+            WitnessBackend::Etcd(_) => "etcd",
+        }
+    }
 }
 
 /// `[metrics]`.
@@ -562,6 +621,16 @@ impl Config {
         {
             if let Err(e) = crate::keys::load_node_key(private_key_file) {
                 problem(format!("auth.private_key_file: {e:#}"));
+            }
+        }
+        if let Some(WitnessConfig {
+            lease,
+            backend: WitnessBackend::Etcd(e),
+        }) = &self.witness
+        {
+            // Read as the daemon reads them (owner-only secrets); nothing connects.
+            if let Err(e) = crate::keys::etcd_settings(&self.node.name, *lease, e) {
+                problem(e.to_string());
             }
         }
         let netns_path = self

@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use super::{
     Accel, AuthMode, Compression, DiskFormat, Failover, FencingMode, NetbufBackend, Tracker,
+    WitnessMode,
 };
 
 type S<T> = Spanned<T>;
@@ -63,9 +64,17 @@ pub(crate) struct RawAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawWitness {
+    pub mode: Option<S<WitnessMode>>,
     pub address: Option<S<String>>,
     pub lease_ms: Option<S<u64>>,
     pub public_key: Option<S<String>>,
+    pub endpoints: Option<S<Vec<S<String>>>>,
+    pub prefix: Option<S<String>>,
+    pub user: Option<S<String>>,
+    pub password_file: Option<S<String>>,
+    pub ca_file: Option<S<String>>,
+    pub cert_file: Option<S<String>>,
+    pub key_file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

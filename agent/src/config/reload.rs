@@ -251,8 +251,12 @@ fn without_keys(c: &Config) -> Config {
         *private_key_file = std::path::PathBuf::new();
         *psk_file = None;
         c.peer.public_keys.clear();
-        if let Some(w) = &mut c.witness {
-            w.public_key = None;
+        if let Some(super::WitnessConfig {
+            backend: super::WitnessBackend::Witness { public_key, .. },
+            ..
+        }) = &mut c.witness
+        {
+            *public_key = None;
         }
     }
     c

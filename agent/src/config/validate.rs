@@ -450,7 +450,12 @@ fn key_checks(cx: &mut Ctx<'_>, s: &Sections, auth: &AuthConfig, peer: &PeerConf
                 return None;
             }
             if let Some(w) = &s.witness {
-                if w.get_ref().public_key.is_none() {
+                let etcd = w
+                    .get_ref()
+                    .mode
+                    .as_ref()
+                    .is_some_and(|m| *m.get_ref() == WitnessMode::Etcd);
+                if w.get_ref().public_key.is_none() && !etcd {
                     cx.error(
                         w.span(),
                         "[witness]: public_key is required with auth.mode = \"keys\": the \
@@ -752,26 +757,204 @@ fn auth(cx: &mut Ctx<'_>, a: &Spanned<RawAuth>) -> Option<AuthConfig> {
     })
 }
 
+/// A key of a table, and where it is written if it is.
+type KeyAt<'a> = (&'a str, Option<Range<usize>>);
+
 fn witness(cx: &mut Ctx<'_>, w: &Spanned<RawWitness>) -> Option<WitnessConfig> {
     let r = w.get_ref();
+    let mode = r
+        .mode
+        .as_ref()
+        .map_or(WitnessMode::Witness, |m| *m.get_ref());
     let lease = cx.millis(&r.lease_ms, "witness.lease_ms", 2000, 100..=600_000);
-    let a = required!(cx, w, "[witness]", address, "IP:PORT of remus-witness")?;
-    let address = cx.socket_addr(&a, "witness.address", AddrRole::Remote)?;
-    let public_key = match &r.public_key {
-        Some(k) => match k.get_ref().parse::<remus_engine::peer::PublicKey>() {
-            Ok(key) => Some(key),
-            Err(e) => {
-                cx.error(k.span(), format!("witness.public_key: {e}"));
-                return None;
-            }
-        },
-        None => None,
+    // Keys of the other mode: refused by name, never silently ignored.
+    let (mode_word, foreign): (&str, Vec<KeyAt<'_>>) = match mode {
+        WitnessMode::Witness => (
+            "etcd",
+            vec![
+                ("endpoints", r.endpoints.as_ref().map(|v| v.span())),
+                ("prefix", r.prefix.as_ref().map(|v| v.span())),
+                ("user", r.user.as_ref().map(|v| v.span())),
+                ("password_file", r.password_file.as_ref().map(|v| v.span())),
+                ("ca_file", r.ca_file.as_ref().map(|v| v.span())),
+                ("cert_file", r.cert_file.as_ref().map(|v| v.span())),
+                ("key_file", r.key_file.as_ref().map(|v| v.span())),
+            ],
+        ),
+        WitnessMode::Etcd => (
+            "witness",
+            vec![
+                ("address", r.address.as_ref().map(|v| v.span())),
+                ("public_key", r.public_key.as_ref().map(|v| v.span())),
+            ],
+        ),
     };
-    Some(WitnessConfig {
-        address,
-        lease,
-        public_key,
+    let before = cx.errors.len();
+    for (key, span) in foreign {
+        if let Some(span) = span {
+            cx.error(
+                span,
+                format!("witness.{key} is used only with mode = \"{mode_word}\""),
+            );
+        }
+    }
+    if cx.errors.len() > before {
+        return None;
+    }
+    let backend = match mode {
+        WitnessMode::Witness => {
+            let a = required!(cx, w, "[witness]", address, "IP:PORT of remus-witness")?;
+            let address = cx.socket_addr(&a, "witness.address", AddrRole::Remote)?;
+            let public_key = match &r.public_key {
+                Some(k) => match k.get_ref().parse::<remus_engine::peer::PublicKey>() {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        cx.error(k.span(), format!("witness.public_key: {e}"));
+                        return None;
+                    }
+                },
+                None => None,
+            };
+            WitnessBackend::Witness {
+                address,
+                public_key,
+            }
+        }
+        WitnessMode::Etcd => WitnessBackend::Etcd(etcd_witness(cx, w)?),
+    };
+    if mode == WitnessMode::Etcd && (lease.subsec_millis() != 0 || lease < Duration::from_secs(2)) {
+        let at = r.lease_ms.as_ref().map_or_else(|| w.span(), |v| v.span());
+        cx.error(
+            at,
+            format!(
+                "witness.lease_ms = {} with mode = \"etcd\": etcd leases last whole seconds, \
+                 at least 2 (its minimum TTL with the default election timeout); use 2000, 3000, …",
+                lease.as_millis()
+            ),
+        );
+        return None;
+    }
+    Some(WitnessConfig { lease, backend })
+}
+
+/// `[witness] mode = "etcd"`: endpoints, prefix, credentials. Nothing connects here.
+fn etcd_witness(cx: &mut Ctx<'_>, w: &Spanned<RawWitness>) -> Option<EtcdWitness> {
+    let r = w.get_ref();
+    let before = cx.errors.len();
+    let Some(eps) = &r.endpoints else {
+        cx.error(
+            w.span(),
+            "[witness]: endpoints is required with mode = \"etcd\": the etcd cluster's client \
+             URLs, e.g. [\"https://10.0.0.5:2379\", \"https://10.0.0.6:2379\"]",
+        );
+        return None;
+    };
+    if eps.get_ref().is_empty() {
+        cx.error(
+            eps.span(),
+            "witness.endpoints: empty; name at least one etcd client URL",
+        );
+    }
+    let tls = r.ca_file.is_some() || r.cert_file.is_some() || r.key_file.is_some();
+    let mut endpoints = Vec::new();
+    for e in eps.get_ref() {
+        let text = e.get_ref();
+        match endpoint_problem(text, tls) {
+            Some(why) => cx.error(e.span(), format!("witness.endpoints: {text:?}: {why}")),
+            None => endpoints.push(text.clone()),
+        }
+    }
+    let prefix = match &r.prefix {
+        Some(p) => match remus_etcd_arbiter::record::prefix_problem(p.get_ref()) {
+            Some(why) => {
+                cx.error(p.span(), format!("witness.prefix {:?}: {why}", p.get_ref()));
+                String::new()
+            }
+            None => p.get_ref().clone(),
+        },
+        None => "/remus".to_string(),
+    };
+    let path = |cx: &mut Ctx<'_>, v: &Option<Spanned<String>>, key: &str| {
+        v.as_ref().map(|p| cx.abs_path(p, key))
+    };
+    let password_file = path(cx, &r.password_file, "witness.password_file");
+    let ca_file = path(cx, &r.ca_file, "witness.ca_file");
+    let cert_file = path(cx, &r.cert_file, "witness.cert_file");
+    let key_file = path(cx, &r.key_file, "witness.key_file");
+    let user = r.user.as_ref().map(|u| u.get_ref().clone());
+    match (&r.user, &r.password_file) {
+        (Some(u), None) => cx.error(
+            u.span(),
+            "witness.user needs password_file: the file holding the etcd user's password",
+        ),
+        (None, Some(p)) => cx.error(
+            p.span(),
+            "witness.password_file needs user: the etcd user the password is for",
+        ),
+        (Some(u), Some(_)) if u.get_ref().is_empty() => {
+            cx.error(u.span(), "witness.user: empty");
+        }
+        _ => {}
+    }
+    match (&r.cert_file, &r.key_file) {
+        (Some(c), None) => cx.error(
+            c.span(),
+            "witness.cert_file needs key_file: the client certificate's private key",
+        ),
+        (None, Some(k)) => cx.error(
+            k.span(),
+            "witness.key_file needs cert_file: the client certificate it belongs to",
+        ),
+        _ => {}
+    }
+    let https = endpoints.iter().any(|e| e.starts_with("https://"));
+    if https && r.ca_file.is_none() {
+        cx.error(
+            eps.span(),
+            "witness.endpoints: https endpoints need ca_file: the CA certificate that signed the \
+             etcd servers' certificates (the system's roots are not trusted for etcd)",
+        );
+    }
+    if cx.errors.len() > before {
+        return None;
+    }
+    Some(EtcdWitness {
+        endpoints,
+        prefix,
+        user,
+        password_file,
+        ca_file,
+        cert_file,
+        key_file,
     })
+}
+
+/// Why an etcd endpoint is unusable, or `None`: `http://HOST:PORT`, `https://HOST:PORT`, or
+/// `HOST:PORT` (https when TLS files are set); plain http with TLS files is refused.
+fn endpoint_problem(text: &str, tls: bool) -> Option<String> {
+    let (scheme, rest) = match text.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, text),
+    };
+    match scheme {
+        None | Some("https") => {}
+        Some("http") if tls => {
+            return Some("plain http, but ca_file/cert_file/key_file are set: use https://".into())
+        }
+        Some("http") => {}
+        Some(other) => return Some(format!("scheme {other:?}: use http:// or https://")),
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Some("no port: write HOST:PORT, e.g. 10.0.0.5:2379".into());
+    };
+    if host.is_empty() || host.contains('/') || host.chars().any(char::is_whitespace) {
+        return Some("no usable host: write HOST:PORT, e.g. 10.0.0.5:2379".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => None,
+        _ => Some(format!("port {port:?} is not a port number")),
+    }
 }
 
 fn domain(cx: &mut Ctx<'_>, d: &Spanned<RawDomain>, witness: bool) -> Option<DomainConfig> {

@@ -102,6 +102,15 @@ impl ControlHandler for DaemonHandler {
                 .map(|s| s.status.borrow().clone())
                 .collect(),
             doors: self.doors(),
+            arbiter: self
+                .shared
+                .witness
+                .as_ref()
+                .map(|w| crate::api::ArbiterStatus {
+                    backend: w.backend().to_string(),
+                    location: w.location(),
+                    lease_ms: w.ttl().as_millis() as u64,
+                }),
         }
     }
 

@@ -166,24 +166,9 @@ pub async fn serve(
             .context("starting the heartbeat detector")?
     };
 
-    let witness_client = match &config.witness {
-        Some(w) => {
-            // Validation requires [witness] public_key in keys mode.
-            let key = keys
-                .witness
-                .clone()
-                .context("[witness] needs public_key with auth.mode = \"keys\"")?;
-            let mut wc = WitnessClientConfig::new(&config.node.name, w.address, key);
-            wc.ttl = w.lease;
-            let client = ha
-                .handle
-                .spawn(WitnessClient::new(wc))
-                .await
-                .context("heartbeat thread")?
-                .with_context(|| format!("witness client for {}", w.address))?;
-            Some(Arc::new(client))
-        }
-        None => None,
+    let (witness, witness_client) = match &config.witness {
+        Some(w) => arbiter(&config, w, &keys, &ha.handle).await?,
+        None => (None, None),
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -194,9 +179,7 @@ pub async fn serve(
         liveness: detector.liveness(),
         peer_view: detector.peer_view(),
         traffic: detector.traffic_probe(),
-        witness: witness_client
-            .clone()
-            .map(|c| -> Arc<dyn LeaseArbiter> { c }),
+        witness,
         witness_keys: witness_client,
         ha: ha.handle.clone(),
         started: Instant::now(),
@@ -312,6 +295,57 @@ pub async fn serve(
     }
     drop(ha);
     Ok(())
+}
+
+/// The lease arbiter `[witness]` names, built on the HA runtime (its sockets and, for etcd,
+/// its gRPC connection tasks live there): `remus-witness`'s client, or an etcd arbiter that
+/// must answer now — connected, authenticated and its key prefix checked for foreign data.
+/// An etcd that cannot be reached or refuses the credentials stops the daemon here: a node
+/// whose policy asks for lease fencing never runs without it.
+async fn arbiter(
+    config: &Config,
+    w: &crate::config::WitnessConfig,
+    keys: &crate::keys::NodeKeys,
+    ha: &tokio::runtime::Handle,
+) -> Result<(Option<Arc<dyn LeaseArbiter>>, Option<Arc<WitnessClient>>)> {
+    match &w.backend {
+        crate::config::WitnessBackend::Witness { address, .. } => {
+            // Validation requires [witness] public_key in keys mode.
+            let key = keys
+                .witness
+                .clone()
+                .context("[witness] needs public_key with auth.mode = \"keys\"")?;
+            let mut wc = WitnessClientConfig::new(&config.node.name, *address, key);
+            wc.ttl = w.lease;
+            let client = ha
+                .spawn(WitnessClient::new(wc))
+                .await
+                .context("heartbeat thread")?
+                .with_context(|| format!("witness client for {address}"))?;
+            let client = Arc::new(client);
+            Ok((Some(client.clone()), Some(client)))
+        }
+        crate::config::WitnessBackend::Etcd(e) => {
+            let settings = crate::keys::etcd_settings(&config.node.name, w.lease, e)
+                .context("[witness] mode = \"etcd\"")?;
+            let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
+            let arbiter = ha
+                .spawn(async move {
+                    let a = remus_etcd_arbiter::EtcdArbiter::connect(settings).await?;
+                    a.check_domains(&domains).await?;
+                    Ok::<_, remus_etcd_arbiter::EtcdError>(a)
+                })
+                .await
+                .context("heartbeat thread")?
+                .context("[witness] mode = \"etcd\": the lease arbiter is unusable")?;
+            info!(
+                endpoints = %e.endpoints.join(","),
+                prefix = %e.prefix,
+                "lease arbiter: etcd answers, prefix checked"
+            );
+            Ok((Some(Arc::new(arbiter)), None))
+        }
+    }
 }
 
 /// Tells systemd (`sd_notify(3)`, when `NOTIFY_SOCKET` is set) about the daemon's state;

@@ -188,6 +188,11 @@ pub fn sample_status() -> DaemonStatus {
             connections_shed: 468,
             ..Default::default()
         },
+        arbiter: Some(remus_agent::api::ArbiterStatus {
+            backend: "etcd".into(),
+            location: "https://192.0.2.5:2379,https://192.0.2.6:2379 /remus".into(),
+            lease_ms: 2000,
+        }),
     }
 }
 

@@ -419,7 +419,7 @@ mod tests {
                 vec![keys.nodes[h.other() as usize].public()]
             );
             assert_eq!(
-                conf.witness.as_ref().unwrap().public_key,
+                conf.witness.as_ref().unwrap().public_key(),
                 Some(keys.witness.public())
             );
             assert_eq!(

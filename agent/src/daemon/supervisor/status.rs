@@ -34,14 +34,26 @@ impl Supervisor {
             ),
             Runtime::Idle => (None, None, None),
         };
+        let now = tokio::time::Instant::now();
+        let left = |until: tokio::time::Instant| {
+            format!(
+                "{:.1} s left by this node's clock",
+                until.saturating_duration_since(now).as_secs_f64()
+            )
+        };
         let lease = self.lease.as_ref().map(|k| match &*k.state().borrow() {
             s @ LeaseState::Held {
-                preemptible: true, ..
-            } if s.held_at(tokio::time::Instant::now()) => format!(
-                "held (preemptible by {}: the output waits for its ACKs)",
+                preemptible: true,
+                until,
+                ..
+            } if s.held_at(now) => format!(
+                "held, {} (preemptible by {}: the output waits for its ACKs)",
+                left(*until),
                 self.shared.config.peer.name
             ),
-            s if s.held_at(tokio::time::Instant::now()) => "held".to_string(),
+            s @ LeaseState::Held { until, .. } if s.held_at(now) => {
+                format!("held, {}", left(*until))
+            }
             LeaseState::Acquiring => "acquiring".into(),
             LeaseState::Denied { holder } => format!("denied by {holder}"),
             _ => "lost".into(),
