@@ -11,6 +11,20 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+/// Why a state file of format version `found` is refused by a release that reads only
+/// `reads` (which v0.1.0 wrote too): named as newer when it is, never misread.
+pub fn unknown_version(found: u32, reads: u32) -> String {
+    format!(
+        "format version {found} is not one this release reads (version {reads}, the same as \
+         v0.1.0's){}",
+        if found > reads {
+            ": written by a newer release"
+        } else {
+            ""
+        }
+    )
+}
+
 /// Name of the temporary file a write of `path` goes through.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();

@@ -477,15 +477,9 @@ impl RoleStore {
                 let file: RoleFile =
                     serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
                 if file.version != ROLE_FILE_VERSION {
-                    return Err(corrupt(format!(
-                        "format version {} is not one this release reads (version \
-                         {ROLE_FILE_VERSION}, the same as v0.1.0's){}",
+                    return Err(corrupt(crate::persist::unknown_version(
                         file.version,
-                        if file.version > ROLE_FILE_VERSION {
-                            ": written by a newer release"
-                        } else {
-                            ""
-                        }
+                        ROLE_FILE_VERSION,
                     )));
                 }
                 if file.domain != domain {

@@ -477,16 +477,7 @@ fn load(path: &Path, now: Instant) -> Result<LeaseTable, WitnessError> {
             if f.version != STATE_VERSION {
                 return Err(bad(
                     "parse",
-                    format!(
-                        "format version {} is not one this release reads (version \
-                         {STATE_VERSION}, the same as v0.1.0's){}",
-                        f.version,
-                        if f.version > STATE_VERSION {
-                            ": written by a newer release"
-                        } else {
-                            ""
-                        }
-                    ),
+                    crate::persist::unknown_version(f.version, STATE_VERSION),
                 ));
             }
             Ok(LeaseTable::from_file(f, now))
