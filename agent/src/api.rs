@@ -178,6 +178,29 @@ pub struct ArbiterStatus {
     pub location: String,
     /// The lease length asked for, in ms.
     pub lease_ms: u64,
+    /// Requests made of it since the daemon started, per operation (`acquire`, `renew`,
+    /// `preempt`, `release`, `query`, `record`), for those ever made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<ArbiterOpStats>,
+}
+
+/// One operation's requests to the lease arbiter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArbiterOpStats {
+    /// `acquire`, `renew`, `preempt`, `release`, `query` or `record`.
+    pub op: String,
+    /// Answered with success.
+    pub ok: u64,
+    /// Answered: another node holds the lease.
+    pub denied: u64,
+    /// Not answered, or refused for another reason.
+    pub failed: u64,
+    /// Time spent in all of them, µs.
+    pub latency_sum_us: u64,
+    /// The slowest, µs.
+    pub latency_max_us: u64,
+    /// The last, µs.
+    pub latency_last_us: u64,
 }
 
 /// Counters of what anyone on the network can send and this node refused: each is counted

@@ -440,6 +440,56 @@ impl Collector for Snapshot {
                 .unwrap_or_default(),
         )?;
 
+        // The lease arbiter's requests (renewals are its heartbeat).
+        if let Some(a) = &s.arbiter {
+            let backend = esc(&a.backend);
+            let mut outcomes = Vec::new();
+            let mut sums = Vec::new();
+            let mut maxes = Vec::new();
+            for r in &a.requests {
+                let op = || ("op", esc(&r.op));
+                for (result, v) in [("ok", r.ok), ("denied", r.denied), ("failed", r.failed)] {
+                    outcomes.push((
+                        vec![
+                            ("backend", backend.clone()),
+                            op(),
+                            ("result", result.to_string()),
+                        ],
+                        v,
+                    ));
+                }
+                sums.push((
+                    vec![("backend", backend.clone()), op()],
+                    secs_us(r.latency_sum_us),
+                ));
+                maxes.push((
+                    vec![("backend", backend.clone()), op()],
+                    secs_us(r.latency_max_us),
+                ));
+            }
+            counters(
+                e,
+                "remus_lease_requests",
+                "Requests to the lease arbiter (remus-witness or etcd) by operation and outcome; renew is the lease keepers' renewals.",
+                None,
+                outcomes,
+            )?;
+            counters(
+                e,
+                "remus_lease_request_time",
+                "Time spent in requests to the lease arbiter, by operation (divide by remus_lease_requests_total for the mean).",
+                Some(Unit::Seconds),
+                sums,
+            )?;
+            gauges(
+                e,
+                "remus_lease_request_max",
+                "The slowest request to the lease arbiter since the daemon started, by operation.",
+                Some(Unit::Seconds),
+                maxes,
+            )?;
+        }
+
         // The doors: what anyone on the network sent and this node refused.
         let d = &s.doors;
         counters(

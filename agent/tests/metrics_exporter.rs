@@ -108,6 +108,17 @@ remus_unprotected_seconds_total{domain=\"db\"} 0.0
     "# TYPE remus_unprotected_now gauge
 remus_unprotected_now{domain=\"web\"} 0
 ",
+    "# TYPE remus_lease_requests counter
+remus_lease_requests_total{backend=\"etcd\",op=\"renew\",result=\"ok\"} 900
+remus_lease_requests_total{backend=\"etcd\",op=\"renew\",result=\"denied\"} 0
+remus_lease_requests_total{backend=\"etcd\",op=\"renew\",result=\"failed\"} 2
+",
+    "# TYPE remus_lease_request_time_seconds counter
+# UNIT remus_lease_request_time_seconds seconds
+remus_lease_request_time_seconds_total{backend=\"etcd\",op=\"renew\"} 1.8
+",
+    "remus_lease_request_max_seconds{backend=\"etcd\",op=\"renew\"} 0.041
+",
     "# TYPE remus_heartbeat_dropped counter
 remus_heartbeat_dropped_total{peer=\"beta\",reason=\"bad_tag\"} 7
 remus_heartbeat_dropped_total{peer=\"beta\",reason=\"malformed\"} 0
@@ -200,7 +211,7 @@ fn exposition_of_a_representative_snapshot() {
             assert!(line.starts_with("remus_"), "{line}");
         }
     }
-    assert_eq!(declared.len(), 52, "{declared:?}");
+    assert_eq!(declared.len(), 55, "{declared:?}");
     // absent sources give no series rather than a misleading zero
     for absent in [
         "remus_last_acked_epoch{domain=\"db\"}",

@@ -44,9 +44,14 @@ pub struct DrillCmd {
     /// Trials of the scenario (the pair is reused between trials where it can be).
     #[arg(long, default_value_t = 1, conflicts_with = "local", value_parser = clap::value_parser!(u32).range(1..=1000))]
     trials: u32,
-    /// The pair drill's witness lease in milliseconds.
+    /// The pair drill's witness lease in milliseconds (with `--arbiter etcd`: rounded up to
+    /// whole seconds, at least 2).
     #[arg(long, default_value_t = 1500, conflicts_with = "local", value_parser = clap::value_parser!(u64).range(100..=600_000))]
     lease_ms: u64,
+    /// Who arbitrates the pair's leases on the witness host: `witness` (remus-witness) or
+    /// `etcd` (a real etcd from Debian's etcd-server, `[witness] mode = "etcd"`).
+    #[arg(long, value_enum, default_value = "witness", conflicts_with = "local")]
+    arbiter: ArbiterArg,
     /// How long the partition scenario keeps the hosts apart, in milliseconds.
     #[arg(long, default_value_t = 4000, conflicts_with = "local", value_parser = clap::value_parser!(u64).range(0..=600_000))]
     partition_hold_ms: u64,
@@ -142,6 +147,10 @@ impl DrillCmd {
             o.accel = self.accel;
             o.seed = self.seed;
             o.lease = Duration::from_millis(self.lease_ms);
+            o.arbiter = match self.arbiter {
+                ArbiterArg::Witness => crate::pair::config::Arbiter::Witness,
+                ArbiterArg::Etcd => crate::pair::config::Arbiter::Etcd,
+            };
             o.partition_hold = Duration::from_millis(self.partition_hold_ms);
             o.unsafe_no_output_buffering = self.unsafe_no_output_buffering;
             o.impair = self.impair;
@@ -241,4 +250,13 @@ fn scratch_dir_in_shm() -> std::io::Result<ScratchDir> {
     let dir = PathBuf::from(format!("/dev/shm/remus-drill-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(ScratchDir(dir))
+}
+
+/// `--arbiter`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ArbiterArg {
+    /// remus-witness.
+    Witness,
+    /// etcd.
+    Etcd,
 }

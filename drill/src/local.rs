@@ -265,6 +265,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         vm_netns: Some((topo.primary.clone(), topo.backup.clone())),
         dialects: [files::Dialect::Current; 2],
         keys: None,
+        arbiter: crate::pair::config::Arbiter::Witness,
     };
     files::write_all(&cfg)?;
     let (pri_files, bak_files) = (

@@ -97,6 +97,20 @@ pub fn render(s: &DaemonStatus) -> String {
             "lease arbiter: {what} at {}, lease {} ms",
             a.location, a.lease_ms
         );
+        for r in &a.requests {
+            let n = r.ok + r.denied + r.failed;
+            let _ = writeln!(
+                out,
+                "  {}: {} ok, {} denied, {} failed; latency mean {:.1} ms, max {:.1} ms, last {:.1} ms",
+                r.op,
+                r.ok,
+                r.denied,
+                r.failed,
+                r.latency_sum_us as f64 / n.max(1) as f64 / 1000.0,
+                r.latency_max_us as f64 / 1000.0,
+                r.latency_last_us as f64 / 1000.0
+            );
+        }
     }
     if !s.doors.is_quiet() {
         let d = &s.doors;

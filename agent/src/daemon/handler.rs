@@ -110,6 +110,12 @@ impl ControlHandler for DaemonHandler {
                     backend: w.backend().to_string(),
                     location: w.location(),
                     lease_ms: w.ttl().as_millis() as u64,
+                    requests: self
+                        .shared
+                        .arbiter_stats
+                        .as_ref()
+                        .map(|m| m.snapshot())
+                        .unwrap_or_default(),
                 }),
         }
     }

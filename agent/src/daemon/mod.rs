@@ -20,6 +20,7 @@ pub mod advert;
 pub mod domains;
 pub mod handler;
 pub mod listener;
+pub mod metered;
 pub mod reload;
 pub mod supervisor;
 
@@ -56,6 +57,8 @@ pub struct Shared {
     /// The same arbiter when it is remus-witness, whose requests are signed with this
     /// node's keys: a reload during a key rotation hands it the new key.
     pub witness_keys: Option<Arc<WitnessClient>>,
+    /// The same arbiter's request counts and latencies (`witness` goes through it).
+    pub arbiter_stats: Option<Arc<metered::Metered>>,
     /// The runtime of the heartbeat detector and the lease keepers (see [`HaRuntime`]).
     pub ha: tokio::runtime::Handle,
     /// When the daemon started.
@@ -170,6 +173,10 @@ pub async fn serve(
         Some(w) => arbiter(&config, w, &keys, &ha.handle).await?,
         None => (None, None),
     };
+    let arbiter_stats = witness.map(|w| Arc::new(metered::Metered::new(w)));
+    let witness = arbiter_stats
+        .clone()
+        .map(|m| -> Arc<dyn LeaseArbiter> { m });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -181,6 +188,7 @@ pub async fn serve(
         traffic: detector.traffic_probe(),
         witness,
         witness_keys: witness_client,
+        arbiter_stats,
         ha: ha.handle.clone(),
         started: Instant::now(),
         heartbeat_stats: detector.stats_reader(),

@@ -192,6 +192,15 @@ pub fn sample_status() -> DaemonStatus {
             backend: "etcd".into(),
             location: "https://192.0.2.5:2379,https://192.0.2.6:2379 /remus".into(),
             lease_ms: 2000,
+            requests: vec![remus_agent::api::ArbiterOpStats {
+                op: "renew".into(),
+                ok: 900,
+                denied: 0,
+                failed: 2,
+                latency_sum_us: 1_800_000,
+                latency_max_us: 41_000,
+                latency_last_us: 1_900,
+            }],
         }),
     }
 }

@@ -22,6 +22,22 @@ pub const REPLICATION_PORT: u16 = 7780;
 pub const HEARTBEAT_PORT: u16 = 7781;
 /// The witness's UDP port.
 pub const WITNESS_PORT: u16 = 7790;
+/// etcd's client port on the witness host (with [`Arbiter::Etcd`]).
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// etcd's peer port on the witness host.
+pub const ETCD_PEER_PORT: u16 = 2380;
+/// The key prefix the drill's nodes use in etcd.
+pub const ETCD_PREFIX: &str = "/remus-drill";
+
+/// Who arbitrates the pair's leases, on the witness host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arbiter {
+    /// `remus-witness` (UDP).
+    #[default]
+    Witness,
+    /// One etcd member (Debian's `etcd-server`), `[witness] mode = "etcd"`.
+    Etcd,
+}
 /// Size of each disk image (sparse).
 pub const DISK_BYTES: u64 = 64 << 20;
 
@@ -87,6 +103,8 @@ pub struct PairConfig {
     pub dialects: [Dialect; 2],
     /// Per-node keys (`auth.mode = "keys"`) instead of one pre-shared key.
     pub keys: Option<PairKeys>,
+    /// Who arbitrates the leases.
+    pub arbiter: Arbiter,
 }
 
 /// The key pairs of a per-node keys drill: each node's, the witness's, and a second key
@@ -197,6 +215,13 @@ pub fn node_toml(c: &PairConfig, host: Host) -> Result<String, DialectError> {
             key: "auth.private_key_file",
         });
     }
+    if dialect == Dialect::V0_1_0 && c.arbiter == Arbiter::Etcd {
+        return Err(DialectError::Unsupported {
+            host,
+            dialect,
+            key: "witness.mode",
+        });
+    }
     let me = NodeFiles::of(&c.work_dir, host);
     let my_ip = c.addrs.of(host);
     let peer_ip = c.addrs.of(host.other());
@@ -222,10 +247,7 @@ interval_ms = {hb_int}
 timeout_ms = {hb_to}
 
 {auth}
-[witness]
-address = "{wit}:{wport}"
-lease_ms = {lease}
-{witness_key}
+{witness}
 [[domain]]
 name = "{domain}"
 checkpoint_interval_ms = {interval}
@@ -265,13 +287,23 @@ mode = "witness"
             "public_keys = [\"{}\"]\n",
             k.nodes[host.other() as usize].public()
         )),
-        witness_key = c.keys.as_ref().map_or_else(String::new, |k| format!(
-            "public_key = \"{}\"\n",
-            k.witness.public()
-        )),
-        wit = c.addrs.witness,
-        wport = WITNESS_PORT,
-        lease = c.lease.as_millis(),
+        witness = match c.arbiter {
+            Arbiter::Witness => format!(
+                "[witness]\naddress = \"{}:{WITNESS_PORT}\"\nlease_ms = {}\n{}",
+                c.addrs.witness,
+                c.lease.as_millis(),
+                c.keys.as_ref().map_or_else(String::new, |k| format!(
+                    "public_key = \"{}\"\n",
+                    k.witness.public()
+                )),
+            ),
+            Arbiter::Etcd => format!(
+                "[witness]\nmode = \"etcd\"\nendpoints = [\"http://{}:{ETCD_CLIENT_PORT}\"]\n\
+                 prefix = \"{ETCD_PREFIX}\"\nlease_ms = {}\n",
+                c.addrs.witness,
+                c.lease.as_millis(),
+            ),
+        },
         domain = DOMAIN,
         interval = c.interval.as_millis(),
         machine = crate::guest::GuestMachine {
@@ -364,7 +396,35 @@ mod tests {
             vm_netns: None,
             dialects: [Dialect::Current; 2],
             keys: None,
+            arbiter: Arbiter::Witness,
         }
+    }
+
+    /// With the etcd arbiter both nodes name the etcd member on the witness host, with
+    /// per-node keys too (no witness key then), and a v0.1.0 node cannot be written one.
+    #[test]
+    fn etcd_arbiter_configs_validate() {
+        use remus_agent::config::WitnessBackend;
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.arbiter = Arbiter::Etcd;
+        c.lease = Duration::from_secs(2);
+        for keys in [None, Some(PairKeys::generate().unwrap())] {
+            c.keys = keys;
+            for h in Host::BOTH {
+                let conf = Config::from_str(&node_toml(&c, h).unwrap(), h.name()).unwrap();
+                let w = conf.witness.as_ref().unwrap();
+                let WitnessBackend::Etcd(e) = &w.backend else {
+                    panic!("{:?}", w.backend)
+                };
+                assert_eq!(e.endpoints, vec!["http://10.77.1.5:2379".to_string()]);
+                assert_eq!(e.prefix, ETCD_PREFIX);
+                assert_eq!(w.lease, Duration::from_secs(2));
+            }
+        }
+        c.dialects[Host::Bak as usize] = Dialect::V0_1_0;
+        c.keys = None;
+        assert!(node_toml(&c, Host::Bak).is_err());
     }
 
     /// Both configurations pass the daemon's own validation, mirror each other, and keep

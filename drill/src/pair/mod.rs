@@ -101,6 +101,10 @@ pub struct PairOptions {
     /// Per-node keys (`auth.mode = "keys"`, the witness pinning each node) instead of one
     /// pre-shared key.
     pub per_node_keys: bool,
+    /// Who arbitrates the leases on the witness host: `remus-witness` (default) or a real
+    /// etcd (Debian's `etcd-server`; the lease is then rounded up to whole seconds, at
+    /// least 2, as etcd's TTLs are).
+    pub arbiter: config::Arbiter,
 }
 
 impl PairOptions {
@@ -131,6 +135,7 @@ impl PairOptions {
             unsafe_no_output_buffering: false,
             impair: None,
             per_node_keys: false,
+            arbiter: config::Arbiter::Witness,
         }
     }
 }
@@ -255,7 +260,12 @@ impl PairDrill {
             accel: opts.accel.clone(),
             heartbeat_interval: opts.heartbeat_interval,
             heartbeat_timeout: opts.heartbeat_timeout,
-            lease: opts.lease,
+            lease: match opts.arbiter {
+                config::Arbiter::Witness => opts.lease,
+                config::Arbiter::Etcd => {
+                    Duration::from_secs(opts.lease.as_millis().div_ceil(1000).max(2) as u64)
+                }
+            },
             addrs,
             guest_cidr: topo.guest_cidr.clone(),
             unsafe_no_output_buffering: opts.unsafe_no_output_buffering,
@@ -266,6 +276,7 @@ impl PairDrill {
             } else {
                 None
             },
+            arbiter: opts.arbiter,
         };
         config::write_all(&cfg)?;
         let node = |host: Host| {
@@ -342,6 +353,9 @@ impl PairDrill {
     }
 
     async fn start_witness(&mut self) -> Result<()> {
+        if self.cfg.arbiter == config::Arbiter::Etcd {
+            return self.start_etcd().await;
+        }
         let ns = self
             .topo
             .witness_ns()
@@ -383,6 +397,49 @@ impl PairDrill {
             if !p.running() || Instant::now() > deadline {
                 bail!(
                     "remus-witness did not start listening (log {}):\n{}",
+                    log.display(),
+                    log_tail(&log, 20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.witness = Some(p);
+        Ok(())
+    }
+
+    /// Starts one etcd member (Debian's `etcd-server`) on the witness host, its data in this
+    /// pair's directory, and waits until it serves clients.
+    async fn start_etcd(&mut self) -> Result<()> {
+        let ns = self
+            .topo
+            .witness_ns()
+            .context("pair topology without a witness namespace")?
+            .to_string();
+        let log = self.dir.join("etcd.log");
+        let ip = self.cfg.addrs.witness;
+        let client = format!("http://{ip}:{}", config::ETCD_CLIENT_PORT);
+        let peer = format!("http://{ip}:{}", config::ETCD_PEER_PORT);
+        let args = vec![
+            "--name=witness".to_string(),
+            format!("--data-dir={}", self.dir.join("etcd-data").display()),
+            format!("--listen-client-urls={client}"),
+            format!("--advertise-client-urls={client}"),
+            format!("--listen-peer-urls={peer}"),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--initial-cluster=witness={peer}"),
+        ];
+        let mut p = Proc::spawn("etcd", &ns, Path::new("etcd"), &args, &[], &log)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::fs::read_to_string(&log)
+                .is_ok_and(|t| t.contains("ready to serve client requests"))
+            {
+                break;
+            }
+            if !p.running() || Instant::now() > deadline {
+                bail!(
+                    "etcd did not start serving (is Debian's etcd-server installed? \
+                     scripts/install-deps.sh; log {}):\n{}",
                     log.display(),
                     log_tail(&log, 20)
                 );
