@@ -58,6 +58,7 @@ async fn run(memory_limit: u64) {
     ok(&srv.qemu_io("vm", &["write -P 0x05 0 4M"]).await);
 
     wait_complete(&backup, 2).await;
+    wait_backlog(&backup, 3).await;
     let st = backup.status();
     assert_eq!(
         (st.committed, st.complete, st.backlog_epochs),

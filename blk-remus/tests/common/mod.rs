@@ -162,6 +162,22 @@ pub async fn wait_complete(backup: &BackupStore, k: u64) {
     );
 }
 
+/// Waits until the backup holds writes of `n` epochs (complete or still open): writes are
+/// forwarded asynchronously, so the last epoch's may still be on the wire when the writer's
+/// I/O has completed (seen on a loaded machine).
+pub async fn wait_backlog(backup: &BackupStore, n: u64) {
+    for _ in 0..2000 {
+        if backup.status().backlog_epochs >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "writes of {n} epochs never reached the backup: {:?}",
+        backup.status()
+    );
+}
+
 /// Reads a byte range of a file.
 pub fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
