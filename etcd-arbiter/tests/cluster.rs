@@ -138,3 +138,89 @@ async fn quorum_lost_then_back_never_two_holders() {
     ka.stop(false).await.unwrap();
     kb.stop(false).await.unwrap();
 }
+
+/// Two pairs (nodes a1/b1 protecting `web`, a2/b2 protecting `db`) share one etcd cluster
+/// and fail over at the same moment: each backup takes its own domain's lease at once (held
+/// preemptible by it), neither touches the other pair's, and each domain ends on exactly one
+/// node. Then both pairs race a takeover against an exclusive renewal at once: still one
+/// holder per domain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pairs_on_one_cluster_fail_over_at_once() {
+    use remus_ha::witness::LeaseMode;
+    let c = Cluster::start(3).await;
+    let (a1, b1, a2, b2) = (
+        arbiter(&c, "a1").await,
+        arbiter(&c, "b1").await,
+        arbiter(&c, "a2").await,
+        arbiter(&c, "b2").await,
+    );
+    let k1 = LeaseKeeper::spawn(a1.clone(), "web".into(), None);
+    let k2 = LeaseKeeper::spawn(a2.clone(), "db".into(), None);
+    k1.set_mode(LeaseMode::PreemptibleBy("b1".into()));
+    k2.set_mode(LeaseMode::PreemptibleBy("b2".into()));
+    for k in [&k1, &k2] {
+        let mut st = k.state();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            st.wait_for(|s| {
+                matches!(
+                    s,
+                    LeaseState::Held {
+                        preemptible: true,
+                        ..
+                    }
+                )
+            }),
+        )
+        .await
+        .expect("not held preemptible")
+        .unwrap();
+    }
+    // A backup of one pair cannot take the other pair's domain.
+    assert!(matches!(
+        b2.preempt("web").await,
+        Err(WitnessError::Denied { .. })
+    ));
+    // Both primaries die (their keepers stop, the leases are not released) and both
+    // backups take over at the same moment.
+    k1.stop(false).await.unwrap();
+    k2.stop(false).await.unwrap();
+    let (r1, r2) = tokio::join!(b1.preempt("web"), b2.preempt("db"));
+    let (l1, l2) = (r1.unwrap(), r2.unwrap());
+    assert_eq!(a1.query("web").await.unwrap().holder.as_deref(), Some("b1"));
+    assert_eq!(a2.query("db").await.unwrap().holder.as_deref(), Some("b2"));
+    assert!(matches!(
+        a1.acquire("web").await,
+        Err(WitnessError::Denied { holder, .. }) if holder == "b1"
+    ));
+    assert!(matches!(
+        a2.acquire("db").await,
+        Err(WitnessError::Denied { holder, .. }) if holder == "b2"
+    ));
+    // The new primaries hold their leases preemptible by their old primaries, which race
+    // a takeover against the exclusive renewals, both pairs at once.
+    let l1 = b1
+        .renew_as(&l1, &LeaseMode::PreemptibleBy("a1".into()))
+        .await
+        .unwrap();
+    let l2 = b2
+        .renew_as(&l2, &LeaseMode::PreemptibleBy("a2".into()))
+        .await
+        .unwrap();
+    let (x1, y1, x2, y2) = tokio::join!(
+        b1.renew(&l1),
+        a1.preempt("web"),
+        b2.renew(&l2),
+        a2.preempt("db")
+    );
+    for (domain, renewal, takeover) in [("web", x1, y1), ("db", x2, y2)] {
+        assert!(
+            renewal.is_ok() != takeover.is_ok(),
+            "{domain}: renewal {renewal:?}, takeover {takeover:?}"
+        );
+    }
+    for (domain, pair) in [("web", ["a1", "b1"]), ("db", ["a2", "b2"])] {
+        let holder = a1.query(domain).await.unwrap().holder.unwrap();
+        assert!(pair.contains(&holder.as_str()), "{domain} held by {holder}");
+    }
+}
