@@ -38,10 +38,23 @@ async fn held(k: &LeaseKeeper) {
     .unwrap();
 }
 
+/// With a lease of 4 s (what `config check` asks of a cluster): renewed every 1.3 s, it
+/// outlives the election of a new leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_of_three_leaves_the_lease_held() {
+    const TTL: Duration = Duration::from_secs(4);
     let mut c = Cluster::start(3).await;
-    let (a, b) = (arbiter(&c, "a").await, arbiter(&c, "b").await);
+    let arbiter = |node: &'static str| {
+        let eps = c.endpoints();
+        async move {
+            Arc::new(
+                EtcdArbiter::connect(EtcdSettings::new(node, eps, "/remus", TTL))
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let (a, b) = (arbiter("a").await, arbiter("b").await);
     let keeper = LeaseKeeper::spawn(a.clone(), "web".into(), None);
     held(&keeper).await;
     let leader = c.leader().await;
