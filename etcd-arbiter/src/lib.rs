@@ -280,6 +280,10 @@ pub struct EtcdArbiter {
     members: Vec<Member>,
     /// The member that answered last: asked first.
     preferred: AtomicUsize,
+    /// The runtime [`EtcdArbiter::connect`] ran on: every member's connection (and the
+    /// tasks `etcd-client` spawns for it) is made there, whoever asks first — the daemon
+    /// connects on its HA runtime, so a busy main runtime never delays a renewal.
+    runtime: tokio::runtime::Handle,
     opts: ConnectOptions,
     /// The TTL asked of etcd, whole seconds.
     ttl_secs: i64,
@@ -371,6 +375,7 @@ impl EtcdArbiter {
             endpoints,
             members,
             preferred: AtomicUsize::new(0),
+            runtime: tokio::runtime::Handle::current(),
             opts,
             ttl_secs,
             lease: Mutex::new(None),
@@ -406,11 +411,19 @@ impl EtcdArbiter {
         {
             return Ok(c);
         }
-        let connecting = Client::connect([m.url.as_str()], Some(self.opts.clone()));
+        let url = m.url.clone();
+        let opts = self.opts.clone();
         // With a user, connecting is a request (authentication): the connect timeout and
         // the request's.
         let wait = self.cfg.op_timeout * 2;
-        let c = match tokio::time::timeout(wait, connecting).await {
+        let connecting = self.runtime.spawn(async move {
+            tokio::time::timeout(wait, Client::connect([url.as_str()], Some(opts))).await
+        });
+        let c = match connecting.await.unwrap_or_else(|e| {
+            Ok(Err(etcd_client::Error::Internal(format!(
+                "the connecting task failed: {e}"
+            ))))
+        }) {
             Err(_) => {
                 return Err(EtcdError::Timeout {
                     endpoints: m.url.clone(),
