@@ -24,9 +24,35 @@ fn free_port() -> u16 {
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> Etcd {
+        let e = Self::spawn("http", &[]);
+        e.wait_ready().await;
+        e
+    }
+
+    /// Starts etcd serving clients over TLS (`extra`: its certificate flags) and waits until
+    /// its log says it serves.
+    pub async fn start_tls(extra: &[String]) -> Etcd {
+        let e = Self::spawn("https", extra);
+        let log = e.dir.path().join("etcd.log");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("serving client traffic securely")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "etcd (TLS) did not start; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        e
+    }
+
+    fn spawn(scheme: &str, extra: &[String]) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
         let child = Command::new("etcd")
@@ -38,18 +64,17 @@ impl Etcd {
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=t={peer_url}"))
             .arg("--logger=zap")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("starting etcd (Debian package etcd-server: run scripts/install-deps.sh)");
-        let e = Etcd {
+        Etcd {
             child: Some(child),
             dir,
             endpoint,
-        };
-        e.wait_ready().await;
-        e
+        }
     }
 
     async fn wait_ready(&self) {
