@@ -11,7 +11,7 @@ set -euo pipefail
 # from etcd's .proto files at build time. etcd-server and etcd-client (etcd, etcdctl): the
 # etcd arbiter's tests and the pair drill's etcd backend start a real etcd of their own on
 # a random port (the packaged service is not used; see below).
-need=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio xz-utils zstd binutils kmod bsdutils lintian libvirt-clients virtinst protobuf-compiler etcd-server etcd-client)
+need=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio xz-utils zstd binutils kmod bsdutils lintian libvirt-clients virtinst protobuf-compiler etcd-server etcd-client openssl)
 # Checked again after each install: installing one package can remove another (Debian's
 # qemu-system-x86 removes a backported qemu-utils that conflicts with it, which left
 # qemu-io and qemu-img missing), so the loop runs until nothing is missing.

@@ -679,6 +679,19 @@ fn etcd_witness_policies_are_checked_at_their_line() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains(": ok: node alpha"), "{stdout}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // Two endpoints (a cluster) and a 3 s lease: a warning, at the lease's line.
+    let warning = format!("{}:{}:", path.display(), line_of(&good, "lease_ms = 3000"));
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&warning)
+            && l.contains("warning")
+            && l.contains("leader election")),
+        "{stdout}"
+    );
+    let long = good.replacen("lease_ms = 3000", "lease_ms = 4000", 1);
+    std::fs::write(&path, &long).unwrap();
+    let out = remusctl(&["config", "check", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("0 warning(s)"), "{stdout}");
     let cases: Vec<(&str, String, &str, &str)> = vec![
         (
             "no endpoints",

@@ -52,6 +52,9 @@ pub struct DrillCmd {
     /// `etcd` (a real etcd from Debian's etcd-server, `[witness] mode = "etcd"`).
     #[arg(long, value_enum, default_value = "witness", conflicts_with = "local")]
     arbiter: ArbiterArg,
+    /// With `--arbiter etcd`: members of the etcd cluster on the witness host.
+    #[arg(long, default_value_t = 1, conflicts_with = "local", value_parser = clap::value_parser!(u64).range(1..=7))]
+    etcd_members: u64,
     /// How long the partition scenario keeps the hosts apart, in milliseconds.
     #[arg(long, default_value_t = 4000, conflicts_with = "local", value_parser = clap::value_parser!(u64).range(0..=600_000))]
     partition_hold_ms: u64,
@@ -151,6 +154,7 @@ impl DrillCmd {
                 ArbiterArg::Witness => crate::pair::config::Arbiter::Witness,
                 ArbiterArg::Etcd => crate::pair::config::Arbiter::Etcd,
             };
+            o.etcd_members = usize::try_from(self.etcd_members).unwrap_or(1);
             o.partition_hold = Duration::from_millis(self.partition_hold_ms);
             o.unsafe_no_output_buffering = self.unsafe_no_output_buffering;
             o.impair = self.impair;

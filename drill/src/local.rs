@@ -266,6 +266,7 @@ pub async fn run_local(o: &DrillOptions) -> Result<DrillReport> {
         dialects: [files::Dialect::Current; 2],
         keys: None,
         arbiter: crate::pair::config::Arbiter::Witness,
+        etcd_members: 0,
     };
     files::write_all(&cfg)?;
     let (pri_files, bak_files) = (

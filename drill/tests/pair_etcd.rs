@@ -12,11 +12,22 @@
 //!   entirely, it stops releasing output before its etcd lease can run out and the backup
 //!   wins.
 //!
+//! - a three-member etcd cluster: its leader killed while the pair protects (no effect: the
+//!   primary keeps its VM, its lease and its backup), then kill-primary on the two members
+//!   left (the takeover needs their quorum, which they have).
+//! - the etcd quorum lost while the pair protects (two members of three killed): the primary
+//!   keeps running on its backup's acknowledgements alone — the rule for an unreachable
+//!   witness — its lease reported lost, the backup never takes over; the quorum back, the
+//!   lease is held again and nothing ran twice.
+//!
 //! Run one pair test at a time (each boots a guest under TCG).
 
 mod pair_support;
 
+use std::time::Duration;
+
 use anyhow::{ensure, Context, Result};
+use remus_agent::api::Role;
 use remus_drill::net::Host;
 use remus_drill::pair::config::{Arbiter, ETCD_CLIENT_PORT, ETCD_PREFIX};
 use remus_drill::pair::{run_pair, PairDrill, PairReport, Scenario};
@@ -136,4 +147,172 @@ async fn partition_and_isolate_primary_with_etcd() -> Result<()> {
         report.render()
     );
     pair_support::check(&report, work)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_member_lost_during_protection_then_a_failover() -> Result<()> {
+    let work = pair_support::scratch("pair-etcd-3")?;
+    let mut o = pair_support::options(Scenario::KillPrimary, work.path())?;
+    o.arbiter = Arbiter::Etcd;
+    o.etcd_members = 3;
+    // Long enough to outlive a leader election (`config check` warns below 4 s with a
+    // cluster; at 2 s the lease lapsed here while the new leader was elected).
+    o.lease = Duration::from_secs(4);
+    o.seed = Some(0x5eed_e7cf);
+    let mut pair = PairDrill::setup(&o, 1).await?;
+    pair.start_vm().await?;
+    let view = |s: &remus_agent::api::DaemonStatus| -> Result<_> {
+        let d = s
+            .domains
+            .iter()
+            .find(|d| d.name == "drill")
+            .context("no drill domain")?;
+        Ok((
+            d.role.clone(),
+            d.vm.as_ref().map(|v| v.pid),
+            d.protection.as_ref().and_then(|p| p.last_acked),
+            d.lease.clone(),
+            d.failovers.len(),
+        ))
+    };
+    let (_, pid, acked, _, _) = view(&pair.status(Host::Pri).await?)?;
+    let pid = pid.context("no VM on pri")?;
+    let leader = pair.etcd_leader()?;
+    pair.kill_etcd_member(leader)?;
+    println!("etcd leader m{leader} killed while pri protects (VM pid {pid}, acked {acked:?})");
+    // Three leases' worth of protection on the two members left.
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        let (role, now_pid, _, lease, failovers) = view(&pair.status(Host::Pri).await?)?;
+        let (bak_role, _, _, _, bak_failovers) = view(&pair.status(Host::Bak).await?)?;
+        ensure!(
+            matches!(role, Role::Primary { .. })
+                && matches!(bak_role, Role::Backup { .. })
+                && now_pid == Some(pid)
+                && failovers == 0
+                && bak_failovers == 0,
+            "the pair changed after an etcd member was killed: pri {role:?} pid {now_pid:?}, \
+             bak {bak_role:?}\n{}",
+            pair.logs_text()
+        );
+        ensure!(
+            lease.as_deref().is_some_and(|l| l.starts_with("held")),
+            "pri's lease after the member was killed: {lease:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, _, acked_after, lease, _) = view(&pair.status(Host::Pri).await?)?;
+    ensure!(
+        acked_after > acked,
+        "no checkpoint acknowledged: {acked:?} -> {acked_after:?}"
+    );
+    println!("still protected: acked {acked:?} -> {acked_after:?}, lease {lease:?}");
+    let mut report = PairReport {
+        scenario: Some(Scenario::KillPrimary),
+        seed: 0x5eed_e7cf,
+        work_dir: work.path().display().to_string(),
+        ..PairReport::default()
+    };
+    let t = pair.trial(Scenario::KillPrimary, 1).await;
+    println!(
+        "kill-primary on two etcd members: failover {:?}; failure -> running {:?} ms; passed {}",
+        t.failover, t.failure_to_running_ms, t.passed
+    );
+    report.trials.push(t);
+    drop(pair);
+    report.conclude();
+    pair_support::check(&report, work)
+}
+
+/// The drill domain on `h`: (role, VM pid, VM running, last acked, lease, failovers).
+async fn drill_domain(
+    pair: &PairDrill,
+    h: Host,
+) -> Result<(Role, Option<u32>, bool, Option<u64>, Option<String>, usize)> {
+    let s = pair.status(h).await?;
+    let d = s
+        .domains
+        .iter()
+        .find(|d| d.name == "drill")
+        .context("no drill domain")?;
+    Ok((
+        d.role.clone(),
+        d.vm.as_ref().map(|v| v.pid),
+        d.vm.as_ref().is_some_and(|v| v.running),
+        d.protection.as_ref().and_then(|p| p.last_acked),
+        d.lease.clone(),
+        d.failovers.len(),
+    ))
+}
+
+/// For `window`: pri primary with VM `pid` running and acknowledged checkpoints advancing,
+/// bak its backup, no failover on either; returns pri's lease states seen.
+async fn protected_throughout(
+    pair: &PairDrill,
+    pid: u32,
+    window: Duration,
+    step: &str,
+) -> Result<Vec<String>> {
+    let (_, _, _, before, _, _) = drill_domain(pair, Host::Pri).await?;
+    let until = std::time::Instant::now() + window;
+    let mut leases = Vec::new();
+    while std::time::Instant::now() < until {
+        let (role, now_pid, running, _, lease, failovers) = drill_domain(pair, Host::Pri).await?;
+        let (bak_role, bak_pid, _, _, _, bak_failovers) = drill_domain(pair, Host::Bak).await?;
+        ensure!(
+            matches!(role, Role::Primary { .. })
+                && now_pid == Some(pid)
+                && running
+                && matches!(bak_role, Role::Backup { .. })
+                && bak_pid.is_none()
+                && failovers == 0
+                && bak_failovers == 0,
+            "{step}: pri {role:?} pid {now_pid:?} running {running}, bak {bak_role:?} pid \
+             {bak_pid:?}, failovers {failovers}/{bak_failovers}\n{}",
+            pair.logs_text()
+        );
+        let l = lease.unwrap_or_default();
+        let kind = l.split(',').next().unwrap_or_default().to_string();
+        if leases.last() != Some(&kind) {
+            leases.push(kind);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, _, _, after, _, _) = drill_domain(pair, Host::Pri).await?;
+    ensure!(
+        after > before,
+        "{step}: no checkpoint acknowledged: {before:?} -> {after:?}"
+    );
+    println!("{step}: protected, acked {before:?} -> {after:?}, pri's lease {leases:?}");
+    Ok(leases)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_quorum_lost_while_protecting_then_back() -> Result<()> {
+    let work = pair_support::scratch("pair-etcd-q")?;
+    let mut o = pair_support::options(Scenario::KillPrimary, work.path())?;
+    o.arbiter = Arbiter::Etcd;
+    o.etcd_members = 3;
+    o.lease = Duration::from_secs(4);
+    let mut pair = PairDrill::setup(&o, 1).await?;
+    pair.start_vm().await?;
+    let (_, pid, _, _, _, _) = drill_domain(&pair, Host::Pri).await?;
+    let pid = pid.context("no VM on pri")?;
+    protected_throughout(&pair, pid, Duration::from_secs(2), "before").await?;
+    pair.kill_etcd_member(1)?;
+    pair.kill_etcd_member(2)?;
+    let leases = protected_throughout(&pair, pid, Duration::from_secs(8), "quorum lost").await?;
+    ensure!(
+        leases.last().map(String::as_str) == Some("lost"),
+        "without a quorum pri's lease should end lost (it runs on ACKs): {leases:?}"
+    );
+    pair.restart_etcd_member(1).await?;
+    pair.restart_etcd_member(2).await?;
+    pair.wait_etcd_healthy(Duration::from_secs(30)).await?;
+    let leases = protected_throughout(&pair, pid, Duration::from_secs(6), "quorum back").await?;
+    ensure!(
+        leases.last().map(String::as_str) == Some("held"),
+        "with the quorum back pri holds its lease again: {leases:?}"
+    );
+    Ok(())
 }

@@ -37,13 +37,16 @@
 //! ours is an error naming the key ([`EtcdError::Foreign`]) — never overwritten. The daemon
 //! checks the prefix at start ([`EtcdArbiter::check_domains`]).
 //!
-//! # Timeouts
-//! Every request to etcd has [`EtcdSettings::op_timeout`]; a keep-alive that times out is
-//! not retried on the same stream (each keep-alive opens its own), so a late answer can
-//! never be taken for the answer to a later request (its send time would then be wrong).
+//! # Members and timeouts
+//! One client per endpoint: a request goes to the member that answered last, and to the
+//! next one when that member is unreachable, has no leader or does not answer within
+//! [`EtcdSettings::op_timeout`] ([`EtcdArbiter::call`]). Each keep-alive opens its own
+//! stream, so a late answer can never be taken for the answer to a later request (its send
+//! time would then be wrong).
 
 pub mod record;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -200,6 +203,15 @@ pub enum EtcdError {
         prefix: String,
         what: String,
     },
+    /// Every member failed in a way another member might not have (unreachable, no leader,
+    /// no answer in time): each one's failure.
+    #[error("etcd {endpoints}: {op} {key}: no member answered: {failures}")]
+    Unreachable {
+        endpoints: String,
+        op: &'static str,
+        key: String,
+        failures: String,
+    },
     /// Other writers kept changing the key.
     #[error(
         "etcd {endpoints}: {op} {key}: the key changed under {attempts} transactions in a row"
@@ -210,6 +222,32 @@ pub enum EtcdError {
         key: String,
         attempts: u32,
     },
+}
+
+impl EtcdError {
+    /// Whether another member might not fail the same way (so the request is worth asking
+    /// there): unreachable, no leader, no answer in time. Credentials, permissions, foreign
+    /// data and a lease etcd no longer has are the cluster's answer, not one member's.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EtcdError::Timeout { .. }
+            | EtcdError::Connect { .. }
+            | EtcdError::Unreachable { .. } => true,
+            EtcdError::Request { error, .. } => match error {
+                etcd_client::Error::GRpcStatus(s) => matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        | tonic::Code::Aborted
+                        | tonic::Code::Cancelled
+                ),
+                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 impl From<EtcdError> for WitnessError {
@@ -226,13 +264,27 @@ struct NodeLease {
     granted: Duration,
 }
 
+/// One endpoint and its client, connected on first use.
+struct Member {
+    url: String,
+    client: std::sync::Mutex<Option<Client>>,
+}
+
 /// The etcd lease arbiter of one node. Share it (`Arc`) among the node's domains: they share
 /// its etcd lease.
 pub struct EtcdArbiter {
     cfg: EtcdSettings,
     /// `cfg.endpoints` joined, for messages.
     endpoints: String,
-    client: Client,
+    /// One client per endpoint (see [`EtcdArbiter::call`] for why not one balanced client).
+    members: Vec<Member>,
+    /// The member that answered last: asked first.
+    preferred: AtomicUsize,
+    /// The runtime [`EtcdArbiter::connect`] ran on: every member's connection (and the
+    /// tasks `etcd-client` spawns for it) is made there, whoever asks first — the daemon
+    /// connects on its HA runtime, so a busy main runtime never delays a renewal.
+    runtime: tokio::runtime::Handle,
+    opts: ConnectOptions,
     /// The TTL asked of etcd, whole seconds.
     ttl_secs: i64,
     /// The node's etcd lease; the lock also serialises keep-alives.
@@ -311,35 +363,167 @@ impl EtcdArbiter {
             }
             opts = opts.with_tls(t);
         }
-        let connecting = Client::connect(cfg.endpoints.clone(), Some(opts));
-        // Authentication is a request; give it the connect timeout and the request's.
-        let client = match tokio::time::timeout(cfg.op_timeout * 2, connecting).await {
+        let members: Vec<Member> = cfg
+            .endpoints
+            .iter()
+            .map(|url| Member {
+                url: url.clone(),
+                client: std::sync::Mutex::new(None),
+            })
+            .collect();
+        let arbiter = Self {
+            endpoints,
+            members,
+            preferred: AtomicUsize::new(0),
+            runtime: tokio::runtime::Handle::current(),
+            opts,
+            ttl_secs,
+            lease: Mutex::new(None),
+            cfg,
+        };
+        // At least one member must take the connection (and, with a user, the credentials);
+        // the others are connected when first needed.
+        let mut last = None;
+        for i in 0..arbiter.members.len() {
+            match arbiter.client_for(i).await {
+                Ok(_) => {
+                    arbiter.preferred.store(i, Ordering::Relaxed);
+                    return Ok(arbiter);
+                }
+                Err(e) if e.is_transient() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| EtcdError::Settings {
+            endpoints: arbiter.endpoints.clone(),
+            why: "no endpoint".into(),
+        }))
+    }
+
+    /// Member `i`'s client, connecting it if needed.
+    async fn client_for(&self, i: usize) -> Result<Client, EtcdError> {
+        let m = &self.members[i];
+        if let Some(c) = m
+            .client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        {
+            return Ok(c);
+        }
+        let url = m.url.clone();
+        let opts = self.opts.clone();
+        // With a user, connecting is a request (authentication): the connect timeout and
+        // the request's.
+        let wait = self.cfg.op_timeout * 2;
+        let connecting = self.runtime.spawn(async move {
+            tokio::time::timeout(wait, Client::connect([url.as_str()], Some(opts))).await
+        });
+        let c = match connecting.await.unwrap_or_else(|e| {
+            Ok(Err(etcd_client::Error::Internal(format!(
+                "the connecting task failed: {e}"
+            ))))
+        }) {
             Err(_) => {
                 return Err(EtcdError::Timeout {
-                    endpoints,
+                    endpoints: m.url.clone(),
                     op: "connect",
                     key: String::new(),
-                    timeout: cfg.op_timeout * 2,
+                    timeout: wait,
                 })
             }
             Ok(Err(error)) => {
-                return Err(match &cfg.user {
+                return Err(match &self.cfg.user {
                     Some((user, _)) if is_auth_failure(&error) => EtcdError::Auth {
-                        endpoints,
+                        endpoints: m.url.clone(),
                         user: user.clone(),
                         error,
                     },
-                    _ => EtcdError::Connect { endpoints, error },
+                    _ => EtcdError::Connect {
+                        endpoints: m.url.clone(),
+                        error,
+                    },
                 })
             }
             Ok(Ok(c)) => c,
         };
-        Ok(Self {
-            endpoints,
-            client,
-            ttl_secs,
-            lease: Mutex::new(None),
-            cfg,
+        *m.client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one request, on the member that answered last first, then on each other member
+    /// while the failure is one another member may not have (unreachable, no leader, no
+    /// answer in time). Returns the answer and when the answered attempt was sent.
+    ///
+    /// Why not `etcd-client`'s balanced channel over all endpoints: it keeps routing
+    /// requests to a member that is down (a killed member failed about a third of them), and
+    /// a lease renewal that fails for that reason is a lease at risk.
+    ///
+    /// A request that timed out may still have been applied; every write here is a
+    /// compare-and-swap on a revision just read, so a repeat on another member is refused
+    /// and re-read, never applied twice.
+    async fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        f: F,
+    ) -> Result<(T, Instant), EtcdError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.members.len();
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut failures: Vec<EtcdError> = Vec::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let client = match self.client_for(i).await {
+                Ok(c) => c,
+                Err(e) if e.is_transient() => {
+                    failures.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let sent = Instant::now();
+            let e = match tokio::time::timeout(self.cfg.op_timeout, f(client)).await {
+                Ok(Ok(v)) => {
+                    if k > 0 {
+                        info!(endpoint = %self.members[i].url, op, "etcd answers through this member now");
+                    }
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok((v, sent));
+                }
+                Ok(Err(error)) => self.classify(&self.members[i].url, op, key, error),
+                Err(_) => EtcdError::Timeout {
+                    endpoints: self.members[i].url.clone(),
+                    op,
+                    key: key.to_string(),
+                    timeout: self.cfg.op_timeout,
+                },
+            };
+            if !e.is_transient() {
+                return Err(e);
+            }
+            debug!(endpoint = %self.members[i].url, error = %e, "etcd member failed; trying the next");
+            failures.push(e);
+        }
+        if failures.len() == 1 {
+            if let Some(e) = failures.pop() {
+                return Err(e);
+            }
+        }
+        Err(EtcdError::Unreachable {
+            endpoints: self.endpoints.clone(),
+            op,
+            key: key.to_string(),
+            failures: failures
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
         })
     }
 
@@ -442,17 +626,15 @@ impl EtcdArbiter {
     async fn keep_node_lease(&self) -> Result<(NodeLease, Instant), EtcdError> {
         let mut held = self.lease.lock().await;
         if let Some(l) = *held {
-            let sent = Instant::now();
-            let mut c = self.client.clone();
             match self
-                .timed(
+                .call(
                     "keep alive the etcd lease",
                     &format!("{:x} of node {}", l.id, self.cfg.node),
-                    c.lease_keep_alive(l.id),
+                    |mut c| async move { c.lease_keep_alive(l.id).await.map(|_| ()) },
                 )
                 .await
             {
-                Ok(_) => return Ok((l, sent)),
+                Ok(((), sent)) => return Ok((l, sent)),
                 Err(EtcdError::Request {
                     error: etcd_client::Error::LeaseKeepAliveError(why),
                     ..
@@ -463,13 +645,12 @@ impl EtcdArbiter {
                 Err(e) => return Err(e),
             }
         }
-        let sent = Instant::now();
-        let mut c = self.client.clone();
-        let r = self
-            .timed(
+        let ttl_secs = self.ttl_secs;
+        let (r, sent) = self
+            .call(
                 "grant an etcd lease",
                 &format!("to node {}", self.cfg.node),
-                c.lease_grant(self.ttl_secs, None),
+                |mut c| async move { c.lease_grant(ttl_secs, None).await },
             )
             .await?;
         let granted = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
@@ -488,27 +669,14 @@ impl EtcdArbiter {
         Ok((l, sent))
     }
 
-    /// Runs one etcd request with the timeout, classifying its error.
-    async fn timed<T>(
+    fn classify(
         &self,
+        endpoint: &str,
         op: &'static str,
         key: &str,
-        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, EtcdError> {
-        match tokio::time::timeout(self.cfg.op_timeout, fut).await {
-            Err(_) => Err(EtcdError::Timeout {
-                endpoints: self.endpoints.clone(),
-                op,
-                key: key.to_string(),
-                timeout: self.cfg.op_timeout,
-            }),
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(error)) => Err(self.classify(op, key, error)),
-        }
-    }
-
-    fn classify(&self, op: &'static str, key: &str, error: etcd_client::Error) -> EtcdError {
-        let endpoints = self.endpoints.clone();
+        error: etcd_client::Error,
+    ) -> EtcdError {
+        let endpoints = endpoint.to_string();
         let key = key.to_string();
         match &error {
             etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::PermissionDenied => {
@@ -544,8 +712,12 @@ impl EtcdArbiter {
         op: &'static str,
         opts: Option<GetOptions>,
     ) -> Result<Vec<etcd_client::KeyValue>, EtcdError> {
-        let mut c = self.client.clone();
-        let mut r = self.timed(op, key, c.get(key, opts)).await?;
+        let (mut r, _) = self
+            .call(op, key, |mut c| {
+                let opts = opts.clone();
+                async move { c.get(key, opts).await }
+            })
+            .await?;
         Ok(r.take_kvs())
     }
 
@@ -580,16 +752,15 @@ impl EtcdArbiter {
 
     /// The remaining TTL of an etcd lease (zero if gone or unknown).
     async fn remaining(&self, lease: i64) -> Duration {
-        let mut c = self.client.clone();
         match self
-            .timed(
+            .call(
                 "ask the remaining TTL of etcd lease",
                 &format!("{lease:x}"),
-                c.lease_time_to_live(lease, None),
+                |mut c| async move { c.lease_time_to_live(lease, None).await },
             )
             .await
         {
-            Ok(r) => Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0)),
+            Ok((r, _)) => Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0)),
             Err(e) => {
                 debug!(lease, error = %e, "remaining TTL unknown");
                 Duration::ZERO
@@ -659,9 +830,11 @@ impl EtcdArbiter {
                             Some(PutOptions::new().with_lease(node_lease.id)),
                         )])
                         .or_else([TxnOp::get(keys.holder.clone(), None)]);
-                    let mut c = self.client.clone();
-                    let r = self
-                        .timed("write the holder", &keys.holder, c.txn(txn))
+                    let (r, _) = self
+                        .call("write the holder", &keys.holder, |mut c| {
+                            let txn = txn.clone();
+                            async move { c.txn(txn).await }
+                        })
                         .await?;
                     if !r.succeeded() {
                         // Someone wrote in between: decide again on what is there now.
@@ -781,9 +954,11 @@ impl LeaseArbiter for EtcdArbiter {
                 rev,
             )])
             .and_then([TxnOp::delete(keys.holder.clone(), None)]);
-        let mut c = self.client.clone();
-        let r = self
-            .timed("release the holder", &keys.holder, c.txn(txn))
+        let (r, _) = self
+            .call("release the holder", &keys.holder, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         Ok(r.succeeded())
     }
@@ -852,9 +1027,11 @@ impl LeaseArbiter for EtcdArbiter {
                 )])
                 .and_then([TxnOp::put(keys.copy.clone(), value.clone(), None)])
                 .or_else([TxnOp::get(keys.copy.clone(), None)]);
-            let mut c = self.client.clone();
-            let r = self
-                .timed("write the copy stamp", &keys.copy, c.txn(txn))
+            let (r, _) = self
+                .call("write the copy stamp", &keys.copy, |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
                 .await?;
             if r.succeeded() {
                 return Ok(RecordedCopy {

@@ -757,6 +757,10 @@ fn auth(cx: &mut Ctx<'_>, a: &Spanned<RawAuth>) -> Option<AuthConfig> {
     })
 }
 
+/// The shortest lease that outlives an etcd leader election at etcd's default election
+/// timeout (renewals every third of it: two thirds must exceed about 2 s of election).
+const ETCD_CLUSTER_LEASE: Duration = Duration::from_secs(4);
+
 /// A key of a table, and where it is written if it is.
 type KeyAt<'a> = (&'a str, Option<Range<usize>>);
 
@@ -833,6 +837,22 @@ fn witness(cx: &mut Ctx<'_>, w: &Spanned<RawWitness>) -> Option<WitnessConfig> {
             ),
         );
         return None;
+    }
+    if let WitnessBackend::Etcd(e) = &backend {
+        if e.endpoints.len() > 1 && lease < ETCD_CLUSTER_LEASE {
+            let at = r.lease_ms.as_ref().map_or_else(|| w.span(), |v| v.span());
+            cx.warn(
+                at,
+                format!(
+                    "witness.lease_ms = {} with an etcd cluster: a leader election (up to about \
+                     2 s at etcd's default 1000 ms election timeout) can outlast the lease, which \
+                     the primary then holds lost until it is re-acquired (it keeps running on its \
+                     backup's ACKs, but could not run alone meanwhile); {} or more rides it out",
+                    lease.as_millis(),
+                    ETCD_CLUSTER_LEASE.as_millis()
+                ),
+            );
+        }
     }
     Some(WitnessConfig { lease, backend })
 }

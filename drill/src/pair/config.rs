@@ -105,6 +105,19 @@ pub struct PairConfig {
     pub keys: Option<PairKeys>,
     /// Who arbitrates the leases.
     pub arbiter: Arbiter,
+    /// With [`Arbiter::Etcd`]: members of the etcd cluster on the witness host (member `i`
+    /// serves clients on [`ETCD_CLIENT_PORT`] + 10 i).
+    pub etcd_members: usize,
+}
+
+/// The client URL of etcd member `i` on the witness host.
+pub fn etcd_endpoint(witness: std::net::Ipv4Addr, i: usize) -> String {
+    format!("http://{witness}:{}", etcd_port(ETCD_CLIENT_PORT, i))
+}
+
+/// Member `i`'s port, from member 0's.
+pub fn etcd_port(base: u16, i: usize) -> u16 {
+    base + 10 * u16::try_from(i).unwrap_or(0)
 }
 
 /// The key pairs of a per-node keys drill: each node's, the witness's, and a second key
@@ -298,9 +311,12 @@ mode = "witness"
                 )),
             ),
             Arbiter::Etcd => format!(
-                "[witness]\nmode = \"etcd\"\nendpoints = [\"http://{}:{ETCD_CLIENT_PORT}\"]\n\
+                "[witness]\nmode = \"etcd\"\nendpoints = [{}]\n\
                  prefix = \"{ETCD_PREFIX}\"\nlease_ms = {}\n",
-                c.addrs.witness,
+                (0..c.etcd_members.max(1))
+                    .map(|i| format!("\"{}\"", etcd_endpoint(c.addrs.witness, i)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 c.lease.as_millis(),
             ),
         },
@@ -397,6 +413,7 @@ mod tests {
             dialects: [Dialect::Current; 2],
             keys: None,
             arbiter: Arbiter::Witness,
+            etcd_members: 1,
         }
     }
 
@@ -422,6 +439,15 @@ mod tests {
                 assert_eq!(w.lease, Duration::from_secs(2));
             }
         }
+        c.etcd_members = 3;
+        let conf = Config::from_str(&node_toml(&c, Host::Pri).unwrap(), "pri").unwrap();
+        let WitnessBackend::Etcd(e) = &conf.witness.as_ref().unwrap().backend else {
+            panic!("not etcd")
+        };
+        assert_eq!(
+            e.endpoints,
+            ["2379", "2389", "2399"].map(|p| format!("http://10.77.1.5:{p}"))
+        );
         c.dialects[Host::Bak as usize] = Dialect::V0_1_0;
         c.keys = None;
         assert!(node_toml(&c, Host::Bak).is_err());

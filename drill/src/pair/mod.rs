@@ -105,6 +105,8 @@ pub struct PairOptions {
     /// etcd (Debian's `etcd-server`; the lease is then rounded up to whole seconds, at
     /// least 2, as etcd's TTLs are).
     pub arbiter: config::Arbiter,
+    /// With the etcd arbiter: members of the etcd cluster on the witness host (default 1).
+    pub etcd_members: usize,
 }
 
 impl PairOptions {
@@ -136,6 +138,7 @@ impl PairOptions {
             impair: None,
             per_node_keys: false,
             arbiter: config::Arbiter::Witness,
+            etcd_members: 1,
         }
     }
 }
@@ -174,6 +177,8 @@ pub struct PairDrill {
     observer: Observer,
     nodes: [Node; 2],
     witness: Option<Proc>,
+    /// The etcd members on the witness host (etcd arbiter; `None`: killed).
+    etcd: Vec<Option<Proc>>,
     /// The host that runs the VM (protected) between trials.
     pub primary: Host,
     opts: PairOptions,
@@ -277,6 +282,7 @@ impl PairDrill {
                 None
             },
             arbiter: opts.arbiter,
+            etcd_members: opts.etcd_members.max(1),
         };
         config::write_all(&cfg)?;
         let node = |host: Host| {
@@ -304,6 +310,7 @@ impl PairDrill {
             observer,
             nodes,
             witness: None,
+            etcd: Vec::new(),
             primary: Host::Pri,
             opts: opts.clone(),
             bins,
@@ -407,46 +414,211 @@ impl PairDrill {
         Ok(())
     }
 
-    /// Starts one etcd member (Debian's `etcd-server`) on the witness host, its data in this
-    /// pair's directory, and waits until it serves clients.
+    /// Starts the etcd cluster (Debian's `etcd-server`; [`PairOptions::etcd_members`]
+    /// members) on the witness host, their data in this pair's directory, and waits until
+    /// every member serves clients.
     async fn start_etcd(&mut self) -> Result<()> {
+        let n = self.cfg.etcd_members.max(1);
+        let ip = self.cfg.addrs.witness;
+        let peer = |i: usize| {
+            format!(
+                "http://{ip}:{}",
+                config::etcd_port(config::ETCD_PEER_PORT, i)
+            )
+        };
+        let initial = (0..n)
+            .map(|i| format!("m{i}={}", peer(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.etcd = (0..n).map(|_| None).collect();
+        for i in 0..n {
+            let p = self.spawn_etcd(i, &initial)?;
+            self.etcd[i] = Some(p);
+        }
+        for i in 0..n {
+            let log = self.dir.join(format!("etcd-m{i}.log"));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if std::fs::read_to_string(&log)
+                    .is_ok_and(|t| t.contains("ready to serve client requests"))
+                {
+                    break;
+                }
+                let running = self.etcd[i].as_mut().is_some_and(Proc::running);
+                if !running || Instant::now() > deadline {
+                    bail!(
+                        "etcd member m{i} did not start serving (is Debian's etcd-server \
+                         installed? scripts/install-deps.sh; log {}):\n{}",
+                        log.display(),
+                        log_tail(&log, 20)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// etcd's `--initial-cluster`: every member's name and peer URL.
+    fn etcd_initial_cluster(&self) -> String {
+        let ip = self.cfg.addrs.witness;
+        (0..self.cfg.etcd_members.max(1))
+            .map(|i| {
+                format!(
+                    "m{i}=http://{ip}:{}",
+                    config::etcd_port(config::ETCD_PEER_PORT, i)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Restarts killed etcd member `i` on its data and waits until it reports healthy
+    /// (which needs a quorum).
+    ///
+    /// # Errors
+    /// It runs already, or does not become healthy within 30 s.
+    pub async fn restart_etcd_member(&mut self, i: usize) -> Result<()> {
+        if self.etcd.get(i).is_none_or(Option::is_some) {
+            bail!("etcd member {i} is not a killed member");
+        }
+        let p = self.spawn_etcd(i, &self.etcd_initial_cluster())?;
+        self.etcd[i] = Some(p);
+        Ok(())
+    }
+
+    /// Waits until every running etcd member reports healthy (a quorum is needed for it).
+    ///
+    /// # Errors
+    /// Not within `wait`.
+    pub async fn wait_etcd_healthy(&self, wait: Duration) -> Result<()> {
+        let deadline = Instant::now() + wait;
+        let running: Vec<String> = self
+            .etcd
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.is_some())
+            .map(|(i, _)| config::etcd_endpoint(self.cfg.addrs.witness, i))
+            .collect();
+        loop {
+            let ns = self
+                .topo
+                .witness_ns()
+                .context("pair topology without a witness namespace")?;
+            let ok = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "etcdctl"])
+                .arg(format!("--endpoints={}", running.join(",")))
+                .args(["endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("etcd members {running:?} not healthy within {wait:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn spawn_etcd(&self, i: usize, initial: &str) -> Result<Proc> {
         let ns = self
             .topo
             .witness_ns()
             .context("pair topology without a witness namespace")?
             .to_string();
-        let log = self.dir.join("etcd.log");
         let ip = self.cfg.addrs.witness;
-        let client = format!("http://{ip}:{}", config::ETCD_CLIENT_PORT);
-        let peer = format!("http://{ip}:{}", config::ETCD_PEER_PORT);
+        let client = config::etcd_endpoint(ip, i);
+        let peer = format!(
+            "http://{ip}:{}",
+            config::etcd_port(config::ETCD_PEER_PORT, i)
+        );
         let args = vec![
-            "--name=witness".to_string(),
-            format!("--data-dir={}", self.dir.join("etcd-data").display()),
+            format!("--name=m{i}"),
+            format!(
+                "--data-dir={}",
+                self.dir.join(format!("etcd-m{i}")).display()
+            ),
             format!("--listen-client-urls={client}"),
             format!("--advertise-client-urls={client}"),
             format!("--listen-peer-urls={peer}"),
             format!("--initial-advertise-peer-urls={peer}"),
-            format!("--initial-cluster=witness={peer}"),
+            format!("--initial-cluster={initial}"),
         ];
-        let mut p = Proc::spawn("etcd", &ns, Path::new("etcd"), &args, &[], &log)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::fs::read_to_string(&log)
-                .is_ok_and(|t| t.contains("ready to serve client requests"))
-            {
-                break;
-            }
-            if !p.running() || Instant::now() > deadline {
-                bail!(
-                    "etcd did not start serving (is Debian's etcd-server installed? \
-                     scripts/install-deps.sh; log {}):\n{}",
-                    log.display(),
-                    log_tail(&log, 20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let log = self.dir.join(format!("etcd-m{i}.log"));
+        Ok(Proc::spawn(
+            &format!("etcd m{i}"),
+            &ns,
+            Path::new("etcd"),
+            &args,
+            &[],
+            &log,
+        )?)
+    }
+
+    /// The etcd members' client URLs.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        (0..self.etcd.len())
+            .map(|i| config::etcd_endpoint(self.cfg.addrs.witness, i))
+            .collect()
+    }
+
+    /// `etcdctl ARGS` on the witness host, against every member; its output.
+    ///
+    /// # Errors
+    /// etcdctl missing or failing.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let ns = self
+            .topo
+            .witness_ns()
+            .context("pair topology without a witness namespace")?;
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "etcdctl"])
+            .arg(format!("--endpoints={}", self.etcd_endpoints().join(",")))
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .context("etcdctl (Debian package etcd-client)")?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        self.witness = Some(p);
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The index of the etcd member that leads the cluster now.
+    ///
+    /// # Errors
+    /// No member answers, or none names itself the leader.
+    pub fn etcd_leader(&self) -> Result<usize> {
+        let text = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&text).context("etcdctl's json")?;
+        for e in v.as_array().context("etcdctl's json is not a list")? {
+            let st = &e["Status"];
+            if st["leader"].as_u64().is_some() && st["leader"] == st["header"]["member_id"] {
+                let url = e["Endpoint"].as_str().unwrap_or_default();
+                if let Some(i) = self.etcd_endpoints().iter().position(|u| u == url) {
+                    return Ok(i);
+                }
+            }
+        }
+        bail!("no etcd member leads: {text}")
+    }
+
+    /// SIGKILLs etcd member `i`.
+    ///
+    /// # Errors
+    /// No such member, or it could not be killed.
+    pub fn kill_etcd_member(&mut self, i: usize) -> Result<()> {
+        let mut p = self
+            .etcd
+            .get_mut(i)
+            .and_then(Option::take)
+            .with_context(|| format!("no running etcd member {i}"))?;
+        p.kill_group()?;
         Ok(())
     }
 
