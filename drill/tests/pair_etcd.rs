@@ -20,7 +20,9 @@
 //!   witness — its lease reported lost, the backup never takes over; the quorum back, the
 //!   lease is held again and nothing ran twice.
 //!
-//! Run one pair test at a time (each boots a guest under TCG).
+//! Run one pair test at a time (each boots a guest under TCG): the tests of this file take
+//! [`ONE_AT_A_TIME`] first, so `cargo test` running them on two threads still runs them in
+//! turn.
 
 mod pair_support;
 
@@ -29,11 +31,16 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use remus_agent::api::Role;
 use remus_drill::net::Host;
-use remus_drill::pair::config::{Arbiter, ETCD_CLIENT_PORT, ETCD_PREFIX};
+use remus_drill::pair::config::{Arbiter, ETCD_PREFIX};
 use remus_drill::pair::{run_pair, PairDrill, PairReport, Scenario};
+
+/// Held by each test for its whole run: two guests under TCG and etcd on a 2-core machine
+/// would make each other's failures.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_primary_with_etcd() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let work = pair_support::scratch("pair-etcd-kp")?;
     let mut o = pair_support::options(Scenario::KillPrimary, work.path())?;
     o.arbiter = Arbiter::Etcd;
@@ -58,30 +65,9 @@ async fn kill_primary_with_etcd() -> Result<()> {
     pair_support::check(&report, work)
 }
 
-/// `etcdctl get --prefix` of the drill's keys, run on the witness host.
-fn etcd_keys(pair: &mut PairDrill) -> Result<String> {
-    let ns = pair
-        .topology()
-        .witness_ns()
-        .context("no witness namespace")?
-        .to_string();
-    let endpoint = format!(
-        "http://{}:{ETCD_CLIENT_PORT}",
-        pair.topology().addrs.context("no addresses")?.witness
-    );
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns, "etcdctl"])
-        .arg(format!("--endpoints={endpoint}"))
-        .args(["get", "--prefix", ETCD_PREFIX])
-        .env("ETCDCTL_API", "3")
-        .output()
-        .context("etcdctl (Debian package etcd-client)")?;
-    ensure!(out.status.success(), "etcdctl: {out:?}");
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_and_isolate_primary_with_etcd() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let work = pair_support::scratch("pair-etcd-part")?;
     let mut o = pair_support::options(Scenario::Partition, work.path())?;
     o.arbiter = Arbiter::Etcd;
@@ -93,7 +79,7 @@ async fn partition_and_isolate_primary_with_etcd() -> Result<()> {
     let st = pair.status(Host::Pri).await?;
     let a = st.arbiter.as_ref().context("no arbiter in pri's status")?;
     ensure!(a.backend == "etcd", "{a:?}");
-    let keys = etcd_keys(&mut pair)?;
+    let keys = pair.etcdctl(&["get", "--prefix", ETCD_PREFIX])?;
     ensure!(
         keys.contains(&format!("{ETCD_PREFIX}/domains/drill/holder"))
             && keys.contains("\"node\":\"pri\"")
@@ -151,6 +137,7 @@ async fn partition_and_isolate_primary_with_etcd() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_member_lost_during_protection_then_a_failover() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let work = pair_support::scratch("pair-etcd-3")?;
     let mut o = pair_support::options(Scenario::KillPrimary, work.path())?;
     o.arbiter = Arbiter::Etcd;
@@ -289,6 +276,7 @@ async fn protected_throughout(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_quorum_lost_while_protecting_then_back() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let work = pair_support::scratch("pair-etcd-q")?;
     let mut o = pair_support::options(Scenario::KillPrimary, work.path())?;
     o.arbiter = Arbiter::Etcd;
