@@ -14,7 +14,8 @@
 //!
 //! - a three-member etcd cluster: its leader killed while the pair protects (no effect: the
 //!   primary keeps its VM, its lease and its backup), then kill-primary on the two members
-//!   left (the takeover needs their quorum, which they have).
+//!   left (the takeover needs their quorum, which they have); and the leader killed right
+//!   after the primary, so the takeover meets the election of a new leader.
 //! - the etcd quorum lost while the pair protects (two members of three killed): the primary
 //!   keeps running on its backup's acknowledgements alone — the rule for an unreachable
 //!   witness — its lease reported lost, the backup never takes over; the quorum back, the
@@ -303,4 +304,28 @@ async fn etcd_quorum_lost_while_protecting_then_back() -> Result<()> {
         "with the quorum back pri holds its lease again: {leases:?}"
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_primary_and_the_etcd_leader_at_once() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let work = pair_support::scratch("pair-etcd-kl")?;
+    let mut o = pair_support::options(Scenario::KillPrimary, work.path())?;
+    o.arbiter = Arbiter::Etcd;
+    o.etcd_members = 3;
+    o.lease = Duration::from_secs(4);
+    o.kill_etcd_leader_with_primary = true;
+    o.seed = Some(0x5eed_e7d0);
+    let report = run_pair(&o).await?;
+    for t in &report.trials {
+        println!(
+            "trial {}: fencing {:?} ms; failure -> running {:?} ms; lost {:?}",
+            t.trial,
+            t.failover.as_ref().map(|f| f.fencing_ms),
+            t.failure_to_running_ms,
+            t.client.as_ref().map(|c| c.lost_replies),
+        );
+    }
+    ensure!(report.trials.len() == 1, "{}", report.render());
+    pair_support::check(&report, work)
 }

@@ -107,6 +107,9 @@ pub struct PairOptions {
     pub arbiter: config::Arbiter,
     /// With the etcd arbiter: members of the etcd cluster on the witness host (default 1).
     pub etcd_members: usize,
+    /// Kill-primary with an etcd cluster: the etcd leader is SIGKILLed right after the
+    /// primary, so the backup's takeover meets the election of a new leader.
+    pub kill_etcd_leader_with_primary: bool,
 }
 
 impl PairOptions {
@@ -139,6 +142,7 @@ impl PairOptions {
             per_node_keys: false,
             arbiter: config::Arbiter::Witness,
             etcd_members: 1,
+            kill_etcd_leader_with_primary: false,
         }
     }
 }

@@ -425,6 +425,18 @@ impl PairDrill {
         if !isolate {
             self.kill_daemon(p)?;
         }
+        if self.options().kill_etcd_leader_with_primary {
+            let leader = self.etcd_leader()?;
+            self.kill_etcd_member(leader)?;
+            t.verdict(
+                "etcd_leader_killed_with_the_primary",
+                true,
+                format!(
+                    "etcd member m{leader} (the leader) killed {} ms after the primary",
+                    killed_at.elapsed().as_millis()
+                ),
+            );
+        }
         t.injected_after_ack_ms = Some(killed_at.duration_since(edge).as_millis() as u64);
         t.acked_before = Some(acked);
         t.committed_before = committed_before;
