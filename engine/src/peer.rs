@@ -49,7 +49,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use remus_stream::version::{self, Negotiated, VersionRange};
+use remus_stream::version::{self, Negotiated, NegotiationError, VersionRange};
 use serde::{Deserialize, Serialize};
 use snow::{HandshakeState, StatelessTransportState};
 use std::sync::Arc;
@@ -242,19 +242,16 @@ impl Hello {
     /// The versions the sender announces (`version` alone for a peer that predates
     /// negotiation), checked for consistency: a hello whose `version` lies outside its own
     /// range claims a version it then violates.
-    pub fn announced(&self) -> Result<VersionRange, String> {
+    pub fn announced(&self) -> Result<VersionRange, NegotiationError> {
         let range = self.versions.unwrap_or(VersionRange::only(self.version));
         if range.min > range.max {
-            return Err(format!(
-                "its hello announces an empty version range {}..={}",
-                range.min, range.max
-            ));
+            return Err(NegotiationError::EmptyRange(range));
         }
         if !range.contains(self.version) {
-            return Err(format!(
-                "its hello says version {} outside the range {range} it announces",
-                self.version
-            ));
+            return Err(NegotiationError::Contradicts {
+                version: self.version,
+                range,
+            });
         }
         Ok(range)
     }
@@ -267,7 +264,9 @@ fn agree(remote: &Hello, peer: &str) -> Result<Negotiated, PeerError> {
         peer: peer.to_string(),
         reason,
     };
-    let theirs = remote.announced().map_err(refused)?;
+    let theirs = remote
+        .announced()
+        .map_err(|e| refused(format!("channel {e}")))?;
     version::negotiate(
         CHANNEL_VERSIONS,
         CHANNEL_CAPABILITIES.iter().copied(),

@@ -56,6 +56,15 @@ pub struct Negotiated {
 /// Announcements that cannot be agreed with.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NegotiationError {
+    /// An announcement whose current version lies outside its own range: it claims a
+    /// version it then violates.
+    #[error("its hello says version {version} outside the range {range} it announces")]
+    Contradicts {
+        /// The version it says it speaks.
+        version: u32,
+        /// The range it announces.
+        range: VersionRange,
+    },
     /// A range whose `min` is above its `max`.
     #[error("the peer announces an empty version range {}..={}", .0.min, .0.max)]
     EmptyRange(VersionRange),
